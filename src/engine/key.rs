@@ -1,0 +1,191 @@
+//! The keyed, stable 128-bit key of a triplet.
+//!
+//! The table stores no addresses, only this key. It is SipHash-1-3 with 128-bit output, keyed
+//! with a secret kept in the data directory: an outsider who does not know the secret cannot
+//! choose triplets that collide or pile into one shard. SipHash is specified byte for byte, so
+//! the same secret and input give the same key in every run and every version; the hasher is
+//! never one of the per-process random ones (`ahash`'s default `RandomState`), which would
+//! orphan every stored record at the next start.
+
+use siphasher::sip128::{Hasher128, SipHasher13};
+use std::hash::Hasher;
+
+use super::normalize::ClientNet;
+
+/// A 128-bit record key. Two `u64` halves rather than a `u128`, so records stay 8-byte aligned
+/// and a triplet record packs into 24 bytes instead of being padded to 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Key {
+    /// Low 64 bits: pick the slot inside a shard.
+    pub lo: u64,
+    /// High 64 bits: the top bits pick the shard.
+    pub hi: u64,
+}
+
+impl Key {
+    /// The all-zero key marks a vacant table slot; [`KeyHasher`] never produces it.
+    pub const VACANT: Key = Key { lo: 0, hi: 0 };
+
+    /// Whether this is the vacant marker.
+    #[inline]
+    pub fn is_vacant(self) -> bool {
+        self.lo == 0 && self.hi == 0
+    }
+
+    /// Builds a key from its 128-bit value; zero is mapped to 1 so it never reads as vacant.
+    #[inline]
+    pub fn from_u128(v: u128) -> Key {
+        let k = Key {
+            lo: v as u64,
+            hi: (v >> 64) as u64,
+        };
+        if k.is_vacant() {
+            Key { lo: 1, hi: 0 }
+        } else {
+            k
+        }
+    }
+
+    /// The 128-bit value.
+    #[inline]
+    pub fn as_u128(self) -> u128 {
+        (u128::from(self.hi) << 64) | u128::from(self.lo)
+    }
+}
+
+/// The secret that keys the hash: 16 bytes, made once per data directory.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HashSecret(pub [u8; 16]);
+
+impl std::fmt::Debug for HashSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret itself: logs travel further than the data directory.
+        write!(f, "HashSecret(id={:016x})", self.id())
+    }
+}
+
+impl HashSecret {
+    /// A public identifier of the secret (a hash of it), stored in snapshots so that a
+    /// snapshot made with another secret is refused instead of mixed in.
+    pub fn id(&self) -> u64 {
+        let mut h = SipHasher13::new_with_key(&[0u8; 16]);
+        h.write(b"greyhound key id");
+        h.write(&self.0);
+        h.finish128().h1
+    }
+}
+
+/// Turns normalised triplets and client networks into [`Key`]s.
+#[derive(Clone)]
+pub struct KeyHasher {
+    secret: [u8; 16],
+}
+
+impl std::fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyHasher").finish_non_exhaustive()
+    }
+}
+
+// Domain-separation tags: a client key and a triplet key can never be the same input.
+const TAG_TRIPLET: u8 = b'T';
+const TAG_CLIENT: u8 = b'C';
+
+impl KeyHasher {
+    /// A hasher keyed with `secret`.
+    pub fn new(secret: &HashSecret) -> Self {
+        Self { secret: secret.0 }
+    }
+
+    #[inline]
+    fn start(&self, tag: u8) -> SipHasher13 {
+        let mut h = SipHasher13::new_with_key(&self.secret);
+        h.write(&[tag]);
+        h
+    }
+
+    /// Key of a normalised triplet. Sender and recipient are length-prefixed so that no two
+    /// different (sender, recipient) pairs give the same byte stream.
+    #[inline]
+    pub fn triplet(&self, client: &ClientNet, sender: &[u8], recipient: &[u8]) -> Key {
+        let mut h = self.start(TAG_TRIPLET);
+        h.write(&client.encode());
+        h.write(&(sender.len() as u32).to_le_bytes());
+        h.write(sender);
+        h.write(&(recipient.len() as u32).to_le_bytes());
+        h.write(recipient);
+        Key::from_u128(h.finish128().as_u128())
+    }
+
+    /// Key of a client network, for the auto-whitelist table.
+    #[inline]
+    pub fn client(&self, client: &ClientNet) -> Key {
+        let mut h = self.start(TAG_CLIENT);
+        h.write(&client.encode());
+        Key::from_u128(h.finish128().as_u128())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn secret(b: u8) -> HashSecret {
+        HashSecret([b; 16])
+    }
+
+    #[test]
+    fn key_is_pinned_across_versions() {
+        // A stored snapshot is only usable if this value never changes. If this test fails,
+        // the key derivation changed and every existing data directory would be orphaned.
+        let h = KeyHasher::new(&HashSecret(*b"0123456789abcdef"));
+        let c = ClientNet::V4(Ipv4Addr::new(192, 0, 2, 0));
+        let k = h.triplet(&c, b"alice@example.org", b"bob@example.net");
+        assert_eq!(k.as_u128(), PINNED_TRIPLET);
+        assert_eq!(h.client(&c).as_u128(), PINNED_CLIENT);
+    }
+
+    const PINNED_TRIPLET: u128 = 0x7f82_5b41_b6d6_1532_4aa0_9b83_8926_ccfb;
+    const PINNED_CLIENT: u128 = 0xa1c1_3f44_1bff_7ca7_f3ea_428d_0749_7007;
+
+    #[test]
+    fn different_secret_different_key() {
+        let c = ClientNet::V4(Ipv4Addr::new(192, 0, 2, 0));
+        let a = KeyHasher::new(&secret(1)).triplet(&c, b"a@b", b"c@d");
+        let b = KeyHasher::new(&secret(2)).triplet(&c, b"a@b", b"c@d");
+        assert_ne!(a, b);
+        assert_ne!(secret(1).id(), secret(2).id());
+    }
+
+    #[test]
+    fn length_prefix_separates_fields() {
+        let h = KeyHasher::new(&secret(7));
+        let c = ClientNet::V4(Ipv4Addr::new(198, 51, 100, 0));
+        // Same concatenation "ab" + "c" vs "a" + "bc": must differ.
+        assert_ne!(h.triplet(&c, b"ab", b"c"), h.triplet(&c, b"a", b"bc"));
+        // The null sender is distinct from any sender.
+        assert_ne!(h.triplet(&c, b"", b"x@y"), h.triplet(&c, b"x", b"@y"));
+    }
+
+    #[test]
+    fn client_and_triplet_domains_are_separate() {
+        let h = KeyHasher::new(&secret(7));
+        let c = ClientNet::V4(Ipv4Addr::new(198, 51, 100, 0));
+        assert_ne!(h.client(&c), h.triplet(&c, b"", b""));
+    }
+
+    #[test]
+    fn zero_never_reads_as_vacant() {
+        assert!(!Key::from_u128(0).is_vacant());
+        assert!(Key::VACANT.is_vacant());
+        assert_eq!(Key::from_u128(5u128 << 64 | 9).as_u128(), 5u128 << 64 | 9);
+    }
+
+    #[test]
+    fn debug_does_not_leak_the_secret() {
+        let s = format!("{:?}", HashSecret(*b"supersecretvalue"));
+        assert!(!s.contains("supersecret"), "{s}");
+        assert!(s.starts_with("HashSecret(id="), "{s}");
+    }
+}

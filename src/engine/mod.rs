@@ -1,0 +1,707 @@
+//! The greylisting engine: normalisation, keys, the sharded triplet table with its timer
+//! wheel, the client auto-whitelist and the exemption lists. No runtime, no sockets: the
+//! server and the capacity planner both drive it directly, with their own [`Clock`].
+//!
+//! ```text
+//!  Query (raw strings) ──► exemptions? ──► normalise ──► keyed hash ──► Keyed
+//!                              │ yes                                     │
+//!                              ▼                                         ▼
+//!                        PASS exempt/auth      shard = key.hi top bits ─► lock shard
+//!                                              whitelisted? ─► PASS known
+//!                                              client in AWL? ─► PASS awl
+//!                                              greylist rules ─► DEFER n / PASS retried
+//! ```
+
+pub mod clock;
+pub mod exempt;
+pub mod key;
+pub mod normalize;
+pub mod policy;
+pub mod record;
+mod table;
+mod wheel;
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arc_swap::ArcSwap;
+
+pub use clock::{Clock, ManualClock, Secs, SystemClock};
+pub use exempt::{ExemptList, Exemptions};
+pub use key::{HashSecret, Key, KeyHasher};
+pub use normalize::{ClientNet, Normalizer};
+pub use policy::Policy;
+pub use record::{AwlRecord, TripletRecord};
+
+use record::Judgement;
+use table::{Record, Slot, Table};
+use wheel::{Pending, Wheel};
+
+/// log2 of the number of triplet shards. 256 shards keep each shard's table small (a 10 M
+/// table grows one 1 MB shard at a time, never all at once) while costing ~9 KiB each.
+const TRIPLET_SHARD_BITS: u32 = 8;
+/// log2 of the number of auto-whitelist shards; that table is far smaller.
+const CLIENT_SHARD_BITS: u32 = 6;
+/// Records examined per lock hold while expiring: bounds the pause a concurrent caller of
+/// the same shard can see (about 20 µs, see `docs/BENCHMARKS.md`).
+const EXPIRE_STEP: usize = 512;
+
+/// One request, as raw strings from a protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    /// The connecting client's address.
+    pub client: IpAddr,
+    /// Envelope sender, bare; `""` or `"<>"` is the null sender.
+    pub sender: &'a str,
+    /// Envelope recipient, bare.
+    pub recipient: &'a str,
+    /// The client's reverse-DNS name, if known (for hostname exemptions).
+    pub client_name: Option<&'a str>,
+    /// SASL user name; a non-empty one passes as `auth`.
+    pub auth: Option<&'a str>,
+}
+
+impl<'a> Query<'a> {
+    /// A query with only the triplet.
+    pub fn new(client: IpAddr, sender: &'a str, recipient: &'a str) -> Self {
+        Self {
+            client,
+            sender,
+            recipient,
+            client_name: None,
+            auth: None,
+        }
+    }
+}
+
+/// Whether a decision is recorded (`CHECK`) or only computed (`PEEK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Decide and record the effect.
+    Record,
+    /// Decide without changing anything.
+    Peek,
+}
+
+/// Why a request passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// First pass after a retry; the triplet waited this many seconds.
+    Retried {
+        /// Seconds since the triplet was first seen.
+        delayed: u32,
+    },
+    /// A whitelisted triplet.
+    Known,
+    /// The client is auto-whitelisted.
+    Awl,
+    /// A static exemption list matched.
+    Exempt(ExemptList),
+    /// The client authenticated.
+    Auth,
+    /// Dry-run mode: the answer would have been DEFER with this many seconds left.
+    DryRun {
+        /// Seconds that would have been left.
+        seconds_left: u32,
+    },
+}
+
+impl Pass {
+    /// The reason as written on the wire.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Pass::Retried { .. } => "retried",
+            Pass::Known => "known",
+            Pass::Awl => "awl",
+            Pass::Exempt(ExemptList::Client) => "exempt:client",
+            Pass::Exempt(ExemptList::ClientName) => "exempt:client-name",
+            Pass::Exempt(ExemptList::Sender) => "exempt:sender",
+            Pass::Exempt(ExemptList::Recipient) => "exempt:recipient",
+            Pass::Auth => "auth",
+            Pass::DryRun { .. } => "dry-run",
+        }
+    }
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Temporary rejection; the triplet may pass after this many seconds.
+    Defer {
+        /// Seconds until a retry would pass.
+        seconds_left: u32,
+    },
+    /// Let the message through.
+    Pass(Pass),
+}
+
+/// A query reduced to its keys, ready to be decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keyed {
+    /// Key of the normalised triplet.
+    pub key: Key,
+    /// The client's network, keyed lazily for the auto-whitelist (most requests never need it).
+    pub client: ClientNet,
+}
+
+/// Everything needed to build an [`Engine`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The rules' settings.
+    pub policy: Policy,
+    /// Client masking.
+    pub normalizer: Normalizer,
+    /// Secret that keys record hashes.
+    pub secret: HashSecret,
+}
+
+/// Counts for metrics and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Triplet records in memory (including expired ones not yet reached by the wheel).
+    pub triplets: usize,
+    /// Of those, whitelisted.
+    pub whitelisted: usize,
+    /// Client records in the auto-whitelist table.
+    pub awl_clients: usize,
+    /// Client records at or above the pass threshold.
+    pub awl_active: usize,
+    /// Bytes held by tables and wheels (slot arrays; excludes allocator overhead).
+    pub table_bytes: usize,
+}
+
+/// What one call to [`Engine::expire`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpireStats {
+    /// Records looked at because their wheel slot came due.
+    pub examined: usize,
+    /// Records removed because they had expired.
+    pub removed: usize,
+}
+
+/// How a record type expires and which records count as "marked" (whitelisted triplets,
+/// active AWL clients) for the statistics.
+trait Expiring: Record {
+    fn alive_until_at(&self, p: &Policy) -> u64;
+    fn marked(&self, p: &Policy) -> bool;
+}
+
+impl Expiring for TripletRecord {
+    fn alive_until_at(&self, p: &Policy) -> u64 {
+        self.alive_until(p)
+    }
+    fn marked(&self, _: &Policy) -> bool {
+        self.is_whitelisted()
+    }
+}
+
+impl Expiring for AwlRecord {
+    fn alive_until_at(&self, p: &Policy) -> u64 {
+        self.alive_until(p)
+    }
+    fn marked(&self, p: &Policy) -> bool {
+        p.awl_clients > 0 && self.count >= p.awl_clients
+    }
+}
+
+/// A table and the wheel that expires its records, under one lock.
+#[derive(Debug)]
+struct Shard<R: Record> {
+    table: Table<R>,
+    wheel: Wheel,
+    pending: Pending,
+    marked: usize,
+}
+
+impl<R: Expiring> Shard<R> {
+    fn new(now: Secs) -> Self {
+        Self {
+            table: Table::default(),
+            wheel: Wheel::new(now),
+            pending: Pending::default(),
+            marked: 0,
+        }
+    }
+
+    /// Inserts a new record and schedules its expiry.
+    fn insert_new(&mut self, index: usize, r: R, p: &Policy) {
+        self.table.fill(index, r);
+        self.marked += usize::from(r.marked(p));
+        self.wheel.insert(r.key(), wheel_time(r.alive_until_at(p)));
+    }
+
+    /// Adds or replaces a record from outside (loading), scheduling it if it is new.
+    fn put(&mut self, r: R, p: &Policy) {
+        match self.table.entry(r.key()) {
+            Slot::Occupied(i) => {
+                let old = std::mem::replace(self.table.at_mut(i), r);
+                self.marked = self.marked - usize::from(old.marked(p)) + usize::from(r.marked(p));
+            }
+            Slot::Vacant(i) => self.insert_new(i, r, p),
+        }
+    }
+
+    /// Looks at up to `budget` records whose slot is due by `now`. Returns true when the
+    /// shard is caught up.
+    fn expire_step(
+        &mut self,
+        now: Secs,
+        p: &Policy,
+        budget: usize,
+        stats: &mut ExpireStats,
+    ) -> bool {
+        let mut left = budget;
+        while left > 0 {
+            let Some(key) = self.pending.pop() else {
+                match self.wheel.poll(now) {
+                    Some(keys) => {
+                        self.pending.add(keys);
+                        continue;
+                    }
+                    None => return true,
+                }
+            };
+            left -= 1;
+            stats.examined += 1;
+            let Some(r) = self.table.get(key).copied() else {
+                continue;
+            };
+            let until = r.alive_until_at(p);
+            if until < u64::from(now) {
+                self.table.remove(key);
+                self.marked -= usize::from(r.marked(p));
+                stats.removed += 1;
+            } else {
+                self.wheel.insert(key, wheel_time(until));
+            }
+        }
+        // Budget spent: not known to be caught up; the caller releases the lock and comes back.
+        false
+    }
+}
+
+/// The wheel fires at the first second a record is dead.
+fn wheel_time(alive_until: u64) -> Secs {
+    (alive_until + 1).min(u64::from(u32::MAX)) as Secs
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a shard lock cannot leave a record half-written (records are
+    // plain Copy values written whole), so a poisoned shard is still consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[inline]
+fn shard_of(key: Key, bits: u32) -> usize {
+    (key.hi >> (64 - bits)) as usize
+}
+
+/// Per-thread buffers for normalised strings, so a decision allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    sender: Vec<u8>,
+    recipient: Vec<u8>,
+    lower_sender: Vec<u8>,
+    lower_name: Vec<u8>,
+}
+
+/// Per-thread buffers of the batch path.
+#[derive(Default)]
+struct BatchScratch {
+    keyed: Vec<Keyed>,
+    slots: Vec<u32>,
+    decisions: Vec<Decision>,
+    order: Vec<u32>,
+    slow: Vec<u32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static BATCH: RefCell<BatchScratch> = RefCell::new(BatchScratch::default());
+}
+
+fn lower_into<'b>(s: &str, buf: &'b mut Vec<u8>) -> &'b str {
+    buf.clear();
+    buf.extend(s.bytes().map(|b| b.to_ascii_lowercase()));
+    // ASCII lower-casing keeps UTF-8 valid; fall back to "" rather than panic if not.
+    std::str::from_utf8(buf).unwrap_or("")
+}
+
+/// The greylisting engine. Shared between threads by reference or `Arc`.
+pub struct Engine {
+    policy: Policy,
+    normalizer: Normalizer,
+    hasher: KeyHasher,
+    clock: Arc<dyn Clock>,
+    exemptions: ArcSwap<Exemptions>,
+    triplets: Box<[Mutex<Shard<TripletRecord>>]>,
+    clients: Box<[Mutex<Shard<AwlRecord>>]>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Builds an empty engine. The policy must be valid ([`Policy::validate`]).
+    pub fn new(config: EngineConfig, clock: Arc<dyn Clock>) -> Self {
+        let now = clock.now();
+        Self {
+            policy: config.policy,
+            normalizer: config.normalizer,
+            hasher: KeyHasher::new(&config.secret),
+            exemptions: ArcSwap::from_pointee(Exemptions::default()),
+            triplets: (0..1 << TRIPLET_SHARD_BITS)
+                .map(|_| Mutex::new(Shard::new(now)))
+                .collect(),
+            clients: (0..1 << CLIENT_SHARD_BITS)
+                .map(|_| Mutex::new(Shard::new(now)))
+                .collect(),
+            clock,
+        }
+    }
+
+    /// The settings in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The client masking in force.
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.normalizer
+    }
+
+    /// The current time of the engine's clock.
+    pub fn now(&self) -> Secs {
+        self.clock.now()
+    }
+
+    /// Replaces the exemption lists; requests already being decided finish with the old ones.
+    pub fn set_exemptions(&self, exemptions: Exemptions) {
+        self.exemptions.store(Arc::new(exemptions));
+    }
+
+    /// The exemption lists in force.
+    pub fn exemptions(&self) -> Arc<Exemptions> {
+        self.exemptions.load_full()
+    }
+
+    /// Decides a query at the clock's current time.
+    pub fn check(&self, query: &Query<'_>, mode: Mode) -> Decision {
+        match self.prepare(query) {
+            Ok(keyed) => self.decide(&keyed, self.clock.now(), mode),
+            Err(decision) => decision,
+        }
+    }
+
+    /// Applies authentication and exemptions, then normalises and hashes the triplet.
+    /// `Err` carries the final decision for a request that needs no table.
+    pub fn prepare(&self, q: &Query<'_>) -> Result<Keyed, Decision> {
+        if q.auth.is_some_and(|a| !a.is_empty()) {
+            return Err(Decision::Pass(Pass::Auth));
+        }
+        let sender = if q.sender == "<>" { "" } else { q.sender };
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            s.recipient.clear();
+            self.normalizer.recipient(q.recipient, &mut s.recipient);
+            let exemptions = self.exemptions.load();
+            if !exemptions.is_empty() {
+                let sender_lc = lower_into(sender, &mut s.lower_sender);
+                let name_lc = q.client_name.map(|n| lower_into(n, &mut s.lower_name));
+                let rcpt_lc = std::str::from_utf8(&s.recipient).unwrap_or("");
+                if let Some(list) = exemptions.check(q.client, name_lc, sender_lc, rcpt_lc) {
+                    return Err(Decision::Pass(Pass::Exempt(list)));
+                }
+            }
+            s.sender.clear();
+            self.normalizer.sender(sender, &mut s.sender);
+            let client = self.normalizer.client(q.client);
+            Ok(Keyed {
+                key: self.hasher.triplet(&client, &s.sender, &s.recipient),
+                client,
+            })
+        })
+    }
+
+    /// Decides a keyed query at time `now`.
+    pub fn decide(&self, k: &Keyed, now: Secs, mode: Mode) -> Decision {
+        let p = &self.policy;
+        let shard = &self.triplets[shard_of(k.key, TRIPLET_SHARD_BITS)];
+        // Fast path: a known triplet costs one lookup and never touches the AWL table.
+        {
+            let mut sh = lock(shard);
+            if let Some(r) = sh.table.get_mut(k.key) {
+                if TripletRecord::judge(Some(r), now, p) == Judgement::Known {
+                    if mode == Mode::Record {
+                        r.touch(now);
+                    }
+                    return Decision::Pass(Pass::Known);
+                }
+            }
+        }
+        let client_key = (p.awl_clients > 0).then(|| self.hasher.client(&k.client));
+        if let Some(ck) = client_key {
+            if self.awl_hit(ck, now, mode) {
+                return Decision::Pass(Pass::Awl);
+            }
+        }
+        let judgement = {
+            let mut sh = lock(shard);
+            match mode {
+                Mode::Peek => TripletRecord::judge(sh.table.get(k.key), now, p),
+                Mode::Record => Self::apply(&mut sh, k.key, now, p),
+            }
+        };
+        let decision = match judgement {
+            Judgement::Known => Decision::Pass(Pass::Known),
+            Judgement::Retried(delayed) => {
+                if let (Some(ck), Mode::Record) = (client_key, mode) {
+                    self.awl_count(ck, now);
+                }
+                Decision::Pass(Pass::Retried { delayed })
+            }
+            Judgement::Early(left) => Decision::Defer { seconds_left: left },
+            Judgement::New => Decision::Defer {
+                seconds_left: p.delay,
+            },
+        };
+        match decision {
+            Decision::Defer { seconds_left } if p.dry_run => {
+                Decision::Pass(Pass::DryRun { seconds_left })
+            }
+            d => d,
+        }
+    }
+
+    /// Decides many queries at the clock's current time; `out` receives one decision per
+    /// query, in order. Same answers as [`Engine::check`] one by one, but faster on a large
+    /// table: see [`Engine::decide_batch`].
+    pub fn check_batch(&self, queries: &[Query<'_>], mode: Mode, out: &mut Vec<Decision>) {
+        let now = self.clock.now();
+        BATCH.with(|b| {
+            let b = &mut *b.borrow_mut();
+            b.keyed.clear();
+            b.slots.clear();
+            out.clear();
+            for q in queries {
+                match self.prepare(q) {
+                    Ok(k) => {
+                        b.slots.push(out.len() as u32);
+                        b.keyed.push(k);
+                        out.push(Decision::Defer { seconds_left: 0 });
+                    }
+                    Err(d) => out.push(d),
+                }
+            }
+            self.decide_batch_into(
+                &b.keyed,
+                now,
+                mode,
+                &mut b.decisions,
+                &mut b.order,
+                &mut b.slow,
+            );
+            for (slot, d) in b.slots.iter().zip(&b.decisions) {
+                out[*slot as usize] = *d;
+            }
+        });
+    }
+
+    /// Decides many keyed queries at `now`; `out` receives one decision per item, in order.
+    ///
+    /// At 10 M records almost every lookup is a cache miss. Taken one at a time, each miss
+    /// waits behind the shard lock's atomic instructions, which keep the CPU from starting
+    /// the next one early. Here items are grouped by shard, each shard is locked once, and
+    /// the group's slots are all read before any is examined, so their misses overlap. Known
+    /// triplets are answered inside that pass; the rest take the ordinary path.
+    pub fn decide_batch(&self, items: &[Keyed], now: Secs, mode: Mode, out: &mut Vec<Decision>) {
+        let (mut order, mut slow) = (Vec::new(), Vec::new());
+        self.decide_batch_into(items, now, mode, out, &mut order, &mut slow);
+    }
+
+    fn decide_batch_into(
+        &self,
+        items: &[Keyed],
+        now: Secs,
+        mode: Mode,
+        out: &mut Vec<Decision>,
+        order: &mut Vec<u32>,
+        slow: &mut Vec<u32>,
+    ) {
+        let p = &self.policy;
+        out.clear();
+        out.resize(items.len(), Decision::Defer { seconds_left: 0 });
+        order.clear();
+        order.extend(0..items.len() as u32);
+        let shard = |i: &u32| shard_of(items[*i as usize].key, TRIPLET_SHARD_BITS);
+        order.sort_unstable_by_key(shard);
+        slow.clear();
+        for group in order.chunk_by(|a, b| shard(a) == shard(b)) {
+            let mut sh = lock(&self.triplets[shard(&group[0])]);
+            let mut sink = 0u64;
+            for &i in group {
+                sink ^= sh.table.touch(items[i as usize].key);
+            }
+            std::hint::black_box(sink);
+            for &i in group {
+                let known = match sh.table.get_mut(items[i as usize].key) {
+                    Some(r) if TripletRecord::judge(Some(r), now, p) == Judgement::Known => {
+                        if mode == Mode::Record {
+                            r.touch(now);
+                        }
+                        true
+                    }
+                    _ => false,
+                };
+                if known {
+                    out[i as usize] = Decision::Pass(Pass::Known);
+                } else {
+                    slow.push(i);
+                }
+            }
+        }
+        // In arrival order, so two requests for one triplet in a batch see each other's effect
+        // as they would one by one.
+        slow.sort_unstable();
+        for &i in slow.iter() {
+            out[i as usize] = self.decide(&items[i as usize], now, mode);
+        }
+    }
+
+    /// Judges a triplet and records the effect (DESIGN §1) under its shard's lock.
+    fn apply(sh: &mut Shard<TripletRecord>, key: Key, now: Secs, p: &Policy) -> Judgement {
+        match sh.table.entry(key) {
+            Slot::Vacant(i) => {
+                sh.insert_new(i, TripletRecord::new(key, now), p);
+                Judgement::New
+            }
+            Slot::Occupied(i) => {
+                let r = sh.table.at_mut(i);
+                let j = TripletRecord::judge(Some(r), now, p);
+                match j {
+                    Judgement::Known | Judgement::Early(_) => r.touch(now),
+                    Judgement::Retried(_) => {
+                        r.whitelist(now);
+                        sh.marked += 1;
+                    }
+                    Judgement::New => {
+                        // Starting over in place: the wheel entry stays where it is, and when
+                        // it fires the record is rescheduled at its new expiry.
+                        let was = r.is_whitelisted();
+                        *r = TripletRecord::new(key, now);
+                        sh.marked -= usize::from(was);
+                    }
+                }
+                j
+            }
+        }
+    }
+
+    fn awl_hit(&self, ck: Key, now: Secs, mode: Mode) -> bool {
+        let p = &self.policy;
+        let mut sh = lock(&self.clients[shard_of(ck, CLIENT_SHARD_BITS)]);
+        match sh.table.get_mut(ck) {
+            Some(r) if r.is_active(now, p) => {
+                if mode == Mode::Record {
+                    r.last_seen = r.last_seen.max(now);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn awl_count(&self, ck: Key, now: Secs) {
+        let p = &self.policy;
+        let mut sh = lock(&self.clients[shard_of(ck, CLIENT_SHARD_BITS)]);
+        match sh.table.entry(ck) {
+            Slot::Vacant(i) => sh.insert_new(i, AwlRecord::new(ck, now), p),
+            Slot::Occupied(i) => {
+                let r = sh.table.at_mut(i);
+                let was = r.marked(p);
+                r.count_pass(now, p);
+                let is = r.marked(p);
+                sh.marked = sh.marked + usize::from(is) - usize::from(was);
+            }
+        }
+    }
+
+    /// Removes every record that has expired by `now`, a few hundred records per lock hold,
+    /// so a concurrent request never waits behind more than one small step.
+    pub fn expire(&self, now: Secs) -> ExpireStats {
+        let mut stats = ExpireStats::default();
+        let p = &self.policy;
+        for shard in self.triplets.iter() {
+            while !lock(shard).expire_step(now, p, EXPIRE_STEP, &mut stats) {}
+        }
+        for shard in self.clients.iter() {
+            while !lock(shard).expire_step(now, p, EXPIRE_STEP, &mut stats) {}
+        }
+        stats
+    }
+
+    /// Counts of records by kind (takes each shard lock briefly).
+    pub fn stats(&self) -> EngineStats {
+        let mut s = EngineStats::default();
+        for shard in self.triplets.iter() {
+            let sh = lock(shard);
+            s.triplets += sh.table.len();
+            s.whitelisted += sh.marked;
+            s.table_bytes += sh.table.heap_bytes() + sh.wheel.len() * std::mem::size_of::<Key>();
+        }
+        for shard in self.clients.iter() {
+            let sh = lock(shard);
+            s.awl_clients += sh.table.len();
+            s.awl_active += sh.marked;
+            s.table_bytes += sh.table.heap_bytes() + sh.wheel.len() * std::mem::size_of::<Key>();
+        }
+        s
+    }
+
+    /// Calls `f` with each shard's triplet records in turn, holding only that shard's lock.
+    pub fn for_each_triplet_shard(
+        &self,
+        mut f: impl FnMut(&mut dyn Iterator<Item = &TripletRecord>),
+    ) {
+        for shard in self.triplets.iter() {
+            let sh = lock(shard);
+            f(&mut sh.table.iter());
+        }
+    }
+
+    /// Calls `f` with each shard's auto-whitelist records in turn.
+    pub fn for_each_client_shard(&self, mut f: impl FnMut(&mut dyn Iterator<Item = &AwlRecord>)) {
+        for shard in self.clients.iter() {
+            let sh = lock(shard);
+            f(&mut sh.table.iter());
+        }
+    }
+
+    /// Adds (or replaces) a triplet record, e.g. from a snapshot; expired ones are skipped.
+    /// Returns whether it was kept.
+    pub fn load_triplet(&self, r: TripletRecord, now: Secs) -> bool {
+        if r.key.is_vacant() || r.alive_until(&self.policy) < u64::from(now) {
+            return false;
+        }
+        lock(&self.triplets[shard_of(r.key, TRIPLET_SHARD_BITS)]).put(r, &self.policy);
+        true
+    }
+
+    /// Adds (or replaces) an auto-whitelist record; expired ones are skipped.
+    pub fn load_client(&self, r: AwlRecord, now: Secs) -> bool {
+        if r.key.is_vacant() || r.alive_until(&self.policy) < u64::from(now) {
+            return false;
+        }
+        lock(&self.clients[shard_of(r.key, CLIENT_SHARD_BITS)]).put(r, &self.policy);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1112 @@
+//! Greylisting triplet normalisation.
+//!
+//! A greylisting triplet is (client address, envelope sender, envelope
+//! recipient). Each part is normalised before it is hashed so that one
+//! sending server, one mailing list or one forwarder maps to *one* triplet.
+//! Without this, a list that puts a fresh bounce id into every envelope
+//! sender would be greylisted on every single message, and the triplet table
+//! would grow by one entry per message instead of one per correspondent.
+//!
+//! # Client address
+//!
+//! Large senders retry from a different host of the same pool, so the client
+//! address is masked to its network (/24 and /64 by default). An IPv4-mapped
+//! IPv6 address (`::ffff:a.b.c.d`) is the same IPv4 host seen through a dual
+//! stack socket, so it is masked as IPv4.
+//!
+//! # Envelope sender
+//!
+//! The sender is ASCII-lower-cased, split at its last `@`, and only the local
+//! part is rewritten:
+//!
+//! 1. **BATV** (`prvs=TAG=orig`, `msprvs1=TAG=orig`, `btv1==TAG==orig`): the
+//!    signed tag changes daily or per message, so only `orig` is kept.
+//! 2. **SRS** (`srs0=HASH=TT=domain=local`, `srs1=HASH=hop==HASH=TT=domain=local`):
+//!    hash and timestamp change per message and are dropped, leaving
+//!    `srs0=domain=local` / `srs1=hop=domain=local`. Nothing else is applied
+//!    to SRS addresses, and a malformed one is left alone rather than guessed.
+//! 3. **`+extension`**: `john+lists` becomes `john`; this also removes
+//!    Mailman/SendGrid style VERP (`list-bounces+user=example.com`).
+//! 4. **`=` VERP**: an encoded recipient `rcpt=rcpt-domain` at the end of the
+//!    local part (ezmlm, Mailchimp) is replaced by `#`.
+//! 5. **Identifiers**: tokens between `. - _ = +` that are all digits, long hex
+//!    with a digit, or long alphanumerics with several digits become `#`.
+//!
+//! The null sender (`""` or `"<>"`) produces no bytes at all; callers
+//! length-prefix each field, so it stays distinct from every real sender.
+//!
+//! # Recipient
+//!
+//! The recipient is only ASCII-lower-cased: `+ext` and digits select a real
+//! mailbox, so two recipients that differ there are different triplets.
+//!
+//! # Performance
+//!
+//! These functions sit on the per-message hot path. Sender and recipient
+//! normalisation write straight into the caller's buffer and then rewrite the
+//! copied bytes in place (every rule only shortens the address), so they never
+//! allocate beyond growing that buffer, and they run in time linear in the
+//! input length.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Error returned by [`Normalizer::new`] when a prefix length is larger than
+/// the address family allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixError {
+    /// Address family of the rejected prefix: `"ipv4"` or `"ipv6"`.
+    pub family: &'static str,
+    /// The rejected prefix length.
+    pub prefix: u8,
+    /// The largest prefix length allowed for `family` (32 or 128).
+    pub max: u8,
+}
+
+impl fmt::Display for PrefixError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} prefix {} is out of range (0..={})",
+            self.family, self.prefix, self.max
+        )
+    }
+}
+
+impl std::error::Error for PrefixError {}
+
+/// A client address masked to its network.
+///
+/// The variant holds the *masked* address, so two clients in the same
+/// network compare (and hash) equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientNet {
+    /// An IPv4 network, including IPv4-mapped IPv6 clients.
+    V4(Ipv4Addr),
+    /// An IPv6 network.
+    V6(Ipv6Addr),
+}
+
+impl ClientNet {
+    /// Stable 17-byte encoding for hashing and persistence.
+    ///
+    /// Byte 0 is `4` or `6`. For IPv4 the masked address follows in bytes
+    /// 1..5 (network order) and the rest is zero; for IPv6 it fills bytes
+    /// 1..17. The family byte keeps `0.0.0.0/0` and `::/0` distinct.
+    #[must_use]
+    pub fn encode(&self) -> [u8; 17] {
+        let mut buf = [0u8; 17];
+        match self {
+            Self::V4(addr) => {
+                buf[0] = 4;
+                buf[1..5].copy_from_slice(&addr.octets());
+            }
+            Self::V6(addr) => {
+                buf[0] = 6;
+                buf[1..17].copy_from_slice(&addr.octets());
+            }
+        }
+        buf
+    }
+}
+
+/// Normalises the three parts of a greylisting triplet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Normalizer {
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
+}
+
+impl Default for Normalizer {
+    /// Masks IPv4 clients to /24 and IPv6 clients to /64: the usual size of
+    /// one provider's outbound pool and of one IPv6 site.
+    fn default() -> Self {
+        Self {
+            ipv4_prefix: 24,
+            ipv6_prefix: 64,
+        }
+    }
+}
+
+impl Normalizer {
+    /// Creates a normaliser that masks IPv4 clients to `ipv4_prefix` bits
+    /// and IPv6 clients to `ipv6_prefix` bits.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`PrefixError`] if `ipv4_prefix > 32` or `ipv6_prefix > 128`.
+    pub fn new(ipv4_prefix: u8, ipv6_prefix: u8) -> Result<Self, PrefixError> {
+        if ipv4_prefix > 32 {
+            return Err(PrefixError {
+                family: "ipv4",
+                prefix: ipv4_prefix,
+                max: 32,
+            });
+        }
+        if ipv6_prefix > 128 {
+            return Err(PrefixError {
+                family: "ipv6",
+                prefix: ipv6_prefix,
+                max: 128,
+            });
+        }
+        Ok(Self {
+            ipv4_prefix,
+            ipv6_prefix,
+        })
+    }
+
+    /// The IPv4 prefix length clients are masked to.
+    #[must_use]
+    pub fn ipv4_prefix(&self) -> u8 {
+        self.ipv4_prefix
+    }
+
+    /// The IPv6 prefix length clients are masked to.
+    #[must_use]
+    pub fn ipv6_prefix(&self) -> u8 {
+        self.ipv6_prefix
+    }
+
+    /// Masks a client address to its network.
+    ///
+    /// IPv4 is masked to the IPv4 prefix and IPv6 to the IPv6 prefix. An
+    /// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is treated as the IPv4
+    /// address and masked with the IPv4 prefix. Prefix 0 masks everything.
+    #[must_use]
+    pub fn client(&self, ip: IpAddr) -> ClientNet {
+        match ip {
+            IpAddr::V4(v4) => ClientNet::V4(mask_v4(v4, self.ipv4_prefix)),
+            // Only the mapped form is unwrapped: the deprecated
+            // IPv4-compatible form (`::a.b.c.d`) overlaps real IPv6 space.
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientNet::V4(mask_v4(v4, self.ipv4_prefix)),
+                None => ClientNet::V6(mask_v6(v6, self.ipv6_prefix)),
+            },
+        }
+    }
+
+    /// Appends the normalised envelope sender to `out` (which is not
+    /// cleared).
+    ///
+    /// The null sender — `""` or `"<>"` — appends nothing. See the module
+    /// documentation for the rewriting rules.
+    pub fn sender(&self, sender: &str, out: &mut Vec<u8>) {
+        let bytes = sender.as_bytes();
+        if bytes.is_empty() || bytes == b"<>" {
+            return;
+        }
+        let start = out.len();
+        out.extend(bytes.iter().map(u8::to_ascii_lowercase));
+        let addr = &mut out[start..];
+        // The last '@' separates the domain: a quoted local part may itself
+        // contain '@', a domain never does.
+        let at = addr.iter().rposition(|&b| b == b'@').unwrap_or(addr.len());
+        let local_len = normalize_local(&mut addr[..at]);
+        let total = local_len + (addr.len() - at);
+        addr.copy_within(at.., local_len);
+        out.truncate(start + total);
+    }
+
+    /// Appends the recipient, ASCII-lower-cased, to `out` (which is not
+    /// cleared). Nothing else is changed.
+    pub fn recipient(&self, recipient: &str, out: &mut Vec<u8>) {
+        out.extend(recipient.bytes().map(|b| b.to_ascii_lowercase()));
+    }
+}
+
+fn mask_v4(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    // A shift by the full width overflows, which is exactly the /0 case.
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    Ipv4Addr::from(u32::from(addr) & mask)
+}
+
+fn mask_v6(addr: Ipv6Addr, prefix: u8) -> Ipv6Addr {
+    let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+    Ipv6Addr::from(u128::from(addr) & mask)
+}
+
+/// Rewrites a lower-cased local part in place and returns its new length.
+///
+/// Every rule only removes or replaces bytes with fewer bytes, which is what
+/// lets the whole sender be rewritten inside the caller's buffer.
+fn normalize_local(local: &mut [u8]) -> usize {
+    let mut len = local.len();
+    if let Some(orig) = batv_original_start(local) {
+        local.copy_within(orig.., 0);
+        len -= orig;
+    }
+    let local = &mut local[..len];
+    if let Some(kind) = srs_kind(local) {
+        // A local part that announces SRS but does not parse is kept as is:
+        // VERP or identifier rules would mangle it unpredictably.
+        return rewrite_srs(local, kind).unwrap_or(len);
+    }
+    let len = strip_extension(local);
+    let len = collapse_verp(&mut local[..len]);
+    collapse_identifiers(&mut local[..len])
+}
+
+/// Offset at which the original local part of a BATV address starts.
+fn batv_original_start(local: &[u8]) -> Option<usize> {
+    let (rest, sep): (&[u8], &[u8]) = if let Some(rest) = local.strip_prefix(b"prvs=") {
+        (rest, b"=")
+    } else if let Some(rest) = local.strip_prefix(b"msprvs1=") {
+        (rest, b"=")
+    } else if let Some(rest) = local.strip_prefix(b"btv1==") {
+        (rest, b"==")
+    } else {
+        return None;
+    };
+    let tag_len = rest.iter().position(|&b| b == b'=')?;
+    if tag_len == 0 {
+        return None;
+    }
+    let orig = rest[tag_len..].strip_prefix(sep)?;
+    if orig.is_empty() {
+        return None;
+    }
+    Some(local.len() - orig.len())
+}
+
+#[derive(Clone, Copy)]
+enum SrsKind {
+    Srs0,
+    Srs1,
+}
+
+fn is_srs_separator(b: u8) -> bool {
+    matches!(b, b'=' | b'+' | b'-')
+}
+
+/// Recognises the `srs0`/`srs1` prefix; the body starts at offset 5.
+fn srs_kind(local: &[u8]) -> Option<SrsKind> {
+    let kind = match local.get(..4)? {
+        b"srs0" => SrsKind::Srs0,
+        b"srs1" => SrsKind::Srs1,
+        _ => return None,
+    };
+    is_srs_separator(*local.get(4)?).then_some(kind)
+}
+
+/// Splits off a non-empty field terminated by `=`.
+fn srs_field(s: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = s.iter().position(|&b| b == b'=')?;
+    if end == 0 {
+        return None;
+    }
+    Some((&s[..end], &s[end + 1..]))
+}
+
+/// Parses `HASH=TT=domain=local` and returns the `domain=local` tail.
+fn srs0_tail(body: &[u8]) -> Option<&[u8]> {
+    let (_hash, rest) = srs_field(body)?;
+    let (timestamp, tail) = srs_field(rest)?;
+    // SRS timestamps are two base32 characters; insisting on that keeps a
+    // local part that merely starts with "srs0=" from being cut up.
+    if timestamp.len() != 2 || !timestamp.iter().all(u8::is_ascii_alphanumeric) {
+        return None;
+    }
+    let (_domain, orig_local) = srs_field(tail)?;
+    if orig_local.is_empty() {
+        return None;
+    }
+    Some(tail)
+}
+
+/// Drops hash and timestamp from an SRS local part in place; `None` if the
+/// local part is not fully shaped like SRS.
+fn rewrite_srs(local: &mut [u8], kind: SrsKind) -> Option<usize> {
+    let len = local.len();
+    let body = &local[5..];
+    match kind {
+        SrsKind::Srs0 => {
+            let tail_len = srs0_tail(body)?.len();
+            local[4] = b'=';
+            local.copy_within(len - tail_len.., 5);
+            Some(5 + tail_len)
+        }
+        SrsKind::Srs1 => {
+            let (hash, rest) = srs_field(body)?;
+            let (hop, rest) = srs_field(rest)?;
+            // The byte after "hop=" is the separator the first hop used
+            // after its own "srs0", hence the "==" (or "=+", "=-").
+            let (&sep, rest) = rest.split_first()?;
+            if !is_srs_separator(sep) {
+                return None;
+            }
+            let tail_len = srs0_tail(rest)?.len();
+            let hop_start = 5 + hash.len() + 1;
+            let hop_len = hop.len();
+            local[4] = b'=';
+            local.copy_within(hop_start..hop_start + hop_len, 5);
+            let mut write = 5 + hop_len;
+            local[write] = b'=';
+            write += 1;
+            local.copy_within(len - tail_len.., write);
+            Some(write + tail_len)
+        }
+    }
+}
+
+/// Length of the local part without its `+extension`.
+fn strip_extension(local: &[u8]) -> usize {
+    match local.iter().position(|&b| b == b'+') {
+        // A leading '+' is the whole name, not an extension of one.
+        Some(plus) if plus > 0 => plus,
+        _ => local.len(),
+    }
+}
+
+fn looks_like_domain(s: &[u8]) -> bool {
+    s.contains(&b'.')
+        && s.first() != Some(&b'.')
+        && s.last() != Some(&b'.')
+        && s.iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+}
+
+/// Replaces a trailing VERP-encoded recipient (`rcpt=example.com`) with `#`
+/// in place and returns the new length.
+fn collapse_verp(local: &mut [u8]) -> usize {
+    let len = local.len();
+    let Some(eq) = local.iter().rposition(|&b| b == b'=') else {
+        return len;
+    };
+    if !looks_like_domain(&local[eq + 1..]) {
+        return len;
+    }
+    // '.' belongs to the recipient (john.smith), so only '-' and '+' can
+    // separate it from the list's own prefix.
+    let mut start = eq;
+    while start > 0 && matches!(local[start - 1], b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.') {
+        start -= 1;
+    }
+    if start > 0 && !matches!(local[start - 1], b'-' | b'+') {
+        // Something else ('=', a quote, non-ASCII) precedes the candidate:
+        // not a VERP shape we know, so leave it.
+        return len;
+    }
+    local[start] = b'#';
+    start + 1
+}
+
+fn is_token_separator(b: u8) -> bool {
+    matches!(b, b'.' | b'-' | b'_' | b'=' | b'+')
+}
+
+/// Whether a token looks like a per-message id rather than a name.
+fn is_identifier(token: &[u8]) -> bool {
+    if token.is_empty() {
+        return false;
+    }
+    let digits = token.iter().filter(|b| b.is_ascii_digit()).count();
+    if digits == token.len() {
+        return true;
+    }
+    // A digit is required so that words like "deadbeef" or "cafe" survive.
+    if token.len() >= 8 && digits > 0 && token.iter().all(u8::is_ascii_hexdigit) {
+        return true;
+    }
+    // Short hex groups mixing digits and letters are the middle of UUIDs (Amazon SES return
+    // paths carry one per message); a name rarely looks like "9c0d". Merging two such senders
+    // costs nothing worse than a shared greylist entry, while keeping them apart would make
+    // every message of a bulk sender a new triplet.
+    if token.len() >= 4
+        && digits > 0
+        && token.iter().any(|b| b.is_ascii_lowercase())
+        && token.iter().all(u8::is_ascii_hexdigit)
+    {
+        return true;
+    }
+    // Base32/base36 tracking ids; the digit count spares long plain words.
+    token.len() >= 16
+        && digits >= 4
+        && token
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Replaces identifier tokens with `#` in place, keeping separators, and
+/// returns the new length.
+fn collapse_identifiers(local: &mut [u8]) -> usize {
+    let len = local.len();
+    let mut write = 0;
+    let mut token_start = 0;
+    for read in 0..=len {
+        let separator = local.get(read).copied().filter(|&b| is_token_separator(b));
+        if read < len && separator.is_none() {
+            continue;
+        }
+        if is_identifier(&local[token_start..read]) {
+            local[write] = b'#';
+            write += 1;
+        } else {
+            local.copy_within(token_start..read, write);
+            write += read - token_start;
+        }
+        if let Some(sep) = separator {
+            local[write] = sep;
+            write += 1;
+        }
+        token_start = read + 1;
+    }
+    write
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender(input: &str) -> String {
+        let mut out = Vec::new();
+        Normalizer::default().sender(input, &mut out);
+        String::from_utf8(out).expect("normalised sender stays UTF-8")
+    }
+
+    fn recipient(input: &str) -> String {
+        let mut out = Vec::new();
+        Normalizer::default().recipient(input, &mut out);
+        String::from_utf8(out).expect("normalised recipient stays UTF-8")
+    }
+
+    fn v4(s: &str) -> IpAddr {
+        IpAddr::V4(s.parse().unwrap())
+    }
+
+    fn v6(s: &str) -> IpAddr {
+        IpAddr::V6(s.parse().unwrap())
+    }
+
+    fn net4(s: &str) -> ClientNet {
+        ClientNet::V4(s.parse().unwrap())
+    }
+
+    fn net6(s: &str) -> ClientNet {
+        ClientNet::V6(s.parse().unwrap())
+    }
+
+    // ---- prefixes and construction ----
+
+    #[test]
+    fn new_accepts_boundary_prefixes() {
+        let n = Normalizer::new(32, 128).unwrap();
+        assert_eq!((n.ipv4_prefix(), n.ipv6_prefix()), (32, 128));
+        let n = Normalizer::new(0, 0).unwrap();
+        assert_eq!((n.ipv4_prefix(), n.ipv6_prefix()), (0, 0));
+    }
+
+    #[test]
+    fn new_rejects_ipv4_prefix_33() {
+        let err = Normalizer::new(33, 64).unwrap_err();
+        assert_eq!(
+            err,
+            PrefixError {
+                family: "ipv4",
+                prefix: 33,
+                max: 32
+            }
+        );
+        assert_eq!(err.to_string(), "ipv4 prefix 33 is out of range (0..=32)");
+    }
+
+    #[test]
+    fn new_rejects_ipv6_prefix_129() {
+        let err = Normalizer::new(24, 129).unwrap_err();
+        assert_eq!(
+            err,
+            PrefixError {
+                family: "ipv6",
+                prefix: 129,
+                max: 128
+            }
+        );
+        assert_eq!(err.to_string(), "ipv6 prefix 129 is out of range (0..=128)");
+        let boxed: Box<dyn std::error::Error> = Box::new(err);
+        assert_eq!(
+            boxed.to_string(),
+            "ipv6 prefix 129 is out of range (0..=128)"
+        );
+    }
+
+    #[test]
+    fn default_is_24_and_64() {
+        let n = Normalizer::default();
+        assert_eq!((n.ipv4_prefix(), n.ipv6_prefix()), (24, 64));
+        assert_eq!(n, Normalizer::new(24, 64).unwrap());
+    }
+
+    // ---- client masking ----
+
+    #[test]
+    fn client_default_masks_ipv4_to_24() {
+        let n = Normalizer::default();
+        assert_eq!(n.client(v4("192.0.2.77")), net4("192.0.2.0"));
+        assert_eq!(n.client(v4("192.0.2.255")), net4("192.0.2.0"));
+        assert_eq!(n.client(v4("192.0.3.1")), net4("192.0.3.0"));
+        assert_ne!(n.client(v4("192.0.2.1")), n.client(v4("192.0.3.1")));
+    }
+
+    #[test]
+    fn client_ipv4_32_keeps_host() {
+        let n = Normalizer::new(32, 64).unwrap();
+        assert_eq!(n.client(v4("192.0.2.77")), net4("192.0.2.77"));
+        assert_eq!(n.client(v4("255.255.255.255")), net4("255.255.255.255"));
+    }
+
+    #[test]
+    fn client_ipv4_0_masks_everything() {
+        let n = Normalizer::new(0, 64).unwrap();
+        assert_eq!(n.client(v4("192.0.2.77")), net4("0.0.0.0"));
+        assert_eq!(n.client(v4("255.255.255.255")), net4("0.0.0.0"));
+    }
+
+    #[test]
+    fn client_ipv4_25_splits_a_24() {
+        let n = Normalizer::new(25, 64).unwrap();
+        assert_eq!(n.client(v4("192.0.2.77")), net4("192.0.2.0"));
+        assert_eq!(n.client(v4("192.0.2.127")), net4("192.0.2.0"));
+        assert_eq!(n.client(v4("192.0.2.128")), net4("192.0.2.128"));
+        assert_eq!(n.client(v4("192.0.2.200")), net4("192.0.2.128"));
+    }
+
+    #[test]
+    fn client_ipv6_64_128_and_0() {
+        let ip = v6("2001:db8:1:2:3:4:5:6");
+        let n = Normalizer::default();
+        assert_eq!(n.client(ip), net6("2001:db8:1:2::"));
+        assert_eq!(
+            n.client(v6("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            net6("2001:db8:1:2::")
+        );
+        assert_eq!(n.client(v6("2001:db8:1:3::1")), net6("2001:db8:1:3::"));
+        let n = Normalizer::new(24, 128).unwrap();
+        assert_eq!(n.client(ip), net6("2001:db8:1:2:3:4:5:6"));
+        let n = Normalizer::new(24, 0).unwrap();
+        assert_eq!(n.client(ip), net6("::"));
+    }
+
+    #[test]
+    fn client_ipv4_mapped_is_treated_as_ipv4() {
+        let n = Normalizer::default();
+        assert_eq!(n.client(v6("::ffff:192.0.2.77")), net4("192.0.2.0"));
+        assert_eq!(
+            n.client(v6("::ffff:192.0.2.77")),
+            n.client(v4("192.0.2.77"))
+        );
+        // The IPv6 prefix must not apply to the mapped address.
+        let n = Normalizer::new(32, 0).unwrap();
+        assert_eq!(n.client(v6("::ffff:192.0.2.77")), net4("192.0.2.77"));
+    }
+
+    #[test]
+    fn client_ipv4_compatible_stays_ipv6() {
+        let n = Normalizer::new(24, 128).unwrap();
+        assert_eq!(n.client(v6("::192.0.2.77")), net6("::c000:24d"));
+    }
+
+    #[test]
+    fn encode_layout() {
+        let n = Normalizer::default();
+        let mut expected = [0u8; 17];
+        expected[..5].copy_from_slice(&[4, 192, 0, 2, 0]);
+        assert_eq!(n.client(v4("192.0.2.77")).encode(), expected);
+
+        let mut expected = [0u8; 17];
+        expected[..9].copy_from_slice(&[6, 0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 2]);
+        assert_eq!(n.client(v6("2001:db8:1:2:3:4:5:6")).encode(), expected);
+
+        let full = Normalizer::new(32, 128).unwrap();
+        let enc = full.client(v6("2001:db8::ff01")).encode();
+        assert_eq!(enc[0], 6);
+        assert_eq!(&enc[1..5], &[0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(&enc[15..17], &[0xff, 0x01]);
+
+        // Same all-zero address bits, different family.
+        let mut zero4 = [0u8; 17];
+        zero4[0] = 4;
+        let mut zero6 = [0u8; 17];
+        zero6[0] = 6;
+        assert_eq!(net4("0.0.0.0").encode(), zero4);
+        assert_eq!(net6("::").encode(), zero6);
+    }
+
+    // ---- null sender and buffer handling ----
+
+    #[test]
+    fn null_sender_appends_nothing() {
+        let n = Normalizer::default();
+        let mut out = b"x".to_vec();
+        n.sender("", &mut out);
+        assert_eq!(out, b"x");
+        n.sender("<>", &mut out);
+        assert_eq!(out, b"x");
+        assert_eq!(sender(""), "");
+        assert_eq!(sender("<>"), "");
+    }
+
+    #[test]
+    fn sender_appends_without_clearing() {
+        let n = Normalizer::default();
+        let mut out = b"prefix:".to_vec();
+        n.sender("Bounce-12345@Example.COM", &mut out);
+        assert_eq!(out, b"prefix:bounce-#@example.com");
+        n.sender("|John+x@Example.com", &mut out);
+        assert_eq!(out, b"prefix:bounce-#@example.com|john@example.com");
+    }
+
+    #[test]
+    fn sender_reuses_the_callers_buffer() {
+        let n = Normalizer::default();
+        let mut out = Vec::with_capacity(256);
+        let ptr = out.as_ptr();
+        n.sender(
+            "SRS1=Abcd=forwarder.example==x7Kq=2E=example.com=john@pobox.com",
+            &mut out,
+        );
+        n.sender("0100018c1a2b3c4d-5e6f7a8b-9c0d@amazonses.com", &mut out);
+        assert_eq!(out.as_ptr(), ptr);
+        assert_eq!(out.capacity(), 256);
+        assert_eq!(
+            out,
+            b"srs1=forwarder.example=example.com=john@pobox.com#-#-#@amazonses.com"
+        );
+    }
+
+    // ---- addresses that must not be rewritten ----
+
+    #[test]
+    fn ordinary_addresses_are_unchanged() {
+        for addr in [
+            "john.smith@example.com",
+            "first-last@example.org",
+            "cafe@example.com",
+            "deadbeef@example.com",
+            "john2000@example.com",
+            "o'brien@example.ie",
+            "info@example.com",
+            "noreply@github.com",
+            "+start@example.com",
+            "jörg@example.de",
+            "postmaster",
+            "john@mail123.example.net",
+        ] {
+            assert_eq!(sender(addr), addr, "{addr}");
+        }
+    }
+
+    #[test]
+    fn upper_case_equals_lower_case() {
+        assert_eq!(sender("John.Smith@Example.COM"), "john.smith@example.com");
+        assert_eq!(
+            sender("JOHN.SMITH@EXAMPLE.COM"),
+            sender("john.smith@example.com")
+        );
+        assert_eq!(sender("NoReply@GitHub.com"), "noreply@github.com");
+        assert_eq!(sender("POSTMASTER"), "postmaster");
+    }
+
+    #[test]
+    fn lower_casing_is_ascii_only() {
+        assert_eq!(sender("JÖRG@EXAMPLE.DE"), "jÖrg@example.de");
+        assert_eq!(recipient("JÖRG@EXAMPLE.DE"), "jÖrg@example.de");
+    }
+
+    #[test]
+    fn splits_at_last_at_sign() {
+        // Split at the first '@' would give "john@y@example.com".
+        assert_eq!(sender("john+x@y@example.com"), "john@example.com");
+        assert_eq!(sender("\"a@b\"@example.com"), "\"a@b\"@example.com");
+    }
+
+    #[test]
+    fn local_part_without_domain_is_normalised() {
+        assert_eq!(sender("bounce-12345"), "bounce-#");
+        assert_eq!(sender("John+Lists"), "john");
+    }
+
+    // ---- rule 1: BATV ----
+
+    #[test]
+    fn batv_prvs() {
+        assert_eq!(
+            sender("prvs=0123abcdef=john@example.com"),
+            "john@example.com"
+        );
+        assert_eq!(
+            sender("PRVS=0123ABCDEF=John@Example.COM"),
+            "john@example.com"
+        );
+    }
+
+    #[test]
+    fn batv_microsoft() {
+        assert_eq!(
+            sender("msprvs1=19796hGbd4Zcc=bounces-12345@spmailtechn.com"),
+            "bounces-#@spmailtechn.com"
+        );
+    }
+
+    #[test]
+    fn batv_barracuda() {
+        assert_eq!(
+            sender("btv1==25c01d1b2f3==newsletter@example.net"),
+            "newsletter@example.net"
+        );
+    }
+
+    #[test]
+    fn batv_different_tags_normalise_equal() {
+        let a = sender("prvs=0123abcdef=news@example.com");
+        let b = sender("prvs=9876fedcba=news@example.com");
+        assert_eq!(a, "news@example.com");
+        assert_eq!(a, b);
+        let a = sender("btv1==25c01d1b2f3==news@example.com");
+        let b = sender("btv1==7e0a1c9d4b2==news@example.com");
+        assert_eq!(a, "news@example.com");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn batv_original_goes_through_remaining_rules() {
+        assert_eq!(
+            sender("prvs=0123abcdef=john+lists@example.com"),
+            "john@example.com"
+        );
+        assert_eq!(
+            sender("prvs=0123abcdef=SRS0=x7Kq=2E=example.com=john@pobox.com"),
+            "srs0=example.com=john@pobox.com"
+        );
+    }
+
+    #[test]
+    fn batv_malformed_is_not_stripped() {
+        // Empty tag.
+        assert_eq!(sender("prvs==john@example.com"), "prvs==john@example.com");
+        // Empty original: not BATV, so the hex tag is just an identifier.
+        assert_eq!(
+            sender("prvs=0123abcdef=@example.com"),
+            "prvs=#=@example.com"
+        );
+        // Barracuda needs "==" on both sides of the tag.
+        assert_eq!(
+            sender("btv1=tag=john@example.com"),
+            "btv1=tag=john@example.com"
+        );
+        assert_eq!(
+            sender("btv1==tag=john@example.com"),
+            "btv1==tag=john@example.com"
+        );
+    }
+
+    // ---- rule 2: SRS ----
+
+    #[test]
+    fn srs0_drops_hash_and_timestamp() {
+        assert_eq!(
+            sender("SRS0=x7Kq=2E=example.com=john@pobox.com"),
+            "srs0=example.com=john@pobox.com"
+        );
+    }
+
+    #[test]
+    fn srs0_alternative_separators() {
+        assert_eq!(
+            sender("SRS0+x7Kq=2E=example.com=john@pobox.com"),
+            "srs0=example.com=john@pobox.com"
+        );
+        assert_eq!(
+            sender("srs0-x7kq=2e=example.com=john@pobox.com"),
+            "srs0=example.com=john@pobox.com"
+        );
+    }
+
+    #[test]
+    fn srs0_different_messages_normalise_equal() {
+        let a = sender("SRS0=x7Kq=2E=example.com=john@pobox.com");
+        let b = sender("SRS0=Qz9+=3F=example.com=john@pobox.com");
+        assert_eq!(a, b);
+        assert_eq!(a, "srs0=example.com=john@pobox.com");
+    }
+
+    #[test]
+    fn srs_original_local_part_is_only_lower_cased() {
+        assert_eq!(
+            sender("SRS0=x7Kq=2E=Example.com=John+Lists@pobox.com"),
+            "srs0=example.com=john+lists@pobox.com"
+        );
+        assert_eq!(
+            sender("SRS0=x7Kq=2E=example.com=bounce-12345=user=example.org@pobox.com"),
+            "srs0=example.com=bounce-12345=user=example.org@pobox.com"
+        );
+    }
+
+    #[test]
+    fn srs1_keeps_first_hop() {
+        assert_eq!(
+            sender("SRS1=Abcd=forwarder.example==x7Kq=2E=example.com=john@pobox.com"),
+            "srs1=forwarder.example=example.com=john@pobox.com"
+        );
+        // First hop used '+' after its own "SRS0".
+        assert_eq!(
+            sender("SRS1+Abcd=forwarder.example=+x7Kq=2E=example.com=john@pobox.com"),
+            "srs1=forwarder.example=example.com=john@pobox.com"
+        );
+    }
+
+    #[test]
+    fn srs1_different_messages_normalise_equal() {
+        let a = sender("SRS1=Abcd=forwarder.example==x7Kq=2E=example.com=john@pobox.com");
+        let b = sender("SRS1=Wxyz=forwarder.example==Lm3n=4G=example.com=john@pobox.com");
+        assert_eq!(a, b);
+        assert_eq!(a, "srs1=forwarder.example=example.com=john@pobox.com");
+    }
+
+    #[test]
+    fn srs_malformed_is_left_unchanged() {
+        // Missing timestamp.
+        assert_eq!(
+            sender("SRS0=x7Kq=example.com=john@pobox.com"),
+            "srs0=x7kq=example.com=john@pobox.com"
+        );
+        // Missing original local part; identifier rules must not touch it.
+        assert_eq!(
+            sender("SRS0=x7Kq=2E=12345@pobox.com"),
+            "srs0=x7kq=2e=12345@pobox.com"
+        );
+        // Empty hash.
+        assert_eq!(
+            sender("SRS0==2E=example.com=john@pobox.com"),
+            "srs0==2e=example.com=john@pobox.com"
+        );
+        // SRS1 without the "==" after the first hop.
+        assert_eq!(
+            sender("SRS1=Abcd=forwarder.example=x7Kq=2E=example.com=john@pobox.com"),
+            "srs1=abcd=forwarder.example=x7kq=2e=example.com=john@pobox.com"
+        );
+    }
+
+    #[test]
+    fn srs_prefix_needs_a_separator() {
+        // Not SRS, so the ordinary rules apply.
+        assert_eq!(sender("srs0x+tag@example.com"), "srs0x@example.com");
+    }
+
+    // ---- rule 3: +extension ----
+
+    #[test]
+    fn plus_extension_is_dropped() {
+        assert_eq!(sender("john+lists@example.com"), "john@example.com");
+        assert_eq!(sender("john+a+b@example.com"), "john@example.com");
+        assert_eq!(
+            sender("notification+zrdo3ofpsaid@facebookmail.com"),
+            "notification@facebookmail.com"
+        );
+    }
+
+    #[test]
+    fn leading_plus_is_kept() {
+        assert_eq!(sender("+start@example.com"), "+start@example.com");
+        // The '+' is also a token separator for the identifier rule.
+        assert_eq!(sender("+123@example.com"), "+#@example.com");
+    }
+
+    #[test]
+    fn mailman_verp() {
+        let a = sender("mylist-bounces+john=example.com@lists.example.org");
+        let b = sender("mylist-bounces+jane.doe=example.net@lists.example.org");
+        assert_eq!(a, "mylist-bounces@lists.example.org");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn sendgrid_verp() {
+        let a = sender("bounces+1234567-ab12-john=example.com@em1234.example.com");
+        let b = sender("bounces+7654321-cd34-jane=example.org@em1234.example.com");
+        assert_eq!(a, "bounces@em1234.example.com");
+        assert_eq!(a, b);
+    }
+
+    // ---- rule 4: '=' VERP ----
+
+    #[test]
+    fn ezmlm_verp() {
+        let a = sender("list-return-123-john=example.com@lists.example.org");
+        let b = sender("list-return-456-jane.doe=example.net@lists.example.org");
+        assert_eq!(a, "list-return-#-#@lists.example.org");
+        assert_eq!(a, b);
+        assert_eq!(
+            sender("list-return-123-john.smith=example.com@lists.example.org"),
+            "list-return-#-#@lists.example.org"
+        );
+    }
+
+    #[test]
+    fn mailchimp_verp() {
+        let a = sender("bounce-mc.us5_12345678.1234567-user=example.com@mail123.mcsv.net");
+        let b = sender("bounce-mc.us5_12345678.7654321-other_user=example.org@mail123.mcsv.net");
+        assert_eq!(a, "bounce-mc.us5_#.#-#@mail123.mcsv.net");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn verp_without_separator_replaces_whole_local_part() {
+        assert_eq!(
+            sender("john.smith=example.com@bounces.example.org"),
+            "#@bounces.example.org"
+        );
+        assert_eq!(
+            sender("bounce-john=mail-host.example.com@x.example"),
+            "bounce-#@x.example"
+        );
+    }
+
+    #[test]
+    fn verp_requires_a_domain_after_the_last_equals() {
+        // No dot.
+        assert_eq!(sender("a=b@example.com"), "a=b@example.com");
+        // Leading or trailing dot.
+        assert_eq!(
+            sender("news=.example.com@x.example"),
+            "news=.example.com@x.example"
+        );
+        assert_eq!(sender("news=example.@x.example"), "news=example.@x.example");
+        // '_' is not a domain character.
+        assert_eq!(
+            sender("user=exa_mple.com@x.example"),
+            "user=exa_mple.com@x.example"
+        );
+    }
+
+    #[test]
+    fn verp_preceded_by_unknown_character_is_left() {
+        assert_eq!(
+            sender("o'brien=example.com@x.example"),
+            "o'brien=example.com@x.example"
+        );
+        assert_eq!(
+            sender("a=b=example.com@x.example"),
+            "a=b=example.com@x.example"
+        );
+    }
+
+    // ---- rule 5: identifiers ----
+
+    #[test]
+    fn digit_tokens_become_hash() {
+        assert_eq!(sender("bounce-0@example.com"), "bounce-#@example.com");
+        assert_eq!(
+            sender("id.123_456=789-abc@example.com"),
+            "id.#_#=#-abc@example.com"
+        );
+        assert_eq!(sender("12345@example.com"), "#@example.com");
+    }
+
+    #[test]
+    fn hex_tokens_need_a_digit_and_eight_chars_or_a_letter() {
+        assert_eq!(
+            sender("bounce-3f2a9c1d77e0@example.com"),
+            "bounce-#@example.com"
+        );
+        assert_eq!(
+            sender("bounce-abc12345@example.com"),
+            "bounce-#@example.com"
+        );
+        // Shorter hex runs go only when they mix digits and letters (UUID groups)...
+        assert_eq!(sender("bounce-abc1234@example.com"), "bounce-#@example.com");
+        assert_eq!(sender("bounce-9c0d@example.com"), "bounce-#@example.com");
+        // ...not when shorter than four, and all-digit ones go by the digit rule anyway.
+        assert_eq!(sender("bounce-9c0@example.com"), "bounce-9c0@example.com");
+        assert_eq!(
+            sender("bounce-deadbeef@example.com"),
+            "bounce-deadbeef@example.com"
+        );
+        assert_eq!(
+            sender("bounce-deadbee1@example.com"),
+            "bounce-#@example.com"
+        );
+    }
+
+    #[test]
+    fn long_alphanumeric_tokens_need_sixteen_chars_and_four_digits() {
+        assert_eq!(
+            sender("msg-k3j4h5g6f7d8s9a0@example.com"),
+            "msg-#@example.com"
+        );
+        assert_eq!(
+            sender("msg-abcdefghijkl1234@example.com"),
+            "msg-#@example.com"
+        );
+        // 15 characters.
+        assert_eq!(
+            sender("msg-k3j4h5g6f7d8s9a@example.com"),
+            "msg-k3j4h5g6f7d8s9a@example.com"
+        );
+        // Only three digits.
+        assert_eq!(
+            sender("msg-abcdefghijklm123@example.com"),
+            "msg-abcdefghijklm123@example.com"
+        );
+    }
+
+    #[test]
+    fn amazon_ses() {
+        // Tokens: 0100018c1a2b3c4d (16 hex) -> #, 5e6f7a8b (8 hex) -> #,
+        // 9c0d / 4e1f / a2b3 (4 hex, digits and letters) -> #, c4d5e6f7a8b9 (12 hex) -> #,
+        // 000000 (digits) -> #.
+        assert_eq!(
+            sender("0100018c1a2b3c4d-5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9-000000@amazonses.com"),
+            "#-#-#-#-#-#-#@amazonses.com"
+        );
+        // Two messages of one SES sender are one sender.
+        assert_eq!(
+            sender("0100018c1a2b3c4d-5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9-000000@amazonses.com"),
+            sender("0100018c99f0e1d2-77aa88bb-1e2f-43ac-b0c1-d2e3f4a5b6c7-000000@amazonses.com")
+        );
+        // Short hex-looking words without digits, and 3-character groups, stay.
+        assert_eq!(sender("cafe-face@example.com"), "cafe-face@example.com");
+        assert_eq!(sender("mp3-fan@example.com"), "mp3-fan@example.com");
+    }
+
+    #[test]
+    fn domain_is_never_rewritten() {
+        assert_eq!(
+            sender("bounce-123@123.45.example.com"),
+            "bounce-#@123.45.example.com"
+        );
+        assert_eq!(
+            sender("john@em1234+x.example.com"),
+            "john@em1234+x.example.com"
+        );
+    }
+
+    // ---- recipient ----
+
+    #[test]
+    fn recipient_is_only_lower_cased() {
+        assert_eq!(
+            recipient("John.Smith+Tag@Example.COM"),
+            "john.smith+tag@example.com"
+        );
+        assert_eq!(
+            recipient("user-12345@example.com"),
+            "user-12345@example.com"
+        );
+        assert_eq!(
+            recipient("prvs=0123abcdef=john@example.com"),
+            "prvs=0123abcdef=john@example.com"
+        );
+        assert_ne!(
+            recipient("john+a@example.com"),
+            recipient("john+b@example.com")
+        );
+    }
+
+    #[test]
+    fn recipient_appends_without_clearing() {
+        let n = Normalizer::default();
+        let mut out = b"rcpt:".to_vec();
+        n.recipient("Info+Sales@Example.ORG", &mut out);
+        assert_eq!(out, b"rcpt:info+sales@example.org");
+    }
+}

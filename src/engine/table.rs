@@ -1,0 +1,312 @@
+//! One shard's open-addressing table of fixed-size records.
+//!
+//! Why not `HashMap`/`dashmap`: the key is already a uniformly random keyed hash, so it needs
+//! no re-hashing, and a record is only 24 bytes. Storing records inline with linear probing
+//! puts a lookup on one cache line (plus its neighbour), where a SwissTable touches a control
+//! byte array and a slot array — two misses at 10 M records. The slot index comes from the
+//! key's low 64 bits by multiply-shift ("fastrange"), so the capacity need not be a power of
+//! two: growing by 1.5× at a load of 0.8 keeps the load between 0.53 and 0.8 at every size,
+//! which bounds memory per record (see `docs/BENCHMARKS.md`) where doubling would swing it
+//! between 0.4 and 0.8. Deletion shifts followers back, so there are no tombstones.
+
+use super::key::Key;
+
+/// A record that can live in a [`Table`].
+pub(crate) trait Record: Copy {
+    /// A slot with no record; its key must be [`Key::VACANT`].
+    const VACANT: Self;
+    /// The record's key.
+    fn key(&self) -> Key;
+}
+
+/// Maximum load, as a fraction `NUM / DEN`.
+const LOAD_NUM: usize = 4;
+const LOAD_DEN: usize = 5;
+const MIN_CAPACITY: usize = 16;
+
+/// Outcome of [`Table::entry`].
+pub(crate) enum Slot {
+    /// The key is present at this index.
+    Occupied(usize),
+    /// The key is absent; this vacant index is where it goes.
+    Vacant(usize),
+}
+
+/// An open-addressing table with linear probing.
+#[derive(Debug)]
+pub(crate) struct Table<R: Record> {
+    slots: Vec<R>,
+    len: usize,
+}
+
+impl<R: Record> Default for Table<R> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+#[inline]
+fn home(key: Key, cap: usize) -> usize {
+    ((u128::from(key.lo) * cap as u128) >> 64) as usize
+}
+
+impl<R: Record> Table<R> {
+    /// Number of records.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Number of slots.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes held by the slot array.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<R>()
+    }
+
+    #[inline]
+    fn find(&self, key: Key) -> Slot {
+        let cap = self.slots.len();
+        let mut i = home(key, cap);
+        loop {
+            let k = self.slots[i].key();
+            if k == key {
+                return Slot::Occupied(i);
+            }
+            if k.is_vacant() {
+                return Slot::Vacant(i);
+            }
+            i += 1;
+            if i == cap {
+                i = 0;
+            }
+        }
+    }
+
+    /// Reads the key's home slot and returns a word of it. Batch callers touch several keys'
+    /// slots before working on any, so the cache misses overlap instead of queueing.
+    #[inline]
+    pub(crate) fn touch(&self, key: Key) -> u64 {
+        if self.slots.is_empty() {
+            return 0;
+        }
+        self.slots[home(key, self.slots.len())].key().lo
+    }
+
+    /// The record with `key`, if present.
+    #[inline]
+    pub(crate) fn get(&self, key: Key) -> Option<&R> {
+        if self.len == 0 {
+            return None;
+        }
+        match self.find(key) {
+            Slot::Occupied(i) => Some(&self.slots[i]),
+            Slot::Vacant(_) => None,
+        }
+    }
+
+    /// The record with `key`, mutable, if present.
+    #[inline]
+    pub(crate) fn get_mut(&mut self, key: Key) -> Option<&mut R> {
+        if self.len == 0 {
+            return None;
+        }
+        match self.find(key) {
+            Slot::Occupied(i) => Some(&mut self.slots[i]),
+            Slot::Vacant(_) => None,
+        }
+    }
+
+    /// Finds `key`, growing first if one more record would pass the maximum load, so a
+    /// [`Slot::Vacant`] answer can be filled with [`Table::fill`].
+    #[inline]
+    pub(crate) fn entry(&mut self, key: Key) -> Slot {
+        if (self.len + 1) * LOAD_DEN > self.slots.len() * LOAD_NUM {
+            if let Some(Slot::Occupied(i)) = (self.len > 0).then(|| self.find(key)) {
+                return Slot::Occupied(i);
+            }
+            self.grow();
+        }
+        self.find(key)
+    }
+
+    /// The record at an index from [`Table::entry`].
+    #[inline]
+    pub(crate) fn at_mut(&mut self, index: usize) -> &mut R {
+        &mut self.slots[index]
+    }
+
+    /// Stores a new record at a vacant index from [`Table::entry`].
+    #[inline]
+    pub(crate) fn fill(&mut self, index: usize, record: R) {
+        debug_assert!(self.slots[index].key().is_vacant());
+        self.slots[index] = record;
+        self.len += 1;
+    }
+
+    /// Inserts or replaces a record.
+    #[cfg(test)]
+    pub(crate) fn upsert(&mut self, record: R) {
+        match self.entry(record.key()) {
+            Slot::Occupied(i) => self.slots[i] = record,
+            Slot::Vacant(i) => self.fill(i, record),
+        }
+    }
+
+    fn grow(&mut self) {
+        let new_cap = (self.slots.len() * 3 / 2).max(MIN_CAPACITY);
+        let old = std::mem::replace(&mut self.slots, vec![R::VACANT; new_cap]);
+        for r in old {
+            if !r.key().is_vacant() {
+                if let Slot::Vacant(i) = self.find(r.key()) {
+                    self.slots[i] = r;
+                }
+            }
+        }
+    }
+
+    /// Removes the record with `key`, shifting back the records that probed past it so every
+    /// record stays reachable from its home slot without tombstones.
+    pub(crate) fn remove(&mut self, key: Key) -> Option<R> {
+        if self.len == 0 {
+            return None;
+        }
+        let Slot::Occupied(mut hole) = self.find(key) else {
+            return None;
+        };
+        let removed = self.slots[hole];
+        let cap = self.slots.len();
+        let mut j = hole;
+        loop {
+            j = if j + 1 == cap { 0 } else { j + 1 };
+            let r = self.slots[j];
+            if r.key().is_vacant() {
+                break;
+            }
+            let h = home(r.key(), cap);
+            // `r` may move into the hole iff the hole lies on its probe path from `h` to `j`.
+            let dist_home = (j + cap - h) % cap;
+            let dist_hole = (j + cap - hole) % cap;
+            if dist_home >= dist_hole {
+                self.slots[hole] = r;
+                hole = j;
+            }
+        }
+        self.slots[hole] = R::VACANT;
+        self.len -= 1;
+        Some(removed)
+    }
+
+    /// All records, in slot order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &R> + '_ {
+        self.slots.iter().filter(|r| !r.key().is_vacant())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct R {
+        key: Key,
+        v: u32,
+    }
+    impl Record for R {
+        const VACANT: Self = R {
+            key: Key::VACANT,
+            v: 0,
+        };
+        fn key(&self) -> Key {
+            self.key
+        }
+    }
+
+    fn key(lo: u64) -> Key {
+        Key::from_u128(u128::from(lo) | 1 << 100)
+    }
+
+    #[test]
+    fn grows_keeping_load_between_bounds() {
+        let mut t = Table::<R>::default();
+        for i in 0..100_000u64 {
+            // Spread keys like a real hash would.
+            let k = key(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            if let Slot::Vacant(s) = t.entry(k) {
+                t.fill(
+                    s,
+                    R {
+                        key: k,
+                        v: i as u32,
+                    },
+                );
+            }
+            let load = t.len() as f64 / t.capacity() as f64;
+            assert!(load <= 0.8, "load {load} at {i}");
+            if t.capacity() > MIN_CAPACITY {
+                assert!(load > 0.5, "load {load} at {i}");
+            }
+        }
+        assert_eq!(t.len(), 100_000);
+        assert_eq!(t.iter().count(), 100_000);
+    }
+
+    #[test]
+    fn colliding_homes_survive_removal_in_any_order() {
+        // Keys with lo = 0 or near it all map to home slot 0: one long probe chain that wraps.
+        let mut t = Table::<R>::default();
+        let ks: Vec<Key> = (0..12u64)
+            .map(|i| Key { lo: i, hi: 1 })
+            .chain((0..3u64).map(|i| Key {
+                lo: u64::MAX - i,
+                hi: 1,
+            }))
+            .collect();
+        for (i, k) in ks.iter().enumerate() {
+            t.upsert(R {
+                key: *k,
+                v: i as u32,
+            });
+        }
+        for (n, k) in ks.iter().enumerate().rev() {
+            assert_eq!(t.remove(*k).map(|r| r.v), Some(n as u32));
+            for (m, other) in ks.iter().enumerate().take(n) {
+                assert_eq!(
+                    t.get(*other).map(|r| r.v),
+                    Some(m as u32),
+                    "lost {m} after removing {n}"
+                );
+            }
+        }
+        assert_eq!(t.len(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn matches_btreemap(ops in prop::collection::vec((0u8..3, 0u64..64, any::<u32>()), 1..2000)) {
+            let mut t = Table::<R>::default();
+            let mut m = BTreeMap::new();
+            for (op, k, v) in ops {
+                // Small key space with clustered homes, to exercise long probe runs.
+                let key = Key { lo: k << 58 | k, hi: 3 };
+                match op {
+                    0 => { t.upsert(R { key, v }); m.insert(key, v); }
+                    1 => { prop_assert_eq!(t.remove(key).map(|r| r.v), m.remove(&key)); }
+                    _ => { prop_assert_eq!(t.get(key).map(|r| r.v), m.get(&key).copied()); }
+                }
+                prop_assert_eq!(t.len(), m.len());
+            }
+            for (k, v) in &m {
+                prop_assert_eq!(t.get(*k).map(|r| r.v), Some(*v));
+            }
+        }
+    }
+}

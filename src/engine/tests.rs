@@ -1,0 +1,638 @@
+//! Engine tests: every rule of DESIGN §1 at its boundaries, the auto-whitelist, exemptions,
+//! expiry, threads, and a model check against a plain `BTreeMap`.
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+const T0: Secs = 100_000_000;
+const DAY: u32 = 86_400;
+
+fn engine_with(policy: Policy) -> (Engine, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let cfg = EngineConfig {
+        policy,
+        normalizer: Normalizer::default(),
+        secret: HashSecret(*b"test-secret-0001"),
+    };
+    (Engine::new(cfg, clock.clone()), clock)
+}
+
+fn engine() -> (Engine, Arc<ManualClock>) {
+    engine_with(Policy::default())
+}
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn check(e: &Engine, client: IpAddr, from: &str, to: &str) -> Decision {
+    e.check(&Query::new(client, from, to), Mode::Record)
+}
+
+fn defer(n: u32) -> Decision {
+    Decision::Defer { seconds_left: n }
+}
+
+const KNOWN: Decision = Decision::Pass(Pass::Known);
+
+fn retried(n: u32) -> Decision {
+    Decision::Pass(Pass::Retried { delayed: n })
+}
+
+const C: fn() -> IpAddr = || ip(192, 0, 2, 10);
+
+#[test]
+fn first_sight_defers_for_the_whole_delay() {
+    let (e, _) = engine();
+    assert_eq!(
+        check(&e, C(), "alice@example.org", "bob@example.net"),
+        defer(300)
+    );
+    assert_eq!(e.stats().triplets, 1);
+}
+
+#[test]
+fn delay_boundaries_and_early_retries_do_not_reset() {
+    let (e, clock) = engine();
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), defer(300));
+    clock.advance(100);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), defer(200));
+    clock.advance(199); // delay - 1
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), defer(1));
+    clock.advance(1); // exactly delay
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), retried(300));
+    clock.advance(1);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), KNOWN);
+    assert_eq!(e.stats().whitelisted, 1);
+}
+
+#[test]
+fn delay_plus_one_passes_with_the_real_wait() {
+    let (e, clock) = engine();
+    check(&e, C(), "a@x.org", "b@y.net");
+    clock.advance(301);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), retried(301));
+}
+
+#[test]
+fn retry_window_boundaries() {
+    let p = Policy::default();
+    for (offset, expected) in [
+        (p.retry_window - 1, retried(p.retry_window - 1)),
+        (p.retry_window, retried(p.retry_window)),
+        (p.retry_window + 1, defer(300)),
+    ] {
+        let (e, clock) = engine();
+        check(&e, C(), "a@x.org", "b@y.net");
+        clock.advance(offset);
+        assert_eq!(
+            check(&e, C(), "a@x.org", "b@y.net"),
+            expected,
+            "offset {offset}"
+        );
+    }
+    // Too late starts a new cycle: the next retry after the delay passes.
+    let (e, clock) = engine();
+    check(&e, C(), "a@x.org", "b@y.net");
+    clock.advance(p.retry_window + 1);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), defer(300));
+    clock.advance(299);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), defer(1));
+    clock.advance(1);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), retried(300));
+}
+
+#[test]
+fn whitelist_ttl_boundaries_and_refresh() {
+    let ttl = Policy::default().whitelist_ttl;
+    for (offset, expected) in [(ttl - 1, KNOWN), (ttl, KNOWN), (ttl + 1, defer(300))] {
+        let (e, clock) = engine();
+        check(&e, C(), "a@x.org", "b@y.net");
+        clock.advance(300);
+        assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), retried(300));
+        clock.advance(offset);
+        assert_eq!(
+            check(&e, C(), "a@x.org", "b@y.net"),
+            expected,
+            "offset {offset}"
+        );
+    }
+    // Each pass pushes the whitelist out again.
+    let (e, clock) = engine();
+    check(&e, C(), "a@x.org", "b@y.net");
+    clock.advance(300);
+    check(&e, C(), "a@x.org", "b@y.net");
+    for _ in 0..3 {
+        clock.advance(ttl - 10);
+        assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), KNOWN);
+    }
+}
+
+#[test]
+fn peek_decides_without_recording() {
+    let (e, clock) = engine();
+    let q = Query::new(C(), "a@x.org", "b@y.net");
+    assert_eq!(e.check(&q, Mode::Peek), defer(300));
+    assert_eq!(e.stats().triplets, 0);
+    e.check(&q, Mode::Record);
+    clock.advance(300);
+    assert_eq!(e.check(&q, Mode::Peek), retried(300));
+    // Still greylisted: the peek did not whitelist it.
+    assert_eq!(e.stats().whitelisted, 0);
+    assert_eq!(e.check(&q, Mode::Record), retried(300));
+    assert_eq!(e.check(&q, Mode::Peek), KNOWN);
+}
+
+#[test]
+fn triplet_parts_are_normalised() {
+    let (e, clock) = engine();
+    check(
+        &e,
+        ip(192, 0, 2, 10),
+        "list-bounces+alice=example.org@lists.example.com",
+        "Bob@Example.NET",
+    );
+    clock.advance(300);
+    // Another host in the same /24, another VERP address of the same list, other case.
+    assert_eq!(
+        check(
+            &e,
+            ip(192, 0, 2, 99),
+            "LIST-BOUNCES+carol=example.com@lists.example.com",
+            "bob@example.net"
+        ),
+        retried(300)
+    );
+    // A different /24 is a different triplet.
+    assert_eq!(
+        check(
+            &e,
+            ip(192, 0, 3, 10),
+            "list-bounces+alice=example.org@lists.example.com",
+            "bob@example.net"
+        ),
+        defer(300)
+    );
+    // The null sender is its own sender, in either spelling.
+    assert_eq!(check(&e, C(), "", "bob@example.net"), defer(300));
+    clock.advance(300);
+    assert_eq!(check(&e, C(), "<>", "bob@example.net"), retried(300));
+}
+
+#[test]
+fn ipv6_and_mapped_ipv4_clients() {
+    let (e, clock) = engine();
+    let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+    let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+    let mapped: IpAddr = "::ffff:192.0.2.200".parse().unwrap();
+    check(&e, a, "a@x.org", "b@y.net");
+    check(&e, mapped, "a@x.org", "b@y.net");
+    clock.advance(300);
+    assert_eq!(check(&e, b, "a@x.org", "b@y.net"), retried(300));
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), retried(300));
+}
+
+/// Passes one new triplet of `client` (first sight, then retry after the delay).
+fn pass_one(e: &Engine, clock: &ManualClock, client: IpAddr, n: usize) -> Decision {
+    let rcpt = format!("user{n}@example.net");
+    let first = check(e, client, "sender@example.org", &rcpt);
+    if first != defer(300) {
+        return first;
+    }
+    clock.advance(300);
+    check(e, client, "sender@example.org", &rcpt)
+}
+
+#[test]
+fn awl_after_enough_counted_passes() {
+    let (e, clock) = engine();
+    let client = ip(198, 51, 100, 7);
+    for n in 0..5 {
+        assert_eq!(pass_one(&e, &clock, client, n), retried(300), "pass {n}");
+        clock.advance(3600);
+    }
+    // Five counted passes: a brand-new triplet of this client passes at once.
+    assert_eq!(
+        check(&e, client, "other@example.org", "new@example.net"),
+        Decision::Pass(Pass::Awl)
+    );
+    assert_eq!(e.stats().awl_active, 1);
+    // Another client in another /24 is not affected.
+    assert_eq!(
+        check(
+            &e,
+            ip(198, 51, 101, 7),
+            "other@example.org",
+            "new@example.net"
+        ),
+        defer(300)
+    );
+}
+
+#[test]
+fn awl_counts_at_most_one_pass_per_interval() {
+    let (e, clock) = engine();
+    let client = ip(198, 51, 100, 7);
+    // Four passes in quick succession count once; then three more spaced by the interval.
+    for n in 0..4 {
+        assert_eq!(pass_one(&e, &clock, client, n), retried(300));
+    }
+    for n in 10..13 {
+        clock.advance(3600);
+        assert_eq!(pass_one(&e, &clock, client, n), retried(300));
+    }
+    // 1 + 3 = 4 counted: not yet.
+    assert_eq!(
+        check(&e, client, "x@example.org", "y@example.net"),
+        defer(300)
+    );
+    // Just under the interval since the last counted pass: still not counted.
+    clock.advance(3600 - 301);
+    assert_eq!(pass_one(&e, &clock, client, 20), retried(300));
+    assert_eq!(
+        check(&e, client, "x2@example.org", "y@example.net"),
+        defer(300)
+    );
+    // At the interval: counted, the fifth.
+    clock.advance(1);
+    assert_eq!(pass_one(&e, &clock, client, 21), retried(300));
+    assert_eq!(
+        check(&e, client, "x3@example.org", "y@example.net"),
+        Decision::Pass(Pass::Awl)
+    );
+}
+
+#[test]
+fn awl_off_and_awl_expiry() {
+    let (e, clock) = engine_with(Policy {
+        awl_clients: 0,
+        ..Policy::default()
+    });
+    let client = ip(203, 0, 113, 1);
+    for n in 0..8 {
+        pass_one(&e, &clock, client, n);
+        clock.advance(3600);
+    }
+    assert_eq!(
+        check(&e, client, "z@example.org", "w@example.net"),
+        defer(300)
+    );
+    assert_eq!(e.stats().awl_clients, 0);
+
+    let p = Policy {
+        awl_clients: 1,
+        ..Policy::default()
+    };
+    let (e, clock) = engine_with(p);
+    pass_one(&e, &clock, client, 0);
+    clock.advance(p.awl_ttl);
+    assert_eq!(
+        check(&e, client, "a1@example.org", "w@example.net"),
+        Decision::Pass(Pass::Awl)
+    );
+    // The hit refreshed the entry: a full TTL from now it still holds, one second more it does not.
+    clock.advance(p.awl_ttl);
+    assert_eq!(
+        check(&e, client, "a2@example.org", "w@example.net"),
+        Decision::Pass(Pass::Awl)
+    );
+    clock.advance(p.awl_ttl + 1);
+    assert_eq!(
+        check(&e, client, "a3@example.org", "w@example.net"),
+        defer(300)
+    );
+}
+
+#[test]
+fn dry_run_answers_pass_but_records() {
+    let (e, clock) = engine_with(Policy {
+        dry_run: true,
+        ..Policy::default()
+    });
+    assert_eq!(
+        check(&e, C(), "a@x.org", "b@y.net"),
+        Decision::Pass(Pass::DryRun { seconds_left: 300 })
+    );
+    clock.advance(120);
+    assert_eq!(
+        check(&e, C(), "a@x.org", "b@y.net"),
+        Decision::Pass(Pass::DryRun { seconds_left: 180 })
+    );
+    clock.advance(180);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), retried(300));
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), KNOWN);
+}
+
+#[test]
+fn auth_and_exemptions_pass_without_recording() {
+    let (e, _) = engine();
+    let mut q = Query::new(C(), "a@x.org", "b@y.net");
+    q.auth = Some("alice");
+    assert_eq!(e.check(&q, Mode::Record), Decision::Pass(Pass::Auth));
+    q.auth = Some("");
+    assert_eq!(e.check(&q, Mode::Record), defer(300));
+
+    let mut b = Exemptions::builder();
+    b.add_clients("test", "10.0.0.0/8\n.mail.example.com\n")
+        .unwrap();
+    b.add_senders("test", "@trusted.example\n").unwrap();
+    b.add_recipients("test", "postmaster@y.net\n").unwrap();
+    e.set_exemptions(b.build());
+    let before = e.stats().triplets;
+    let pass = |client, name, from, to| {
+        let mut q = Query::new(client, from, to);
+        q.client_name = name;
+        e.check(&q, Mode::Record)
+    };
+    assert_eq!(
+        pass(ip(10, 1, 2, 3), None, "a@x.org", "b@y.net"),
+        Decision::Pass(Pass::Exempt(ExemptList::Client))
+    );
+    assert_eq!(
+        pass(
+            ip(192, 0, 2, 1),
+            Some("MX1.Mail.Example.COM"),
+            "a@x.org",
+            "b@y.net"
+        ),
+        Decision::Pass(Pass::Exempt(ExemptList::ClientName))
+    );
+    assert_eq!(
+        pass(ip(192, 0, 2, 1), None, "Bob@Trusted.Example", "b@y.net"),
+        Decision::Pass(Pass::Exempt(ExemptList::Sender))
+    );
+    assert_eq!(
+        pass(ip(192, 0, 2, 1), None, "a@x.org", "PostMaster@y.net"),
+        Decision::Pass(Pass::Exempt(ExemptList::Recipient))
+    );
+    assert_eq!(e.stats().triplets, before);
+    assert_eq!(
+        pass(ip(11, 1, 2, 3), None, "a@x.org", "b@y.net"),
+        defer(300)
+    );
+}
+
+#[test]
+fn reasons_on_the_wire() {
+    assert_eq!(Pass::Retried { delayed: 1 }.reason(), "retried");
+    assert_eq!(Pass::Known.reason(), "known");
+    assert_eq!(Pass::Awl.reason(), "awl");
+    assert_eq!(Pass::Exempt(ExemptList::Client).reason(), "exempt:client");
+    assert_eq!(
+        Pass::Exempt(ExemptList::Recipient).reason(),
+        "exempt:recipient"
+    );
+    assert_eq!(Pass::Auth.reason(), "auth");
+    assert_eq!(Pass::DryRun { seconds_left: 3 }.reason(), "dry-run");
+}
+
+#[test]
+fn expiry_removes_exactly_the_dead_records() {
+    let (e, clock) = engine();
+    let p = *e.policy();
+    // 1000 triplets greylisted and never retried; 1000 passed.
+    // Distinct /24s, so every request is its own triplet.
+    for i in 0..1000u32 {
+        check(
+            &e,
+            ip(10, (i >> 8) as u8, i as u8, 1),
+            "grey@x.org",
+            "b@y.net",
+        );
+        check(
+            &e,
+            ip(172, (i >> 8) as u8, i as u8, 1),
+            "white@x.org",
+            "b@y.net",
+        );
+    }
+    clock.advance(300);
+    for i in 0..1000u32 {
+        assert_eq!(
+            check(
+                &e,
+                ip(172, (i >> 8) as u8, i as u8, 1),
+                "white@x.org",
+                "b@y.net"
+            ),
+            retried(300)
+        );
+    }
+    assert_eq!(e.stats().triplets, 2000);
+    // Up to the end of the retry window nothing goes.
+    clock.set(T0 + p.retry_window);
+    assert_eq!(e.expire(clock.now()).removed, 0);
+    assert_eq!(e.stats().triplets, 2000);
+    // One second later the greylisted ones are gone, the whitelisted ones stay.
+    clock.set(T0 + p.retry_window + 1);
+    let s = e.expire(clock.now());
+    assert_eq!(s.removed, 1000);
+    assert_eq!(e.stats().triplets, 1000);
+    assert_eq!(e.stats().whitelisted, 1000);
+    // Whitelisted until pass time + ttl: at that second they stay, one later they go.
+    clock.set(T0 + 300 + p.whitelist_ttl);
+    assert_eq!(e.expire(clock.now()).removed, 0);
+    clock.advance(1);
+    assert_eq!(e.expire(clock.now()).removed, 1000 + 1000);
+    let s = e.stats();
+    // The AWL entries of the passing clients expired with them (same 35-day TTL).
+    assert_eq!((s.triplets, s.whitelisted, s.awl_clients), (0, 0, 0));
+}
+
+#[test]
+fn refreshed_records_outlive_their_first_schedule() {
+    let (e, clock) = engine();
+    let p = *e.policy();
+    check(&e, C(), "a@x.org", "b@y.net");
+    clock.advance(300);
+    check(&e, C(), "a@x.org", "b@y.net");
+    // Keep using it every 30 days for 100 days, expiring as we go.
+    for _ in 0..4 {
+        clock.advance(30 * DAY);
+        e.expire(clock.now());
+        assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), KNOWN);
+    }
+    clock.advance(p.whitelist_ttl + 1);
+    assert_eq!(e.expire(clock.now()).removed, 1);
+    assert_eq!(e.stats().triplets, 0);
+}
+
+#[test]
+fn restarted_record_is_not_lost_by_its_old_timer() {
+    // A greylisted record that restarts (retried too late) keeps its old wheel entry; when
+    // that fires the record must be rescheduled, not removed.
+    let (e, clock) = engine();
+    let p = *e.policy();
+    check(&e, C(), "a@x.org", "b@y.net");
+    clock.advance(p.retry_window + 10);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), defer(300));
+    e.expire(clock.now());
+    assert_eq!(e.stats().triplets, 1);
+    clock.advance(300);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), retried(300));
+}
+
+#[test]
+fn threads_share_one_table() {
+    let (e, clock) = engine();
+    let threads = 4;
+    let per = 5_000u32;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let e = &e;
+            s.spawn(move || {
+                for i in 0..per {
+                    let c = ip(10, t as u8, (i >> 8) as u8, 0);
+                    let to = format!("u{}@example.net", i & 0xff);
+                    assert_eq!(check(e, c, "a@x.org", &to), defer(300));
+                    // A triplet every thread asks about too.
+                    check(e, ip(192, 0, 2, 1), "shared@x.org", "b@y.net");
+                }
+            });
+        }
+    });
+    // (thread, i >> 8) picks the /24 and i & 0xff the recipient: every i is its own triplet.
+    assert_eq!(e.stats().triplets, threads * per as usize + 1);
+    clock.advance(300);
+    assert_eq!(
+        check(&e, ip(192, 0, 2, 1), "shared@x.org", "b@y.net"),
+        retried(300)
+    );
+}
+
+// ---- model check ----
+
+/// The rules of DESIGN §1 written as plainly as possible, on a BTreeMap.
+#[derive(Debug, Clone, Copy)]
+struct ModelRec {
+    first: u64,
+    last: u64,
+    white: bool,
+}
+
+#[derive(Default)]
+struct Model {
+    recs: BTreeMap<usize, ModelRec>,
+}
+
+impl Model {
+    fn alive_until(r: &ModelRec, p: &Policy) -> u64 {
+        if r.white {
+            r.last + u64::from(p.whitelist_ttl)
+        } else {
+            r.first + u64::from(p.retry_window)
+        }
+    }
+
+    fn check(&mut self, t: usize, now: u64, p: &Policy) -> Decision {
+        let fresh = ModelRec {
+            first: now,
+            last: now,
+            white: false,
+        };
+        match self.recs.get_mut(&t) {
+            Some(r) if now <= Self::alive_until(r, p) => {
+                if r.white {
+                    r.last = now;
+                    KNOWN
+                } else if now < r.first + u64::from(p.delay) {
+                    r.last = now;
+                    defer((r.first + u64::from(p.delay) - now) as u32)
+                } else {
+                    r.white = true;
+                    r.last = now;
+                    retried((now - r.first) as u32)
+                }
+            }
+            _ => {
+                self.recs.insert(t, fresh);
+                defer(p.delay)
+            }
+        }
+    }
+
+    fn expire(&mut self, now: u64, p: &Policy) {
+        self.recs.retain(|_, r| Self::alive_until(r, p) >= now);
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Check(usize),
+    Advance(u32),
+    Expire,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0usize..40).prop_map(Op::Check),
+        3 => prop_oneof![0u32..400, 0u32..3 * DAY, 0u32..40 * DAY].prop_map(Op::Advance),
+        1 => Just(Op::Expire),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn engine_matches_model(ops in prop::collection::vec(op(), 1..300)) {
+        // AWL off: the model covers the triplet rules; AWL has its own tests above.
+        let p = Policy { awl_clients: 0, delay: 300, retry_window: 2 * DAY, whitelist_ttl: 35 * DAY, ..Policy::default() };
+        let (e, clock) = engine_with(p);
+        let mut m = Model::default();
+        let triplets: Vec<(IpAddr, String)> = (0..40).map(|i| (ip(10, 9, i as u8, 1), format!("r{i}@example.net"))).collect();
+        for op in ops {
+            match op {
+                Op::Check(t) => {
+                    let got = check(&e, triplets[t].0, "s@example.org", &triplets[t].1);
+                    let want = m.check(t, u64::from(clock.now()), &p);
+                    prop_assert_eq!(got, want);
+                }
+                Op::Advance(s) => clock.advance(s),
+                Op::Expire => {
+                    e.expire(clock.now());
+                    m.expire(u64::from(clock.now()), &p);
+                    prop_assert_eq!(e.stats().triplets, m.recs.len());
+                    prop_assert_eq!(e.stats().whitelisted, m.recs.values().filter(|r| r.white).count());
+                }
+            }
+        }
+        e.expire(clock.now());
+        m.expire(u64::from(clock.now()), &p);
+        prop_assert_eq!(e.stats().triplets, m.recs.len());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+    /// The batch path gives the same answers, in the same order, as one-by-one checks,
+    /// including repeats of one triplet inside a batch and exempt requests mixed in.
+    #[test]
+    fn batch_matches_one_by_one(
+        batches in prop::collection::vec((prop::collection::vec((0usize..30, any::<bool>()), 1..64), 0u32..4000), 1..12)
+    ) {
+        let p = Policy { awl_clients: 2, awl_interval: 0, ..Policy::default() };
+        let (a, clock_a) = engine_with(p);
+        let (b, clock_b) = engine_with(p);
+        let mut ex = Exemptions::builder();
+        ex.add_senders("t", "@exempt.example\n").unwrap();
+        a.set_exemptions(ex.build());
+        let mut ex = Exemptions::builder();
+        ex.add_senders("t", "@exempt.example\n").unwrap();
+        b.set_exemptions(ex.build());
+        let rcpts: Vec<String> = (0..30).map(|i| format!("r{}@example.net", i % 10)).collect();
+        let mut out = Vec::new();
+        for (batch, advance) in batches {
+            let queries: Vec<Query> = batch.iter().map(|(t, exempt)| {
+                let from = if *exempt { "x@exempt.example" } else { "s@example.org" };
+                Query::new(ip(10, 20, (*t / 10) as u8, 1), from, &rcpts[*t])
+            }).collect();
+            a.check_batch(&queries, Mode::Record, &mut out);
+            let one_by_one: Vec<Decision> = queries.iter().map(|q| b.check(q, Mode::Record)).collect();
+            prop_assert_eq!(&out, &one_by_one);
+            clock_a.advance(advance);
+            clock_b.advance(advance);
+        }
+    }
+}

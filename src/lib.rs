@@ -1,0 +1,27 @@
+//! Greyhound: a greylisting engine for mail providers.
+//!
+//! An MTA or edge filter asks, for every SMTP recipient, "defer or pass?". The answer comes
+//! from an in-memory table of triplets (client network, sender, recipient), kept as keyed
+//! 128-bit hashes in a lock-sharded table whose records a timer wheel expires.
+//!
+//! ```text
+//!   request ─► engine::Engine::prepare ─► exemptions (auth, client, name, sender, recipient)
+//!                     │                         └──► PASS exempt:<list> / auth
+//!                     ▼
+//!              normalise (client /24 or /64, sender VERP/SRS/BATV…, recipient lower-case)
+//!                     │
+//!                     ▼
+//!              keyed SipHash-1-3-128 ─► Key ─► shard (top 8 bits) ─► open-addressing table
+//!                                                                   │        + timer wheel
+//!                     ┌─────────────────────────────────────────────┘
+//!                     ▼
+//!              whitelisted? PASS known │ client auto-whitelisted? PASS awl │ greylist rules
+//! ```
+//!
+//! [`engine`] holds all of it and needs no runtime: the server (a later part) and the
+//! capacity planner drive it with their own clock.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod engine;
