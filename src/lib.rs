@@ -24,4 +24,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cli;
+pub mod config;
+pub mod datadir;
 pub mod engine;
+pub mod proto;
+pub mod server;

@@ -1,8 +1,261 @@
-//! The `greyhound` command.
+//! The `greyhound` command: `serve`, `check`, `snapshot inspect`.
+//!
+//! Process-level errors end here: one clear line on stderr and a non-zero exit code.
 
-fn main() {
-    eprintln!(
-        "greyhound: the server is not built yet; this release contains the engine library only"
+use std::io::{IsTerminal, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use greyhound::cli::{CheckArgs, Cli, Command, ServeArgs, SnapshotCommand};
+use greyhound::config::{parse_duration, Config};
+use greyhound::engine::exempt::DEFAULT_CLIENTS;
+use greyhound::engine::{
+    Engine, EngineConfig, ExemptList, Exemptions, Normalizer, Policy, SystemClock,
+};
+use greyhound::server::{self, AllowList, Listeners, Settings, Shared};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => match serve(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("greyhound: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Check(args) => check(&args),
+        Command::Snapshot {
+            command: SnapshotCommand::Inspect { file },
+        } => {
+            eprintln!(
+                "greyhound: snapshot inspect {}: snapshots are not implemented yet",
+                file.display()
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Loads every configured exemption list; the embedded client list when none is configured.
+fn load_exemptions(cfg: &Config) -> Result<Exemptions> {
+    let mut b = Exemptions::builder();
+    if cfg.whitelist_clients.is_empty() {
+        b.add_clients("embedded default client list", DEFAULT_CLIENTS)?;
+    }
+    for p in &cfg.whitelist_clients {
+        b.load_file(ExemptList::Client, p)?;
+    }
+    for p in &cfg.whitelist_senders {
+        b.load_file(ExemptList::Sender, p)?;
+    }
+    for p in &cfg.whitelist_recipients {
+        b.load_file(ExemptList::Recipient, p)?;
+    }
+    Ok(b.build())
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("greyhound={level},warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    let cfg = Config::load(args)?;
+    init_logging(&cfg.log_level);
+    let policy = Policy {
+        delay: cfg.delay_secs,
+        retry_window: cfg.retry_window_secs,
+        whitelist_ttl: cfg.whitelist_ttl_secs,
+        awl_clients: cfg.awl_clients,
+        awl_interval: cfg.awl_interval_secs,
+        awl_ttl: cfg.awl_ttl_secs,
+        dry_run: cfg.dry_run,
+    };
+    policy.validate()?;
+    let normalizer = Normalizer::new(cfg.ipv4_prefix, cfg.ipv6_prefix)?;
+    let secret = greyhound::datadir::open(&cfg.data_dir)?;
+    let exemptions = load_exemptions(&cfg)?;
+    let counts = exemptions.counts();
+    let engine = Arc::new(Engine::new(
+        EngineConfig {
+            policy,
+            normalizer,
+            secret,
+        },
+        Arc::new(SystemClock),
+    ));
+    engine.set_exemptions(exemptions);
+
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let listeners = Listeners::bind(cfg.native, &cfg.policy, cfg.metrics, cores)?;
+    let hostname = if cfg.hostname.is_empty() {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into())
+    } else {
+        cfg.hostname.clone()
+    };
+    let settings = Settings::new(
+        cfg.greylist_text.clone(),
+        cfg.x_greylist_header,
+        hostname,
+        cfg.limits.clone(),
     );
-    std::process::exit(2);
+    let shared = Arc::new(Shared::new(
+        engine,
+        AllowList::new(cfg.allow.clone()),
+        settings,
+    ));
+    info!(
+        delay = policy.delay,
+        retry_window = policy.retry_window,
+        whitelist_ttl = policy.whitelist_ttl,
+        awl_clients = policy.awl_clients,
+        dry_run = policy.dry_run,
+        ipv4_prefix = cfg.ipv4_prefix,
+        ipv6_prefix = cfg.ipv6_prefix,
+        client_networks = counts.client_networks,
+        client_names = counts.client_names,
+        senders = counts.senders,
+        recipients = counts.recipients,
+        allow = ?cfg.allow,
+        data_dir = %cfg.data_dir.display(),
+        "greyhound {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let token = CancellationToken::new();
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        server::announce(&listeners);
+        let server = tokio::spawn(server::run(listeners, shared.clone(), token.clone(), Duration::from_secs(3)));
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: finishing requests in flight and stopping"); break }
+                _ = int.recv() => { info!("SIGINT: finishing requests in flight and stopping"); break }
+                _ = hup.recv() => match load_exemptions(&cfg) {
+                    Ok(ex) => {
+                        let c = ex.counts();
+                        shared.engine.set_exemptions(ex);
+                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, "SIGHUP: exemption lists reloaded");
+                    }
+                    Err(e) => error!("SIGHUP: exemption lists not reloaded, keeping the previous ones: {e:#}"),
+                },
+            }
+        }
+        token.cancel();
+        match server.await {
+            Ok(r) => r.map_err(|e| anyhow!("server: {e}")),
+            Err(e) => Err(anyhow!("server task failed: {e}")),
+        }
+    })?;
+    info!("stopped");
+    Ok(())
+}
+
+/// `greyhound check`: one query; exit 0 on PASS, 1 on DEFER, 2 on anything else.
+fn check(args: &CheckArgs) -> ExitCode {
+    match check_inner(args) {
+        Ok(reply) => {
+            println!("{reply}");
+            if reply.starts_with("PASS") {
+                ExitCode::SUCCESS
+            } else if reply.starts_with("DEFER") {
+                ExitCode::from(1)
+            } else {
+                ExitCode::from(2)
+            }
+        }
+        Err(e) => {
+            eprintln!("greyhound check: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn bracket(addr: &str) -> String {
+    if addr.is_empty() || addr == "<>" {
+        "<>".into()
+    } else if addr.starts_with('<') {
+        addr.into()
+    } else {
+        format!("<{addr}>")
+    }
+}
+
+fn check_inner(args: &CheckArgs) -> Result<String> {
+    let timeout = Duration::from_secs(u64::from(
+        parse_duration(&args.timeout)
+            .map_err(|e| anyhow!("--timeout: {e}"))?
+            .max(1),
+    ));
+    let server: SocketAddr = args
+        .server
+        .to_socket_addrs()
+        .with_context(|| format!("--server {}", args.server))?
+        .next()
+        .ok_or_else(|| anyhow!("--server {}: no address", args.server))?;
+    let line = format!(
+        "CHECK {} {} {}\n",
+        args.client,
+        bracket(&args.sender),
+        bracket(&args.recipient)
+    );
+    let reply = if args.udp {
+        let local: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let sock = UdpSocket::bind(local)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send_to(line.as_bytes(), server)
+            .with_context(|| format!("sending to {server}"))?;
+        let mut buf = [0u8; 2048];
+        let (n, _) = sock
+            .recv_from(&mut buf)
+            .map_err(|e| anyhow!("no answer from {server} over UDP within {timeout:?}: {e}"))?;
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    } else {
+        let mut s = TcpStream::connect_timeout(&server, timeout)
+            .with_context(|| format!("connecting to {server}"))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(line.as_bytes())?;
+        // Like Exim's readsocket: half-close, then read the answer to the end.
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.take(64 * 1024)
+            .read_to_string(&mut out)
+            .with_context(|| format!("reading the answer from {server}"))?;
+        out
+    };
+    let reply = reply.lines().next().unwrap_or("").trim().to_string();
+    if reply.is_empty() {
+        warn!("empty answer");
+        return Err(anyhow!("{server} closed the connection without an answer (is this client in the server's --allow list?)"));
+    }
+    Ok(reply)
 }

@@ -304,11 +304,13 @@ struct Scratch {
     recipient: Vec<u8>,
     lower_sender: Vec<u8>,
     lower_name: Vec<u8>,
+    message: Vec<u8>,
 }
 
 /// Per-thread buffers of the batch path.
 #[derive(Default)]
 struct BatchScratch {
+    scratch: Scratch,
     keyed: Vec<Keyed>,
     slots: Vec<u32>,
     decisions: Vec<Decision>,
@@ -402,30 +404,38 @@ impl Engine {
     /// Applies authentication and exemptions, then normalises and hashes the triplet.
     /// `Err` carries the final decision for a request that needs no table.
     pub fn prepare(&self, q: &Query<'_>) -> Result<Keyed, Decision> {
+        let exemptions = self.exemptions.load();
+        SCRATCH.with(|s| self.prepare_with(q, &exemptions, &mut s.borrow_mut()))
+    }
+
+    fn prepare_with(
+        &self,
+        q: &Query<'_>,
+        exemptions: &Exemptions,
+        s: &mut Scratch,
+    ) -> Result<Keyed, Decision> {
         if q.auth.is_some_and(|a| !a.is_empty()) {
             return Err(Decision::Pass(Pass::Auth));
         }
         let sender = if q.sender == "<>" { "" } else { q.sender };
-        SCRATCH.with(|s| {
-            let s = &mut *s.borrow_mut();
-            s.recipient.clear();
-            self.normalizer.recipient(q.recipient, &mut s.recipient);
-            let exemptions = self.exemptions.load();
-            if !exemptions.is_empty() {
-                let sender_lc = lower_into(sender, &mut s.lower_sender);
-                let name_lc = q.client_name.map(|n| lower_into(n, &mut s.lower_name));
-                let rcpt_lc = std::str::from_utf8(&s.recipient).unwrap_or("");
-                if let Some(list) = exemptions.check(q.client, name_lc, sender_lc, rcpt_lc) {
-                    return Err(Decision::Pass(Pass::Exempt(list)));
-                }
+        s.recipient.clear();
+        self.normalizer.recipient(q.recipient, &mut s.recipient);
+        if !exemptions.is_empty() {
+            let sender_lc = lower_into(sender, &mut s.lower_sender);
+            let name_lc = q.client_name.map(|n| lower_into(n, &mut s.lower_name));
+            let rcpt_lc = std::str::from_utf8(&s.recipient).unwrap_or("");
+            if let Some(list) = exemptions.check(q.client, name_lc, sender_lc, rcpt_lc) {
+                return Err(Decision::Pass(Pass::Exempt(list)));
             }
-            s.sender.clear();
-            self.normalizer.sender(sender, &mut s.sender);
-            let client = self.normalizer.client(q.client);
-            Ok(Keyed {
-                key: self.hasher.triplet(&client, &s.sender, &s.recipient),
-                client,
-            })
+        }
+        s.sender.clear();
+        self.normalizer.sender(sender, &mut s.sender);
+        let client = self.normalizer.client(q.client);
+        Ok(Keyed {
+            key: self
+                .hasher
+                .triplet(&client, &s.sender, &s.recipient, &mut s.message),
+            client,
         })
     }
 
@@ -484,13 +494,14 @@ impl Engine {
     /// table: see [`Engine::decide_batch`].
     pub fn check_batch(&self, queries: &[Query<'_>], mode: Mode, out: &mut Vec<Decision>) {
         let now = self.clock.now();
+        let exemptions = self.exemptions.load();
         BATCH.with(|b| {
             let b = &mut *b.borrow_mut();
             b.keyed.clear();
             b.slots.clear();
             out.clear();
             for q in queries {
-                match self.prepare(q) {
+                match self.prepare_with(q, &exemptions, &mut b.scratch) {
                     Ok(k) => {
                         b.slots.push(out.len() as u32);
                         b.keyed.push(k);

@@ -1,0 +1,2051 @@
+//! The effective configuration of `greyhound serve`: the embedded defaults, then the TOML file
+//! given with `--config` (if any), then the command-line flags, validated once at the end.
+//!
+//! Every way a setting can be wrong ends in one [`ConfigError`] whose `Display` is a single line
+//! naming the culprit (the file and key, or the flag) and the bad value, so that a failed start
+//! tells the administrator exactly what to fix.
+//!
+//! Choices made where the design is silent:
+//! - Addresses must be literal `IP:port`: host names are rejected, not resolved, because a start
+//!   that depends on DNS (and may bind to whichever of several addresses came first) is
+//!   surprising for a server.
+//! - `--allow` (or `allow` in the file) also accepts a bare IP address as a one-host network, and
+//!   a CIDR with host bits set (`192.0.2.7/24`) is stored as its network (`192.0.2.0/24`).
+//! - Port 0 is accepted (the OS picks a port), which integration tests rely on.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::cli::ServeArgs;
+
+/// The longest accepted duration: 10 years of 366 days. It matches the engine's limit, so that a
+/// configuration accepted here is never refused later by the engine's own validation.
+pub const MAX_DURATION_SECS: u32 = crate::engine::policy::MAX_DURATION;
+
+/// The longest Unix socket path Linux accepts: `sun_path` holds 108 bytes including the final NUL.
+/// Checking it here turns an obscure bind failure into a clear start-up error.
+pub const MAX_UNIX_PATH: usize = 107;
+
+/// The accepted values of `log-level`, from the quietest to the most verbose.
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// The longest accepted `greylist-text`: an SMTP reply line is at most 512 octets
+/// (RFC 5321 §4.5.3.1.5), so a longer template could never reach the sender whole.
+pub const MAX_GREYLIST_TEXT: usize = 512;
+
+/// The hint appended to every malformed duration, listing the accepted forms.
+const DURATION_HINT: &str = "(use 300, 300s, 5m, 2h, 2d, 1w)";
+
+/// Where the Postfix policy service listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyAddr {
+    /// A TCP listener on this address.
+    Tcp(SocketAddr),
+    /// A Unix stream socket at this path (written `unix:/run/x.sock` or just `/run/x.sock`).
+    Unix(PathBuf),
+}
+
+impl FromStr for PolicyAddr {
+    type Err = String;
+
+    /// Parses `IP:port`, `/absolute/path` or `unix:path`; the error is a message quoting the input.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let path = if let Some(rest) = s.strip_prefix("unix:") {
+            rest
+        } else if s.starts_with('/') {
+            s
+        } else {
+            return parse_socket_addr(s).map(PolicyAddr::Tcp);
+        };
+        if path.is_empty() {
+            return Err(format!(
+                "{s:?} names no socket path (use unix:/run/greyhound/policy.sock)"
+            ));
+        }
+        let path = PathBuf::from(path);
+        check_unix_path(&path).map_err(|problem| format!("{s:?} {problem}"))?;
+        Ok(PolicyAddr::Unix(path))
+    }
+}
+
+impl fmt::Display for PolicyAddr {
+    /// Writes the address back in the form the configuration accepts (`unix:` marks a path).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyAddr::Tcp(addr) => write!(f, "{addr}"),
+            PolicyAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Resource limits that protect the server from oversized or abusive clients (`[limits]` table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest line of the native protocol, in bytes (`max-line`, 64..=1024; the protocol says
+    /// lines are at most 1024 bytes).
+    pub max_line: usize,
+    /// Most simultaneous TCP connections, over all listeners (`max-connections`).
+    pub max_connections: usize,
+    /// Seconds an idle connection is kept (`idle-timeout`).
+    pub idle_timeout_secs: u32,
+    /// Most requests answered from one read before yielding to other connections
+    /// (`requests-per-read`), so one pipelining client cannot starve the others.
+    pub requests_per_read: usize,
+    /// Largest UDP datagram accepted, in bytes (`udp-max-datagram`).
+    pub udp_max_datagram: usize,
+    /// Largest Postfix policy request block, in bytes (`policy-max-block`).
+    pub policy_max_block: usize,
+    /// Most attributes in one Postfix policy request (`policy-max-attributes`).
+    pub policy_max_attributes: usize,
+}
+
+impl Default for Limits {
+    /// The embedded defaults of the `[limits]` table.
+    fn default() -> Self {
+        Limits {
+            max_line: 1024,
+            max_connections: 4096,
+            // Longer than Postfix's default smtpd_policy_service_max_idle (300 s), so that
+            // Postfix, which knows when it is done, is the side that closes.
+            idle_timeout_secs: 600,
+            requests_per_read: 1024,
+            // The largest payload of an IPv4 UDP datagram.
+            udp_max_datagram: 65_507,
+            policy_max_block: 16_384,
+            policy_max_attributes: 128,
+        }
+    }
+}
+
+/// The effective configuration of `greyhound serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Native protocol listener, TCP and UDP on the same address (`native`).
+    pub native: SocketAddr,
+    /// Postfix policy service listener (`policy`).
+    pub policy: PolicyAddr,
+    /// HTTP metrics listener (`metrics`).
+    pub metrics: SocketAddr,
+    /// Directory of the snapshot files (`data-dir`).
+    pub data_dir: PathBuf,
+    /// Seconds between two snapshots (`snapshot-interval`).
+    pub snapshot_interval_secs: u32,
+    /// Seconds a new triplet is deferred (`delay`).
+    pub delay_secs: u32,
+    /// Seconds after first sight during which a retry passes (`retry-window`).
+    pub retry_window_secs: u32,
+    /// Seconds a passed triplet stays whitelisted after its last pass (`whitelist-ttl`).
+    pub whitelist_ttl_secs: u32,
+    /// Counted passes after which a client is auto-whitelisted; 0 turns the AWL off
+    /// (`awl-clients`).
+    pub awl_clients: u32,
+    /// At most one pass per this many seconds counts towards the AWL (`awl-interval`).
+    pub awl_interval_secs: u32,
+    /// Seconds an auto-whitelisted client stays so after its last pass (`awl-ttl`).
+    pub awl_ttl_secs: u32,
+    /// Prefix length that groups IPv4 clients into one network (`ipv4-prefix`).
+    pub ipv4_prefix: u8,
+    /// Prefix length that groups IPv6 clients into one network (`ipv6-prefix`).
+    pub ipv6_prefix: u8,
+    /// Networks allowed to query (`allow`).
+    pub allow: Vec<IpNet>,
+    /// Answer PASS where the answer would be DEFER, recording as usual (`dry-run`).
+    pub dry_run: bool,
+    /// Text of a DEFER; `%s` stands for the sender, `%r` for the recipient (`greylist-text`).
+    pub greylist_text: String,
+    /// Add an `X-Greylist:` header on the first pass of a triplet (`x-greylist-header`).
+    pub x_greylist_header: bool,
+    /// Host name written in the `X-Greylist:` header; empty means ask the OS (`hostname`).
+    pub hostname: String,
+    /// Files of exempt clients; empty means the embedded default list (`whitelist-clients`).
+    pub whitelist_clients: Vec<PathBuf>,
+    /// Files of exempt senders (`whitelist-senders`).
+    pub whitelist_senders: Vec<PathBuf>,
+    /// Files of exempt recipients (`whitelist-recipients`).
+    pub whitelist_recipients: Vec<PathBuf>,
+    /// One of [`LOG_LEVELS`] (`log-level`).
+    pub log_level: String,
+    /// Resource limits (`[limits]`).
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    /// The embedded defaults: what `greyhound serve` runs with when given no file and no flag.
+    fn default() -> Self {
+        const DAY: u32 = 86_400;
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        Config {
+            native: SocketAddr::new(loopback, 10030),
+            policy: PolicyAddr::Tcp(SocketAddr::new(loopback, 10023)),
+            metrics: SocketAddr::new(loopback, 9470),
+            data_dir: PathBuf::from("./greyhound-data"),
+            snapshot_interval_secs: 60,
+            delay_secs: 300,
+            retry_window_secs: 2 * DAY,
+            whitelist_ttl_secs: 35 * DAY,
+            awl_clients: 5,
+            awl_interval_secs: 3600,
+            awl_ttl_secs: 35 * DAY,
+            ipv4_prefix: 24,
+            ipv6_prefix: 64,
+            // Only this host may query until the administrator says otherwise: a greylisting
+            // server open to the world leaks who mails whom.
+            allow: vec![
+                IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8).expect("8 <= 32"),
+                IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128).expect("128 <= 128"),
+            ],
+            dry_run: false,
+            greylist_text: "Greylisted, see https://greylisting.org/; from=%s to=%r".to_owned(),
+            x_greylist_header: true,
+            hostname: String::new(),
+            whitelist_clients: Vec::new(),
+            whitelist_senders: Vec::new(),
+            whitelist_recipients: Vec::new(),
+            log_level: "info".to_owned(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why the configuration could not be built. Every variant displays as one line naming the
+/// culprit; values taken from the user are quoted with control characters escaped, so no input
+/// can split the line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read. The I/O error is part of the message and
+    /// deliberately not exposed as `source()`, so a reporter walking the chain does not print it
+    /// twice.
+    #[error("config file {file}: cannot read it: {error}")]
+    Read {
+        /// The file as given with `--config`.
+        file: String,
+        /// What the OS said.
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML, or an error could not be tied to a key.
+    #[error("config file {file}: line {line}, column {column}: {message}")]
+    Parse {
+        /// The file as given with `--config`.
+        file: String,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column (in characters) of the error.
+        column: usize,
+        /// What the TOML parser said.
+        message: String,
+    },
+    /// A key the configuration does not know, most often a typo.
+    #[error("config file {file}: unknown key {key:?}")]
+    UnknownKey {
+        /// The file as given with `--config`.
+        file: String,
+        /// The key, dotted if nested (`limits.max-lines`).
+        key: String,
+    },
+    /// A key of the file has a value of the wrong type or that does not parse.
+    #[error("config file {file}: {key}: {message}")]
+    FileValue {
+        /// The file as given with `--config`.
+        file: String,
+        /// The key, dotted if nested (`limits.idle-timeout`), with an index for an array item.
+        key: String,
+        /// What is wrong with the value.
+        message: String,
+    },
+    /// A flag's value does not parse.
+    #[error("{flag}: {message}")]
+    FlagValue {
+        /// The flag, with its dashes (`--delay`).
+        flag: String,
+        /// What is wrong with the value.
+        message: String,
+    },
+    /// The merged configuration is out of range or inconsistent.
+    #[error("{key} {problem}")]
+    Invalid {
+        /// The setting at fault, as named in the file (`retry-window`, `limits.max-line`).
+        key: &'static str,
+        /// What is wrong, starting with the value in parentheses where there is one.
+        problem: String,
+    },
+}
+
+/// Parses a duration into seconds: `300` (a bare number is seconds), `300s`, `5m`, `2h`, `2d` or
+/// `1w`. Negative, empty, fractional, overflowing (beyond `u32` seconds) and unknown-unit values
+/// are refused with a message quoting the input.
+pub fn parse_duration(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err(format!(
+            "{s:?} is not a duration: it is empty {DURATION_HINT}"
+        ));
+    }
+    if t.starts_with('-') {
+        return Err(format!("{s:?} is not a duration: it is negative"));
+    }
+    if t.contains(['.', ',']) {
+        return Err(format!(
+            "{s:?} is not a duration: fractions are not accepted, use a smaller unit (90s, not 1.5m)"
+        ));
+    }
+    let unit_at = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(unit_at);
+    let scale: u64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("{s:?} is not a duration {DURATION_HINT}")),
+    };
+    if digits.is_empty() {
+        return Err(format!("{s:?} is not a duration {DURATION_HINT}"));
+    }
+    let too_long = || {
+        format!(
+            "{s:?} is not a duration: it exceeds {} seconds (about 136 years)",
+            u32::MAX
+        )
+    };
+    // `digits` holds ASCII digits only, so the only way parsing fails is overflow.
+    let count: u64 = digits.parse().map_err(|_| too_long())?;
+    count
+        .checked_mul(scale)
+        .and_then(|secs| u32::try_from(secs).ok())
+        .ok_or_else(too_long)
+}
+
+/// Writes seconds in the largest unit that divides them exactly (`300` → `5m`, `90` → `90s`), the
+/// form [`parse_duration`] reads back; used to show durations in messages as they were written.
+pub fn format_duration(secs: u32) -> String {
+    const UNITS: [(u32, &str); 4] = [(7 * 86_400, "w"), (86_400, "d"), (3600, "h"), (60, "m")];
+    if secs != 0 {
+        for (size, unit) in UNITS {
+            if secs % size == 0 {
+                return format!("{}{unit}", secs / size);
+            }
+        }
+    }
+    format!("{secs}s")
+}
+
+/// Parses a literal `IP:port` (`127.0.0.1:10030`, `[::1]:10030`). Host names are refused rather
+/// than resolved: see the module documentation.
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Err(format!(
+            "{s:?} has no port (use IP:port such as 127.0.0.1:10030 or [::1]:10030)"
+        ));
+    }
+    Err(format!(
+        "{s:?} must be an IP:port such as 127.0.0.1:10030 or [::1]:10030 (host names are not resolved)"
+    ))
+}
+
+/// Parses a network allowed to query: a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single IP
+/// address (a one-host network). Host bits are cleared, so `192.0.2.7/24` gives `192.0.2.0/24`.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(addr) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    Err(format!(
+        "{s:?} is not a network (use a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or an IP address)"
+    ))
+}
+
+/// Checks what makes a Unix socket path unusable, so it fails at start rather than at bind.
+fn check_unix_path(path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err("contains a NUL byte, which no socket path can hold".to_owned());
+    }
+    if len > MAX_UNIX_PATH {
+        return Err(format!(
+            "is too long for a Unix socket path ({len} bytes, at most {MAX_UNIX_PATH})"
+        ));
+    }
+    Ok(())
+}
+
+/// Escapes control characters so that text from the user or a library cannot break the one-line
+/// promise of [`ConfigError`].
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A duration as written in the file: an integer (seconds) or a string such as `"5m"`. It is kept
+/// as text and parsed by [`parse_duration`] during the merge, so that file and flag share one
+/// parser and one set of messages.
+#[derive(Debug)]
+struct DurationValue(String);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration (a number of seconds, or a string such as \"5m\")")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationValue, E> {
+                Ok(DurationValue(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DurationValue, E> {
+                Ok(DurationValue(v.to_string()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationValue, E> {
+                Ok(DurationValue(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// The TOML file as written: every key optional, so that an absent key keeps the default.
+/// Unknown keys are refused: a typo silently ignored would leave a default in force.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a table of Greyhound settings"
+)]
+struct FileConfig {
+    native: Option<String>,
+    policy: Option<String>,
+    metrics: Option<String>,
+    data_dir: Option<PathBuf>,
+    snapshot_interval: Option<DurationValue>,
+    delay: Option<DurationValue>,
+    retry_window: Option<DurationValue>,
+    whitelist_ttl: Option<DurationValue>,
+    awl_clients: Option<u32>,
+    awl_interval: Option<DurationValue>,
+    awl_ttl: Option<DurationValue>,
+    ipv4_prefix: Option<u8>,
+    ipv6_prefix: Option<u8>,
+    allow: Option<Vec<String>>,
+    dry_run: Option<bool>,
+    greylist_text: Option<String>,
+    x_greylist_header: Option<bool>,
+    hostname: Option<String>,
+    whitelist_clients: Option<Vec<PathBuf>>,
+    whitelist_senders: Option<Vec<PathBuf>>,
+    whitelist_recipients: Option<Vec<PathBuf>>,
+    log_level: Option<String>,
+    limits: Option<FileLimits>,
+}
+
+/// The `[limits]` table as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [limits] table"
+)]
+struct FileLimits {
+    max_line: Option<usize>,
+    max_connections: Option<usize>,
+    idle_timeout: Option<DurationValue>,
+    requests_per_read: Option<usize>,
+    udp_max_datagram: Option<usize>,
+    policy_max_block: Option<usize>,
+    policy_max_attributes: Option<usize>,
+}
+
+/// Where a value came from, so that its error names it the way the administrator wrote it.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// The configuration file of this name; keys are named as in the file (`limits.max-line`).
+    File(&'a str),
+    /// The command line; keys are named as flags (`--max-line`).
+    Flags,
+}
+
+impl Origin<'_> {
+    /// If `value` was given, parses it into `slot`, or fails naming `key` in this origin's terms.
+    fn set<T, V>(
+        self,
+        key: &str,
+        slot: &mut T,
+        value: Option<V>,
+        parse: impl FnOnce(V) -> Result<T, String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(value) = value {
+            *slot = parse(value).map_err(|message| match self {
+                Origin::File(file) => ConfigError::FileValue {
+                    file: file.to_owned(),
+                    key: key.to_owned(),
+                    message,
+                },
+                Origin::Flags => ConfigError::FlagValue {
+                    flag: format!("--{key}"),
+                    message,
+                },
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses every item of a list, failing on the first bad one.
+fn parse_nets<S: AsRef<str>>(items: &[S]) -> Result<Vec<IpNet>, String> {
+    items.iter().map(|s| parse_net(s.as_ref())).collect()
+}
+
+impl Config {
+    /// Builds the effective configuration: defaults, then the TOML file (if any), then the flags.
+    /// Validates at the end, so a flag may repair what the file alone would get wrong.
+    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        if let Some(path) = &args.config {
+            let file = one_line(&path.display().to_string());
+            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                file: file.clone(),
+                error,
+            })?;
+            config.apply_toml(&file, &text)?;
+        }
+        config.apply_flags(args)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text over the defaults and validates the result; `source` names the text in
+    /// messages (normally the file's path).
+    pub fn from_toml(source: &str, text: &str) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        config.apply_toml(&one_line(source), text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Lays the keys of a TOML document over `self`, without validating.
+    fn apply_toml(&mut self, file: &str, text: &str) -> Result<(), ConfigError> {
+        // The document is parsed before it is deserialized so that, on an error, the spans of
+        // its keys tell which key is at fault.
+        let document =
+            toml::de::DeTable::parse(text).map_err(|error| parse_error(file, text, &error))?;
+        // Serde also reads a struct from an array of its values in order, which would let
+        // `limits = [512]` (or `[[limits]]`) mean something; only a table is accepted.
+        for (key, value) in document.get_ref() {
+            let is_table = matches!(value.get_ref(), toml::de::DeValue::Table(_));
+            if key.get_ref() == "limits" && !is_table {
+                return Err(ConfigError::FileValue {
+                    file: file.to_owned(),
+                    key: "limits".to_owned(),
+                    message: "must be a table: a [limits] line followed by its keys".to_owned(),
+                });
+            }
+        }
+        let parsed = FileConfig::deserialize(toml::de::Deserializer::from(document.clone()))
+            .map_err(|error| value_error(file, text, document.get_ref(), &error))?;
+        self.apply_file(file, parsed)
+    }
+
+    /// Lays the keys present in the file over `self`.
+    fn apply_file(&mut self, file: &str, parsed: FileConfig) -> Result<(), ConfigError> {
+        // Destructured in full so that a new key that is not merged here fails to compile.
+        let FileConfig {
+            native,
+            policy,
+            metrics,
+            data_dir,
+            snapshot_interval,
+            delay,
+            retry_window,
+            whitelist_ttl,
+            awl_clients,
+            awl_interval,
+            awl_ttl,
+            ipv4_prefix,
+            ipv6_prefix,
+            allow,
+            dry_run,
+            greylist_text,
+            x_greylist_header,
+            hostname,
+            whitelist_clients,
+            whitelist_senders,
+            whitelist_recipients,
+            log_level,
+            limits,
+        } = parsed;
+        let o = Origin::File(file);
+        let dur = |d: DurationValue| parse_duration(&d.0);
+        o.set("native", &mut self.native, native, |s| {
+            parse_socket_addr(&s)
+        })?;
+        o.set("policy", &mut self.policy, policy, |s| s.parse())?;
+        o.set("metrics", &mut self.metrics, metrics, |s| {
+            parse_socket_addr(&s)
+        })?;
+        o.set("data-dir", &mut self.data_dir, data_dir, Ok)?;
+        o.set(
+            "snapshot-interval",
+            &mut self.snapshot_interval_secs,
+            snapshot_interval,
+            dur,
+        )?;
+        o.set("delay", &mut self.delay_secs, delay, dur)?;
+        o.set(
+            "retry-window",
+            &mut self.retry_window_secs,
+            retry_window,
+            dur,
+        )?;
+        o.set(
+            "whitelist-ttl",
+            &mut self.whitelist_ttl_secs,
+            whitelist_ttl,
+            dur,
+        )?;
+        o.set("awl-clients", &mut self.awl_clients, awl_clients, Ok)?;
+        o.set(
+            "awl-interval",
+            &mut self.awl_interval_secs,
+            awl_interval,
+            dur,
+        )?;
+        o.set("awl-ttl", &mut self.awl_ttl_secs, awl_ttl, dur)?;
+        o.set("ipv4-prefix", &mut self.ipv4_prefix, ipv4_prefix, Ok)?;
+        o.set("ipv6-prefix", &mut self.ipv6_prefix, ipv6_prefix, Ok)?;
+        o.set("allow", &mut self.allow, allow, |v| parse_nets(&v))?;
+        o.set("dry-run", &mut self.dry_run, dry_run, Ok)?;
+        o.set("greylist-text", &mut self.greylist_text, greylist_text, Ok)?;
+        o.set(
+            "x-greylist-header",
+            &mut self.x_greylist_header,
+            x_greylist_header,
+            Ok,
+        )?;
+        o.set("hostname", &mut self.hostname, hostname, Ok)?;
+        o.set(
+            "whitelist-clients",
+            &mut self.whitelist_clients,
+            whitelist_clients,
+            Ok,
+        )?;
+        o.set(
+            "whitelist-senders",
+            &mut self.whitelist_senders,
+            whitelist_senders,
+            Ok,
+        )?;
+        o.set(
+            "whitelist-recipients",
+            &mut self.whitelist_recipients,
+            whitelist_recipients,
+            Ok,
+        )?;
+        o.set("log-level", &mut self.log_level, log_level, Ok)?;
+        let FileLimits {
+            max_line,
+            max_connections,
+            idle_timeout,
+            requests_per_read,
+            udp_max_datagram,
+            policy_max_block,
+            policy_max_attributes,
+        } = limits.unwrap_or_default();
+        let l = &mut self.limits;
+        o.set("limits.max-line", &mut l.max_line, max_line, Ok)?;
+        o.set(
+            "limits.max-connections",
+            &mut l.max_connections,
+            max_connections,
+            Ok,
+        )?;
+        o.set(
+            "limits.idle-timeout",
+            &mut l.idle_timeout_secs,
+            idle_timeout,
+            dur,
+        )?;
+        o.set(
+            "limits.requests-per-read",
+            &mut l.requests_per_read,
+            requests_per_read,
+            Ok,
+        )?;
+        o.set(
+            "limits.udp-max-datagram",
+            &mut l.udp_max_datagram,
+            udp_max_datagram,
+            Ok,
+        )?;
+        o.set(
+            "limits.policy-max-block",
+            &mut l.policy_max_block,
+            policy_max_block,
+            Ok,
+        )?;
+        o.set(
+            "limits.policy-max-attributes",
+            &mut l.policy_max_attributes,
+            policy_max_attributes,
+            Ok,
+        )?;
+        Ok(())
+    }
+
+    /// Lays the flags given on the command line over `self`.
+    fn apply_flags(&mut self, args: &ServeArgs) -> Result<(), ConfigError> {
+        // Destructured in full so that a new flag that is not merged here fails to compile.
+        let ServeArgs {
+            config: _,
+            native,
+            policy,
+            metrics,
+            data_dir,
+            snapshot_interval,
+            delay,
+            retry_window,
+            whitelist_ttl,
+            awl_clients,
+            awl_interval,
+            awl_ttl,
+            ipv4_prefix,
+            ipv6_prefix,
+            allow,
+            dry_run,
+            greylist_text,
+            no_x_greylist_header,
+            hostname,
+            whitelist_clients,
+            whitelist_senders,
+            whitelist_recipients,
+            log_level,
+            max_line,
+            max_connections,
+            idle_timeout,
+            requests_per_read,
+            udp_max_datagram,
+            policy_max_block,
+            policy_max_attributes,
+        } = args;
+        let o = Origin::Flags;
+        let dur = |s: &String| parse_duration(s);
+        // A repeatable flag given at least once replaces the whole list from the file or the
+        // defaults; an absent one leaves it alone.
+        let list = |v: &Vec<PathBuf>| (!v.is_empty()).then(|| v.clone());
+        o.set("native", &mut self.native, native.as_ref(), |s| {
+            parse_socket_addr(s)
+        })?;
+        o.set("policy", &mut self.policy, policy.as_ref(), |s| s.parse())?;
+        o.set("metrics", &mut self.metrics, metrics.as_ref(), |s| {
+            parse_socket_addr(s)
+        })?;
+        o.set("data-dir", &mut self.data_dir, data_dir.clone(), Ok)?;
+        o.set(
+            "snapshot-interval",
+            &mut self.snapshot_interval_secs,
+            snapshot_interval.as_ref(),
+            dur,
+        )?;
+        o.set("delay", &mut self.delay_secs, delay.as_ref(), dur)?;
+        o.set(
+            "retry-window",
+            &mut self.retry_window_secs,
+            retry_window.as_ref(),
+            dur,
+        )?;
+        o.set(
+            "whitelist-ttl",
+            &mut self.whitelist_ttl_secs,
+            whitelist_ttl.as_ref(),
+            dur,
+        )?;
+        o.set("awl-clients", &mut self.awl_clients, *awl_clients, Ok)?;
+        o.set(
+            "awl-interval",
+            &mut self.awl_interval_secs,
+            awl_interval.as_ref(),
+            dur,
+        )?;
+        o.set("awl-ttl", &mut self.awl_ttl_secs, awl_ttl.as_ref(), dur)?;
+        o.set("ipv4-prefix", &mut self.ipv4_prefix, *ipv4_prefix, Ok)?;
+        o.set("ipv6-prefix", &mut self.ipv6_prefix, *ipv6_prefix, Ok)?;
+        o.set(
+            "allow",
+            &mut self.allow,
+            (!allow.is_empty()).then_some(allow),
+            |v| parse_nets(v),
+        )?;
+        // Boolean flags can only switch away from the default; absent, they leave the file's
+        // value in force.
+        if *dry_run {
+            self.dry_run = true;
+        }
+        o.set(
+            "greylist-text",
+            &mut self.greylist_text,
+            greylist_text.clone(),
+            Ok,
+        )?;
+        if *no_x_greylist_header {
+            self.x_greylist_header = false;
+        }
+        o.set("hostname", &mut self.hostname, hostname.clone(), Ok)?;
+        o.set(
+            "whitelist-clients",
+            &mut self.whitelist_clients,
+            list(whitelist_clients),
+            Ok,
+        )?;
+        o.set(
+            "whitelist-senders",
+            &mut self.whitelist_senders,
+            list(whitelist_senders),
+            Ok,
+        )?;
+        o.set(
+            "whitelist-recipients",
+            &mut self.whitelist_recipients,
+            list(whitelist_recipients),
+            Ok,
+        )?;
+        o.set("log-level", &mut self.log_level, log_level.clone(), Ok)?;
+        let l = &mut self.limits;
+        o.set("max-line", &mut l.max_line, *max_line, Ok)?;
+        o.set(
+            "max-connections",
+            &mut l.max_connections,
+            *max_connections,
+            Ok,
+        )?;
+        o.set(
+            "idle-timeout",
+            &mut l.idle_timeout_secs,
+            idle_timeout.as_ref(),
+            dur,
+        )?;
+        o.set(
+            "requests-per-read",
+            &mut l.requests_per_read,
+            *requests_per_read,
+            Ok,
+        )?;
+        o.set(
+            "udp-max-datagram",
+            &mut l.udp_max_datagram,
+            *udp_max_datagram,
+            Ok,
+        )?;
+        o.set(
+            "policy-max-block",
+            &mut l.policy_max_block,
+            *policy_max_block,
+            Ok,
+        )?;
+        o.set(
+            "policy-max-attributes",
+            &mut l.policy_max_attributes,
+            *policy_max_attributes,
+            Ok,
+        )?;
+        Ok(())
+    }
+
+    /// Checks every setting's range and the settings against each other: prefixes 0..=32 and
+    /// 0..=128, retry-window >= delay, TTLs >= 1s, durations <= 10 years, awl-clients <= 65535,
+    /// the limits' ranges, a non-empty `allow`, a printable `greylist-text` and `hostname`, a known
+    /// `log-level`, usable socket paths and no two listeners on the same TCP port.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // Destructured in full so that a new setting cannot be added without a thought here.
+        let Config {
+            native,
+            policy,
+            metrics,
+            data_dir,
+            snapshot_interval_secs,
+            delay_secs,
+            retry_window_secs,
+            whitelist_ttl_secs,
+            awl_clients,
+            awl_interval_secs,
+            awl_ttl_secs,
+            ipv4_prefix,
+            ipv6_prefix,
+            allow,
+            dry_run: _,
+            greylist_text,
+            x_greylist_header: _,
+            hostname,
+            whitelist_clients,
+            whitelist_senders,
+            whitelist_recipients,
+            log_level,
+            limits,
+        } = self;
+        let invalid =
+            |key: &'static str, problem: String| Err(ConfigError::Invalid { key, problem });
+
+        let durations = [
+            ("snapshot-interval", *snapshot_interval_secs),
+            ("delay", *delay_secs),
+            ("retry-window", *retry_window_secs),
+            ("whitelist-ttl", *whitelist_ttl_secs),
+            ("awl-interval", *awl_interval_secs),
+            ("awl-ttl", *awl_ttl_secs),
+            ("limits.idle-timeout", limits.idle_timeout_secs),
+        ];
+        for (key, secs) in durations {
+            if secs > MAX_DURATION_SECS {
+                return invalid(
+                    key,
+                    format!(
+                        "({}) is longer than the maximum of 10 years ({MAX_DURATION_SECS}s)",
+                        format_duration(secs)
+                    ),
+                );
+            }
+        }
+        // A zero here would snapshot in a busy loop, expire entries the moment they are made,
+        // or drop every connection at once.
+        let at_least_one_second = [
+            ("snapshot-interval", *snapshot_interval_secs),
+            ("retry-window", *retry_window_secs),
+            ("whitelist-ttl", *whitelist_ttl_secs),
+            ("awl-ttl", *awl_ttl_secs),
+            ("limits.idle-timeout", limits.idle_timeout_secs),
+        ];
+        for (key, secs) in at_least_one_second {
+            if secs == 0 {
+                return invalid(key, "(0s) must be at least 1s".to_owned());
+            }
+        }
+        if retry_window_secs < delay_secs {
+            return invalid(
+                "retry-window",
+                format!(
+                    "({}) is shorter than delay ({}): no retry could ever pass",
+                    format_duration(*retry_window_secs),
+                    format_duration(*delay_secs)
+                ),
+            );
+        }
+        // The engine keeps the AWL count in 16 bits.
+        if *awl_clients > u32::from(u16::MAX) {
+            return invalid(
+                "awl-clients",
+                format!("({awl_clients}) must be between 0 and {}", u16::MAX),
+            );
+        }
+        if *ipv4_prefix > 32 {
+            return invalid(
+                "ipv4-prefix",
+                format!("({ipv4_prefix}) must be between 0 and 32"),
+            );
+        }
+        if *ipv6_prefix > 128 {
+            return invalid(
+                "ipv6-prefix",
+                format!("({ipv6_prefix}) must be between 0 and 128"),
+            );
+        }
+        if allow.is_empty() {
+            return invalid(
+                "allow",
+                "is empty: nobody could query (loopback only is 127.0.0.0/8 and ::1/128)"
+                    .to_owned(),
+            );
+        }
+        if greylist_text.is_empty() {
+            return invalid(
+                "greylist-text",
+                "is empty: a DEFER needs a reason".to_owned(),
+            );
+        }
+        // A control character (a newline above all) would end the answer line early and let the
+        // rest be read as another answer or header.
+        if greylist_text.chars().any(char::is_control) {
+            return invalid(
+                "greylist-text",
+                format!("({greylist_text:?}) must not contain control characters"),
+            );
+        }
+        if greylist_text.len() > MAX_GREYLIST_TEXT {
+            return invalid(
+                "greylist-text",
+                format!(
+                    "is {} bytes long, more than the {MAX_GREYLIST_TEXT} an SMTP reply line holds",
+                    greylist_text.len()
+                ),
+            );
+        }
+        // The host name goes into a mail header: anything but printable ASCII could corrupt it.
+        if !hostname.chars().all(|c| c.is_ascii_graphic()) || hostname.len() > 253 {
+            return invalid(
+                "hostname",
+                format!(
+                    "({hostname:?}) must be at most 253 printable ASCII characters without spaces"
+                ),
+            );
+        }
+        if !LOG_LEVELS.contains(&log_level.as_str()) {
+            return invalid(
+                "log-level",
+                format!("({log_level:?}) must be one of {}", LOG_LEVELS.join(", ")),
+            );
+        }
+        if data_dir.as_os_str().is_empty() {
+            return invalid("data-dir", "is empty".to_owned());
+        }
+        let lists = [
+            ("whitelist-clients", whitelist_clients),
+            ("whitelist-senders", whitelist_senders),
+            ("whitelist-recipients", whitelist_recipients),
+        ];
+        for (key, paths) in lists {
+            if paths.iter().any(|p| p.as_os_str().is_empty()) {
+                return invalid(key, "contains an empty path".to_owned());
+            }
+        }
+        if let PolicyAddr::Unix(path) = policy {
+            check_unix_path(path)
+                .or_else(|problem| invalid("policy", format!("({}) {problem}", path.display())))?;
+        }
+        limits.validate()?;
+
+        // Two listeners on one TCP port would fail to bind with an OS error that names neither
+        // setting; the native listener also binds UDP, but only it does, so TCP is what clashes.
+        let mut tcp = vec![("native", *native), ("metrics", *metrics)];
+        if let PolicyAddr::Tcp(addr) = policy {
+            tcp.push(("policy", *addr));
+        }
+        for (i, (key_a, a)) in tcp.iter().enumerate() {
+            for (key_b, b) in &tcp[i + 1..] {
+                if clash(*a, *b) {
+                    return invalid(
+                        key_a,
+                        format!("({a}) uses the same TCP port as {key_b} ({b})"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether two listeners would fight over one port: same family and port (other than 0, which
+/// lets the OS choose), and the same address or a wildcard on either side.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+impl Limits {
+    /// Checks each limit's range; the bounds say why in the comments.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Limits {
+            max_line,
+            max_connections,
+            idle_timeout_secs: _,
+            requests_per_read,
+            udp_max_datagram,
+            policy_max_block,
+            policy_max_attributes,
+        } = self;
+        let ranges: [(&'static str, usize, usize, usize); 6] = [
+            // The protocol says a line is at most 1024 bytes; below 64 no real request fits.
+            ("limits.max-line", *max_line, 64, 1024),
+            // Past a million the OS runs out of descriptors first: likely a typo.
+            ("limits.max-connections", *max_connections, 1, 1 << 20),
+            ("limits.requests-per-read", *requests_per_read, 1, 1 << 16),
+            // 512 bytes is the smallest datagram every host must accept; 65507 is the largest
+            // IPv4 UDP payload.
+            ("limits.udp-max-datagram", *udp_max_datagram, 512, 65_507),
+            // Postfix's own requests are a few hundred bytes; a megabyte is already abusive.
+            ("limits.policy-max-block", *policy_max_block, 1024, 1 << 20),
+            // Postfix 3.x sends about 30 attributes per request: fewer would refuse them all.
+            (
+                "limits.policy-max-attributes",
+                *policy_max_attributes,
+                32,
+                4096,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: format!("({value}) must be between {min} and {max}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Places a TOML error (whose own `Display` spans several lines) at a line and column of `file`.
+fn parse_error(file: &str, text: &str, error: &toml::de::Error) -> ConfigError {
+    let offset = error.span().map_or(0, |span| span.start).min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    ConfigError::Parse {
+        file: file.to_owned(),
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+        message: one_line(error.message()),
+    }
+}
+
+/// Turns a deserialization error into one line naming the file and the key at fault, found by
+/// the error's position in `document`.
+fn value_error(
+    file: &str,
+    text: &str,
+    document: &toml::de::DeTable<'_>,
+    error: &toml::de::Error,
+) -> ConfigError {
+    let message = one_line(error.message());
+    let key = error.span().and_then(|span| key_at(document, span.start));
+    let file = file.to_owned();
+    match key {
+        Some(key) if message.starts_with("unknown field") => ConfigError::UnknownKey { file, key },
+        Some(key) => ConfigError::FileValue { file, key, message },
+        None => parse_error(&file, text, error),
+    }
+}
+
+/// The dotted path of the key whose name or value covers byte `offset` (`limits.max-line`,
+/// `allow[1]` for an array item), if any.
+fn key_at(table: &toml::de::DeTable<'_>, offset: usize) -> Option<String> {
+    for (key, value) in table {
+        let name = one_line(key.get_ref());
+        if key.span().contains(&offset) {
+            return Some(name);
+        }
+        // A table's span may not cover its keys (a `[table]` header's span is the header), so
+        // tables are searched whatever their span.
+        if let toml::de::DeValue::Table(inner) = value.get_ref() {
+            if let Some(inner_key) = key_at(inner, offset) {
+                return Some(format!("{name}.{inner_key}"));
+            }
+        }
+        if value.span().contains(&offset) {
+            if let toml::de::DeValue::Array(items) = value.get_ref() {
+                if let Some(i) = items.iter().position(|v| v.span().contains(&offset)) {
+                    return Some(format!("{name}[{i}]"));
+                }
+            }
+            return Some(name);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    /// Parses a `greyhound serve ...` command line into its arguments.
+    fn serve_args(flags: &[&str]) -> ServeArgs {
+        let argv = ["greyhound", "serve"].iter().chain(flags);
+        match Cli::try_parse_from(argv)
+            .expect("command line parses")
+            .command
+        {
+            Command::Serve(args) => args,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("test CIDR parses")
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address parses")
+    }
+
+    /// A file in the temporary directory, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let path = std::env::temp_dir().join(format!(
+                "greyhound-config-test-{}-{name}.toml",
+                std::process::id()
+            ));
+            std::fs::write(&path, text).expect("temporary file is writable");
+            TempFile(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().expect("temporary path is UTF-8")
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn file_error(text: &str) -> ConfigError {
+        Config::from_toml("g.toml", text).expect_err("the file must be refused")
+    }
+
+    fn invalid_key(config: &Config) -> &'static str {
+        match config.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    /// A file that sets every key to a value other than its default.
+    const EVERY_KEY: &str = r#"
+native = "0.0.0.0:11030"
+policy = "unix:/run/greyhound/policy.sock"
+metrics = "[::1]:9999"
+data-dir = "/var/lib/greyhound"
+snapshot-interval = "2m"
+delay = 600
+retry-window = "3d"
+whitelist-ttl = "5w"
+awl-clients = 0
+awl-interval = "2h"
+awl-ttl = "10d"
+ipv4-prefix = 32
+ipv6-prefix = 48
+allow = ["10.0.0.0/8", "192.0.2.7"]
+dry-run = true
+greylist-text = "Try later"
+x-greylist-header = false
+hostname = "mx.example.net"
+whitelist-clients = ["/etc/greyhound/clients"]
+whitelist-senders = ["/etc/greyhound/senders"]
+whitelist-recipients = ["/etc/greyhound/recipients", "/etc/greyhound/more"]
+log-level = "debug"
+
+[limits]
+max-line = 512
+max-connections = 100
+idle-timeout = "1m"
+requests-per-read = 64
+udp-max-datagram = 1500
+policy-max-block = 4096
+policy-max-attributes = 64
+"#;
+
+    fn every_key_config() -> Config {
+        Config {
+            native: addr("0.0.0.0:11030"),
+            policy: PolicyAddr::Unix(PathBuf::from("/run/greyhound/policy.sock")),
+            metrics: addr("[::1]:9999"),
+            data_dir: PathBuf::from("/var/lib/greyhound"),
+            snapshot_interval_secs: 120,
+            delay_secs: 600,
+            retry_window_secs: 3 * 86_400,
+            whitelist_ttl_secs: 35 * 86_400,
+            awl_clients: 0,
+            awl_interval_secs: 7200,
+            awl_ttl_secs: 10 * 86_400,
+            ipv4_prefix: 32,
+            ipv6_prefix: 48,
+            allow: vec![net("10.0.0.0/8"), net("192.0.2.7/32")],
+            dry_run: true,
+            greylist_text: "Try later".to_owned(),
+            x_greylist_header: false,
+            hostname: "mx.example.net".to_owned(),
+            whitelist_clients: vec![PathBuf::from("/etc/greyhound/clients")],
+            whitelist_senders: vec![PathBuf::from("/etc/greyhound/senders")],
+            whitelist_recipients: vec![
+                PathBuf::from("/etc/greyhound/recipients"),
+                PathBuf::from("/etc/greyhound/more"),
+            ],
+            log_level: "debug".to_owned(),
+            limits: Limits {
+                max_line: 512,
+                max_connections: 100,
+                idle_timeout_secs: 60,
+                requests_per_read: 64,
+                udp_max_datagram: 1500,
+                policy_max_block: 4096,
+                policy_max_attributes: 64,
+            },
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_contract() {
+        let c = Config::default();
+        assert_eq!(c.native, addr("127.0.0.1:10030"));
+        assert_eq!(c.policy, PolicyAddr::Tcp(addr("127.0.0.1:10023")));
+        assert_eq!(c.metrics, addr("127.0.0.1:9470"));
+        assert_eq!(c.data_dir, PathBuf::from("./greyhound-data"));
+        assert_eq!(c.snapshot_interval_secs, 60);
+        assert_eq!(c.delay_secs, 300);
+        assert_eq!(c.retry_window_secs, 172_800);
+        assert_eq!(c.whitelist_ttl_secs, 3_024_000);
+        assert_eq!(c.awl_clients, 5);
+        assert_eq!(c.awl_interval_secs, 3600);
+        assert_eq!(c.awl_ttl_secs, 3_024_000);
+        assert_eq!((c.ipv4_prefix, c.ipv6_prefix), (24, 64));
+        assert_eq!(c.allow, vec![net("127.0.0.0/8"), net("::1/128")]);
+        assert!(!c.dry_run);
+        assert_eq!(
+            c.greylist_text,
+            "Greylisted, see https://greylisting.org/; from=%s to=%r"
+        );
+        assert!(c.x_greylist_header);
+        assert_eq!(c.hostname, "");
+        assert!(c.whitelist_clients.is_empty());
+        assert!(c.whitelist_senders.is_empty());
+        assert!(c.whitelist_recipients.is_empty());
+        assert_eq!(c.log_level, "info");
+        assert_eq!(
+            c.limits,
+            Limits {
+                max_line: 1024,
+                max_connections: 4096,
+                idle_timeout_secs: 600,
+                requests_per_read: 1024,
+                udp_max_datagram: 65_507,
+                policy_max_block: 16_384,
+                policy_max_attributes: 128,
+            }
+        );
+        c.validate().expect("the defaults are valid");
+    }
+
+    #[test]
+    fn no_file_and_no_flag_gives_the_defaults() {
+        assert_eq!(Config::load(&serve_args(&[])).unwrap(), Config::default());
+        assert_eq!(
+            Config::load(&ServeArgs::default()).unwrap(),
+            Config::default()
+        );
+        assert_eq!(Config::from_toml("empty", "").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn file_overrides_every_default() {
+        assert_eq!(
+            Config::from_toml("every", EVERY_KEY).unwrap(),
+            every_key_config()
+        );
+        let file = TempFile::new("every", EVERY_KEY);
+        let loaded = Config::load(&serve_args(&["--config", file.path()])).unwrap();
+        assert_eq!(loaded, every_key_config());
+    }
+
+    #[test]
+    fn file_keys_left_out_keep_their_default() {
+        let c = Config::from_toml("g.toml", "delay = \"10m\"\n[limits]\nmax-line = 100\n").unwrap();
+        let expected = Config {
+            delay_secs: 600,
+            limits: Limits {
+                max_line: 100,
+                ..Limits::default()
+            },
+            ..Config::default()
+        };
+        assert_eq!(c, expected);
+    }
+
+    #[test]
+    fn every_flag_overrides_the_file() {
+        let file = TempFile::new("flags", EVERY_KEY);
+        let args = serve_args(&[
+            "--config",
+            file.path(),
+            "--native",
+            "127.0.0.2:1",
+            "--policy",
+            "/tmp/p.sock",
+            "--metrics",
+            "127.0.0.2:3",
+            "--data-dir",
+            "/srv/g",
+            "--snapshot-interval",
+            "30",
+            "--delay",
+            "1m",
+            "--retry-window",
+            "1h",
+            "--whitelist-ttl",
+            "1d",
+            "--awl-clients",
+            "7",
+            "--awl-interval",
+            "10m",
+            "--awl-ttl",
+            "1w",
+            "--ipv4-prefix",
+            "16",
+            "--ipv6-prefix",
+            "56",
+            "--allow",
+            "198.51.100.0/24",
+            "--dry-run",
+            "--greylist-text",
+            "Later, %s",
+            "--no-x-greylist-header",
+            "--hostname",
+            "mx2.example.net",
+            "--whitelist-clients",
+            "/a",
+            "--whitelist-senders",
+            "/b",
+            "--whitelist-recipients",
+            "/c",
+            "--log-level",
+            "trace",
+            "--max-line",
+            "256",
+            "--max-connections",
+            "10",
+            "--idle-timeout",
+            "5m",
+            "--requests-per-read",
+            "8",
+            "--udp-max-datagram",
+            "9000",
+            "--policy-max-block",
+            "2048",
+            "--policy-max-attributes",
+            "40",
+        ]);
+        let expected = Config {
+            native: addr("127.0.0.2:1"),
+            policy: PolicyAddr::Unix(PathBuf::from("/tmp/p.sock")),
+            metrics: addr("127.0.0.2:3"),
+            data_dir: PathBuf::from("/srv/g"),
+            snapshot_interval_secs: 30,
+            delay_secs: 60,
+            retry_window_secs: 3600,
+            whitelist_ttl_secs: 86_400,
+            awl_clients: 7,
+            awl_interval_secs: 600,
+            awl_ttl_secs: 604_800,
+            ipv4_prefix: 16,
+            ipv6_prefix: 56,
+            allow: vec![net("198.51.100.0/24")],
+            dry_run: true,
+            greylist_text: "Later, %s".to_owned(),
+            x_greylist_header: false,
+            hostname: "mx2.example.net".to_owned(),
+            whitelist_clients: vec![PathBuf::from("/a")],
+            whitelist_senders: vec![PathBuf::from("/b")],
+            whitelist_recipients: vec![PathBuf::from("/c")],
+            log_level: "trace".to_owned(),
+            limits: Limits {
+                max_line: 256,
+                max_connections: 10,
+                idle_timeout_secs: 300,
+                requests_per_read: 8,
+                udp_max_datagram: 9000,
+                policy_max_block: 2048,
+                policy_max_attributes: 40,
+            },
+        };
+        assert_eq!(Config::load(&args).unwrap(), expected);
+    }
+
+    #[test]
+    fn absent_boolean_flags_keep_the_file_value() {
+        let file = TempFile::new("bools", "dry-run = true\nx-greylist-header = false\n");
+        let c = Config::load(&serve_args(&["--config", file.path()])).unwrap();
+        assert!(c.dry_run);
+        assert!(!c.x_greylist_header);
+        // And the flags alone switch the defaults.
+        let c = Config::load(&serve_args(&["--dry-run", "--no-x-greylist-header"])).unwrap();
+        assert!(c.dry_run);
+        assert!(!c.x_greylist_header);
+    }
+
+    #[test]
+    fn allow_flag_replaces_the_default_and_repeats() {
+        let c = Config::load(&serve_args(&["--allow", "10.0.0.0/8"])).unwrap();
+        assert_eq!(c.allow, vec![net("10.0.0.0/8")]);
+        let c = Config::load(&serve_args(&[
+            "--allow",
+            "10.0.0.0/8",
+            "--allow",
+            "2001:db8::/32",
+            "--allow",
+            "192.0.2.7/24",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.allow,
+            vec![net("10.0.0.0/8"), net("2001:db8::/32"), net("192.0.2.0/24")]
+        );
+        // Over a file's list too: the flags' list wins whole, not merged.
+        let file = TempFile::new("allow", "allow = [\"172.16.0.0/12\", \"::1\"]\n");
+        let c = Config::load(&serve_args(&[
+            "--config",
+            file.path(),
+            "--allow",
+            "203.0.113.0/24",
+        ]))
+        .unwrap();
+        assert_eq!(c.allow, vec![net("203.0.113.0/24")]);
+        let c = Config::load(&serve_args(&["--config", file.path()])).unwrap();
+        assert_eq!(c.allow, vec![net("172.16.0.0/12"), net("::1/128")]);
+    }
+
+    #[test]
+    fn durations_in_every_form() {
+        let cases = [
+            ("300", 300),
+            ("300s", 300),
+            ("5m", 300),
+            ("2h", 7200),
+            ("2d", 172_800),
+            ("1w", 604_800),
+            ("0", 0),
+            (" 45s ", 45),
+            ("4294967295", u32::MAX),
+        ];
+        for (text, secs) in cases {
+            assert_eq!(parse_duration(text), Ok(secs), "{text:?}");
+        }
+        // In the file, as an integer or as a string.
+        assert_eq!(
+            Config::from_toml("g", "delay = 300").unwrap().delay_secs,
+            300
+        );
+        assert_eq!(
+            Config::from_toml("g", "delay = \"7m\"").unwrap().delay_secs,
+            420
+        );
+    }
+
+    #[test]
+    fn bad_durations_are_refused_with_a_reason() {
+        let cases = [
+            ("", "\"\" is not a duration: it is empty (use 300, 300s, 5m, 2h, 2d, 1w)"),
+            ("-5", "\"-5\" is not a duration: it is negative"),
+            ("5x", "\"5x\" is not a duration (use 300, 300s, 5m, 2h, 2d, 1w)"),
+            ("1.5m", "\"1.5m\" is not a duration: fractions are not accepted, use a smaller unit (90s, not 1.5m)"),
+            ("99999999999", "\"99999999999\" is not a duration: it exceeds 4294967295 seconds (about 136 years)"),
+            ("4294967296", "\"4294967296\" is not a duration: it exceeds 4294967295 seconds (about 136 years)"),
+            ("99999999999999999999999", "\"99999999999999999999999\" is not a duration: it exceeds 4294967295 seconds (about 136 years)"),
+            ("m", "\"m\" is not a duration (use 300, 300s, 5m, 2h, 2d, 1w)"),
+            ("5M", "\"5M\" is not a duration (use 300, 300s, 5m, 2h, 2d, 1w)"),
+            ("1h30m", "\"1h30m\" is not a duration (use 300, 300s, 5m, 2h, 2d, 1w)"),
+            ("+5", "\"+5\" is not a duration (use 300, 300s, 5m, 2h, 2d, 1w)"),
+        ];
+        for (text, message) in cases {
+            assert_eq!(parse_duration(text), Err(message.to_owned()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_the_flag_or_the_key() {
+        let err = Config::load(&serve_args(&["--delay", "5x"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--delay: \"5x\" is not a duration (use 300, 300s, 5m, 2h, 2d, 1w)"
+        );
+        let err = Config::load(&serve_args(&["--idle-timeout=-1"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--idle-timeout: \"-1\" is not a duration: it is negative"
+        );
+        assert_eq!(
+            file_error("delay = -5").to_string(),
+            "config file g.toml: delay: \"-5\" is not a duration: it is negative"
+        );
+        assert_eq!(
+            file_error("[limits]\nidle-timeout = \"1.5m\"").to_string(),
+            "config file g.toml: limits.idle-timeout: \"1.5m\" is not a duration: fractions are not accepted, use a smaller unit (90s, not 1.5m)"
+        );
+        assert_eq!(
+            file_error("delay = 1.5").to_string(),
+            "config file g.toml: delay: invalid type: floating point `1.5`, expected a duration (a number of seconds, or a string such as \"5m\")"
+        );
+    }
+
+    #[test]
+    fn format_duration_reads_back() {
+        let cases = [
+            (0, "0s"),
+            (90, "90s"),
+            (300, "5m"),
+            (7200, "2h"),
+            (172_800, "2d"),
+            (3_024_000, "5w"),
+        ];
+        for (secs, text) in cases {
+            assert_eq!(format_duration(secs), text);
+            assert_eq!(parse_duration(text), Ok(secs));
+        }
+    }
+
+    #[test]
+    fn policy_address_forms() {
+        assert_eq!(
+            "127.0.0.1:10023".parse::<PolicyAddr>(),
+            Ok(PolicyAddr::Tcp(addr("127.0.0.1:10023")))
+        );
+        assert_eq!(
+            "[::1]:10023".parse::<PolicyAddr>(),
+            Ok(PolicyAddr::Tcp(addr("[::1]:10023")))
+        );
+        assert_eq!(
+            "/run/greyhound/policy.sock".parse::<PolicyAddr>(),
+            Ok(PolicyAddr::Unix(PathBuf::from(
+                "/run/greyhound/policy.sock"
+            )))
+        );
+        assert_eq!(
+            "unix:/tmp/p.sock".parse::<PolicyAddr>(),
+            Ok(PolicyAddr::Unix(PathBuf::from("/tmp/p.sock")))
+        );
+        // Host names are refused, not resolved.
+        assert_eq!(
+            "localhost:10023".parse::<PolicyAddr>(),
+            Err("\"localhost:10023\" must be an IP:port such as 127.0.0.1:10030 or [::1]:10030 (host names are not resolved)".to_owned())
+        );
+        assert_eq!(
+            "unix:".parse::<PolicyAddr>(),
+            Err("\"unix:\" names no socket path (use unix:/run/greyhound/policy.sock)".to_owned())
+        );
+        let long = format!("/{}", "x".repeat(MAX_UNIX_PATH));
+        assert_eq!(
+            long.parse::<PolicyAddr>(),
+            Err(format!(
+                "{long:?} is too long for a Unix socket path (108 bytes, at most 107)"
+            ))
+        );
+        let longest = format!("/{}", "x".repeat(MAX_UNIX_PATH - 1));
+        assert_eq!(
+            longest.parse::<PolicyAddr>(),
+            Ok(PolicyAddr::Unix(PathBuf::from(&longest)))
+        );
+        // Display writes back a form that parses to the same address.
+        for text in ["127.0.0.1:10023", "[::1]:10023", "unix:/tmp/p.sock"] {
+            let parsed: PolicyAddr = text.parse().unwrap();
+            assert_eq!(parsed.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn address_errors_name_the_flag_or_key() {
+        let err = Config::load(&serve_args(&["--native", "localhost:10030"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--native: \"localhost:10030\" must be an IP:port such as 127.0.0.1:10030 or [::1]:10030 (host names are not resolved)"
+        );
+        let err = Config::load(&serve_args(&["--metrics", "127.0.0.1"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--metrics: \"127.0.0.1\" has no port (use IP:port such as 127.0.0.1:10030 or [::1]:10030)"
+        );
+        assert_eq!(
+            file_error("policy = \"example.org:25\"").to_string(),
+            "config file g.toml: policy: \"example.org:25\" must be an IP:port such as 127.0.0.1:10030 or [::1]:10030 (host names are not resolved)"
+        );
+        let err = Config::load(&serve_args(&["--allow", "10.0.0.0/33"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--allow: \"10.0.0.0/33\" is not a network (use a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or an IP address)"
+        );
+        assert_eq!(
+            file_error("allow = [\"10.0.0.0/8\", \"nope\"]").to_string(),
+            "config file g.toml: allow: \"nope\" is not a network (use a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or an IP address)"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_the_file_and_key() {
+        let file = TempFile::new("unknown", "delay = 300\ndely = 600\n");
+        let err = Config::load(&serve_args(&["--config", file.path()])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("config file {}: unknown key \"dely\"", file.path())
+        );
+        match file_error("[limits]\nmax-lines = 100\n") {
+            ConfigError::UnknownKey { file, key } => {
+                assert_eq!(
+                    (file.as_str(), key.as_str()),
+                    ("g.toml", "limits.max-lines")
+                );
+            }
+            other => panic!("expected UnknownKey, got {other:?}"),
+        }
+        // Inline and dotted tables are located as well as a [limits] section.
+        for text in ["limits = { max-lines = 3 }", "limits.max-lines = 3"] {
+            assert_eq!(
+                file_error(text).to_string(),
+                "config file g.toml: unknown key \"limits.max-lines\"",
+                "{text:?}"
+            );
+        }
+        assert_eq!(
+            file_error("[foo]\nbar = 1").to_string(),
+            "config file g.toml: unknown key \"foo\""
+        );
+        // Flag spellings are not keys: `dry_run` is a typo for `dry-run`.
+        assert_eq!(
+            file_error("dry_run = true").to_string(),
+            "config file g.toml: unknown key \"dry_run\""
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        assert_eq!(
+            file_error("dry-run = \"yes\"").to_string(),
+            "config file g.toml: dry-run: invalid type: string \"yes\", expected a boolean"
+        );
+        assert_eq!(
+            file_error("delay = true").to_string(),
+            "config file g.toml: delay: invalid type: boolean `true`, expected a duration (a number of seconds, or a string such as \"5m\")"
+        );
+        match file_error("[limits]\nmax-line = \"big\"\n") {
+            ConfigError::FileValue { key, .. } => assert_eq!(key, "limits.max-line"),
+            other => panic!("expected FileValue, got {other:?}"),
+        }
+        match file_error("allow = [\"10.0.0.0/8\", 5]") {
+            ConfigError::FileValue { key, .. } => assert_eq!(key, "allow[1]"),
+            other => panic!("expected FileValue, got {other:?}"),
+        }
+        match file_error("ipv4-prefix = 300") {
+            ConfigError::FileValue { key, message, .. } => {
+                assert_eq!(key, "ipv4-prefix");
+                assert_eq!(message, "invalid value: integer `300`, expected u8");
+            }
+            other => panic!("expected FileValue, got {other:?}"),
+        }
+        // Serde alone would read `limits = [512]` as `max-line = 512`: only a table is taken.
+        for text in ["limits = 5", "limits = [512]", "[[limits]]\nmax-line = 512"] {
+            assert_eq!(
+                file_error(text).to_string(),
+                "config file g.toml: limits: must be a table: a [limits] line followed by its keys",
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_error_gives_line_and_column() {
+        match file_error("delay = 300\nnative = \n") {
+            ConfigError::Parse { file, line, .. } => {
+                assert_eq!((file.as_str(), line), ("g.toml", 2));
+            }
+            other => panic!("expected Parse, got {other:?}"),
+        }
+        match file_error("delay = 300\ndelay = 400\n") {
+            ConfigError::Parse { line, column, .. } => assert_eq!((line, column), (2, 1)),
+            other => panic!("expected Parse, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_file_names_it() {
+        let missing = std::env::temp_dir().join("greyhound-no-such-dir/none.toml");
+        let args = serve_args(&["--config", missing.to_str().unwrap()]);
+        match Config::load(&args).unwrap_err() {
+            ConfigError::Read { file, error } => {
+                assert_eq!(file, missing.display().to_string());
+                assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("expected Read, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn validation_boundaries() {
+        let ok = Config::default;
+        let mut c = ok();
+        c.ipv4_prefix = 32;
+        c.ipv6_prefix = 128;
+        assert!(c.validate().is_ok());
+        c.ipv4_prefix = 33;
+        assert_eq!(invalid_key(&c), "ipv4-prefix");
+        let mut c = ok();
+        c.ipv6_prefix = 129;
+        assert_eq!(invalid_key(&c), "ipv6-prefix");
+
+        let mut c = ok();
+        c.limits.max_line = 1024;
+        assert!(c.validate().is_ok());
+        c.limits.max_line = 1025;
+        assert_eq!(invalid_key(&c), "limits.max-line");
+        c.limits.max_line = 64;
+        assert!(c.validate().is_ok());
+        c.limits.max_line = 63;
+        assert_eq!(invalid_key(&c), "limits.max-line");
+
+        let mut c = ok();
+        c.retry_window_secs = c.delay_secs;
+        assert!(c.validate().is_ok());
+        c.retry_window_secs = c.delay_secs - 1;
+        assert_eq!(invalid_key(&c), "retry-window");
+
+        let mut c = ok();
+        c.whitelist_ttl_secs = 1;
+        assert!(c.validate().is_ok());
+        c.whitelist_ttl_secs = 0;
+        assert_eq!(invalid_key(&c), "whitelist-ttl");
+
+        let mut c = ok();
+        c.awl_ttl_secs = MAX_DURATION_SECS;
+        assert!(c.validate().is_ok());
+        c.awl_ttl_secs = MAX_DURATION_SECS + 1;
+        assert_eq!(invalid_key(&c), "awl-ttl");
+
+        let mut c = ok();
+        c.awl_clients = 65_535;
+        assert!(c.validate().is_ok());
+        c.awl_clients = 65_536;
+        assert_eq!(invalid_key(&c), "awl-clients");
+
+        let mut c = ok();
+        c.snapshot_interval_secs = 1;
+        assert!(c.validate().is_ok());
+        c.snapshot_interval_secs = 0;
+        assert_eq!(invalid_key(&c), "snapshot-interval");
+
+        let mut c = ok();
+        c.limits.udp_max_datagram = 512;
+        assert!(c.validate().is_ok());
+        c.limits.udp_max_datagram = 511;
+        assert_eq!(invalid_key(&c), "limits.udp-max-datagram");
+        c.limits.udp_max_datagram = 65_508;
+        assert_eq!(invalid_key(&c), "limits.udp-max-datagram");
+
+        let mut c = ok();
+        c.limits.policy_max_block = 1_048_576;
+        assert!(c.validate().is_ok());
+        c.limits.policy_max_block = 1_048_577;
+        assert_eq!(invalid_key(&c), "limits.policy-max-block");
+        c.limits.policy_max_block = 1023;
+        assert_eq!(invalid_key(&c), "limits.policy-max-block");
+
+        let mut c = ok();
+        c.limits.max_connections = 0;
+        assert_eq!(invalid_key(&c), "limits.max-connections");
+        let mut c = ok();
+        c.limits.requests_per_read = 0;
+        assert_eq!(invalid_key(&c), "limits.requests-per-read");
+        let mut c = ok();
+        c.limits.policy_max_attributes = 31;
+        assert_eq!(invalid_key(&c), "limits.policy-max-attributes");
+        let mut c = ok();
+        c.limits.idle_timeout_secs = 0;
+        assert_eq!(invalid_key(&c), "limits.idle-timeout");
+    }
+
+    #[test]
+    fn validation_of_texts_and_lists() {
+        let mut c = Config::default();
+        c.allow.clear();
+        assert_eq!(invalid_key(&c), "allow");
+
+        let mut c = Config::default();
+        c.greylist_text.clear();
+        assert_eq!(invalid_key(&c), "greylist-text");
+        c.greylist_text = "line one\r\nX-Injected: yes".to_owned();
+        assert_eq!(invalid_key(&c), "greylist-text");
+        c.greylist_text = "x".repeat(MAX_GREYLIST_TEXT);
+        assert!(c.validate().is_ok());
+        c.greylist_text.push('x');
+        assert_eq!(invalid_key(&c), "greylist-text");
+
+        let mut c = Config {
+            hostname: "mx1.example.net".to_owned(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        c.hostname = "mx1 example".to_owned();
+        assert_eq!(invalid_key(&c), "hostname");
+
+        let mut c = Config {
+            log_level: "verbose".to_owned(),
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&c), "log-level");
+        for level in LOG_LEVELS {
+            c.log_level = level.to_owned();
+            assert!(c.validate().is_ok(), "{level}");
+        }
+
+        let c = Config {
+            data_dir: PathBuf::new(),
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&c), "data-dir");
+
+        let c = Config {
+            whitelist_senders: vec![PathBuf::from("/ok"), PathBuf::new()],
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&c), "whitelist-senders");
+    }
+
+    #[test]
+    fn listeners_on_one_port_are_refused() {
+        let mut c = Config {
+            metrics: addr("127.0.0.1:10030"),
+            ..Config::default()
+        };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "native (127.0.0.1:10030) uses the same TCP port as metrics (127.0.0.1:10030)"
+        );
+        c.metrics = addr("0.0.0.0:10023");
+        assert_eq!(invalid_key(&c), "metrics");
+        // Another address, another family, or port 0 (the OS chooses) do not clash.
+        c.metrics = addr("127.0.0.2:10030");
+        assert!(c.validate().is_ok());
+        c.metrics = addr("[::]:10030");
+        assert!(c.validate().is_ok());
+        c.native = addr("127.0.0.1:0");
+        c.metrics = addr("127.0.0.1:0");
+        c.policy = PolicyAddr::Tcp(addr("127.0.0.1:0"));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn validation_messages_read_as_designed() {
+        let err = Config::from_toml("g.toml", "retry-window = \"1m\"\ndelay = \"5m\"").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "retry-window (1m) is shorter than delay (5m): no retry could ever pass"
+        );
+        // A flag can repair what the file alone gets wrong: validation comes last.
+        let file = TempFile::new("repair", "retry-window = \"1m\"\n");
+        let c = Config::load(&serve_args(&["--config", file.path(), "--delay", "30s"])).unwrap();
+        assert_eq!((c.delay_secs, c.retry_window_secs), (30, 60));
+        let err = Config::load(&serve_args(&["--ipv4-prefix", "33"])).unwrap_err();
+        assert_eq!(err.to_string(), "ipv4-prefix (33) must be between 0 and 32");
+    }
+
+    #[test]
+    fn every_error_is_one_line() {
+        let nasty = "a\nb";
+        let errors = vec![
+            Config::from_toml("dir/with\nnewline.toml", "dely = 1").unwrap_err(),
+            file_error("\"bad\nkey\" = 1"),
+            file_error("delay = \"5\n\"\"\""),
+            file_error("native = \"a\\nb\""),
+            file_error("[limits]\nmax-line = \"x\""),
+            file_error("delay = 300\ndelay ="),
+            file_error("greylist-text = \"a\\u0007b\""),
+            file_error("hostname = \"mx\\nX-Evil: 1\""),
+            Config::load(&serve_args(&["--native", nasty])).unwrap_err(),
+            Config::load(&serve_args(&["--delay", nasty])).unwrap_err(),
+            Config::load(&serve_args(&["--policy", "unix:/a\0b"])).unwrap_err(),
+            Config::load(&serve_args(&["--greylist-text", nasty])).unwrap_err(),
+            Config::load(&serve_args(&["--config", "/nonexistent/\n.toml"])).unwrap_err(),
+        ];
+        for err in errors {
+            let text = err.to_string();
+            assert!(!text.is_empty());
+            assert!(!text.contains(['\n', '\r']), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn shipped_example_is_the_defaults_and_sets_every_key() {
+        let example = include_str!("../config/greyhound.toml");
+        assert_eq!(
+            Config::from_toml("greyhound.toml", example).unwrap(),
+            Config::default()
+        );
+        // Destructured in full so that a new key fails here until the example documents it.
+        let FileConfig {
+            native,
+            policy,
+            metrics,
+            data_dir,
+            snapshot_interval,
+            delay,
+            retry_window,
+            whitelist_ttl,
+            awl_clients,
+            awl_interval,
+            awl_ttl,
+            ipv4_prefix,
+            ipv6_prefix,
+            allow,
+            dry_run,
+            greylist_text,
+            x_greylist_header,
+            hostname,
+            whitelist_clients,
+            whitelist_senders,
+            whitelist_recipients,
+            log_level,
+            limits,
+        } = toml::from_str(example).unwrap();
+        let FileLimits {
+            max_line,
+            max_connections,
+            idle_timeout,
+            requests_per_read,
+            udp_max_datagram,
+            policy_max_block,
+            policy_max_attributes,
+        } = limits.expect("the example has a [limits] table");
+        let present = [
+            ("native", native.is_some()),
+            ("policy", policy.is_some()),
+            ("metrics", metrics.is_some()),
+            ("data-dir", data_dir.is_some()),
+            ("snapshot-interval", snapshot_interval.is_some()),
+            ("delay", delay.is_some()),
+            ("retry-window", retry_window.is_some()),
+            ("whitelist-ttl", whitelist_ttl.is_some()),
+            ("awl-clients", awl_clients.is_some()),
+            ("awl-interval", awl_interval.is_some()),
+            ("awl-ttl", awl_ttl.is_some()),
+            ("ipv4-prefix", ipv4_prefix.is_some()),
+            ("ipv6-prefix", ipv6_prefix.is_some()),
+            ("allow", allow.is_some()),
+            ("dry-run", dry_run.is_some()),
+            ("greylist-text", greylist_text.is_some()),
+            ("x-greylist-header", x_greylist_header.is_some()),
+            ("hostname", hostname.is_some()),
+            ("whitelist-clients", whitelist_clients.is_some()),
+            ("whitelist-senders", whitelist_senders.is_some()),
+            ("whitelist-recipients", whitelist_recipients.is_some()),
+            ("log-level", log_level.is_some()),
+            ("limits.max-line", max_line.is_some()),
+            ("limits.max-connections", max_connections.is_some()),
+            ("limits.idle-timeout", idle_timeout.is_some()),
+            ("limits.requests-per-read", requests_per_read.is_some()),
+            ("limits.udp-max-datagram", udp_max_datagram.is_some()),
+            ("limits.policy-max-block", policy_max_block.is_some()),
+            (
+                "limits.policy-max-attributes",
+                policy_max_attributes.is_some(),
+            ),
+        ];
+        let missing: Vec<&str> = present
+            .iter()
+            .filter(|(_, is_set)| !is_set)
+            .map(|(key, _)| *key)
+            .collect();
+        assert_eq!(missing, Vec::<&str>::new(), "keys missing from the example");
+    }
+}

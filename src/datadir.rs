@@ -1,0 +1,164 @@
+//! The data directory: where the hash secret (and, later, snapshots) live.
+//!
+//! The secret keys every record's hash. It is made once, on the first start in an empty
+//! directory, and reused by every later start: a new secret would orphan every stored record.
+//! So a directory that has other files but no key, or a key file that is damaged, is an error
+//! with a clear message — never a silently regenerated key.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::engine::HashSecret;
+
+/// File name of the secret inside the data directory.
+pub const KEY_FILE: &str = "hash.key";
+
+/// A data directory problem, naming the path.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    /// Filesystem error.
+    #[error("data directory {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The key file exists but is not a valid key.
+    #[error("data directory: key file {path} is damaged ({problem}); restore it from a backup — a new key would orphan every stored record")]
+    DamagedKey {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Files are present but the key is missing.
+    #[error("data directory {path} holds files but no {KEY_FILE}; restore the key from a backup, or point --data-dir at an empty directory")]
+    MissingKey {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Opens (creating if needed) the data directory and returns its secret.
+pub fn open(dir: &Path) -> Result<HashSecret, DataDirError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let key_path = dir.join(KEY_FILE);
+    match fs::read_to_string(&key_path) {
+        Ok(text) => parse_key(&text).map_err(|problem| DataDirError::DamagedKey {
+            path: key_path.clone(),
+            problem,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let others = fs::read_dir(dir)
+                .map_err(io_err(dir))?
+                .filter_map(Result::ok)
+                .any(|e| !e.file_name().to_string_lossy().starts_with('.'));
+            if others {
+                return Err(DataDirError::MissingKey {
+                    path: dir.to_path_buf(),
+                });
+            }
+            create_key(dir, &key_path)
+        }
+        Err(e) => Err(io_err(&key_path)(e)),
+    }
+}
+
+fn parse_key(text: &str) -> Result<HashSecret, String> {
+    let hex = text.trim();
+    if hex.len() != 32 {
+        return Err(format!(
+            "expected 32 hexadecimal digits, found {} characters",
+            hex.len()
+        ));
+    }
+    let mut key = [0u8; 16];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| "not hexadecimal".to_string())?;
+    }
+    Ok(HashSecret(key))
+}
+
+fn create_key(dir: &Path, key_path: &Path) -> Result<HashSecret, DataDirError> {
+    let mut key = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(io_err(Path::new("/dev/urandom")))?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    // Written to a temporary name, synced, then renamed: a crash never leaves a half key.
+    let tmp = dir.join(format!(".{KEY_FILE}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io_err(&tmp))?;
+    f.write_all(format!("{hex}\n").as_bytes())
+        .map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, key_path).map_err(io_err(key_path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(HashSecret(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("greyhound-datadir-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn first_start_makes_a_private_key_and_later_starts_reuse_it() {
+        let d = temp_dir("reuse");
+        let a = open(&d).unwrap();
+        let b = open(&d).unwrap();
+        assert_eq!(a, b);
+        let mode = fs::metadata(d.join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            fs::read_to_string(d.join(KEY_FILE)).unwrap().trim().len(),
+            32
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn damaged_or_missing_key_is_an_error_not_a_new_key() {
+        let d = temp_dir("damaged");
+        open(&d).unwrap();
+        fs::write(d.join(KEY_FILE), "zz\n").unwrap();
+        let e = open(&d).unwrap_err().to_string();
+        assert!(e.contains("damaged") && e.contains("hash.key"), "{e}");
+        fs::write(d.join(KEY_FILE), "0123456789abcdef0123456789abcdeg\n").unwrap();
+        assert!(open(&d)
+            .unwrap_err()
+            .to_string()
+            .contains("not hexadecimal"));
+        fs::remove_file(d.join(KEY_FILE)).unwrap();
+        fs::write(d.join("snapshot-1.ghs"), b"x").unwrap();
+        let e = open(&d).unwrap_err().to_string();
+        assert!(e.contains("no hash.key"), "{e}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

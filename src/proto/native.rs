@@ -1,0 +1,1382 @@
+//! Greyhound's native line protocol: one request per line, one reply per line.
+//!
+//! ```text
+//! [ID ]CHECK <client-ip> <sender> <recipient> [helo=<name>] [name=<client-hostname>] [auth=<user>]
+//! [ID ]PEEK  <client-ip> <sender> <recipient> [same options as CHECK]
+//! [ID ]PING
+//!
+//! [ID ]DEFER <seconds-left> <text>
+//! [ID ]PASS <reason>
+//! [ID ]PONG
+//! [ID ]ERR <code> <text>
+//! ```
+//!
+//! The codec is sans-IO so the same code serves TCP streams, UDP datagrams
+//! and tests: [`parse`] looks at the front of a receive buffer, [`parse_line`]
+//! at one line (a datagram), and [`encode`] / [`encode_within`] append a reply
+//! to a caller's send buffer. It sits on the hot path, so parsing borrows
+//! every string from the input and never allocates, and encoding only ever
+//! grows the caller's `Vec`.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::str::SplitAsciiWhitespace;
+
+/// Longest request line accepted, in bytes, not counting the `\n` or `\r\n`
+/// terminator.
+pub const MAX_LINE: usize = 1024;
+
+/// Longest request ID, in ASCII digits. Twenty digits hold every `u64`, so a
+/// client can number its requests with a plain counter.
+pub const MAX_ID: usize = 20;
+
+/// The greylisting triplet (plus the optional context) of a `CHECK` or `PEEK`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Triplet<'a> {
+    /// Address of the SMTP client that wants to deliver.
+    pub client: IpAddr,
+    /// Envelope sender without angle brackets; `""` is the null sender `<>`.
+    pub sender: &'a str,
+    /// Envelope recipient without angle brackets; never empty.
+    pub recipient: &'a str,
+    /// `helo=` option: the name the client gave in HELO/EHLO.
+    pub helo: Option<&'a str>,
+    /// `name=` option: the client's verified reverse DNS name.
+    pub name: Option<&'a str>,
+    /// `auth=` option: the SASL user name if the client authenticated.
+    pub auth: Option<&'a str>,
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// Decide on the triplet and record the attempt.
+    Check(Triplet<'a>),
+    /// Decide on the triplet without recording anything.
+    Peek(Triplet<'a>),
+    /// Liveness probe, answered `PONG`.
+    Ping,
+}
+
+/// One parsed request line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// The client's request ID (1–20 ASCII digits), to be echoed in the reply.
+    pub id: Option<&'a str>,
+    /// What the client asks for.
+    pub command: Command<'a>,
+}
+
+/// Why a line was refused; each has a stable short code used on the wire
+/// (`as_code()`) and a short human text (`text()`, also its `Display`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ErrorKind {
+    /// The line is longer than the line limit.
+    #[error("{}", self.text())]
+    TooLong,
+    /// The line is not valid UTF-8.
+    #[error("{}", self.text())]
+    BadUtf8,
+    /// The line holds a control character (other than tab) or DEL.
+    #[error("{}", self.text())]
+    Control,
+    /// The line is empty or only whitespace.
+    #[error("{}", self.text())]
+    Empty,
+    /// The verb is none of `CHECK`, `PEEK`, `PING`.
+    #[error("{}", self.text())]
+    UnknownVerb,
+    /// Wrong number of arguments for the verb.
+    #[error("{}", self.text())]
+    BadArgs,
+    /// The ID has more than [`MAX_ID`] digits.
+    #[error("{}", self.text())]
+    BadId,
+    /// The client IP address does not parse.
+    #[error("{}", self.text())]
+    BadIp,
+    /// The sender or recipient is malformed (unbalanced brackets, empty recipient).
+    #[error("{}", self.text())]
+    BadAddress,
+    /// An option key is unknown, empty or repeated.
+    #[error("{}", self.text())]
+    BadOption,
+}
+
+impl ErrorKind {
+    /// Every kind, in declaration order; handy for metrics labels and tests.
+    pub const ALL: [ErrorKind; 10] = [
+        ErrorKind::TooLong,
+        ErrorKind::BadUtf8,
+        ErrorKind::Control,
+        ErrorKind::Empty,
+        ErrorKind::UnknownVerb,
+        ErrorKind::BadArgs,
+        ErrorKind::BadId,
+        ErrorKind::BadIp,
+        ErrorKind::BadAddress,
+        ErrorKind::BadOption,
+    ];
+
+    /// The stable machine-readable code sent after `ERR`; clients may match on it.
+    #[must_use]
+    pub const fn as_code(self) -> &'static str {
+        match self {
+            ErrorKind::TooLong => "too-long",
+            ErrorKind::BadUtf8 => "bad-utf8",
+            ErrorKind::Control => "control-char",
+            ErrorKind::Empty => "empty",
+            ErrorKind::UnknownVerb => "unknown-verb",
+            ErrorKind::BadArgs => "bad-args",
+            ErrorKind::BadId => "bad-id",
+            ErrorKind::BadIp => "bad-ip",
+            ErrorKind::BadAddress => "bad-address",
+            ErrorKind::BadOption => "bad-option",
+        }
+    }
+
+    /// Short human text sent after the code; may change between versions.
+    #[must_use]
+    pub const fn text(self) -> &'static str {
+        match self {
+            // Spelled out rather than formatted so encoding needs no allocation;
+            // a test keeps it in step with MAX_LINE.
+            ErrorKind::TooLong => "line longer than 1024 bytes",
+            ErrorKind::BadUtf8 => "line is not valid UTF-8",
+            ErrorKind::Control => "control character in line",
+            ErrorKind::Empty => "empty line",
+            ErrorKind::UnknownVerb => "unknown verb, expected CHECK, PEEK or PING",
+            ErrorKind::BadArgs => "wrong number of arguments",
+            ErrorKind::BadId => "ID must be 1 to 20 digits",
+            ErrorKind::BadIp => "malformed client IP address",
+            ErrorKind::BadAddress => "malformed sender or recipient",
+            ErrorKind::BadOption => "unknown, empty or repeated option",
+        }
+    }
+}
+
+/// A refused line: what was wrong, and the ID to echo so the client can
+/// match the `ERR` reply (UDP answers may arrive out of order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineError<'a> {
+    /// The line's ID, if its first token was a valid ID.
+    pub id: Option<&'a str>,
+    /// Why the line was refused.
+    pub kind: ErrorKind,
+}
+
+/// Result of looking at the front of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// No complete line yet and the line can still be valid: read more.
+    Incomplete,
+    /// One complete line, parsed or refused. A line that is too long but whose
+    /// terminator is already buffered also comes back here, as
+    /// [`ErrorKind::TooLong`], so the caller needs no discard state for it.
+    Line {
+        /// Bytes to drop from the buffer, terminator included.
+        consumed: usize,
+        /// The request, or why it was refused (answer `ERR`, keep serving).
+        parsed: Result<Request<'a>, LineError<'a>>,
+    },
+    /// More than `max_line` bytes without a terminator: the caller answers
+    /// `ERR too-long` once, drops `consumed` bytes, then feeds what follows to
+    /// [`skip_line`] until it reports the line end.
+    TooLong {
+        /// Bytes to drop now; they never include a `\n`, so the rest of the
+        /// line is still ahead for [`skip_line`].
+        consumed: usize,
+    },
+}
+
+/// Looks for one line at the front of `buf`, accepting lines of at most
+/// `max_line` bytes (normally [`MAX_LINE`]) before the `\n` or `\r\n`.
+///
+/// Never scans more than `max_line + 2` bytes, so a flood without newlines
+/// costs no more than one maximal line.
+#[must_use]
+pub fn parse(buf: &[u8], max_line: usize) -> Frame<'_> {
+    // A maximal line plus "\r\n" is the longest prefix that can still be valid.
+    let window = &buf[..buf.len().min(max_line.saturating_add(2))];
+    if let Some(end) = window.iter().position(|&b| b == b'\n') {
+        let line = strip_cr(&buf[..end]);
+        let parsed = if line.len() > max_line {
+            Err(LineError {
+                id: leading_id(line),
+                kind: ErrorKind::TooLong,
+            })
+        } else {
+            parse_line(line)
+        };
+        return Frame::Line {
+            consumed: end + 1,
+            parsed,
+        };
+    }
+    // No terminator in view. Byte `max_line` may only be the '\r' of a
+    // "\r\n" whose '\n' has not arrived yet; anything else proves the line
+    // too long without waiting for more input.
+    let too_long = match buf.get(max_line) {
+        None => false,
+        Some(&b'\r') => buf.len() > max_line + 1,
+        Some(_) => true,
+    };
+    if too_long {
+        Frame::TooLong {
+            consumed: window.len(),
+        }
+    } else {
+        Frame::Incomplete
+    }
+}
+
+/// After [`Frame::TooLong`]: drop input until the end of that line. Returns
+/// (bytes to drop, whether the line end was found); while it is `false`,
+/// drop everything and call again with the next bytes read.
+#[must_use]
+pub fn skip_line(buf: &[u8]) -> (usize, bool) {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) => (end + 1, true),
+        None => (buf.len(), false),
+    }
+}
+
+/// Parses one line without its terminator (used by [`parse`], and for UDP,
+/// where a datagram may end without `\n`: strip an optional trailing `\n` /
+/// `\r\n` and check the length against [`MAX_LINE`] first, since this
+/// function applies no length limit of its own).
+///
+/// # Errors
+///
+/// A [`LineError`] carrying the kind of fault and, when the line's first
+/// token is a valid ID, that ID, so the `ERR` reply can echo it.
+pub fn parse_line(line: &[u8]) -> Result<Request<'_>, LineError<'_>> {
+    // The ID is only looked for again on the (rare) error path.
+    let fail = |kind| LineError {
+        id: leading_id(line),
+        kind,
+    };
+    // Checked on bytes before UTF-8 so a CR or NUL is reported as such.
+    if line.iter().any(|&b| is_forbidden(b)) {
+        return Err(fail(ErrorKind::Control));
+    }
+    let text = std::str::from_utf8(line).map_err(|_| fail(ErrorKind::BadUtf8))?;
+    // Control bytes are gone, so ASCII whitespace here means spaces and tabs.
+    let mut tokens = text.split_ascii_whitespace();
+    let first = tokens.next().ok_or_else(|| fail(ErrorKind::Empty))?;
+    // No verb is made of digits, so a digits-only first token is the ID.
+    let (id, verb) = if is_digits(first) {
+        if first.len() > MAX_ID {
+            return Err(fail(ErrorKind::BadId));
+        }
+        let verb = tokens.next().ok_or_else(|| fail(ErrorKind::BadArgs))?;
+        (Some(first), verb)
+    } else {
+        (None, first)
+    };
+    let command = if verb.eq_ignore_ascii_case("CHECK") {
+        Command::Check(parse_triplet(tokens).map_err(fail)?)
+    } else if verb.eq_ignore_ascii_case("PEEK") {
+        Command::Peek(parse_triplet(tokens).map_err(fail)?)
+    } else if verb.eq_ignore_ascii_case("PING") {
+        if tokens.next().is_some() {
+            return Err(fail(ErrorKind::BadArgs));
+        }
+        Command::Ping
+    } else {
+        return Err(fail(ErrorKind::UnknownVerb));
+    };
+    Ok(Request { id, command })
+}
+
+/// Parses `<client-ip> <sender> <recipient> [key=value ...]`. The shape of the
+/// line (argument count, options) is checked before the contents, so a client
+/// that mixed up the argument order hears `bad-args` rather than a misleading
+/// `bad-ip`.
+fn parse_triplet(mut tokens: SplitAsciiWhitespace<'_>) -> Result<Triplet<'_>, ErrorKind> {
+    let (Some(ip), Some(sender), Some(recipient)) = (tokens.next(), tokens.next(), tokens.next())
+    else {
+        return Err(ErrorKind::BadArgs);
+    };
+    let (mut helo, mut name, mut auth) = (None, None, None);
+    for token in tokens {
+        // A fourth bare word is an extra argument, not an option.
+        let (key, value) = token.split_once('=').ok_or(ErrorKind::BadArgs)?;
+        let slot = if key.eq_ignore_ascii_case("helo") {
+            &mut helo
+        } else if key.eq_ignore_ascii_case("name") {
+            &mut name
+        } else if key.eq_ignore_ascii_case("auth") {
+            &mut auth
+        } else {
+            return Err(ErrorKind::BadOption);
+        };
+        // Refused rather than "last wins": two values mean a confused client.
+        if slot.is_some() {
+            return Err(ErrorKind::BadOption);
+        }
+        *slot = Some(value);
+    }
+    let client = parse_ip(ip).ok_or(ErrorKind::BadIp)?;
+    let sender = parse_address(sender).ok_or(ErrorKind::BadAddress)?;
+    let recipient = parse_address(recipient)
+        .filter(|r| !r.is_empty())
+        .ok_or(ErrorKind::BadAddress)?;
+    Ok(Triplet {
+        client,
+        sender,
+        recipient,
+        helo,
+        name,
+        auth,
+    })
+}
+
+/// Plain IPv4/IPv6 as std parses them (no zone ids), or IPv6 in brackets as
+/// in SMTP address literals. Brackets exist to fence IPv6 colons, so
+/// `[192.0.2.1]` is refused as a sign of a confused client.
+fn parse_ip(token: &str) -> Option<IpAddr> {
+    match token.strip_prefix('[') {
+        Some(rest) => rest
+            .strip_suffix(']')?
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(IpAddr::V6),
+        None => token.parse().ok(),
+    }
+}
+
+/// `a@b` or `<a@b>` → `a@b`, `<>` → `""`. Any other `<` or `>` means
+/// unbalanced or nested brackets.
+fn parse_address(token: &str) -> Option<&str> {
+    let inner = match token.strip_prefix('<') {
+        Some(rest) => rest.strip_suffix('>')?,
+        None => token,
+    };
+    if inner.contains(['<', '>']) {
+        None
+    } else {
+        Some(inner)
+    }
+}
+
+/// The first token if it is a valid ID, found on raw bytes so that errors
+/// caught before tokenizing (control characters, bad UTF-8, length) still
+/// echo it.
+fn leading_id(line: &[u8]) -> Option<&str> {
+    let is_blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !is_blank(b))?;
+    let rest = &line[start..];
+    let token = &rest[..rest.iter().position(is_blank).unwrap_or(rest.len())];
+    if (1..=MAX_ID).contains(&token.len()) && token.iter().all(u8::is_ascii_digit) {
+        std::str::from_utf8(token).ok()
+    } else {
+        None
+    }
+}
+
+fn is_digits(token: &str) -> bool {
+    token.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// C0 controls except tab (a separator) and DEL are refused anywhere in a line.
+fn is_forbidden(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// A reply to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply<'a> {
+    /// Greylisted: try again later.
+    Defer {
+        /// Seconds until a retry would be accepted.
+        seconds: u32,
+        /// Human text (the expanded greylist template); may be shortened.
+        text: &'a str,
+    },
+    /// Accepted.
+    Pass {
+        /// Machine-readable reason: `retried`, `known`, `awl`, `exempt:<list>`,
+        /// `auth` or `dry-run`; never shortened.
+        reason: &'a str,
+    },
+    /// Answer to `PING`.
+    Pong,
+    /// The request was refused; the connection stays open.
+    Err {
+        /// Why; sent as `<code> <human text>`.
+        kind: ErrorKind,
+    },
+}
+
+/// A reply split into what may never be shortened and what may.
+struct Parts<'r> {
+    keyword: &'static str,
+    /// Sent after one space unless empty; never cut.
+    fixed: &'r str,
+    /// Sent after one space unless empty; cut first when space is short.
+    text: &'r str,
+}
+
+impl<'r> Parts<'r> {
+    fn of(reply: &Reply<'r>, digits: &'r mut [u8; 10]) -> Self {
+        match *reply {
+            Reply::Defer { seconds, text } => Parts {
+                keyword: "DEFER",
+                fixed: format_u32(seconds, digits),
+                text,
+            },
+            Reply::Pass { reason } => Parts {
+                keyword: "PASS",
+                fixed: reason,
+                text: "",
+            },
+            Reply::Pong => Parts {
+                keyword: "PONG",
+                fixed: "",
+                text: "",
+            },
+            Reply::Err { kind } => Parts {
+                keyword: "ERR",
+                fixed: kind.as_code(),
+                text: kind.text(),
+            },
+        }
+    }
+}
+
+/// Appends `[ID ]<reply>\n`. `ERR` lines are `ERR <code> <human text>`.
+/// Control characters in any text are replaced by a space so one reply is
+/// always one line; an empty text leaves no trailing space.
+pub fn encode(id: Option<&str>, reply: &Reply<'_>, out: &mut Vec<u8>) {
+    // With an unlimited budget every reply fits, so the result carries no news.
+    let _always_fits = encode_within(id, reply, usize::MAX, out);
+}
+
+/// Like [`encode`], but the encoded line (with `\n`) must fit in `budget`
+/// bytes. The `DEFER`/`ERR` human text is shortened at a UTF-8 character
+/// boundary, down to nothing (`[ID ]DEFER <seconds>\n`, `[ID ]ERR <code>\n`);
+/// returns `false` and appends nothing if even the shortest form does not
+/// fit. This keeps UDP replies no larger than their request (no
+/// amplification).
+#[must_use]
+pub fn encode_within(
+    id: Option<&str>,
+    reply: &Reply<'_>,
+    budget: usize,
+    out: &mut Vec<u8>,
+) -> bool {
+    let mut digits = [0u8; 10];
+    let parts = Parts::of(reply, &mut digits);
+    // An empty ID would start the line with a space; treat it as absent.
+    let id = id.filter(|id| !id.is_empty());
+    let id_len = id.map_or(0, |id| clean_len(id) + 1);
+    let fixed_len = if parts.fixed.is_empty() {
+        0
+    } else {
+        1 + clean_len(parts.fixed)
+    };
+    let shortest = id_len + parts.keyword.len() + fixed_len + 1;
+    if shortest > budget {
+        return false;
+    }
+    if let Some(id) = id {
+        push_clean(id, usize::MAX, out);
+        out.push(b' ');
+    }
+    out.extend_from_slice(parts.keyword.as_bytes());
+    if !parts.fixed.is_empty() {
+        out.push(b' ');
+        push_clean(parts.fixed, usize::MAX, out);
+    }
+    // What is left of the budget pays for the separating space and the text.
+    let room = budget - shortest;
+    if !parts.text.is_empty() && room > 1 {
+        out.push(b' ');
+        if push_clean(parts.text, room - 1, out) == 0 {
+            // Not even the first character fitted: no dangling space.
+            out.pop();
+        }
+    }
+    out.push(b'\n');
+    true
+}
+
+/// Length of `text` once control characters are replaced by one space each.
+fn clean_len(text: &str) -> usize {
+    text.chars()
+        .map(|c| if c.is_control() { 1 } else { c.len_utf8() })
+        .sum()
+}
+
+/// Appends at most `limit` bytes of `text`, cut at a character boundary, with
+/// each control character (C0, DEL, C1) replaced by a space; returns the
+/// bytes appended. Clean runs are copied whole to keep the common case cheap.
+fn push_clean(text: &str, limit: usize, out: &mut Vec<u8>) -> usize {
+    let bytes = text.as_bytes();
+    let mut written = 0;
+    let mut run = 0;
+    for (at, c) in text.char_indices() {
+        let control = c.is_control();
+        let width = if control { 1 } else { c.len_utf8() };
+        if written + width > limit {
+            out.extend_from_slice(&bytes[run..at]);
+            return written;
+        }
+        if control {
+            out.extend_from_slice(&bytes[run..at]);
+            out.push(b' ');
+            run = at + c.len_utf8();
+        }
+        written += width;
+    }
+    out.extend_from_slice(&bytes[run..]);
+    written
+}
+
+/// Decimal digits of `n` written into a stack buffer, so encoding numbers
+/// never allocates.
+fn format_u32(mut n: u32, buf: &mut [u8; 10]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        // `n % 10` is below 10, so the cast cannot truncate.
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written, so this cannot fail.
+    std::str::from_utf8(&buf[at..]).unwrap_or("0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
+    fn ok(line: &str) -> Request<'_> {
+        parse_line(line.as_bytes()).unwrap_or_else(|e| panic!("{line:?} refused: {e:?}"))
+    }
+
+    fn kind(line: &[u8]) -> ErrorKind {
+        parse_line(line).expect_err("line should be refused").kind
+    }
+
+    fn triplet(line: &str) -> Triplet<'_> {
+        match ok(line).command {
+            Command::Check(t) | Command::Peek(t) => t,
+            Command::Ping => panic!("{line:?} is a PING"),
+        }
+    }
+
+    fn enc(id: Option<&str>, reply: Reply<'_>) -> String {
+        let mut out = Vec::new();
+        encode(id, &reply, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn enc_within(id: Option<&str>, reply: Reply<'_>, budget: usize) -> Option<String> {
+        let mut out = b"old".to_vec();
+        let fits = encode_within(id, &reply, budget, &mut out);
+        assert_eq!(&out[..3], b"old", "earlier output must be kept");
+        if fits {
+            assert!(out.len() - 3 <= budget, "line exceeds budget {budget}");
+            Some(String::from_utf8(out[3..].to_vec()).unwrap())
+        } else {
+            assert_eq!(out, b"old", "nothing may be appended when it does not fit");
+            None
+        }
+    }
+
+    /// A CHECK line of exactly `len` bytes: the recipient's local part pads it.
+    fn check_line_of(len: usize) -> String {
+        let head = "CHECK 192.0.2.1 a@b.example ";
+        let tail = "@d.example";
+        let pad = len - head.len() - tail.len();
+        let line = format!("{head}{}{tail}", "r".repeat(pad));
+        assert_eq!(line.len(), len);
+        line
+    }
+
+    #[test]
+    fn round_trip_check_with_all_options() {
+        let t = Triplet {
+            client: v4(192, 0, 2, 1),
+            sender: "alice@a.example",
+            recipient: "bob@b.example",
+            helo: Some("mx.a.example"),
+            name: Some("mail.a.example"),
+            auth: Some("alice"),
+        };
+        // Written by hand the way a client would, then parsed back.
+        let line = format!(
+            "17 CHECK {} <{}> <{}> helo={} name={} auth={}",
+            t.client,
+            t.sender,
+            t.recipient,
+            t.helo.unwrap(),
+            t.name.unwrap(),
+            t.auth.unwrap()
+        );
+        assert_eq!(
+            ok(&line),
+            Request {
+                id: Some("17"),
+                command: Command::Check(t)
+            }
+        );
+    }
+
+    #[test]
+    fn peek_accepts_options_and_bare_addresses() {
+        assert_eq!(
+            ok("PEEK 198.51.100.7 a@b c@d auth=carol"),
+            Request {
+                id: None,
+                command: Command::Peek(Triplet {
+                    client: v4(198, 51, 100, 7),
+                    sender: "a@b",
+                    recipient: "c@d",
+                    helo: None,
+                    name: None,
+                    auth: Some("carol"),
+                })
+            }
+        );
+    }
+
+    #[test]
+    fn ping_with_and_without_id() {
+        assert_eq!(
+            ok("PING"),
+            Request {
+                id: None,
+                command: Command::Ping
+            }
+        );
+        assert_eq!(
+            ok("0042 PING"),
+            Request {
+                id: Some("0042"),
+                command: Command::Ping
+            }
+        );
+    }
+
+    #[test]
+    fn verbs_are_case_insensitive() {
+        assert_eq!(ok("ping").command, Command::Ping);
+        assert_eq!(ok("Ping").command, Command::Ping);
+        assert!(matches!(
+            ok("check 192.0.2.1 a b").command,
+            Command::Check(_)
+        ));
+        assert!(matches!(
+            ok("Check 192.0.2.1 a b").command,
+            Command::Check(_)
+        ));
+        assert!(matches!(ok("pEeK 192.0.2.1 a b").command, Command::Peek(_)));
+    }
+
+    #[test]
+    fn option_keys_are_case_insensitive() {
+        assert_eq!(triplet("CHECK 192.0.2.1 a b HELO=x").helo, Some("x"));
+    }
+
+    #[test]
+    fn spaces_and_tabs_separate_tokens() {
+        let t = triplet(" \tCHECK \t 192.0.2.1\t\ta@b   c@d\thelo=h \t");
+        assert_eq!(t.client, v4(192, 0, 2, 1));
+        assert_eq!(t.sender, "a@b");
+        assert_eq!(t.recipient, "c@d");
+        assert_eq!(t.helo, Some("h"));
+    }
+
+    #[test]
+    fn null_sender_and_brackets() {
+        assert_eq!(triplet("CHECK 192.0.2.1 <> c@d").sender, "");
+        assert_eq!(triplet("CHECK 192.0.2.1 <a@b> <c@d>").sender, "a@b");
+        assert_eq!(triplet("CHECK 192.0.2.1 <a@b> <c@d>").recipient, "c@d");
+        // Postmaster without a domain is still an address.
+        assert_eq!(
+            triplet("CHECK 192.0.2.1 <> postmaster").recipient,
+            "postmaster"
+        );
+    }
+
+    #[test]
+    fn bad_addresses() {
+        for line in [
+            "CHECK 192.0.2.1 <a@b c@d",
+            "CHECK 192.0.2.1 a@b> c@d",
+            "CHECK 192.0.2.1 < c@d",
+            "CHECK 192.0.2.1 <<a@b>> c@d",
+            "CHECK 192.0.2.1 a<b@c c@d",
+            "CHECK 192.0.2.1 a@b <c@d",
+            "CHECK 192.0.2.1 a@b <>",
+        ] {
+            assert_eq!(kind(line.as_bytes()), ErrorKind::BadAddress, "{line}");
+        }
+    }
+
+    #[test]
+    fn ip_addresses() {
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(triplet("CHECK 2001:db8::1 a b").client, v6);
+        assert_eq!(triplet("CHECK [2001:db8::1] a b").client, v6);
+        assert_eq!(
+            triplet("CHECK ::ffff:192.0.2.1 a b").client,
+            "::ffff:192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        for bad in [
+            "300.1.2.3",
+            "1.2.3",
+            "01.2.3.4",
+            "fe80::1%eth0",
+            "[fe80::1%eth0]",
+            "[2001:db8::1",
+            "2001:db8::1]",
+            "[192.0.2.1]",
+            "[]",
+            "localhost",
+        ] {
+            let line = format!("CHECK {bad} a b");
+            assert_eq!(kind(line.as_bytes()), ErrorKind::BadIp, "{bad}");
+        }
+    }
+
+    #[test]
+    fn options() {
+        // The value is everything after the first '=' and may be empty.
+        assert_eq!(triplet("CHECK 192.0.2.1 a b auth=u=v").auth, Some("u=v"));
+        assert_eq!(triplet("CHECK 192.0.2.1 a b helo=").helo, Some(""));
+        assert_eq!(kind(b"CHECK 192.0.2.1 a b foo=1"), ErrorKind::BadOption);
+        assert_eq!(kind(b"CHECK 192.0.2.1 a b =1"), ErrorKind::BadOption);
+        assert_eq!(
+            kind(b"CHECK 192.0.2.1 a b helo=x helo=x"),
+            ErrorKind::BadOption
+        );
+        assert_eq!(
+            kind(b"CHECK 192.0.2.1 a b name=x NAME=y"),
+            ErrorKind::BadOption
+        );
+        assert_eq!(kind(b"PEEK 192.0.2.1 a b bogus=1"), ErrorKind::BadOption);
+    }
+
+    #[test]
+    fn argument_counts() {
+        assert_eq!(kind(b"CHECK"), ErrorKind::BadArgs);
+        assert_eq!(kind(b"CHECK 192.0.2.1"), ErrorKind::BadArgs);
+        assert_eq!(kind(b"CHECK 192.0.2.1 a"), ErrorKind::BadArgs);
+        assert_eq!(kind(b"CHECK 192.0.2.1 a b extra"), ErrorKind::BadArgs);
+        assert_eq!(kind(b"PEEK 192.0.2.1 a"), ErrorKind::BadArgs);
+        assert_eq!(kind(b"PING now"), ErrorKind::BadArgs);
+        // Shape before content: a bad IP with too few arguments is bad-args.
+        assert_eq!(kind(b"CHECK a@b c@d"), ErrorKind::BadArgs);
+        // An ID with no verb.
+        assert_eq!(kind(b"12"), ErrorKind::BadArgs);
+    }
+
+    #[test]
+    fn every_error_kind_is_reachable() {
+        let long = check_line_of(MAX_LINE + 1) + "\n";
+        let Frame::Line {
+            parsed: Err(too_long),
+            ..
+        } = parse(long.as_bytes(), MAX_LINE)
+        else {
+            panic!("expected a refused line");
+        };
+        let cases: [(ErrorKind, &[u8]); 9] = [
+            (ErrorKind::BadUtf8, b"CHECK 192.0.2.1 a\xff@b c@d"),
+            (ErrorKind::Control, b"CHECK 192.0.2.1 a\0b c@d"),
+            (ErrorKind::Empty, b""),
+            (ErrorKind::UnknownVerb, b"HELLO"),
+            (ErrorKind::BadArgs, b"CHECK 192.0.2.1 a@b"),
+            (ErrorKind::BadId, b"123456789012345678901 PING"),
+            (ErrorKind::BadIp, b"CHECK 192.0.2.300 a@b c@d"),
+            (ErrorKind::BadAddress, b"CHECK 192.0.2.1 <a@b c@d"),
+            (ErrorKind::BadOption, b"CHECK 192.0.2.1 a@b c@d x=1"),
+        ];
+        let mut seen = vec![too_long.kind];
+        for (want, line) in cases {
+            assert_eq!(kind(line), want, "{}", String::from_utf8_lossy(line));
+            seen.push(want);
+        }
+        assert_eq!(seen, ErrorKind::ALL);
+    }
+
+    #[test]
+    fn empty_and_blank_lines() {
+        assert_eq!(kind(b""), ErrorKind::Empty);
+        assert_eq!(kind(b"   "), ErrorKind::Empty);
+        assert_eq!(kind(b" \t "), ErrorKind::Empty);
+    }
+
+    #[test]
+    fn unknown_verbs() {
+        assert_eq!(kind(b"HELO x"), ErrorKind::UnknownVerb);
+        assert_eq!(kind(b"12a PING"), ErrorKind::UnknownVerb);
+        assert_eq!(kind(b"1 2 PING"), ErrorKind::UnknownVerb);
+    }
+
+    #[test]
+    fn control_characters() {
+        assert_eq!(kind(b"CHECK 192.0.2.1 a\rb c@d"), ErrorKind::Control);
+        assert_eq!(kind(b"CHECK 192.0.2.1 a@b c@d\0"), ErrorKind::Control);
+        assert_eq!(kind(b"PI\x7fNG"), ErrorKind::Control);
+        assert_eq!(kind(b"PING\x1b"), ErrorKind::Control);
+        // A datagram holding two lines is one line with a '\n' inside.
+        assert_eq!(kind(b"PING\nPING"), ErrorKind::Control);
+        // Control wins over UTF-8 so the client hears the more specific error.
+        assert_eq!(kind(b"PING \xff\0"), ErrorKind::Control);
+        // A CR before the CRLF terminator is inside the line.
+        let Frame::Line { parsed, consumed } = parse(b"PING\r\r\n", MAX_LINE) else {
+            panic!("expected a line");
+        };
+        assert_eq!(consumed, 7);
+        assert_eq!(parsed.unwrap_err().kind, ErrorKind::Control);
+    }
+
+    #[test]
+    fn invalid_utf8() {
+        assert_eq!(kind(b"PING \xc3"), ErrorKind::BadUtf8);
+        assert_eq!(
+            kind(b"CHECK 192.0.2.1 \xed\xa0\x80@b c@d"),
+            ErrorKind::BadUtf8
+        );
+        // Valid non-ASCII UTF-8 (SMTPUTF8 addresses) is fine.
+        assert_eq!(
+            triplet("CHECK 192.0.2.1 jörg@bücher.example c@d").sender,
+            "jörg@bücher.example"
+        );
+    }
+
+    #[test]
+    fn id_limits() {
+        let id19 = "1".repeat(MAX_ID - 1);
+        let id20 = "2".repeat(MAX_ID);
+        let id21 = "3".repeat(MAX_ID + 1);
+        assert_eq!(ok(&format!("{id19} PING")).id, Some(id19.as_str()));
+        assert_eq!(ok(&format!("{id20} PING")).id, Some(id20.as_str()));
+        assert_eq!(
+            parse_line(format!("{id21} PING").as_bytes()),
+            Err(LineError {
+                id: None,
+                kind: ErrorKind::BadId
+            })
+        );
+    }
+
+    #[test]
+    fn errors_echo_a_valid_id() {
+        let cases: [(&[u8], ErrorKind); 7] = [
+            (b"7 CHECK 192.0.2.1 a b x=1", ErrorKind::BadOption),
+            (b"7 FETCH", ErrorKind::UnknownVerb),
+            (b"7", ErrorKind::BadArgs),
+            (b"7 CHECK 999.0.2.1 a b", ErrorKind::BadIp),
+            (b"  7\tPI\0NG", ErrorKind::Control),
+            (b"7 PING \xff", ErrorKind::BadUtf8),
+            (b"7 CHECK 192.0.2.1 a <>", ErrorKind::BadAddress),
+        ];
+        for (line, kind) in cases {
+            assert_eq!(
+                parse_line(line),
+                Err(LineError {
+                    id: Some("7"),
+                    kind
+                }),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        // No echo when the first token is not a clean ID.
+        assert_eq!(parse_line(b"7\0 PING").unwrap_err().id, None);
+        assert_eq!(parse_line(b"x7 PING").unwrap_err().id, None);
+    }
+
+    #[test]
+    fn pipelined_buffer_with_partial_last_line() {
+        let buf = b"1 PING\r\n2 CHECK 192.0.2.1 <> b@c\nPEEK 192.0.2.9 a b\nbogus\n3 PI";
+        let mut rest = &buf[..];
+        let mut got = Vec::new();
+        loop {
+            match parse(rest, MAX_LINE) {
+                Frame::Line { consumed, parsed } => {
+                    got.push(parsed);
+                    rest = &rest[consumed..];
+                }
+                Frame::Incomplete => break,
+                Frame::TooLong { .. } => panic!("nothing here is too long"),
+            }
+        }
+        assert_eq!(rest, b"3 PI");
+        assert_eq!(got.len(), 4);
+        assert_eq!(
+            got[0],
+            Ok(Request {
+                id: Some("1"),
+                command: Command::Ping
+            })
+        );
+        let Ok(Request {
+            id: Some("2"),
+            command: Command::Check(t),
+        }) = got[1]
+        else {
+            panic!("second line: {:?}", got[1]);
+        };
+        assert_eq!((t.sender, t.recipient), ("", "b@c"));
+        assert!(matches!(
+            got[2],
+            Ok(Request {
+                id: None,
+                command: Command::Peek(_)
+            })
+        ));
+        assert_eq!(
+            got[3],
+            Err(LineError {
+                id: None,
+                kind: ErrorKind::UnknownVerb
+            })
+        );
+    }
+
+    #[test]
+    fn terminators() {
+        assert_eq!(parse(b"", MAX_LINE), Frame::Incomplete);
+        assert_eq!(parse(b"PING", MAX_LINE), Frame::Incomplete);
+        assert_eq!(parse(b"PING\r", MAX_LINE), Frame::Incomplete);
+        let ping = Ok(Request {
+            id: None,
+            command: Command::Ping,
+        });
+        assert_eq!(
+            parse(b"PING\n", MAX_LINE),
+            Frame::Line {
+                consumed: 5,
+                parsed: ping
+            }
+        );
+        assert_eq!(
+            parse(b"PING\r\nPING\n", MAX_LINE),
+            Frame::Line {
+                consumed: 6,
+                parsed: ping
+            }
+        );
+        let Frame::Line {
+            consumed: 1,
+            parsed,
+        } = parse(b"\n", MAX_LINE)
+        else {
+            panic!("expected an empty line");
+        };
+        assert_eq!(parsed.unwrap_err().kind, ErrorKind::Empty);
+        let Frame::Line {
+            consumed: 2,
+            parsed,
+        } = parse(b"\r\n", MAX_LINE)
+        else {
+            panic!("expected an empty line");
+        };
+        assert_eq!(parsed.unwrap_err().kind, ErrorKind::Empty);
+    }
+
+    #[test]
+    fn line_length_with_terminator_present() {
+        for term in ["\n", "\r\n"] {
+            for len in [MAX_LINE - 1, MAX_LINE] {
+                let buf = check_line_of(len) + term;
+                let frame = parse(buf.as_bytes(), MAX_LINE);
+                let Frame::Line {
+                    consumed,
+                    parsed: Ok(req),
+                } = frame
+                else {
+                    panic!("{len} bytes + {term:?}: {frame:?}");
+                };
+                assert_eq!(consumed, len + term.len());
+                assert!(matches!(req.command, Command::Check(_)));
+            }
+        }
+        // 1025 bytes + "\n" fits the scan window: refused as a whole line.
+        let buf = format!("5 {}\n", check_line_of(MAX_LINE - 1));
+        assert_eq!(
+            parse(buf.as_bytes(), MAX_LINE),
+            Frame::Line {
+                consumed: MAX_LINE + 2,
+                parsed: Err(LineError {
+                    id: Some("5"),
+                    kind: ErrorKind::TooLong
+                })
+            }
+        );
+        // 1025 bytes + "\r\n": the '\n' is beyond the window, so TooLong then skip.
+        let buf = check_line_of(MAX_LINE + 1) + "\r\nPING\n";
+        assert_eq!(
+            parse(buf.as_bytes(), MAX_LINE),
+            Frame::TooLong {
+                consumed: MAX_LINE + 2
+            }
+        );
+        let rest = &buf.as_bytes()[MAX_LINE + 2..];
+        assert_eq!(skip_line(rest), (1, true));
+        assert!(matches!(
+            parse(&rest[1..], MAX_LINE),
+            Frame::Line {
+                consumed: 5,
+                parsed: Ok(_)
+            }
+        ));
+    }
+
+    #[test]
+    fn line_length_before_terminator_arrives() {
+        let at = check_line_of(MAX_LINE);
+        let over = check_line_of(MAX_LINE + 1);
+        // 1023 and 1024 bytes: could still be valid.
+        assert_eq!(
+            parse(&at.as_bytes()[..MAX_LINE - 1], MAX_LINE),
+            Frame::Incomplete
+        );
+        assert_eq!(parse(at.as_bytes(), MAX_LINE), Frame::Incomplete);
+        // 1024 bytes + '\r': the '\n' may follow.
+        assert_eq!(
+            parse(format!("{at}\r").as_bytes(), MAX_LINE),
+            Frame::Incomplete
+        );
+        // 1025 bytes: too long at once.
+        assert_eq!(
+            parse(over.as_bytes(), MAX_LINE),
+            Frame::TooLong {
+                consumed: MAX_LINE + 1
+            }
+        );
+        // 1024 bytes + '\r' + something other than '\n'.
+        assert_eq!(
+            parse(format!("{at}\rx").as_bytes(), MAX_LINE),
+            Frame::TooLong {
+                consumed: MAX_LINE + 2
+            }
+        );
+        // A flood is never scanned past the window.
+        let flood = vec![b'x'; 100_000];
+        assert_eq!(
+            parse(&flood, MAX_LINE),
+            Frame::TooLong {
+                consumed: MAX_LINE + 2
+            }
+        );
+    }
+
+    #[test]
+    fn small_max_line() {
+        assert!(matches!(
+            parse(b"PING\n", 4),
+            Frame::Line {
+                consumed: 5,
+                parsed: Ok(_)
+            }
+        ));
+        assert!(matches!(
+            parse(b"PING \n", 4),
+            Frame::Line {
+                consumed: 6,
+                parsed: Err(LineError {
+                    kind: ErrorKind::TooLong,
+                    ..
+                })
+            }
+        ));
+        assert_eq!(parse(b"PINGS", 4), Frame::TooLong { consumed: 5 });
+        assert_eq!(parse(b"PINGSS", 4), Frame::TooLong { consumed: 6 });
+        assert_eq!(parse(b"PINGSSS\n", 4), Frame::TooLong { consumed: 6 });
+        assert_eq!(parse(b"PI", 0), Frame::TooLong { consumed: 2 });
+    }
+
+    #[test]
+    fn skip_line_finds_the_end() {
+        assert_eq!(skip_line(b""), (0, false));
+        assert_eq!(skip_line(b"junk"), (4, false));
+        assert_eq!(skip_line(b"\n"), (1, true));
+        assert_eq!(skip_line(b"junk\r\nPING\n"), (6, true));
+    }
+
+    #[test]
+    fn encode_replies() {
+        assert_eq!(
+            enc(
+                Some("9"),
+                Reply::Defer {
+                    seconds: 312,
+                    text: "Greylisted, try later"
+                }
+            ),
+            "9 DEFER 312 Greylisted, try later\n"
+        );
+        assert_eq!(
+            enc(
+                None,
+                Reply::Defer {
+                    seconds: 0,
+                    text: ""
+                }
+            ),
+            "DEFER 0\n"
+        );
+        assert_eq!(
+            enc(
+                None,
+                Reply::Defer {
+                    seconds: u32::MAX,
+                    text: "x"
+                }
+            ),
+            "DEFER 4294967295 x\n"
+        );
+        assert_eq!(
+            enc(None, Reply::Pass { reason: "retried" }),
+            "PASS retried\n"
+        );
+        assert_eq!(
+            enc(
+                Some("1"),
+                Reply::Pass {
+                    reason: "exempt:clients"
+                }
+            ),
+            "1 PASS exempt:clients\n"
+        );
+        assert_eq!(enc(Some("123"), Reply::Pong), "123 PONG\n");
+        assert_eq!(enc(None, Reply::Pong), "PONG\n");
+        // An empty ID is no ID.
+        assert_eq!(enc(Some(""), Reply::Pong), "PONG\n");
+        assert_eq!(
+            enc(
+                Some("4"),
+                Reply::Err {
+                    kind: ErrorKind::BadIp
+                }
+            ),
+            "4 ERR bad-ip malformed client IP address\n"
+        );
+        assert_eq!(
+            enc(
+                None,
+                Reply::Err {
+                    kind: ErrorKind::TooLong
+                }
+            ),
+            "ERR too-long line longer than 1024 bytes\n"
+        );
+    }
+
+    #[test]
+    fn encode_appends() {
+        let mut out = b"PONG\n".to_vec();
+        encode(None, &Reply::Pass { reason: "known" }, &mut out);
+        assert_eq!(out, b"PONG\nPASS known\n");
+    }
+
+    #[test]
+    fn encode_replaces_control_characters() {
+        assert_eq!(
+            enc(
+                None,
+                Reply::Defer {
+                    seconds: 5,
+                    text: "a\r\nb\0c\u{7f}d\u{85}e\tf"
+                }
+            ),
+            "DEFER 5 a  b c d e f\n"
+        );
+        assert_eq!(
+            enc(
+                None,
+                Reply::Pass {
+                    reason: "exempt:x\ny"
+                }
+            ),
+            "PASS exempt:x y\n"
+        );
+        assert_eq!(enc(Some("1\n"), Reply::Pong), "1  PONG\n");
+    }
+
+    #[test]
+    fn encode_within_budget_around_full_length() {
+        let reply = Reply::Defer {
+            seconds: 300,
+            text: "Greylisted",
+        };
+        let full = "7 DEFER 300 Greylisted\n";
+        let n = full.len();
+        assert_eq!(enc_within(Some("7"), reply, n + 1).as_deref(), Some(full));
+        assert_eq!(enc_within(Some("7"), reply, n).as_deref(), Some(full));
+        assert_eq!(
+            enc_within(Some("7"), reply, n - 1).as_deref(),
+            Some("7 DEFER 300 Greyliste\n")
+        );
+        assert_eq!(
+            enc_within(None, reply, usize::MAX).as_deref(),
+            Some("DEFER 300 Greylisted\n")
+        );
+    }
+
+    #[test]
+    fn encode_within_shortest_defer() {
+        let reply = Reply::Defer {
+            seconds: 300,
+            text: "Greylisted",
+        };
+        let shortest = "7 DEFER 300\n".len();
+        assert_eq!(enc_within(Some("7"), reply, shortest - 1), None);
+        assert_eq!(
+            enc_within(Some("7"), reply, shortest).as_deref(),
+            Some("7 DEFER 300\n")
+        );
+        // Room for the space but not a character: still no trailing space.
+        assert_eq!(
+            enc_within(Some("7"), reply, shortest + 1).as_deref(),
+            Some("7 DEFER 300\n")
+        );
+        assert_eq!(
+            enc_within(Some("7"), reply, shortest + 2).as_deref(),
+            Some("7 DEFER 300 G\n")
+        );
+    }
+
+    #[test]
+    fn encode_within_cuts_at_char_boundary() {
+        let reply = Reply::Defer {
+            seconds: 1,
+            text: "é€x",
+        };
+        // "DEFER 1" + " " + text + "\n": é is 2 bytes, € is 3.
+        assert_eq!(enc_within(None, reply, 10).as_deref(), Some("DEFER 1\n"));
+        assert_eq!(enc_within(None, reply, 11).as_deref(), Some("DEFER 1 é\n"));
+        assert_eq!(enc_within(None, reply, 13).as_deref(), Some("DEFER 1 é\n"));
+        assert_eq!(enc_within(None, reply, 14).as_deref(), Some("DEFER 1 é€\n"));
+        assert_eq!(
+            enc_within(None, reply, 15).as_deref(),
+            Some("DEFER 1 é€x\n")
+        );
+        // A replaced control character counts as the one space it becomes.
+        let reply = Reply::Defer {
+            seconds: 1,
+            text: "\u{85}\u{85}",
+        };
+        assert_eq!(enc_within(None, reply, 11).as_deref(), Some("DEFER 1   \n"));
+    }
+
+    #[test]
+    fn encode_within_err() {
+        let reply = Reply::Err {
+            kind: ErrorKind::BadArgs,
+        };
+        let full = "12 ERR bad-args wrong number of arguments\n";
+        let shortest = "12 ERR bad-args\n";
+        assert_eq!(
+            enc_within(Some("12"), reply, full.len() + 1).as_deref(),
+            Some(full)
+        );
+        assert_eq!(
+            enc_within(Some("12"), reply, full.len()).as_deref(),
+            Some(full)
+        );
+        assert_eq!(
+            enc_within(Some("12"), reply, full.len() - 1).as_deref(),
+            Some("12 ERR bad-args wrong number of argument\n")
+        );
+        assert_eq!(
+            enc_within(Some("12"), reply, shortest.len() + 2).as_deref(),
+            Some("12 ERR bad-args w\n")
+        );
+        assert_eq!(
+            enc_within(Some("12"), reply, shortest.len() + 1).as_deref(),
+            Some(shortest)
+        );
+        assert_eq!(
+            enc_within(Some("12"), reply, shortest.len()).as_deref(),
+            Some(shortest)
+        );
+        assert_eq!(enc_within(Some("12"), reply, shortest.len() - 1), None);
+    }
+
+    #[test]
+    fn encode_within_pass_and_pong_are_never_cut() {
+        let pass = Reply::Pass {
+            reason: "exempt:clients",
+        };
+        let line = "PASS exempt:clients\n";
+        assert_eq!(
+            enc_within(None, pass, line.len() + 1).as_deref(),
+            Some(line)
+        );
+        assert_eq!(enc_within(None, pass, line.len()).as_deref(), Some(line));
+        assert_eq!(enc_within(None, pass, line.len() - 1), None);
+        assert_eq!(
+            enc_within(Some("12"), Reply::Pong, 9).as_deref(),
+            Some("12 PONG\n")
+        );
+        assert_eq!(
+            enc_within(Some("12"), Reply::Pong, 8).as_deref(),
+            Some("12 PONG\n")
+        );
+        assert_eq!(enc_within(Some("12"), Reply::Pong, 7), None);
+        assert_eq!(enc_within(None, Reply::Pong, 0), None);
+    }
+
+    #[test]
+    fn error_codes_and_texts() {
+        let codes: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.as_code()).collect();
+        assert_eq!(
+            codes,
+            [
+                "too-long",
+                "bad-utf8",
+                "control-char",
+                "empty",
+                "unknown-verb",
+                "bad-args",
+                "bad-id",
+                "bad-ip",
+                "bad-address",
+                "bad-option"
+            ]
+        );
+        for kind in ErrorKind::ALL {
+            assert_eq!(kind.to_string(), kind.text());
+            // Codes and texts travel inside one reply line.
+            assert!(!kind.as_code().contains(char::is_whitespace));
+            assert!(!kind.text().contains(char::is_control));
+        }
+        assert_eq!(
+            ErrorKind::TooLong.text(),
+            format!("line longer than {MAX_LINE} bytes")
+        );
+        assert_eq!(
+            ErrorKind::BadId.text(),
+            format!("ID must be 1 to {MAX_ID} digits")
+        );
+    }
+
+    #[test]
+    fn number_formatting() {
+        let mut buf = [0u8; 10];
+        assert_eq!(format_u32(0, &mut buf), "0");
+        assert_eq!(format_u32(9, &mut buf), "9");
+        assert_eq!(format_u32(10, &mut buf), "10");
+        assert_eq!(format_u32(u32::MAX, &mut buf), "4294967295");
+    }
+}
