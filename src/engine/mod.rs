@@ -307,20 +307,8 @@ struct Scratch {
     message: Vec<u8>,
 }
 
-/// Per-thread buffers of the batch path.
-#[derive(Default)]
-struct BatchScratch {
-    scratch: Scratch,
-    keyed: Vec<Keyed>,
-    slots: Vec<u32>,
-    decisions: Vec<Decision>,
-    order: Vec<u32>,
-    slow: Vec<u32>,
-}
-
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-    static BATCH: RefCell<BatchScratch> = RefCell::new(BatchScratch::default());
 }
 
 fn lower_into<'b>(s: &str, buf: &'b mut Vec<u8>) -> &'b str {
@@ -490,99 +478,34 @@ impl Engine {
     }
 
     /// Decides many queries at the clock's current time; `out` receives one decision per
-    /// query, in order. Same answers as [`Engine::check`] one by one, but faster on a large
-    /// table: see [`Engine::decide_batch`].
+    /// query, in order, exactly as [`Engine::check`] one by one would give them. The batch
+    /// saves the per-query costs that do not depend on the query: one load of the exemption
+    /// lists, one borrow of the scratch buffers and one clock read for the whole batch.
+    ///
+    /// (An earlier version also sorted a batch by shard and read every slot of a group
+    /// before examining any, to overlap cache misses; it measured slower than one-by-one at
+    /// 1 M and 10 M triplets — see `docs/BENCHMARKS.md` — and was removed.)
     pub fn check_batch(&self, queries: &[Query<'_>], mode: Mode, out: &mut Vec<Decision>) {
         let now = self.clock.now();
         let exemptions = self.exemptions.load();
-        BATCH.with(|b| {
-            let b = &mut *b.borrow_mut();
-            b.keyed.clear();
-            b.slots.clear();
-            out.clear();
-            for q in queries {
-                match self.prepare_with(q, &exemptions, &mut b.scratch) {
-                    Ok(k) => {
-                        b.slots.push(out.len() as u32);
-                        b.keyed.push(k);
-                        out.push(Decision::Defer { seconds_left: 0 });
-                    }
-                    Err(d) => out.push(d),
-                }
-            }
-            self.decide_batch_into(
-                &b.keyed,
-                now,
-                mode,
-                &mut b.decisions,
-                &mut b.order,
-                &mut b.slow,
+        out.clear();
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            out.extend(
+                queries
+                    .iter()
+                    .map(|q| match self.prepare_with(q, &exemptions, s) {
+                        Ok(k) => self.decide(&k, now, mode),
+                        Err(d) => d,
+                    }),
             );
-            for (slot, d) in b.slots.iter().zip(&b.decisions) {
-                out[*slot as usize] = *d;
-            }
         });
     }
 
     /// Decides many keyed queries at `now`; `out` receives one decision per item, in order.
-    ///
-    /// At 10 M records almost every lookup is a cache miss. Taken one at a time, each miss
-    /// waits behind the shard lock's atomic instructions, which keep the CPU from starting
-    /// the next one early. Here items are grouped by shard, each shard is locked once, and
-    /// the group's slots are all read before any is examined, so their misses overlap. Known
-    /// triplets are answered inside that pass; the rest take the ordinary path.
     pub fn decide_batch(&self, items: &[Keyed], now: Secs, mode: Mode, out: &mut Vec<Decision>) {
-        let (mut order, mut slow) = (Vec::new(), Vec::new());
-        self.decide_batch_into(items, now, mode, out, &mut order, &mut slow);
-    }
-
-    fn decide_batch_into(
-        &self,
-        items: &[Keyed],
-        now: Secs,
-        mode: Mode,
-        out: &mut Vec<Decision>,
-        order: &mut Vec<u32>,
-        slow: &mut Vec<u32>,
-    ) {
-        let p = &self.policy;
         out.clear();
-        out.resize(items.len(), Decision::Defer { seconds_left: 0 });
-        order.clear();
-        order.extend(0..items.len() as u32);
-        let shard = |i: &u32| shard_of(items[*i as usize].key, TRIPLET_SHARD_BITS);
-        order.sort_unstable_by_key(shard);
-        slow.clear();
-        for group in order.chunk_by(|a, b| shard(a) == shard(b)) {
-            let mut sh = lock(&self.triplets[shard(&group[0])]);
-            let mut sink = 0u64;
-            for &i in group {
-                sink ^= sh.table.touch(items[i as usize].key);
-            }
-            std::hint::black_box(sink);
-            for &i in group {
-                let known = match sh.table.get_mut(items[i as usize].key) {
-                    Some(r) if TripletRecord::judge(Some(r), now, p) == Judgement::Known => {
-                        if mode == Mode::Record {
-                            r.touch(now);
-                        }
-                        true
-                    }
-                    _ => false,
-                };
-                if known {
-                    out[i as usize] = Decision::Pass(Pass::Known);
-                } else {
-                    slow.push(i);
-                }
-            }
-        }
-        // In arrival order, so two requests for one triplet in a batch see each other's effect
-        // as they would one by one.
-        slow.sort_unstable();
-        for &i in slow.iter() {
-            out[i as usize] = self.decide(&items[i as usize], now, mode);
-        }
+        out.extend(items.iter().map(|k| self.decide(k, now, mode)));
     }
 
     /// Judges a triplet and records the effect (DESIGN §1) under its shard's lock.

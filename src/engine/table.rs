@@ -89,16 +89,6 @@ impl<R: Record> Table<R> {
         }
     }
 
-    /// Reads the key's home slot and returns a word of it. Batch callers touch several keys'
-    /// slots before working on any, so the cache misses overlap instead of queueing.
-    #[inline]
-    pub(crate) fn touch(&self, key: Key) -> u64 {
-        if self.slots.is_empty() {
-            return 0;
-        }
-        self.slots[home(key, self.slots.len())].key().lo
-    }
-
     /// The record with `key`, if present.
     #[inline]
     pub(crate) fn get(&self, key: Key) -> Option<&R> {
