@@ -88,6 +88,7 @@ pub(crate) fn answer(
                 Command::Check(t) | Command::Peek(t) => {
                     let d = s.decisions[i].unwrap_or(Decision::Defer { seconds_left: 0 });
                     tally.decision(&d);
+                    tracing::debug!(client = %t.client, sender = t.sender, recipient = t.recipient, decision = ?d, "native");
                     match d {
                         Decision::Pass(p) => emit(i, req.id, &Reply::Pass { reason: p.reason() }),
                         Decision::Defer { seconds_left } => {

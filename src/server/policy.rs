@@ -107,6 +107,7 @@ fn answer(
     };
     let d = shared.engine.check(&q, Mode::Record);
     tally.decision(&d);
+    tracing::debug!(%client, sender = req.sender, recipient = req.recipient, queue_id = req.queue_id, decision = ?d, "policy");
     let settings = &shared.settings;
     match d {
         Decision::Defer { seconds_left } => {
