@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => match serve(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("greyhound: {e:#}");
+                eprintln!("greyhound: {}", one_line(&e));
                 ExitCode::from(1)
             }
         },
@@ -43,6 +43,22 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the message above it
+/// already quotes (several error types print their source themselves).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if !s.contains(&m) {
+            if !s.is_empty() {
+                s.push_str(": ");
+            }
+            s.push_str(&m);
+        }
+    }
+    s.replace('\n', " ")
 }
 
 /// Loads every configured exemption list; the embedded client list when none is configured.
@@ -161,7 +177,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
                         shared.engine.set_exemptions(ex);
                         info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, "SIGHUP: exemption lists reloaded");
                     }
-                    Err(e) => error!("SIGHUP: exemption lists not reloaded, keeping the previous ones: {e:#}"),
+                    Err(e) => error!("SIGHUP: exemption lists not reloaded, keeping the previous ones: {}", one_line(&e)),
                 },
             }
         }
@@ -189,7 +205,7 @@ fn check(args: &CheckArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("greyhound check: {e:#}");
+            eprintln!("greyhound check: {}", one_line(&e));
             ExitCode::from(2)
         }
     }

@@ -549,7 +549,7 @@ async fn native_tcp(
                         pos += consumed;
                     }
                     wire::Frame::TooLong { consumed } => {
-                        reqs.push(native::too_long());
+                        reqs.push(Err(wire::too_long(&buf[pos..pos + consumed])));
                         pos += consumed;
                         skipping = true;
                     }
@@ -614,7 +614,7 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
                 for line in body.split(|&b| b == b'\n') {
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
                     reqs.push(if line.len() > limits.max_line {
-                        native::too_long()
+                        Err(wire::too_long(line))
                     } else {
                         wire::parse_line(line)
                     });
@@ -625,6 +625,16 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
             for (d, b) in budget_left.iter_mut().enumerate() {
                 *b = bs.datagram(d).0.len();
             }
+            // What the later replies of the same datagram need at least: a reply's text may
+            // only use what is left beyond that, so one long DEFER text cannot crowd out the
+            // answers after it.
+            let mut reserve_after = vec![0usize; reqs.len()];
+            for i in (0..reqs.len().saturating_sub(1)).rev() {
+                if owner[i] == owner[i + 1] {
+                    reserve_after[i] =
+                        reserve_after[i + 1] + wire::shortest_reply_bound(&reqs[i + 1]);
+                }
+            }
             let mut start = vec![usize::MAX; n];
             native::answer(shared, &reqs, &mut scratch, &mut tally, |i, id, reply| {
                 let d = owner[i];
@@ -632,7 +642,8 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
                     start[d] = out.len();
                 }
                 let before = out.len();
-                if wire::encode_within(id, reply, budget_left[d], &mut out) {
+                let budget = budget_left[d].saturating_sub(reserve_after[i]);
+                if wire::encode_within(id, reply, budget, &mut out) {
                     budget_left[d] -= out.len() - before;
                 }
             });

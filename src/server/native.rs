@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::engine::{Decision, Mode, Query};
-use crate::proto::native::{Command, ErrorKind, LineError, Reply, Request, Triplet};
+use crate::proto::native::{Command, LineError, Reply, Request, Triplet};
 use crate::proto::policy::{expand_template, TemplateVars};
 
 use super::metrics::Tally;
@@ -118,14 +118,6 @@ pub(crate) fn answer(
             }
         }
     }
-}
-
-/// The error a too-long line gets when its end has not been seen yet.
-pub(crate) fn too_long<'a>() -> Parsed<'a> {
-    Err(LineError {
-        id: None,
-        kind: ErrorKind::TooLong,
-    })
 }
 
 /// The parts of a request a greylist text can mention.

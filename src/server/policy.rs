@@ -32,37 +32,42 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut scratch = Scratch::default();
     let mut tally = Tally::default();
-    'conn: loop {
+    loop {
         // Answer every complete block already buffered, then read more.
         let mut pos = 0;
+        let mut bad = None;
         loop {
             match wire::parse(&buf[pos..], &limits) {
                 Ok(Block::Complete { consumed, request }) => {
                     if let Err(code) = answer(shared, &request, &mut out, &mut scratch, &mut tally)
                     {
-                        tally.error(code);
-                        shared.metrics.flush(Proto::Policy, &mut tally);
-                        shared.log_bad(&peer, "policy", code);
-                        break 'conn;
+                        bad = Some(code);
+                        break;
                     }
                     pos += consumed;
                 }
                 Ok(Block::Incomplete) => break,
                 Err(e) => {
-                    tally.error(e.as_code());
-                    shared.metrics.flush(Proto::Policy, &mut tally);
-                    shared.log_bad(&peer, "policy", e.as_code());
-                    break 'conn;
+                    bad = Some(e.as_code());
+                    break;
                 }
             }
         }
         buf.drain(..pos);
+        if let Some(code) = bad {
+            tally.error(code);
+            shared.log_bad(&peer, "policy", code);
+        }
         shared.metrics.flush(Proto::Policy, &mut tally);
+        // Blocks answered before a malformed one still get their answers.
         if !out.is_empty() {
             if !write_all(&mut stream, &out, idle(l)).await {
                 break;
             }
             out.clear();
+        }
+        if bad.is_some() {
+            break;
         }
         match read_some(&mut stream, &mut buf, idle(l), token).await {
             None | Some(0) => break,
