@@ -251,33 +251,6 @@ pub fn too_long(start: &[u8]) -> LineError<'_> {
     }
 }
 
-/// The longest a reply to `parsed` can be in its shortest form (DEFER or ERR without text,
-/// the longest PASS reason): what a UDP datagram must keep free for it so that an earlier
-/// reply's text does not crowd it out.
-#[must_use]
-pub fn shortest_reply_bound(parsed: &Result<Request<'_>, LineError<'_>>) -> usize {
-    let (id, body) = match parsed {
-        // "PONG\n"
-        Ok(Request {
-            id,
-            command: Command::Ping,
-        }) => (*id, 5),
-        // "PASS exempt:client-name\n" is longer than "DEFER 4294967295\n".
-        Ok(Request { id, .. }) => (*id, 24),
-        // "ERR " + the longest code + "\n".
-        Err(e) => (
-            e.id,
-            4 + ErrorKind::ALL
-                .iter()
-                .map(|k| k.as_code().len())
-                .max()
-                .unwrap_or(0)
-                + 1,
-        ),
-    };
-    id.map_or(0, |i| i.len() + 1) + body
-}
-
 /// Parses one line without its terminator (used by [`parse`], and for UDP,
 /// where a datagram may end without `\n`: strip an optional trailing `\n` /
 /// `\r\n` and check the length against [`MAX_LINE`] first, since this
@@ -1422,54 +1395,6 @@ mod tests {
 #[cfg(test)]
 mod bound_tests {
     use super::*;
-
-    #[test]
-    fn shortest_reply_bound_covers_every_shortest_reply() {
-        let check = parse_line(b"123 CHECK 192.0.2.1 <> a@b").unwrap();
-        let ping = parse_line(b"9 PING").unwrap();
-        for (parsed, replies) in [
-            (
-                Ok(check),
-                vec![
-                    Reply::Defer {
-                        seconds: u32::MAX,
-                        text: "a long greylist text that is dropped",
-                    },
-                    Reply::Pass {
-                        reason: "exempt:client-name",
-                    },
-                    Reply::Pass { reason: "retried" },
-                ],
-            ),
-            (Ok(ping), vec![Reply::Pong]),
-        ] {
-            let bound = shortest_reply_bound(&parsed);
-            let id = parsed.as_ref().ok().and_then(|r| r.id);
-            for r in replies {
-                let mut out = Vec::new();
-                assert!(
-                    encode_within(id, &r, bound, &mut out),
-                    "{r:?} does not fit in {bound}"
-                );
-            }
-        }
-        for kind in ErrorKind::ALL {
-            let e: Result<Request<'_>, LineError<'_>> = Err(LineError {
-                id: Some("42"),
-                kind,
-            });
-            let mut out = Vec::new();
-            assert!(
-                encode_within(
-                    Some("42"),
-                    &Reply::Err { kind },
-                    shortest_reply_bound(&e),
-                    &mut out
-                ),
-                "{kind:?}"
-            );
-        }
-    }
 
     #[test]
     fn too_long_keeps_a_valid_leading_id() {

@@ -583,6 +583,7 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
     let mut scratch = native::NativeScratch::default();
     let mut tally = Tally::default();
     let mut out: Vec<u8> = Vec::new();
+    let (mut full, mut short): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
     let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (datagram, start, end) in `out`
     while !stop.load(Ordering::Relaxed) {
         let n = match bs.recv() {
@@ -621,40 +622,34 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
                     owner.push(d);
                 }
             }
-            let mut budget_left = vec![0usize; n];
-            for (d, b) in budget_left.iter_mut().enumerate() {
-                *b = bs.datagram(d).0.len();
-            }
-            // What the later replies of the same datagram need at least: a reply's text may
-            // only use what is left beyond that, so one long DEFER text cannot crowd out the
-            // answers after it.
-            let mut reserve_after = vec![0usize; reqs.len()];
-            for i in (0..reqs.len().saturating_sub(1)).rev() {
-                if owner[i] == owner[i + 1] {
-                    reserve_after[i] =
-                        reserve_after[i + 1] + wire::shortest_reply_bound(&reqs[i + 1]);
-                }
-            }
-            let mut start = vec![usize::MAX; n];
-            native::answer(shared, &reqs, &mut scratch, &mut tally, |i, id, reply| {
-                let d = owner[i];
-                if start[d] == usize::MAX {
-                    start[d] = out.len();
-                }
-                let before = out.len();
-                let budget = budget_left[d].saturating_sub(reserve_after[i]);
-                if wire::encode_within(id, reply, budget, &mut out) {
-                    budget_left[d] -= out.len() - before;
-                }
+            // Every reply in its full and its shortest form; which one a datagram can afford
+            // is decided once all of its replies are known.
+            let mut forms: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(reqs.len());
+            full.clear();
+            short.clear();
+            native::answer(shared, &reqs, &mut scratch, &mut tally, |_, id, reply| {
+                let (f, s) = (full.len(), short.len());
+                wire::encode(id, reply, &mut full);
+                native::encode_shortest(id, reply, &mut short);
+                forms.push((f, full.len(), s, short.len()));
             });
-            // Replies of one datagram are contiguous because lines are in datagram order.
+            // Lines are in datagram order, so each datagram's replies are one run of `forms`.
+            let mut i = 0;
             for d in 0..n {
-                if start[d] != usize::MAX {
-                    let end = spans_end(&start, d, n, out.len());
-                    if end > start[d] {
-                        spans.push((d, start[d], end));
-                    }
+                let run = owner[i..].iter().take_while(|o| **o == d).count();
+                if run == 0 {
+                    continue;
                 }
+                let lines: Vec<(&[u8], &[u8])> = forms[i..i + run]
+                    .iter()
+                    .map(|&(f0, f1, s0, s1)| (&full[f0..f1], &short[s0..s1]))
+                    .collect();
+                let begin = out.len();
+                native::fit_replies(&lines, bs.datagram(d).0.len(), &mut out);
+                if out.len() > begin {
+                    spans.push((d, begin, out.len()));
+                }
+                i += run;
             }
         }
         shared.metrics.flush(Proto::NativeUdp, &mut tally);
@@ -666,14 +661,6 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
             debug!(error = %e, "udp send failed");
         }
     }
-}
-
-/// End of datagram `d`'s replies: the start of the next datagram that has replies, or `len`.
-fn spans_end(start: &[usize], d: usize, n: usize, len: usize) -> usize {
-    (d + 1..n)
-        .map(|e| start[e])
-        .find(|s| *s != usize::MAX)
-        .unwrap_or(len)
 }
 
 /// Expires records once a second, in small steps (see `Engine::expire`).

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::engine::{Decision, Mode, Query};
-use crate::proto::native::{Command, LineError, Reply, Request, Triplet};
+use crate::proto::native::{self as wire, Command, LineError, Reply, Request, Triplet};
 use crate::proto::policy::{expand_template, TemplateVars};
 
 use super::metrics::Tally;
@@ -120,6 +120,70 @@ pub(crate) fn answer(
     }
 }
 
+/// Appends `reply` in its shortest form: a DEFER or ERR without its human text.
+pub(crate) fn encode_shortest(id: Option<&str>, reply: &Reply<'_>, out: &mut Vec<u8>) {
+    match reply {
+        Reply::Defer { seconds, .. } => wire::encode(
+            id,
+            &Reply::Defer {
+                seconds: *seconds,
+                text: "",
+            },
+            out,
+        ),
+        Reply::Err { kind } => {
+            // `[ID ]ERR <code>\n`: encode_within keeps the code and drops the text.
+            let len = id.map_or(0, |i| i.len() + 1) + 4 + kind.as_code().len() + 1;
+            if !wire::encode_within(id, reply, len, out) {
+                wire::encode(id, reply, out);
+            }
+        }
+        Reply::Pass { .. } | Reply::Pong => wire::encode(id, reply, out),
+    }
+}
+
+/// Appends one datagram's replies within `budget` bytes (the request's size: no
+/// amplification). Each reply is `(full, shortest)`, both ending in `\n`. When every shortest
+/// form fits, all replies are sent and the room left over goes to their texts in order (a text
+/// is cut at a character boundary when it does not fit whole); otherwise replies are taken in
+/// order, in their shortest form, as long as they fit, and the client matches them by ID.
+pub(crate) fn fit_replies(lines: &[(&[u8], &[u8])], budget: usize, out: &mut Vec<u8>) {
+    let needed: usize = lines.iter().map(|(_, s)| s.len()).sum();
+    if needed > budget {
+        let mut left = budget;
+        for (_, s) in lines {
+            if s.len() <= left {
+                out.extend_from_slice(s);
+                left -= s.len();
+            }
+        }
+        return;
+    }
+    let mut extra = budget - needed;
+    for (f, s) in lines {
+        let more = f.len() - s.len();
+        if more <= extra {
+            out.extend_from_slice(f);
+            extra -= more;
+            continue;
+        }
+        // The full form is the shortest form with " text" before its newline: keep as much
+        // of the text as fits, never splitting a UTF-8 character.
+        let mut cut = s.len() - 1 + extra;
+        while cut > s.len() && (f[cut] & 0xC0) == 0x80 {
+            cut -= 1;
+        }
+        // A cut that would leave only the separating space (or nothing) sends the shortest form.
+        if cut > s.len() {
+            out.extend_from_slice(&f[..cut]);
+            out.push(b'\n');
+            extra -= cut + 1 - s.len();
+        } else {
+            out.extend_from_slice(s);
+        }
+    }
+}
+
 /// The parts of a request a greylist text can mention.
 pub(crate) struct DeferFor<'a> {
     pub(crate) client: IpAddr,
@@ -156,5 +220,115 @@ impl super::Settings {
         expand_template(&self.greylist_text, &vars, &mut buf.text);
         // The template and the request fields are UTF-8, so the expansion is too.
         std::str::from_utf8(&buf.text).unwrap_or("Greylisted")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::native::ErrorKind;
+
+    fn forms(id: Option<&str>, r: &Reply<'_>) -> (Vec<u8>, Vec<u8>) {
+        let (mut f, mut s) = (Vec::new(), Vec::new());
+        wire::encode(id, r, &mut f);
+        encode_shortest(id, r, &mut s);
+        (f, s)
+    }
+
+    fn fit(replies: &[(Option<&str>, Reply<'_>)], budget: usize) -> String {
+        let owned: Vec<(Vec<u8>, Vec<u8>)> = replies.iter().map(|(id, r)| forms(*id, r)).collect();
+        let lines: Vec<(&[u8], &[u8])> = owned.iter().map(|(f, s)| (&f[..], &s[..])).collect();
+        let mut out = Vec::new();
+        fit_replies(&lines, budget, &mut out);
+        assert!(out.len() <= budget, "{} > {budget}", out.len());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn shortest_forms() {
+        assert_eq!(
+            forms(
+                Some("1"),
+                &Reply::Defer {
+                    seconds: 300,
+                    text: "Greylisted"
+                }
+            )
+            .1,
+            b"1 DEFER 300\n"
+        );
+        assert_eq!(
+            forms(
+                None,
+                &Reply::Err {
+                    kind: ErrorKind::Empty
+                }
+            )
+            .1,
+            b"ERR empty\n"
+        );
+        assert_eq!(forms(Some("7"), &Reply::Pong).1, b"7 PONG\n");
+    }
+
+    #[test]
+    fn long_text_does_not_crowd_out_later_replies() {
+        let defer = Reply::Defer {
+            seconds: 2,
+            text: "Greylisted, see https://greylisting.org/; from=m@s to=n@r",
+        };
+        let replies = [
+            (Some("1"), defer),
+            (Some("2"), Reply::Pong),
+            (
+                Some("3"),
+                Reply::Err {
+                    kind: ErrorKind::UnknownVerb,
+                },
+            ),
+            (Some("4"), Reply::Pong),
+        ];
+        // Shortest forms: "1 DEFER 2\n" 10 + "2 PONG\n" 7 + "3 ERR unknown-verb\n" 19 + 7 = 43.
+        assert_eq!(
+            fit(&replies, 43),
+            "1 DEFER 2\n2 PONG\n3 ERR unknown-verb\n4 PONG\n"
+        );
+        // Five bytes more go to the first text: " Grey" would leave "Grey"; the cut keeps 4 chars.
+        assert_eq!(
+            fit(&replies, 48),
+            "1 DEFER 2 Grey\n2 PONG\n3 ERR unknown-verb\n4 PONG\n"
+        );
+        // One byte short of the shortest forms: the last reply that does not fit is left out.
+        assert_eq!(fit(&replies, 42), "1 DEFER 2\n2 PONG\n3 ERR unknown-verb\n");
+    }
+
+    #[test]
+    fn tiny_datagrams_keep_earlier_answers() {
+        // "1 PING\n2 PING\n\n" is 15 bytes: two PONGs (14 bytes) fit, the empty line's ERR not.
+        let replies = [
+            (Some("1"), Reply::Pong),
+            (Some("2"), Reply::Pong),
+            (
+                None,
+                Reply::Err {
+                    kind: ErrorKind::Empty,
+                },
+            ),
+        ];
+        assert_eq!(fit(&replies, 15), "1 PONG\n2 PONG\n");
+    }
+
+    #[test]
+    fn texts_are_cut_on_character_boundaries() {
+        let r = [(
+            None,
+            Reply::Defer {
+                seconds: 5,
+                text: "ééé",
+            },
+        )];
+        // "DEFER 5\n" is 8; with 4 more bytes: " é" is 3 bytes, the next é would split.
+        assert_eq!(fit(&r, 12), "DEFER 5 é\n");
+        assert_eq!(fit(&r, 9), "DEFER 5\n");
+        assert_eq!(fit(&r, 100), "DEFER 5 ééé\n");
     }
 }
