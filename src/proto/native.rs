@@ -18,6 +18,7 @@
 //! every string from the input and never allocates, and encoding only ever
 //! grows the caller's `Vec`.
 
+use super::push_clean;
 use std::net::{IpAddr, Ipv6Addr};
 use std::str::SplitAsciiWhitespace;
 
@@ -521,31 +522,6 @@ fn clean_len(text: &str) -> usize {
     text.chars()
         .map(|c| if c.is_control() { 1 } else { c.len_utf8() })
         .sum()
-}
-
-/// Appends at most `limit` bytes of `text`, cut at a character boundary, with
-/// each control character (C0, DEL, C1) replaced by a space; returns the
-/// bytes appended. Clean runs are copied whole to keep the common case cheap.
-fn push_clean(text: &str, limit: usize, out: &mut Vec<u8>) -> usize {
-    let bytes = text.as_bytes();
-    let mut written = 0;
-    let mut run = 0;
-    for (at, c) in text.char_indices() {
-        let control = c.is_control();
-        let width = if control { 1 } else { c.len_utf8() };
-        if written + width > limit {
-            out.extend_from_slice(&bytes[run..at]);
-            return written;
-        }
-        if control {
-            out.extend_from_slice(&bytes[run..at]);
-            out.push(b' ');
-            run = at + c.len_utf8();
-        }
-        written += width;
-    }
-    out.extend_from_slice(&bytes[run..]);
-    written
 }
 
 /// Decimal digits of `n` written into a stack buffer, so encoding numbers

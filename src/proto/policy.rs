@@ -7,6 +7,7 @@
 //! [`parse`] borrows every value from the caller's buffer and never
 //! allocates, and the encoders append to a caller's `Vec<u8>`.
 
+use super::push_clean;
 /// The only `request=` value Postfix sends to a policy service.
 pub const POLICY_REQUEST: &str = "smtpd_access_policy";
 
@@ -387,31 +388,6 @@ fn push_u64(mut n: u64, width: usize, out: &mut Vec<u8>) {
     }
     let start = at.min(buf.len() - width.min(buf.len()));
     out.extend_from_slice(&buf[start..]);
-}
-
-/// Appends at most `limit` bytes of `text`, cut at a character boundary, with
-/// each control character (C0, DEL, C1) replaced by a space; returns the
-/// bytes appended. Clean runs are copied whole to keep the common case cheap.
-fn push_clean(text: &str, limit: usize, out: &mut Vec<u8>) -> usize {
-    let bytes = text.as_bytes();
-    let mut written = 0;
-    let mut run = 0;
-    for (at, c) in text.char_indices() {
-        let control = c.is_control();
-        let width = if control { 1 } else { c.len_utf8() };
-        if written + width > limit {
-            out.extend_from_slice(&bytes[run..at]);
-            return written;
-        }
-        if control {
-            out.extend_from_slice(&bytes[run..at]);
-            out.push(b' ');
-            run = at + c.len_utf8();
-        }
-        written += width;
-    }
-    out.extend_from_slice(&bytes[run..]);
-    written
 }
 
 #[cfg(test)]
