@@ -8,6 +8,7 @@
 //! allocates, and the encoders append to a caller's `Vec<u8>`.
 
 use super::push_clean;
+
 /// The only `request=` value Postfix sends to a policy service.
 pub const POLICY_REQUEST: &str = "smtpd_access_policy";
 

@@ -713,7 +713,7 @@ async fn accept_metrics(listener: TcpListener, shared: Arc<Shared>, token: Cance
                 {
                     (
                         "200 OK",
-                        "text/plain; version=0.0.4; charset=utf-8",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         shared.metrics.render(&shared.engine),
                     )
                 } else {
