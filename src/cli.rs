@@ -100,8 +100,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BITS", help_heading = "Greylisting")]
     pub ipv6_prefix: Option<u8>,
     /// Answer PASS where the answer would be DEFER, recording as usual.
-    #[arg(long, help_heading = "Greylisting")]
+    #[arg(long, help_heading = "Greylisting", overrides_with = "no_dry_run")]
     pub dry_run: bool,
+    /// Enforce greylisting even if the config file says dry-run = true.
+    #[arg(long, help_heading = "Greylisting", overrides_with = "dry_run")]
+    pub no_dry_run: bool,
     /// Text of a DEFER; %s is the sender, %r the recipient
     /// [default: "Greylisted, see https://greylisting.org/; from=%s to=%r"].
     // The URL is part of the default text, shown as written in --help, not a link to make.
@@ -109,8 +112,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "TEXT", help_heading = "Greylisting")]
     pub greylist_text: Option<String>,
     /// Do not add an X-Greylist: header on the first pass of a triplet.
-    #[arg(long, help_heading = "Greylisting")]
+    #[arg(
+        long,
+        help_heading = "Greylisting",
+        overrides_with = "x_greylist_header"
+    )]
     pub no_x_greylist_header: bool,
+    /// Add the X-Greylist: header even if the config file turns it off.
+    #[arg(
+        long,
+        help_heading = "Greylisting",
+        overrides_with = "no_x_greylist_header"
+    )]
+    pub x_greylist_header: bool,
     /// Host name written in the X-Greylist: header [default: the OS's host name].
     #[arg(long, value_name = "NAME", help_heading = "Greylisting")]
     pub hostname: Option<String>,

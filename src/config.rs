@@ -727,8 +727,10 @@ impl Config {
             ipv6_prefix,
             allow,
             dry_run,
+            no_dry_run,
             greylist_text,
             no_x_greylist_header,
+            x_greylist_header,
             hostname,
             whitelist_clients,
             whitelist_senders,
@@ -790,10 +792,13 @@ impl Config {
             (!allow.is_empty()).then_some(allow),
             |v| parse_nets(v),
         )?;
-        // Boolean flags can only switch away from the default; absent, they leave the file's
-        // value in force.
+        // Each boolean has a flag for either value; absent, they leave the file's value in
+        // force (clap keeps only the last of a pair).
         if *dry_run {
             self.dry_run = true;
+        }
+        if *no_dry_run {
+            self.dry_run = false;
         }
         o.set(
             "greylist-text",
@@ -803,6 +808,9 @@ impl Config {
         )?;
         if *no_x_greylist_header {
             self.x_greylist_header = false;
+        }
+        if *x_greylist_header {
+            self.x_greylist_header = true;
         }
         o.set("hostname", &mut self.hostname, hostname.clone(), Ok)?;
         o.set(
@@ -1477,6 +1485,19 @@ policy-max-attributes = 64
         let c = Config::load(&serve_args(&["--dry-run", "--no-x-greylist-header"])).unwrap();
         assert!(c.dry_run);
         assert!(!c.x_greylist_header);
+        // The opposite flags override the file.
+        let c = Config::load(&serve_args(&[
+            "--config",
+            file.path(),
+            "--no-dry-run",
+            "--x-greylist-header",
+        ]))
+        .unwrap();
+        assert!(!c.dry_run);
+        assert!(c.x_greylist_header);
+        // Of a pair given twice, the last one wins.
+        let c = Config::load(&serve_args(&["--no-dry-run", "--dry-run"])).unwrap();
+        assert!(c.dry_run);
     }
 
     #[test]
