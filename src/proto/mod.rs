@@ -31,3 +31,18 @@ pub(crate) fn push_clean(text: &str, limit: usize, out: &mut Vec<u8>) -> usize {
     out.extend_from_slice(&bytes[run..]);
     written
 }
+
+/// Writes the decimal digits of `n` at the end of `buf` (no allocation) and returns the index
+/// where they start.
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> usize {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        // `n % 10` is below 10, so the cast cannot truncate.
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return at;
+        }
+    }
+}

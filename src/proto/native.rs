@@ -434,7 +434,7 @@ struct Parts<'r> {
 }
 
 impl<'r> Parts<'r> {
-    fn of(reply: &Reply<'r>, digits: &'r mut [u8; 10]) -> Self {
+    fn of(reply: &Reply<'r>, digits: &'r mut [u8; 20]) -> Self {
         match *reply {
             Reply::Defer { seconds, text } => Parts {
                 keyword: "DEFER",
@@ -481,7 +481,7 @@ pub fn encode_within(
     budget: usize,
     out: &mut Vec<u8>,
 ) -> bool {
-    let mut digits = [0u8; 10];
+    let mut digits = [0u8; 20];
     let parts = Parts::of(reply, &mut digits);
     // An empty ID would start the line with a space; treat it as absent.
     let id = id.filter(|id| !id.is_empty());
@@ -526,17 +526,8 @@ fn clean_len(text: &str) -> usize {
 
 /// Decimal digits of `n` written into a stack buffer, so encoding numbers
 /// never allocates.
-fn format_u32(mut n: u32, buf: &mut [u8; 10]) -> &str {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        // `n % 10` is below 10, so the cast cannot truncate.
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
+fn format_u32(n: u32, buf: &mut [u8; 20]) -> &str {
+    let at = super::decimal(u64::from(n), buf);
     // Only ASCII digits were written, so this cannot fail.
     std::str::from_utf8(&buf[at..]).unwrap_or("0")
 }
@@ -1360,7 +1351,7 @@ mod tests {
 
     #[test]
     fn number_formatting() {
-        let mut buf = [0u8; 10];
+        let mut buf = [0u8; 20];
         assert_eq!(format_u32(0, &mut buf), "0");
         assert_eq!(format_u32(9, &mut buf), "9");
         assert_eq!(format_u32(10, &mut buf), "10");

@@ -375,18 +375,9 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 
 /// Appends `n` in decimal, zero-padded to at least `width` digits (at most
 /// 20), through a stack buffer so no temporary `String` is allocated.
-fn push_u64(mut n: u64, width: usize, out: &mut Vec<u8>) {
+fn push_u64(n: u64, width: usize, out: &mut Vec<u8>) {
     let mut buf = [b'0'; 20];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        // `n % 10` is below 10, so the cast cannot truncate.
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
+    let at = super::decimal(n, &mut buf);
     let start = at.min(buf.len() - width.min(buf.len()));
     out.extend_from_slice(&buf[start..]);
 }
