@@ -340,6 +340,24 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Decisions sharing their per-batch costs; see [`Engine::batch`].
+pub struct Batch<'e, 's> {
+    engine: &'e Engine,
+    now: Secs,
+    exemptions: &'s Exemptions,
+    scratch: &'s mut Scratch,
+}
+
+impl Batch<'_, '_> {
+    /// Decides a query, as [`Engine::check`] would at the batch's time.
+    pub fn check(&mut self, q: &Query<'_>, mode: Mode) -> Decision {
+        match self.engine.prepare_with(q, self.exemptions, self.scratch) {
+            Ok(k) => self.engine.decide(&k, self.now, mode),
+            Err(d) => d,
+        }
+    }
+}
+
 impl Engine {
     /// Builds an empty engine. The policy must be valid ([`Policy::validate`]).
     pub fn new(config: EngineConfig, clock: Arc<dyn Clock>) -> Self {
@@ -386,17 +404,13 @@ impl Engine {
 
     /// Decides a query at the clock's current time.
     pub fn check(&self, query: &Query<'_>, mode: Mode) -> Decision {
-        match self.prepare(query) {
-            Ok(keyed) => self.decide(&keyed, self.clock.now(), mode),
-            Err(decision) => decision,
-        }
+        self.batch(|b| b.check(query, mode))
     }
 
     /// Applies authentication and exemptions, then normalises and hashes the triplet.
     /// `Err` carries the final decision for a request that needs no table.
     pub fn prepare(&self, q: &Query<'_>) -> Result<Keyed, Decision> {
-        let exemptions = self.exemptions.load();
-        SCRATCH.with(|s| self.prepare_with(q, &exemptions, &mut s.borrow_mut()))
+        self.batch(|b| b.engine.prepare_with(q, b.exemptions, b.scratch))
     }
 
     fn prepare_with(
@@ -480,29 +494,38 @@ impl Engine {
         }
     }
 
-    /// Decides many queries at the clock's current time; `out` receives one decision per
-    /// query, in order, exactly as [`Engine::check`] one by one would give them. The batch
-    /// saves the per-query costs that do not depend on the query: one load of the exemption
-    /// lists, one borrow of the scratch buffers and one clock read for the whole batch.
+    /// Runs `f` with a [`Batch`]: decisions taken through it share one load of the exemption
+    /// lists, one borrow of this thread's buffers and one clock read, and are otherwise
+    /// exactly those of [`Engine::check`] one by one, in the order they are asked.
     ///
-    /// (An earlier version also sorted a batch by shard and read every slot of a group
-    /// before examining any, to overlap cache misses; it measured slower than one-by-one at
+    /// (An earlier batch path also sorted requests by shard and read every slot of a group
+    /// before examining any, to overlap cache misses; it measured slower than one by one at
     /// 1 M and 10 M triplets — see `docs/BENCHMARKS.md` — and was removed.)
-    pub fn check_batch(&self, queries: &[Query<'_>], mode: Mode, out: &mut Vec<Decision>) {
-        let now = self.clock.now();
+    pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_, '_>) -> R) -> R {
         let exemptions = self.exemptions.load();
+        let now = self.clock.now();
+        SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut scratch) => f(&mut Batch {
+                engine: self,
+                now,
+                exemptions: &exemptions,
+                scratch: &mut scratch,
+            }),
+            // Only if `f` itself starts a batch or calls `check`: correct, just not free.
+            Err(_) => f(&mut Batch {
+                engine: self,
+                now,
+                exemptions: &exemptions,
+                scratch: &mut Scratch::default(),
+            }),
+        })
+    }
+
+    /// Decides many queries at the clock's current time; `out` receives one decision per
+    /// query, in order (see [`Engine::batch`]).
+    pub fn check_batch(&self, queries: &[Query<'_>], mode: Mode, out: &mut Vec<Decision>) {
         out.clear();
-        SCRATCH.with(|s| {
-            let s = &mut *s.borrow_mut();
-            out.extend(
-                queries
-                    .iter()
-                    .map(|q| match self.prepare_with(q, &exemptions, s) {
-                        Ok(k) => self.decide(&k, now, mode),
-                        Err(d) => d,
-                    }),
-            );
-        });
+        self.batch(|b| out.extend(queries.iter().map(|q| b.check(q, mode))));
     }
 
     /// Decides many keyed queries at `now`; `out` receives one decision per item, in order.

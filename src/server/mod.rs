@@ -503,7 +503,7 @@ async fn native_tcp(
     let limits = &shared.settings.limits;
     let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
     let mut out: Vec<u8> = Vec::with_capacity(16 << 10);
-    let mut scratch = native::NativeScratch::default();
+    let mut texts = native::TextBuf::default();
     let mut tally = Tally::default();
     let mut skipping = false;
     let mut eof = false;
@@ -555,7 +555,7 @@ async fn native_tcp(
                     }
                 }
             }
-            native::answer(shared, &reqs, &mut scratch, &mut tally, |_, id, reply| {
+            native::answer(shared, &reqs, &mut texts, &mut tally, |id, reply| {
                 wire::encode(id, reply, &mut out)
             });
         }
@@ -580,10 +580,14 @@ async fn native_tcp(
 fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
     let limits = &shared.settings.limits;
     let mut bs = udp_batch::BatchSocket::new(sock, 64, limits.udp_max_datagram);
-    let mut scratch = native::NativeScratch::default();
+    let mut texts = native::TextBuf::default();
     let mut tally = Tally::default();
     let mut out: Vec<u8> = Vec::new();
+    // Every reply in its full and its shortest form, as (full start, end, short start, end).
     let (mut full, mut short): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+    let mut forms: Vec<(usize, usize, usize, usize)> = Vec::new();
+    // (datagram, number of its lines) for each datagram answered, in order.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (datagram, start, end) in `out`
     while !stop.load(Ordering::Relaxed) {
         let n = match bs.recv() {
@@ -597,10 +601,10 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
         };
         out.clear();
         spans.clear();
+        runs.clear();
         {
-            // Lines of all datagrams, and which datagram each belongs to.
+            // The lines of all datagrams, in datagram order.
             let mut reqs: Vec<native::Parsed<'_>> = Vec::new();
-            let mut owner: Vec<usize> = Vec::new();
             for d in 0..n {
                 let (data, from) = bs.datagram(d);
                 if !shared.allow.allows(from.ip()) {
@@ -611,6 +615,7 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
                     tally.error("udp-truncated");
                     continue;
                 }
+                let before = reqs.len();
                 let body = data.strip_suffix(b"\n").unwrap_or(data);
                 for line in body.split(|&b| b == b'\n') {
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -619,38 +624,32 @@ fn udp_worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
                     } else {
                         wire::parse_line(line)
                     });
-                    owner.push(d);
                 }
+                runs.push((d, reqs.len() - before));
             }
-            // Every reply in its full and its shortest form; which one a datagram can afford
-            // is decided once all of its replies are known.
-            let mut forms: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(reqs.len());
+            // Which form of each reply a datagram can afford is decided once all of its
+            // replies are known.
             full.clear();
             short.clear();
-            native::answer(shared, &reqs, &mut scratch, &mut tally, |_, id, reply| {
+            forms.clear();
+            native::answer(shared, &reqs, &mut texts, &mut tally, |id, reply| {
                 let (f, s) = (full.len(), short.len());
                 wire::encode(id, reply, &mut full);
                 native::encode_shortest(id, reply, &mut short);
                 forms.push((f, full.len(), s, short.len()));
             });
-            // Lines are in datagram order, so each datagram's replies are one run of `forms`.
-            let mut i = 0;
-            for d in 0..n {
-                let run = owner[i..].iter().take_while(|o| **o == d).count();
-                if run == 0 {
-                    continue;
-                }
-                let lines: Vec<(&[u8], &[u8])> = forms[i..i + run]
-                    .iter()
-                    .map(|&(f0, f1, s0, s1)| (&full[f0..f1], &short[s0..s1]))
-                    .collect();
-                let begin = out.len();
-                native::fit_replies(&lines, bs.datagram(d).0.len(), &mut out);
-                if out.len() > begin {
-                    spans.push((d, begin, out.len()));
-                }
-                i += run;
+        }
+        let mut first = 0;
+        for &(d, count) in &runs {
+            let lines = forms[first..first + count]
+                .iter()
+                .map(|&(f0, f1, s0, s1)| (&full[f0..f1], &short[s0..s1]));
+            let begin = out.len();
+            native::fit_replies(lines, bs.datagram(d).0.len(), &mut out);
+            if out.len() > begin {
+                spans.push((d, begin, out.len()));
             }
+            first += count;
         }
         shared.metrics.flush(Proto::NativeUdp, &mut tally);
         let replies: Vec<(SocketAddr, &[u8])> = spans

@@ -1,5 +1,6 @@
-//! The native line protocol's request handling, shared by TCP and UDP: every complete request
-//! of a read (or datagram) is decided in one engine batch, then answered in order.
+//! The native line protocol's request handling, shared by TCP and UDP: the complete requests
+//! of a read (or of a batch of datagrams) are decided through one engine batch and answered in
+//! order.
 
 use std::net::IpAddr;
 
@@ -23,101 +24,52 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
     }
 }
 
-/// Per-connection (or per-worker) buffers, reused across batches.
-#[derive(Debug, Default)]
-pub(crate) struct NativeScratch {
-    decisions: Vec<Option<Decision>>,
-    out: Vec<Decision>,
-    text: TextBuf,
-}
-
-/// Decides every request in `reqs` and calls `emit(index, id, reply)` for each, in order.
-///
-/// CHECKs are decided together through [`crate::engine::Engine::check_batch`]; a PEEK first
-/// flushes the CHECKs before it, so it sees their effect exactly as one-by-one handling would.
+/// Decides every request in `reqs`, in order, through one engine batch (one exemption-list
+/// load, one clock read), and calls `emit(id, reply)` for each. A PEEK sees the effect of the
+/// CHECKs before it, as one-by-one handling would.
 pub(crate) fn answer(
     shared: &Shared,
     reqs: &[Parsed<'_>],
-    scratch: &mut NativeScratch,
+    texts: &mut TextBuf,
     tally: &mut Tally,
-    mut emit: impl FnMut(usize, Option<&str>, &Reply<'_>),
+    mut emit: impl FnMut(Option<&str>, &Reply<'_>),
 ) {
-    let engine = &shared.engine;
-    let s = scratch;
-    s.decisions.clear();
-    s.decisions.resize(reqs.len(), None);
-    let mut pending: Vec<(usize, Query<'_>)> = Vec::new();
-    let flush = |pending: &mut Vec<(usize, Query<'_>)>,
-                 decisions: &mut Vec<Option<Decision>>,
-                 out: &mut Vec<Decision>| {
-        if pending.is_empty() {
-            return;
-        }
-        let qs: Vec<Query<'_>> = pending.iter().map(|(_, q)| *q).collect();
-        engine.check_batch(&qs, Mode::Record, out);
-        for ((i, _), d) in pending.iter().zip(out.iter()) {
-            decisions[*i] = Some(*d);
-        }
-        pending.clear();
-    };
-    for (i, r) in reqs.iter().enumerate() {
-        match r {
-            Ok(Request {
-                command: Command::Check(t),
-                ..
-            }) => pending.push((i, query(t))),
-            Ok(Request {
-                command: Command::Peek(t),
-                ..
-            }) => {
-                flush(&mut pending, &mut s.decisions, &mut s.out);
-                s.decisions[i] = Some(engine.check(&query(t), Mode::Peek));
-            }
-            _ => {}
-        }
-    }
-    flush(&mut pending, &mut s.decisions, &mut s.out);
-
-    for (i, r) in reqs.iter().enumerate() {
-        match r {
-            Ok(req) => match &req.command {
-                Command::Ping => {
-                    tally.request(None);
-                    emit(i, req.id, &Reply::Pong);
-                }
-                Command::Check(t) | Command::Peek(t) => {
-                    let d = s.decisions[i].unwrap_or(Decision::Defer { seconds_left: 0 });
-                    tally.decision(&d);
-                    tracing::debug!(client = %t.client, sender = t.sender, recipient = t.recipient, decision = ?d, "native");
-                    match d {
-                        Decision::Pass(p) => emit(i, req.id, &Reply::Pass { reason: p.reason() }),
-                        Decision::Defer { seconds_left } => {
-                            let d = DeferFor {
-                                client: t.client,
-                                sender: t.sender,
-                                recipient: t.recipient,
-                                helo: t.helo.unwrap_or(""),
-                                seconds: seconds_left,
-                            };
-                            let text = shared.settings.defer_text(&d, &mut s.text);
-                            emit(
-                                i,
-                                req.id,
-                                &Reply::Defer {
+    shared.engine.batch(|batch| {
+        for r in reqs {
+            match r {
+                Ok(req) => match &req.command {
+                    Command::Ping => {
+                        tally.request(None);
+                        emit(req.id, &Reply::Pong);
+                    }
+                    Command::Check(t) | Command::Peek(t) => {
+                        let mode = if matches!(req.command, Command::Check(_)) { Mode::Record } else { Mode::Peek };
+                        let d = batch.check(&query(t), mode);
+                        tally.decision(&d);
+                        tracing::debug!(client = %t.client, sender = t.sender, recipient = t.recipient, decision = ?d, "native");
+                        match d {
+                            Decision::Pass(p) => emit(req.id, &Reply::Pass { reason: p.reason() }),
+                            Decision::Defer { seconds_left } => {
+                                let d = DeferFor {
+                                    client: t.client,
+                                    sender: t.sender,
+                                    recipient: t.recipient,
+                                    helo: t.helo.unwrap_or(""),
                                     seconds: seconds_left,
-                                    text,
-                                },
-                            );
+                                };
+                                let text = shared.settings.defer_text(&d, texts);
+                                emit(req.id, &Reply::Defer { seconds: seconds_left, text });
+                            }
                         }
                     }
+                },
+                Err(e) => {
+                    tally.error(e.kind.as_code());
+                    emit(e.id, &Reply::Err { kind: e.kind });
                 }
-            },
-            Err(e) => {
-                tally.error(e.kind.as_code());
-                emit(i, e.id, &Reply::Err { kind: e.kind });
             }
         }
-    }
+    });
 }
 
 /// Appends `reply` in its shortest form: a DEFER or ERR without its human text.
@@ -147,8 +99,12 @@ pub(crate) fn encode_shortest(id: Option<&str>, reply: &Reply<'_>, out: &mut Vec
 /// form fits, all replies are sent and the room left over goes to their texts in order (a text
 /// is cut at a character boundary when it does not fit whole); otherwise replies are taken in
 /// order, in their shortest form, as long as they fit, and the client matches them by ID.
-pub(crate) fn fit_replies(lines: &[(&[u8], &[u8])], budget: usize, out: &mut Vec<u8>) {
-    let needed: usize = lines.iter().map(|(_, s)| s.len()).sum();
+pub(crate) fn fit_replies<'a>(
+    lines: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    budget: usize,
+    out: &mut Vec<u8>,
+) {
+    let needed: usize = lines.clone().map(|(_, s)| s.len()).sum();
     if needed > budget {
         let mut left = budget;
         for (_, s) in lines {
@@ -239,7 +195,7 @@ mod tests {
         let owned: Vec<(Vec<u8>, Vec<u8>)> = replies.iter().map(|(id, r)| forms(*id, r)).collect();
         let lines: Vec<(&[u8], &[u8])> = owned.iter().map(|(f, s)| (&f[..], &s[..])).collect();
         let mut out = Vec::new();
-        fit_replies(&lines, budget, &mut out);
+        fit_replies(lines.iter().copied(), budget, &mut out);
         assert!(out.len() <= budget, "{} > {budget}", out.len());
         String::from_utf8(out).unwrap()
     }
