@@ -12,7 +12,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use greyhound::cli::{CheckArgs, Cli, Command, ServeArgs, SnapshotCommand};
 use greyhound::config::{parse_duration, Config};
@@ -270,7 +270,6 @@ fn check_inner(args: &CheckArgs) -> Result<String> {
     };
     let reply = reply.lines().next().unwrap_or("").trim().to_string();
     if reply.is_empty() {
-        warn!("empty answer");
         return Err(anyhow!("{server} closed the connection without an answer (is this client in the server's --allow list?)"));
     }
     Ok(reply)

@@ -426,8 +426,18 @@ impl Engine {
         s.recipient.clear();
         self.normalizer.recipient(q.recipient, &mut s.recipient);
         if !exemptions.is_empty() {
-            let sender_lc = lower_into(sender, &mut s.lower_sender);
-            let name_lc = q.client_name.map(|n| lower_into(n, &mut s.lower_name));
+            // Lower-case only what a list will look at: the embedded client list is almost
+            // always loaded, sender and name lists often are not.
+            let counts = exemptions.counts();
+            let sender_lc = if counts.senders > 0 {
+                lower_into(sender, &mut s.lower_sender)
+            } else {
+                ""
+            };
+            let name_lc = q
+                .client_name
+                .filter(|_| counts.client_names > 0)
+                .map(|n| lower_into(n, &mut s.lower_name));
             let rcpt_lc = std::str::from_utf8(&s.recipient).unwrap_or("");
             if let Some(list) = exemptions.check(q.client, name_lc, sender_lc, rcpt_lc) {
                 return Err(Decision::Pass(Pass::Exempt(list)));

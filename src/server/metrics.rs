@@ -5,9 +5,6 @@
 //! batch and add it to the shared counters once per batch, so a burst of 1,000 pipelined
 //! requests costs a dozen atomic additions, not thousands on shared cache lines.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -168,8 +165,6 @@ pub struct Metrics {
     triplets: Family<StateLabels, Gauge>,
     awl_clients: Gauge,
     awl_active: Gauge,
-    /// Unix time of the last successful snapshot (0 = none yet).
-    pub snapshot_time: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -296,7 +291,6 @@ impl Metrics {
             triplets,
             awl_clients,
             awl_active,
-            snapshot_time: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -342,14 +336,6 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        let snap = self.snapshot_time.load(Ordering::Relaxed);
-        if snap > 0 {
-            // OpenMetrics ends with "# EOF": the extra family goes before it.
-            let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
-            out = format!(
-                "{body}# HELP greyhound_snapshot_time_seconds Unix time of the last snapshot.\n# TYPE greyhound_snapshot_time_seconds gauge\ngreyhound_snapshot_time_seconds {snap}\n# EOF\n"
-            );
-        }
         out
     }
 }

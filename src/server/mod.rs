@@ -86,17 +86,23 @@ impl AllowList {
 /// Logs at most one warning per interval, so a flood of refused clients cannot flood the log.
 #[derive(Debug, Default)]
 struct RateLimit {
-    last: AtomicU64,
+    /// Second (since the server started) from which the next line may be logged.
+    next: AtomicU64,
 }
 
 impl RateLimit {
     fn ready(&self, start: Instant, every: Duration) -> bool {
-        let now = start.elapsed().as_secs() + every.as_secs();
-        let last = self.last.load(Ordering::Relaxed);
-        now >= last + every.as_secs()
+        let now = start.elapsed().as_secs();
+        let next = self.next.load(Ordering::Relaxed);
+        now >= next
             && self
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .next
+                .compare_exchange(
+                    next,
+                    now + every.as_secs(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
     }
 }
