@@ -27,11 +27,11 @@ fn main() {
         .map(|i| e.prepare(&w.query(n + i)).unwrap())
         .collect();
     for k in &probe {
-        e.load_triplet(TripletRecord::from_parts(k.key, NOW, NOW, true), NOW);
+        e.load_triplets([TripletRecord::from_parts(k.key, NOW, NOW, true)], NOW);
     }
     for i in 0..n {
         let k = e.prepare(&w.query(i)).unwrap();
-        e.load_triplet(TripletRecord::from_parts(k.key, NOW, NOW, false), NOW);
+        e.load_triplets([TripletRecord::from_parts(k.key, NOW, NOW, false)], NOW);
     }
     let p = *e.policy();
     // Baseline: the same caller for the same time with no expiry running, so scheduler

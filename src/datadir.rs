@@ -1,4 +1,4 @@
-//! The data directory: where the hash secret (and, later, snapshots) live.
+//! The data directory: where the hash secret and the snapshots live.
 //!
 //! The secret keys every record's hash. It is made once, on the first start in an empty
 //! directory, and reused by every later start: a new secret would orphan every stored record.
@@ -14,6 +14,9 @@ use crate::engine::HashSecret;
 
 /// File name of the secret inside the data directory.
 pub const KEY_FILE: &str = "hash.key";
+
+/// File locked by the server using the directory (a dot file: not data).
+pub const LOCK_FILE: &str = ".lock";
 
 /// A data directory problem, naming the path.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,12 @@ pub enum DataDirError {
         /// What is wrong.
         problem: String,
     },
+    /// Another process holds the directory's lock.
+    #[error("data directory {path} is in use by another greyhound process; two servers writing the same snapshots would overwrite each other's (stop the other one or use another --data-dir)")]
+    InUse {
+        /// The directory.
+        path: PathBuf,
+    },
     /// Files are present but the key is missing.
     #[error("data directory {path} holds files but no {KEY_FILE}; restore the key from a backup, or point --data-dir at an empty directory")]
     MissingKey {
@@ -46,6 +55,34 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
     move |source| DataDirError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// The exclusive lock on a data directory, held for the life of the server and released by
+/// the kernel when the process ends, however it ends.
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Creates the data directory if needed and locks it, so two servers never write snapshots
+/// into one directory.
+pub fn lock(dir: &Path) -> Result<DirLock, DataDirError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DirLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(DataDirError::InUse {
+            path: dir.to_path_buf(),
+        }),
+        Err((_, e)) => Err(io_err(&path)(io::Error::from(e))),
     }
 }
 
@@ -156,9 +193,22 @@ mod tests {
             .to_string()
             .contains("not hexadecimal"));
         fs::remove_file(d.join(KEY_FILE)).unwrap();
-        fs::write(d.join("snapshot-1.ghs"), b"x").unwrap();
+        fs::write(d.join("snapshot-0000000001.snap"), b"x").unwrap();
         let e = open(&d).unwrap_err().to_string();
         assert!(e.contains("no hash.key"), "{e}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_second_lock_on_one_directory_is_refused_until_the_first_is_dropped() {
+        let d = temp_dir("lock");
+        let first = lock(&d).unwrap();
+        let e = lock(&d).unwrap_err().to_string();
+        assert!(e.contains("in use by another greyhound"), "{e}");
+        drop(first);
+        lock(&d).unwrap();
+        // The lock file is not data: a directory holding only it still gets a new key.
+        open(&d).unwrap();
         fs::remove_dir_all(&d).unwrap();
     }
 }

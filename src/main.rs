@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
@@ -20,7 +20,9 @@ use greyhound::engine::exempt::DEFAULT_CLIENTS;
 use greyhound::engine::{
     Engine, EngineConfig, ExemptList, Exemptions, Normalizer, Policy, SystemClock,
 };
+use greyhound::server::snapshots::Snapshots;
 use greyhound::server::{self, AllowList, Listeners, Settings, Shared};
+use greyhound::snapshot::{self, DirStore, Store, Writer};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -35,13 +37,30 @@ fn main() -> ExitCode {
         Command::Check(args) => check(&args),
         Command::Snapshot {
             command: SnapshotCommand::Inspect { file },
-        } => {
-            eprintln!(
-                "greyhound: snapshot inspect {}: snapshots are not implemented yet",
-                file.display()
-            );
-            ExitCode::from(2)
+        } => inspect(&file),
+    }
+}
+
+/// `greyhound snapshot inspect FILE`: prints the report; exit 0 if the file is a usable
+/// snapshot, 1 if it is damaged or unreadable.
+fn inspect(file: &std::path::Path) -> ExitCode {
+    let bytes = match greyhound::snapshot::mmap::map(file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("greyhound: snapshot inspect {}: {e}", file.display());
+            return ExitCode::from(1);
         }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let report = greyhound::snapshot::inspect::inspect(&bytes, now);
+    println!("file:         {}", file.display());
+    print!("{report}");
+    if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
@@ -103,6 +122,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     };
     policy.validate()?;
     let normalizer = Normalizer::new(cfg.ipv4_prefix, cfg.ipv6_prefix)?;
+    let dir_lock = greyhound::datadir::lock(&cfg.data_dir)?;
     let secret = greyhound::datadir::open(&cfg.data_dir)?;
     let exemptions = load_exemptions(&cfg)?;
     let counts = exemptions.counts();
@@ -117,7 +137,32 @@ fn serve(args: &ServeArgs) -> Result<()> {
     engine.set_exemptions(exemptions);
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Bound before loading: an unusable address fails at once, and clients that connect
+    // while the snapshot loads wait in the listen backlog instead of being refused.
     let listeners = Listeners::bind(cfg.native, &cfg.policy, cfg.metrics, cores)?;
+    let store = DirStore::new(&cfg.data_dir);
+    let loading = Instant::now();
+    let loaded = snapshot::load(&store, &engine, cores)?;
+    match &loaded.name {
+        Some(name) => info!(
+            file = %store.display(name),
+            triplets = loaded.triplets,
+            clients = loaded.clients,
+            expired_dropped = loaded.triplets_expired + loaded.clients_expired,
+            ms = loading.elapsed().as_millis() as u64,
+            "snapshot loaded"
+        ),
+        None if loaded.skipped.is_empty() => {
+            info!(data_dir = %cfg.data_dir.display(), "no snapshot yet; starting with an empty table")
+        }
+        None => error!(
+            data_dir = %cfg.data_dir.display(),
+            unusable = loaded.skipped.len(),
+            "no usable snapshot (each is named above); starting with an empty table"
+        ),
+    }
+    let writer = Writer::new(store)
+        .map_err(|e| anyhow!("data directory {}: {e}", cfg.data_dir.display()))?;
     let hostname = if cfg.hostname.is_empty() {
         nix::unistd::gethostname()
             .ok()
@@ -137,6 +182,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
         AllowList::new(cfg.allow.clone()),
         settings,
     ));
+    shared
+        .metrics
+        .snapshots
+        .loaded_triplets
+        .set(loaded.triplets as i64);
     info!(
         delay = policy.delay,
         retry_window = policy.retry_window,
@@ -160,7 +210,13 @@ fn serve(args: &ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async {
+    let snapshots = Snapshots::start(
+        writer,
+        shared.clone(),
+        Duration::from_secs(u64::from(cfg.snapshot_interval_secs)),
+    )
+    .context("cannot start the snapshot thread")?;
+    let served = rt.block_on(async {
         let token = CancellationToken::new();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -186,7 +242,14 @@ fn serve(args: &ServeArgs) -> Result<()> {
             Ok(r) => r.map_err(|e| anyhow!("server: {e}")),
             Err(e) => Err(anyhow!("server task failed: {e}")),
         }
-    })?;
+    });
+    // Every request in flight has been answered: the final snapshot holds all of them. It
+    // is written even if the server failed, so what it had learnt is not lost.
+    drop(rt);
+    let last = snapshots.finish(&shared);
+    served?;
+    last.context("final snapshot failed; the previous snapshots are kept")?;
+    drop(dir_lock);
     info!("stopped");
     Ok(())
 }

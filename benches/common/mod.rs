@@ -75,7 +75,7 @@ pub fn prefill(e: &Engine, w: &Workload, live: u64) -> Vec<Keyed> {
             1 => TripletRecord::from_parts(k.key, NOW - 60, NOW - 60, false),
             _ => TripletRecord::from_parts(k.key, NOW - 86_400, NOW - 3600, true),
         };
-        e.load_triplet(r, NOW);
+        e.load_triplets([r], NOW);
         keys.push(k);
     }
     keys

@@ -326,6 +326,7 @@ pub struct Engine {
     policy: Policy,
     normalizer: Normalizer,
     hasher: KeyHasher,
+    key_id: u64,
     clock: Arc<dyn Clock>,
     exemptions: ArcSwap<Exemptions>,
     triplets: Box<[Mutex<Shard<TripletRecord>>]>,
@@ -366,6 +367,7 @@ impl Engine {
             policy: config.policy,
             normalizer: config.normalizer,
             hasher: KeyHasher::new(&config.secret),
+            key_id: config.secret.id(),
             exemptions: ArcSwap::from_pointee(Exemptions::default()),
             triplets: (0..1 << TRIPLET_SHARD_BITS)
                 .map(|_| Mutex::new(Shard::new(now)))
@@ -385,6 +387,11 @@ impl Engine {
     /// The client masking in force.
     pub fn normalizer(&self) -> &Normalizer {
         &self.normalizer
+    }
+
+    /// [`HashSecret::id`] of the secret keying the records (stored in snapshots).
+    pub fn key_id(&self) -> u64 {
+        self.key_id
     }
 
     /// The current time of the engine's clock.
@@ -671,24 +678,98 @@ impl Engine {
         }
     }
 
-    /// Adds (or replaces) a triplet record, e.g. from a snapshot; expired ones are skipped.
-    /// Returns whether it was kept.
-    pub fn load_triplet(&self, r: TripletRecord, now: Secs) -> bool {
-        if r.key.is_vacant() || r.alive_until(&self.policy) < u64::from(now) {
-            return false;
-        }
-        lock(&self.triplets[shard_of(r.key, TRIPLET_SHARD_BITS)]).put(r, &self.policy);
-        true
+    /// Number of triplet shards and of auto-whitelist shards.
+    pub fn shard_counts(&self) -> (usize, usize) {
+        (self.triplets.len(), self.clients.len())
     }
 
-    /// Adds (or replaces) an auto-whitelist record; expired ones are skipped.
-    pub fn load_client(&self, r: AwlRecord, now: Secs) -> bool {
-        if r.key.is_vacant() || r.alive_until(&self.policy) < u64::from(now) {
-            return false;
-        }
-        lock(&self.clients[shard_of(r.key, CLIENT_SHARD_BITS)]).put(r, &self.policy);
-        true
+    /// Replaces `out` with the triplet records of shard `shard` still alive at `now`, holding
+    /// that shard's lock only for the copy (a few hundred microseconds at 10 M records), so a
+    /// snapshot writer can encode and write outside the lock.
+    pub fn copy_triplets(&self, shard: usize, now: Secs, out: &mut Vec<TripletRecord>) {
+        copy_alive(&self.triplets[shard], now, &self.policy, out);
     }
+
+    /// Replaces `out` with the auto-whitelist records of shard `shard` still alive at `now`.
+    pub fn copy_clients(&self, shard: usize, now: Secs, out: &mut Vec<AwlRecord>) {
+        copy_alive(&self.clients[shard], now, &self.policy, out);
+    }
+
+    /// Grows the tables ahead of loading about this many records, spread evenly over the
+    /// shards, so loading does not rehash every shard several times.
+    pub fn reserve(&self, triplets: usize, clients: usize) {
+        let per = triplets.div_ceil(self.triplets.len());
+        for shard in self.triplets.iter() {
+            lock(shard).table.reserve(per);
+        }
+        let per = clients.div_ceil(self.clients.len());
+        for shard in self.clients.iter() {
+            lock(shard).table.reserve(per);
+        }
+    }
+
+    /// Adds (or replaces) triplet records, e.g. from a snapshot, and schedules their expiry.
+    /// Records expired at `now` (under the settings in force) are dropped. Returns how many
+    /// were kept. Consecutive records of one shard share one lock hold, which makes loading
+    /// a snapshot (written shard by shard) several times faster than one lock per record.
+    pub fn load_triplets(
+        &self,
+        records: impl IntoIterator<Item = TripletRecord>,
+        now: Secs,
+    ) -> usize {
+        load_into(
+            &self.triplets,
+            TRIPLET_SHARD_BITS,
+            records,
+            now,
+            &self.policy,
+        )
+    }
+
+    /// Adds (or replaces) auto-whitelist records; expired ones are dropped. Returns how many
+    /// were kept.
+    pub fn load_clients(&self, records: impl IntoIterator<Item = AwlRecord>, now: Secs) -> usize {
+        load_into(&self.clients, CLIENT_SHARD_BITS, records, now, &self.policy)
+    }
+}
+
+fn copy_alive<R: Expiring>(shard: &Mutex<Shard<R>>, now: Secs, p: &Policy, out: &mut Vec<R>) {
+    out.clear();
+    let sh = lock(shard);
+    out.reserve(sh.table.len());
+    out.extend(
+        sh.table
+            .iter()
+            .filter(|r| r.alive_until_at(p) >= u64::from(now)),
+    );
+}
+
+/// Holds a shard's lock for as long as consecutive records belong to it.
+fn load_into<R: Expiring>(
+    shards: &[Mutex<Shard<R>>],
+    bits: u32,
+    records: impl IntoIterator<Item = R>,
+    now: Secs,
+    p: &Policy,
+) -> usize {
+    let mut kept = 0;
+    let mut held: Option<(usize, MutexGuard<'_, Shard<R>>)> = None;
+    for r in records {
+        if r.key().is_vacant() || r.alive_until_at(p) < u64::from(now) {
+            continue;
+        }
+        let s = shard_of(r.key(), bits);
+        let guard = match &mut held {
+            Some((i, g)) if *i == s => g,
+            _ => {
+                held = None; // release before taking the next: never two shard locks at once
+                &mut held.insert((s, lock(&shards[s]))).1
+            }
+        };
+        guard.put(r, p);
+        kept += 1;
+    }
+    kept
 }
 
 #[cfg(test)]

@@ -150,7 +150,19 @@ impl<R: Record> Table<R> {
     }
 
     fn grow(&mut self) {
-        let new_cap = (self.slots.len() * 3 / 2).max(MIN_CAPACITY);
+        self.resize((self.slots.len() * 3 / 2).max(MIN_CAPACITY));
+    }
+
+    /// Makes room for `additional` more records at a load of 2/3 (the middle of the range
+    /// growth keeps), so a bulk load does not rehash a shard over and over.
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        let want = ((self.len + additional) * 3 / 2).max(MIN_CAPACITY);
+        if want > self.slots.len() {
+            self.resize(want);
+        }
+    }
+
+    fn resize(&mut self, new_cap: usize) {
         let old = std::mem::replace(&mut self.slots, vec![R::VACANT; new_cap]);
         for r in old {
             if !r.key().is_vacant() {

@@ -359,7 +359,7 @@ fn push_rfc5322_date(unix: u64, out: &mut Vec<u8>) {
 /// Howard Hinnant's `civil_from_days`. Unix time here is never negative, so
 /// unsigned arithmetic suffices and no value can overflow even for
 /// `u64::MAX` seconds.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
     // Shift the epoch to 0000-03-01 so leap days fall at the end of a year.
     let z = days + 719_468;
     let era = z / 146_097;

@@ -10,6 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 use crate::engine::{Decision, Engine, ExemptList, Pass};
 
@@ -165,6 +166,81 @@ pub struct Metrics {
     triplets: Family<StateLabels, Gauge>,
     awl_clients: Gauge,
     awl_active: Gauge,
+    /// Snapshot writes and their outcome.
+    pub snapshots: SnapshotMetrics,
+}
+
+/// What the snapshot writer and loader did.
+#[derive(Debug, Default)]
+pub struct SnapshotMetrics {
+    /// Snapshots written.
+    pub written: Counter,
+    /// Snapshot writes that failed (each is also logged).
+    pub failures: Counter,
+    /// Unix time the last successful snapshot was started (its records are as of then).
+    pub last_time: Gauge,
+    /// Seconds the last successful write took, fsyncs included.
+    pub last_duration: Gauge<f64, AtomicU64>,
+    /// Size of the last snapshot file.
+    pub last_bytes: Gauge,
+    /// Triplet records in the last snapshot.
+    pub last_triplets: Gauge,
+    /// Auto-whitelist records in the last snapshot.
+    pub last_clients: Gauge,
+    /// Longest a shard lock was held while the last snapshot copied it.
+    pub last_longest_hold: Gauge<f64, AtomicU64>,
+    /// Triplet records loaded from a snapshot at start.
+    pub loaded_triplets: Gauge,
+}
+
+impl SnapshotMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "snapshots_written",
+            "Snapshots written",
+            self.written.clone(),
+        );
+        r.register(
+            "snapshot_failures",
+            "Snapshot writes that failed (see the log)",
+            self.failures.clone(),
+        );
+        r.register(
+            "snapshot_last_time_seconds",
+            "Unix time of the last successful snapshot",
+            self.last_time.clone(),
+        );
+        r.register(
+            "snapshot_last_duration_seconds",
+            "Time the last successful snapshot write took, fsyncs included",
+            self.last_duration.clone(),
+        );
+        r.register(
+            "snapshot_last_size_bytes",
+            "Size of the last snapshot file",
+            self.last_bytes.clone(),
+        );
+        r.register(
+            "snapshot_last_triplets",
+            "Triplet records in the last snapshot",
+            self.last_triplets.clone(),
+        );
+        r.register(
+            "snapshot_last_clients",
+            "Auto-whitelist records in the last snapshot",
+            self.last_clients.clone(),
+        );
+        r.register(
+            "snapshot_last_longest_lock_hold_seconds",
+            "Longest a shard lock was held while the last snapshot copied it",
+            self.last_longest_hold.clone(),
+        );
+        r.register(
+            "snapshot_loaded_triplets",
+            "Triplet records loaded from a snapshot at start",
+            self.loaded_triplets.clone(),
+        );
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -278,8 +354,11 @@ impl Metrics {
             "Clients currently auto-whitelisted",
             awl_active.clone(),
         );
+        let snapshots = SnapshotMetrics::default();
+        snapshots.register(&mut registry);
         Self {
             registry,
+            snapshots,
             decisions,
             requests,
             errors,

@@ -9,6 +9,7 @@
 pub mod metrics;
 mod native;
 mod policy;
+pub mod snapshots;
 pub mod udp_batch;
 
 use std::io;
