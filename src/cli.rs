@@ -68,10 +68,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "CIDR", help_heading = "Listeners")]
     pub allow: Vec<String>,
 
-    /// Data directory: the hash key (and, once implemented, snapshots) [default: ./greyhound-data].
+    /// Data directory: the hash key and the snapshots [default: ./greyhound-data].
     #[arg(long, value_name = "DIR", help_heading = "Storage")]
     pub data_dir: Option<PathBuf>,
-    /// Time between two snapshots; no effect yet, snapshots are not implemented [default: 60s].
+    /// Time between two snapshots of the table [default: 60s].
     #[arg(long, value_name = "DURATION", help_heading = "Storage")]
     pub snapshot_interval: Option<String>,
 

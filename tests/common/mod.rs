@@ -4,6 +4,9 @@
 //!
 //! Every wait here is bounded: a test that would hang panics instead, naming what it waited
 //! for, and a dropped [`Server`] always kills its process and removes its directory.
+//!
+//! Each test file compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
@@ -68,8 +71,9 @@ type Logs = Arc<Mutex<Vec<String>>>;
 /// A running `greyhound serve`.
 pub struct Server {
     child: Child,
-    /// The test's directory (data dir `data/`, list files, sockets), removed after the process.
-    _dir: TempDir,
+    /// The test's directory (data dir `data/`, list files, sockets), removed after the process
+    /// unless taken back with [`Server::into_dir`] to start another server on the same data.
+    dir: Option<TempDir>,
     /// Native protocol, TCP and UDP.
     pub native: SocketAddr,
     /// Postfix policy protocol.
@@ -175,12 +179,25 @@ impl Server {
         };
         Self {
             child,
-            _dir: dir,
+            dir: Some(dir),
             native,
             policy,
             metrics_addr,
             logs,
         }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        PathBuf::from(self.dir.as_ref().expect("dir").file("data"))
+    }
+
+    /// Kills the process (SIGKILL, unless it has already exited) and hands back its
+    /// directory, data directory included, for the next server.
+    pub fn into_dir(mut self) -> TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.take().expect("dir")
     }
 
     /// The process id.
