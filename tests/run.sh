@@ -5,14 +5,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Packages the tests need, installed only when missing:
+#   postfix  tests/postfix.rs runs a private Postfix (own config and queue in a temp dir).
+#   systemd  tests/systemd.rs checks contrib/greyhound.service with systemd-analyze (offline:
+#            no running systemd is needed).
 need_pkgs=()
-# (Packages for tests that drive real external servers are added here as those tests arrive.)
+for pkg in postfix systemd; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' \
+        || need_pkgs+=("$pkg")
+done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     export DEBIAN_FRONTEND=noninteractive
+    # "No configuration": the package writes no working /etc/postfix/main.cf, so it has no
+    # reason to start a system Postfix; the test brings its own configuration.
+    echo 'postfix postfix/main_mailer_type select No configuration' | $sudo debconf-set-selections
     $sudo apt-get update -q
-    $sudo apt-get install -y -q "${need_pkgs[@]}"
+    $sudo apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+    # Should the package have started the system instance anyway (an init script with an
+    # old main.cf), stop it: the test's Postfix needs none, and a stray master on port 25
+    # is nobody's business on a test machine. Our private instances use their own -c DIR.
+    if $sudo postfix status >/dev/null 2>&1; then
+        $sudo postfix stop || true
+    fi
 fi
 
 cargo test --workspace --locked "$@"
