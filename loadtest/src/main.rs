@@ -1,9 +1,488 @@
-//! `greyhound-loadtest`: load generation and capacity planning for Greyhound.
-//!
-//! Not built yet: `run`, `ceiling` and `plan` arrive with their own issue. Until then the
-//! binary says so and exits non-zero, so no script mistakes it for a measurement.
+//! `greyhound-loadtest`: load generation (`run`), the transport ceiling (`ceiling`) and
+//! capacity planning (`plan`) for Greyhound. See `docs/LOADTEST.md`.
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use greyhound_loadtest::client::{self, Proto, RunConfig};
+use greyhound_loadtest::null::{NullOptions, NullResponder};
+use greyhound_loadtest::plan::{self, PlanConfig, SenderMix};
+use greyhound_loadtest::report::CeilingReport;
+use greyhound_loadtest::workload::{Mix, WorkloadConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "greyhound-loadtest",
+    version,
+    about = "Load generation and capacity planning for Greyhound"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Drive a running server with realistic traffic and report throughput and latency.
+    Run(RunArgs),
+    /// Measure an in-process null responder on the same transport, then the target if given,
+    /// with the same client: the target's figure as a share of this machine's ceiling.
+    Ceiling(RunArgs),
+    /// Simulate days or weeks of mail through the engine on a simulated clock.
+    Plan(PlanArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Server address (default: 127.0.0.1:10030 for native, 127.0.0.1:10023 for policy).
+    /// Only loopback addresses unless --allow-remote.
+    #[arg(long)]
+    target: Option<String>,
+    /// Allow a target that is not a loopback address.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Transport.
+    #[arg(long, value_enum, default_value_t = Proto::NativeTcp)]
+    proto: Proto,
+    /// Connections (TCP) or sockets (UDP), one thread each.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    connections: usize,
+    /// Requests in flight per TCP connection, datagrams in flight per UDP socket
+    /// (policy: always 1, as Postfix).
+    #[arg(long, short = 'p', default_value_t = 16)]
+    pipeline: usize,
+    /// Requests per UDP datagram.
+    #[arg(long, default_value_t = 1)]
+    per_datagram: usize,
+    /// How long to send: 10, 10s, 500ms, 2m (default 10s unless --requests is given).
+    #[arg(long, short = 'd', value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Stop after this many requests in all.
+    #[arg(long, short = 'n')]
+    requests: Option<u64>,
+    /// Open loop: send at this many requests per second in all, latency from the intended
+    /// send time. Without it, closed loop (as fast as answers come).
+    #[arg(long, short = 'r')]
+    rate: Option<f64>,
+    /// An unanswered request counts as a timeout after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    timeout: Duration,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress line.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// Before measuring, whitelist the known pool: send it, wait --server-delay, send it
+    /// again (not measured).
+    #[arg(long)]
+    warmup: bool,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+}
+
+#[derive(Args, Debug)]
+struct WorkloadArgs {
+    /// Share of never-seen triplets.
+    #[arg(long = "new", default_value_t = Mix::default().new)]
+    new: f64,
+    /// Share of retries before the server's delay is over (answered DEFER).
+    #[arg(long = "early-retry", default_value_t = Mix::default().early_retry)]
+    early_retry: f64,
+    /// Share of retries after the server's delay (answered PASS retried).
+    #[arg(long = "retry", default_value_t = Mix::default().retry)]
+    retry: f64,
+    /// Share of triplets from the known pool (PASS known once whitelisted).
+    #[arg(long = "known", default_value_t = Mix::default().known)]
+    known: f64,
+    /// The server's greylisting delay in seconds: retries are sent after it.
+    #[arg(long, default_value_t = 300.0)]
+    server_delay: f64,
+    /// IPv4 client networks (/24s in 10.0.0.0/8).
+    #[arg(long, default_value_t = WorkloadConfig::default().nets_v4)]
+    nets_v4: u32,
+    /// IPv6 client networks (/64s in 2001:db8::/32).
+    #[arg(long, default_value_t = WorkloadConfig::default().nets_v6)]
+    nets_v6: u32,
+    /// Share of senders with an IPv6 client.
+    #[arg(long, default_value_t = WorkloadConfig::default().ipv6_share)]
+    ipv6_share: f64,
+    /// Distinct senders (plain, +extension, VERP, SRS, BATV and null sender forms).
+    #[arg(long, default_value_t = WorkloadConfig::default().senders)]
+    senders: u32,
+    /// Distinct recipients.
+    #[arg(long, default_value_t = WorkloadConfig::default().recipients)]
+    recipients: u32,
+    /// Triplets in the known pool.
+    #[arg(long, default_value_t = WorkloadConfig::default().known_pool)]
+    known_pool: u32,
+    /// Seed of the workload.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// Simulated days.
+    #[arg(long, default_value_t = PlanConfig::default().days)]
+    days: f64,
+    /// Mean messages (recipients) per second over the day.
+    #[arg(long, default_value_t = PlanConfig::default().rate)]
+    rate: f64,
+    /// Busiest over quietest hour of the day.
+    #[arg(long, default_value_t = PlanConfig::default().peak_ratio)]
+    peak_ratio: f64,
+    /// Share of messages that are spam.
+    #[arg(long, default_value_t = PlanConfig::default().spam_share)]
+    spam_share: f64,
+    /// Legitimate sending organisations.
+    #[arg(long, default_value_t = PlanConfig::default().senders)]
+    senders: u32,
+    /// Local recipients.
+    #[arg(long, default_value_t = PlanConfig::default().recipients)]
+    recipients: u32,
+    /// Distinct correspondents per sender.
+    #[arg(long, default_value_t = PlanConfig::default().fanout)]
+    fanout: u32,
+    /// Share of legitimate senders running Postfix (300 s doubling to 4000 s).
+    #[arg(long, default_value_t = SenderMix::default().postfix)]
+    postfix: f64,
+    /// Share running Exim (every 15 min, then 1 h ×1.5, then 6 h).
+    #[arg(long, default_value_t = SenderMix::default().exim)]
+    exim: f64,
+    /// Share running Exchange (1 min ×4, then 5 min).
+    #[arg(long, default_value_t = SenderMix::default().exchange)]
+    exchange: f64,
+    /// Share of provider pools retrying from another address every 5–15 min.
+    #[arg(long, default_value_t = SenderMix::default().pool)]
+    pool: f64,
+    /// Client networks in a provider pool.
+    #[arg(long, default_value_t = PlanConfig::default().pool_nets)]
+    pool_nets: u32,
+    /// Share of spam that retries once within seconds (the rest of the botnet never does).
+    #[arg(long, default_value_t = PlanConfig::default().spam_retry_once)]
+    spam_retry_once: f64,
+    /// Share of spam sent through real MTAs retrying like Postfix.
+    #[arg(long, default_value_t = PlanConfig::default().spam_mta)]
+    spam_mta: f64,
+    /// Client networks of those spam MTAs.
+    #[arg(long, default_value_t = PlanConfig::default().spam_mta_nets)]
+    spam_mta_nets: u32,
+    /// Client networks of the botnet.
+    #[arg(long, default_value_t = PlanConfig::default().spam_nets)]
+    spam_nets: u64,
+    /// Greylisting delay under test: 300, 5m.
+    #[arg(long, value_parser = parse_secs, default_value = "300")]
+    delay: u32,
+    /// Retry window under test: 2d.
+    #[arg(long, value_parser = parse_secs, default_value = "2d")]
+    retry_window: u32,
+    /// Whitelist lifetime under test: 35d.
+    #[arg(long, value_parser = parse_secs, default_value = "35d")]
+    whitelist_ttl: u32,
+    /// Passed triplets that auto-whitelist a client network (0 = off).
+    #[arg(long, default_value_t = PlanConfig::default().awl_clients)]
+    awl_clients: u32,
+    /// At most one pass per this interval counts towards the auto-whitelist.
+    #[arg(long, value_parser = parse_secs, default_value = "1h")]
+    awl_interval: u32,
+    /// How long an auto-whitelisted client network stays so after its last pass.
+    #[arg(long, value_parser = parse_secs, default_value = "35d")]
+    awl_ttl: u32,
+    /// How long senders keep retrying.
+    #[arg(long, value_parser = parse_secs, default_value = "5d")]
+    give_up: u32,
+    /// Simulate 1 sender in N and scale up (default: automatic, ~30 M decisions).
+    #[arg(long)]
+    sample: Option<u32>,
+    /// Interval between timeline points (default: about 200 points).
+    #[arg(long, value_parser = parse_secs)]
+    report_every: Option<u32>,
+    /// Length of the headroom benchmark.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    headroom_time: Duration,
+    /// Most triplets loaded for the headroom benchmark.
+    #[arg(long, default_value_t = PlanConfig::default().headroom_max_triplets)]
+    headroom_max_triplets: u64,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG chart (table size, memory, delay by sender type) to this file.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+/// `300`, `300s`, `500ms`, `5m`, `2h`, `2d`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (300, 300s, 500ms, 5m, 2h, 2d)"))?;
+    let mult = match unit {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    if !(v * mult).is_finite() || v * mult > 1e9 {
+        return Err(format!("{s:?} is too long"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+fn parse_secs(s: &str) -> Result<u32, String> {
+    let d = parse_duration(s)?;
+    u32::try_from(d.as_secs()).map_err(|_| format!("{s:?} is too long"))
+}
+
+impl WorkloadArgs {
+    fn config(&self) -> WorkloadConfig {
+        WorkloadConfig {
+            mix: Mix {
+                new: self.new,
+                early_retry: self.early_retry,
+                retry: self.retry,
+                known: self.known,
+            },
+            nets_v4: self.nets_v4,
+            nets_v6: self.nets_v6,
+            ipv6_share: self.ipv6_share,
+            senders: self.senders,
+            recipients: self.recipients,
+            known_pool: self.known_pool,
+            server_delay: self.server_delay,
+            seed: self.seed,
+        }
+    }
+}
+
+impl RunArgs {
+    fn config(&self, target: SocketAddr, label: &str) -> RunConfig {
+        RunConfig {
+            target,
+            proto: self.proto,
+            connections: self.connections,
+            pipeline: self.pipeline,
+            per_datagram: self.per_datagram,
+            duration: self.duration.or(if self.requests.is_none() {
+                Some(Duration::from_secs(10))
+            } else {
+                None
+            }),
+            requests: self.requests,
+            rate: self.rate,
+            timeout: self.timeout,
+            workload: self.workload.config(),
+            progress: !self.quiet && !self.json,
+            label: label.to_string(),
+            warmup: self.warmup,
+        }
+    }
+
+    fn target(&self) -> anyhow::Result<Option<SocketAddr>> {
+        self.target
+            .as_deref()
+            .map(|t| client::resolve_target(t, self.allow_remote))
+            .transpose()
+    }
+}
+
+fn run(a: &RunArgs) -> anyhow::Result<()> {
+    let target = match a.target()? {
+        Some(t) => t,
+        None => match a.proto {
+            Proto::Policy => SocketAddr::from(([127, 0, 0, 1], 10023)),
+            _ => SocketAddr::from(([127, 0, 0, 1], 10030)),
+        },
+    };
+    let report = client::run(&a.config(target, a.proto.name()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
+
+fn ceiling(a: &RunArgs) -> anyhow::Result<()> {
+    let target = a.target()?;
+    // The null responder listens on the same loopback family as the target.
+    let ip = match target.map(|t| t.ip()) {
+        Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    };
+    let null = NullResponder::start(ip, NullOptions::default())?;
+    let null_addr = match a.proto {
+        Proto::Policy => null.policy,
+        _ => null.native,
+    };
+    let null_report = client::run(&a.config(null_addr, "null responder"))
+        .context("measuring the null responder")?;
+    drop(null);
+    let target_report = target
+        .map(|t| client::run(&a.config(t, "target")))
+        .transpose()?;
+    let ratio = target_report
+        .as_ref()
+        .map(|t| t.decisions_per_sec / null_report.decisions_per_sec.max(1e-9));
+    let report = CeilingReport {
+        schema: CeilingReport::SCHEMA.to_string(),
+        null: null_report,
+        target: target_report,
+        ratio,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
+
+fn plan_cmd(a: &PlanArgs) -> anyhow::Result<()> {
+    let cfg = PlanConfig {
+        days: a.days,
+        rate: a.rate,
+        peak_ratio: a.peak_ratio,
+        spam_share: a.spam_share,
+        senders: a.senders,
+        recipients: a.recipients,
+        fanout: a.fanout,
+        mix: SenderMix {
+            postfix: a.postfix,
+            exim: a.exim,
+            exchange: a.exchange,
+            pool: a.pool,
+        },
+        pool_nets: a.pool_nets,
+        spam_retry_once: a.spam_retry_once,
+        spam_mta: a.spam_mta,
+        spam_mta_nets: a.spam_mta_nets,
+        spam_nets: a.spam_nets,
+        delay: a.delay,
+        retry_window: a.retry_window,
+        whitelist_ttl: a.whitelist_ttl,
+        awl_clients: a.awl_clients,
+        awl_interval: a.awl_interval,
+        awl_ttl: a.awl_ttl,
+        give_up: a.give_up,
+        sample: a.sample,
+        report_every: a.report_every,
+        headroom_secs: a.headroom_time.as_secs_f64(),
+        headroom_max_triplets: a.headroom_max_triplets,
+        seed: a.seed,
+    };
+    let pb = if !a.quiet && !a.json && std::io::stderr().is_terminal() {
+        let pb = indicatif::ProgressBar::new(1000);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {percent:>3}% simulated [{elapsed_precise}, ~{eta} left] {msg}",
+            )
+            .expect("valid progress template"),
+        );
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let report = plan::plan(&cfg, |done| {
+        pb.set_position((done * 1000.0) as u64);
+        if done >= 1.0 {
+            pb.set_message("headroom benchmark");
+        }
+    })?;
+    pb.finish_and_clear();
+    if let Some(path) = &a.chart {
+        greyhound_loadtest::chart::write_svg(&report, path)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+        if let Some(path) = &a.chart {
+            println!("chart: {}", path.display());
+        }
+    }
+    Ok(())
+}
 
 fn main() {
-    eprintln!("greyhound-loadtest: not implemented yet (run, ceiling and plan come with the load-test issue)");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Ceiling(a) => ceiling(a),
+        Cmd::Plan(a) => plan_cmd(a),
+    };
+    if let Err(e) = result {
+        eprintln!("greyhound-loadtest: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations_take_the_server_s_forms() {
+        assert_eq!(parse_duration("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(parse_secs("35d"), Ok(35 * 86_400));
+        assert!(parse_secs("100000d").is_err());
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "greyhound-loadtest",
+            "run",
+            "--proto",
+            "native-udp",
+            "--per-datagram",
+            "8",
+            "-c",
+            "4",
+            "--rate",
+            "1000",
+            "--new",
+            "0.5",
+        ])
+        .unwrap();
+        let Cmd::Run(a) = cli.cmd else {
+            panic!("not run")
+        };
+        let c = a.config(SocketAddr::from(([127, 0, 0, 1], 1)), "x");
+        assert_eq!(c.proto, Proto::NativeUdp);
+        assert_eq!(c.per_datagram, 8);
+        assert_eq!(c.rate, Some(1000.0));
+        assert_eq!(c.workload.mix.new, 0.5);
+        // Unbounded by count, so bounded by the default 10 s.
+        assert_eq!(c.duration, Some(Duration::from_secs(10)));
+        assert!(Cli::try_parse_from(["greyhound-loadtest", "run", "--proto", "smtp"]).is_err());
+    }
 }

@@ -1,0 +1,263 @@
+//! Reading replies: a native reply line or a Postfix `action=` line, classified by kind and
+//! counted without allocating (the counters sit on the client's hot path).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// PASS reasons the client counts by name; anything else counts as `other`.
+/// `dunno` and `prepend` are what the policy protocol says for a pass (its reason is not on
+/// the wire: `prepend` is the first pass after a retry, `dunno` every other).
+pub const PASS_REASONS: [&str; 12] = [
+    "retried",
+    "known",
+    "awl",
+    "exempt:client",
+    "exempt:client-name",
+    "exempt:sender",
+    "exempt:recipient",
+    "auth",
+    "dry-run",
+    "dunno",
+    "prepend",
+    "other",
+];
+
+/// One reply, classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer<'a> {
+    /// `DEFER` or `action=DEFER_IF_PERMIT`.
+    Defer,
+    /// `PASS <reason>`, `action=DUNNO` or `action=PREPEND`; index into [`PASS_REASONS`].
+    Pass(usize),
+    /// `ERR <code>`.
+    Err(&'a [u8]),
+    /// `PONG`.
+    Pong,
+    /// Anything else.
+    Other,
+}
+
+/// Splits a native reply line (without its `\n`) into its ID and its classification.
+pub fn native(line: &[u8]) -> (Option<u64>, Answer<'_>) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let (id, body) = match line.iter().position(|&b| b == b' ') {
+        Some(p) if p > 0 && line[..p].iter().all(u8::is_ascii_digit) => {
+            (parse_u64(&line[..p]), &line[p + 1..])
+        }
+        _ => (None, line),
+    };
+    let mut words = body.splitn(3, |&b| b == b' ');
+    let verb = words.next().unwrap_or_default();
+    let arg = words.next().unwrap_or_default();
+    let answer = match verb {
+        b"DEFER" => Answer::Defer,
+        b"PASS" => Answer::Pass(reason_index(arg)),
+        b"ERR" => Answer::Err(arg),
+        b"PONG" => Answer::Pong,
+        _ => Answer::Other,
+    };
+    (id, answer)
+}
+
+/// Classifies a policy reply block (its `action=` line; the blank line already removed).
+pub fn policy(block: &[u8]) -> Answer<'_> {
+    let Some(action) = block.strip_prefix(b"action=") else {
+        return Answer::Other;
+    };
+    let word_end = action
+        .iter()
+        .position(|&b| b == b' ' || b == b'\n')
+        .unwrap_or(action.len());
+    match &action[..word_end] {
+        b"DEFER_IF_PERMIT" => Answer::Defer,
+        b"DUNNO" | b"dunno" => Answer::Pass(reason_index(b"dunno")),
+        b"PREPEND" | b"prepend" => Answer::Pass(reason_index(b"prepend")),
+        _ => Answer::Other,
+    }
+}
+
+fn reason_index(reason: &[u8]) -> usize {
+    PASS_REASONS
+        .iter()
+        .position(|r| r.as_bytes() == reason)
+        .unwrap_or(PASS_REASONS.len() - 1)
+}
+
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// Replies and failures of one worker, by kind.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    /// DEFER answers.
+    pub defer: u64,
+    /// PASS answers by reason, indexed like [`PASS_REASONS`].
+    pub pass: [u64; PASS_REASONS.len()],
+    /// ERR answers by code.
+    pub err: BTreeMap<String, u64>,
+    /// PONG answers.
+    pub pong: u64,
+    /// Replies that are none of the above.
+    pub other: u64,
+    /// Requests that got no answer in time (lost datagrams, a dead connection).
+    pub timeouts: u64,
+    /// UDP replies whose ID matched nothing outstanding (late after a timeout, duplicated).
+    pub unmatched: u64,
+    /// Connections that failed (could not connect, reset, closed by the server).
+    pub connection_errors: u64,
+    /// Open loop: requests whose send time had come when the run stopped but that were
+    /// never sent, because the window was full (the server was slower than the rate).
+    pub behind_schedule: u64,
+}
+
+impl Tally {
+    /// Counts one answer; returns whether it is a decision (DEFER or PASS), the only answers
+    /// that count as throughput.
+    #[inline]
+    pub fn count(&mut self, a: Answer<'_>) -> bool {
+        match a {
+            Answer::Defer => self.defer += 1,
+            Answer::Pass(i) => self.pass[i] += 1,
+            Answer::Err(code) => {
+                // Rare by construction: the allocation is not on the hot path.
+                *self
+                    .err
+                    .entry(String::from_utf8_lossy(code).into_owned())
+                    .or_default() += 1;
+                return false;
+            }
+            Answer::Pong => {
+                self.pong += 1;
+                return false;
+            }
+            Answer::Other => {
+                self.other += 1;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Adds another worker's tally.
+    pub fn add(&mut self, o: &Tally) {
+        self.defer += o.defer;
+        for (a, b) in self.pass.iter_mut().zip(o.pass) {
+            *a += b;
+        }
+        for (k, v) in &o.err {
+            *self.err.entry(k.clone()).or_default() += v;
+        }
+        self.pong += o.pong;
+        self.other += o.other;
+        self.timeouts += o.timeouts;
+        self.unmatched += o.unmatched;
+        self.connection_errors += o.connection_errors;
+        self.behind_schedule += o.behind_schedule;
+    }
+
+    /// DEFER and PASS answers: the decisions, the only answers counted as throughput.
+    pub fn decisions(&self) -> u64 {
+        self.defer + self.pass.iter().sum::<u64>()
+    }
+
+    /// The tally as it is reported.
+    pub fn to_answers(&self) -> Answers {
+        Answers {
+            defer: self.defer,
+            pass: PASS_REASONS
+                .iter()
+                .zip(self.pass)
+                .filter(|&(_, n)| n > 0)
+                .map(|(r, n)| (r.to_string(), n))
+                .collect(),
+            err: self.err.clone(),
+            pong: self.pong,
+            other: self.other,
+            timeouts: self.timeouts,
+            unmatched: self.unmatched,
+            connection_errors: self.connection_errors,
+            behind_schedule: self.behind_schedule,
+        }
+    }
+}
+
+/// Answers by kind, as reported (text and JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answers {
+    /// DEFER answers.
+    pub defer: u64,
+    /// PASS answers by reason (only reasons seen).
+    pub pass: BTreeMap<String, u64>,
+    /// ERR answers by code.
+    pub err: BTreeMap<String, u64>,
+    /// PONG answers.
+    pub pong: u64,
+    /// Unrecognised replies.
+    pub other: u64,
+    /// Requests never answered within the timeout.
+    pub timeouts: u64,
+    /// UDP replies matching no outstanding request.
+    pub unmatched: u64,
+    /// Connections that failed.
+    pub connection_errors: u64,
+    /// Open loop: requests due by the end but never sent (the server fell behind the rate).
+    pub behind_schedule: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_replies_are_classified_with_their_id() {
+        assert_eq!(
+            native(b"17 DEFER 300 Greylisted"),
+            (Some(17), Answer::Defer)
+        );
+        assert_eq!(native(b"PASS known"), (None, Answer::Pass(1)));
+        assert_eq!(native(b"3 PASS exempt:client"), (Some(3), Answer::Pass(3)));
+        assert_eq!(native(b"3 PASS whatever"), (Some(3), Answer::Pass(11)));
+        assert_eq!(
+            native(b"9 ERR bad-ip malformed"),
+            (Some(9), Answer::Err(b"bad-ip"))
+        );
+        assert_eq!(native(b"PONG"), (None, Answer::Pong));
+        assert_eq!(native(b"DEFER 12\r"), (None, Answer::Defer));
+        assert_eq!(native(b"HELLO"), (None, Answer::Other));
+        // An ID that overflows u64 is no ID.
+        assert_eq!(native(b"99999999999999999999 PONG").0, None);
+    }
+
+    #[test]
+    fn policy_actions_are_classified() {
+        assert_eq!(
+            policy(b"action=DEFER_IF_PERMIT Greylisted, see x"),
+            Answer::Defer
+        );
+        assert_eq!(policy(b"action=DUNNO"), Answer::Pass(9));
+        assert_eq!(
+            policy(b"action=PREPEND X-Greylist: delayed 2 seconds"),
+            Answer::Pass(10)
+        );
+        assert_eq!(policy(b"action=REJECT no"), Answer::Other);
+        assert_eq!(policy(b"garbage"), Answer::Other);
+    }
+
+    #[test]
+    fn errors_are_never_decisions() {
+        let mut t = Tally::default();
+        assert!(t.count(Answer::Defer));
+        assert!(t.count(Answer::Pass(0)));
+        assert!(!t.count(Answer::Err(b"bad-ip")));
+        assert!(!t.count(Answer::Other));
+        assert!(!t.count(Answer::Pong));
+        assert_eq!(t.decisions(), 2);
+        let a = t.to_answers();
+        assert_eq!(a.err.get("bad-ip"), Some(&1));
+        assert_eq!(a.pass.get("retried"), Some(&1));
+    }
+}

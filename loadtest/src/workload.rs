@@ -1,0 +1,489 @@
+//! The request mix `run` sends: which triplet comes next, and how a triplet is written.
+//!
+//! A triplet is a number. Its client address, sender and recipient are derived from the
+//! number by a hash, so a retry of triplet 42 is byte for byte the same request as its first
+//! attempt (as a real MTA's retry is), and the generator keeps no strings. Each request is one
+//! of four kinds, drawn by their shares:
+//!
+//! - **new**: a triplet never sent before (per worker counter, disjoint between workers);
+//! - **early retry**: a triplet first sent less than the server's delay ago (it stays DEFER);
+//! - **retry**: a triplet first sent at least the server's delay ago, sent once more (it
+//!   passes `retried` if the server's delay is what `--server-delay` says);
+//! - **known**: a triplet from a fixed pool shared by all workers, so repeated traffic
+//!   between known correspondents (whitelisted once each has been seen and retried).
+//!
+//! When a kind cannot be served yet (no triplet old enough to retry at the start of a run)
+//! the generator falls back to a kind it can serve and counts what it actually sent.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rng::{mix, mix2, Rng};
+
+/// Shares of the request kinds; they need not add up to one (they are normalised).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Mix {
+    /// Never-seen triplets.
+    pub new: f64,
+    /// Retries before the delay is over.
+    pub early_retry: f64,
+    /// Retries after the delay.
+    pub retry: f64,
+    /// Triplets from the known pool.
+    pub known: f64,
+}
+
+impl Default for Mix {
+    /// A mail stream where most requests come from correspondents seen before: 15 % new,
+    /// 5 % early retries, 10 % retries after the delay, 70 % known.
+    fn default() -> Self {
+        Self {
+            new: 0.15,
+            early_retry: 0.05,
+            retry: 0.10,
+            known: 0.70,
+        }
+    }
+}
+
+/// Everything that shapes the generated requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadConfig {
+    /// Shares of the request kinds.
+    pub mix: Mix,
+    /// IPv4 client networks (/24s, in 10.0.0.0/8), at most 65,536.
+    pub nets_v4: u32,
+    /// IPv6 client networks (/64s, in 2001:db8::/32).
+    pub nets_v6: u32,
+    /// Share of triplets whose client is IPv6.
+    pub ipv6_share: f64,
+    /// Distinct senders; each sends from one client network.
+    pub senders: u32,
+    /// Distinct recipients.
+    pub recipients: u32,
+    /// Triplets in the known pool.
+    pub known_pool: u32,
+    /// The server's greylisting delay in seconds, so retries come after it.
+    pub server_delay: f64,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        Self {
+            mix: Mix::default(),
+            nets_v4: 65_536,
+            nets_v6: 16_384,
+            ipv6_share: 0.1,
+            senders: 100_000,
+            recipients: 1_000_000,
+            known_pool: 100_000,
+            server_delay: 300.0,
+            seed: 1,
+        }
+    }
+}
+
+impl WorkloadConfig {
+    /// Checks ranges; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let m = self.mix;
+        for (name, v) in [
+            ("--new", m.new),
+            ("--early-retry", m.early_retry),
+            ("--retry", m.retry),
+            ("--known", m.known),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("{name}: share must be a number >= 0, got {v}"));
+            }
+        }
+        if m.new + m.early_retry + m.retry + m.known <= 0.0 {
+            return Err("--new/--early-retry/--retry/--known: all shares are 0".into());
+        }
+        if !(1..=65_536).contains(&self.nets_v4) {
+            return Err("--nets-v4 must be 1 to 65536 (/24s in 10.0.0.0/8)".into());
+        }
+        if self.nets_v6 == 0 || self.senders == 0 || self.recipients == 0 || self.known_pool == 0 {
+            return Err("--nets-v6, --senders, --recipients, --known-pool must be > 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.ipv6_share) {
+            return Err("--ipv6-share must be between 0 and 1".into());
+        }
+        if !(self.server_delay >= 0.0 && self.server_delay.is_finite()) {
+            return Err("--server-delay must be >= 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a generated request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A never-seen triplet.
+    New,
+    /// A retry before the delay is over.
+    EarlyRetry,
+    /// A retry after the delay.
+    Retry,
+    /// From the known pool.
+    Known,
+}
+
+/// Requests generated, by kind (what was actually sent, after fallbacks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindCounts {
+    /// Never-seen triplets.
+    pub new: u64,
+    /// Retries before the delay.
+    pub early_retry: u64,
+    /// Retries after the delay.
+    pub retry: u64,
+    /// Known-pool triplets.
+    pub known: u64,
+}
+
+impl KindCounts {
+    /// Adds another count.
+    pub fn add(&mut self, o: &KindCounts) {
+        self.new += o.new;
+        self.early_retry += o.early_retry;
+        self.retry += o.retry;
+        self.known += o.known;
+    }
+
+    /// All requests.
+    pub fn total(&self) -> u64 {
+        self.new + self.early_retry + self.retry + self.known
+    }
+}
+
+/// Triplet numbers of the known pool live above this bit; new ones below, with the worker in
+/// bits 40..62, so no two workers ever make the same "new" triplet.
+const KNOWN_BIT: u64 = 1 << 62;
+/// First-attempt times remembered for later retries, per worker; the oldest are forgotten
+/// past this (a retry share below the new share would otherwise grow it without end).
+const MAX_WAITING: usize = 1 << 20;
+/// An early retry picks among this many most recent new triplets.
+const EARLY_WINDOW: u64 = 64;
+
+/// One worker's request generator.
+#[derive(Debug)]
+pub struct Generator {
+    cfg: WorkloadConfig,
+    /// Cumulative kind thresholds on a `[0, 1)` draw.
+    cut: [f64; 3],
+    rng: Rng,
+    worker: u64,
+    next_new: u64,
+    /// New triplets and when they were first sent (seconds), oldest first.
+    waiting: VecDeque<(u64, f64)>,
+    /// What was sent.
+    pub counts: KindCounts,
+    /// Set for a warm-up sweep of the known pool.
+    sweep: Option<Arc<AtomicU64>>,
+}
+
+impl Generator {
+    /// A generator for worker `worker` (0-based; below 2^22).
+    pub fn new(cfg: &WorkloadConfig, worker: u64) -> Self {
+        let m = cfg.mix;
+        let sum = m.new + m.early_retry + m.retry + m.known;
+        let cut = [
+            m.new / sum,
+            (m.new + m.early_retry) / sum,
+            (m.new + m.early_retry + m.retry) / sum,
+        ];
+        Self {
+            cfg: cfg.clone(),
+            cut,
+            rng: Rng::new(mix2(cfg.seed, worker)),
+            worker: worker & 0x3F_FFFF,
+            next_new: 0,
+            waiting: VecDeque::new(),
+            counts: KindCounts::default(),
+            sweep: None,
+        }
+    }
+
+    /// A generator that sends each triplet of the known pool in turn, sharing `next` with
+    /// the other workers of the sweep (the warm-up that whitelists the pool).
+    pub fn sweep(cfg: &WorkloadConfig, worker: u64, next: Arc<AtomicU64>) -> Self {
+        Self {
+            sweep: Some(next),
+            ..Self::new(cfg, worker)
+        }
+    }
+
+    /// The next triplet to send at time `now` (seconds since the run started).
+    pub fn next(&mut self, now: f64) -> (Kind, u64) {
+        if let Some(next) = &self.sweep {
+            let i = next.fetch_add(1, Ordering::Relaxed) % u64::from(self.cfg.known_pool);
+            self.counts.known += 1;
+            return (Kind::Known, KNOWN_BIT | i);
+        }
+        let u = self.rng.unit();
+        let wanted = if u < self.cut[0] {
+            Kind::New
+        } else if u < self.cut[1] {
+            Kind::EarlyRetry
+        } else if u < self.cut[2] {
+            Kind::Retry
+        } else {
+            Kind::Known
+        };
+        let delay = self.cfg.server_delay;
+        let picked = match wanted {
+            Kind::Known => Some((
+                Kind::Known,
+                KNOWN_BIT | self.rng.below(self.cfg.known_pool.into()),
+            )),
+            Kind::Retry => self.retry(now, delay).or_else(|| self.early(now, delay)),
+            Kind::EarlyRetry => self.early(now, delay).or_else(|| self.retry(now, delay)),
+            Kind::New => None,
+        };
+        let (kind, t) = picked.unwrap_or_else(|| {
+            let t = (self.worker << 40) | (self.next_new & ((1 << 40) - 1));
+            self.next_new += 1;
+            if self.waiting.len() == MAX_WAITING {
+                self.waiting.pop_front();
+            }
+            self.waiting.push_back((t, now));
+            (Kind::New, t)
+        });
+        match kind {
+            Kind::New => self.counts.new += 1,
+            Kind::EarlyRetry => self.counts.early_retry += 1,
+            Kind::Retry => self.counts.retry += 1,
+            Kind::Known => self.counts.known += 1,
+        }
+        (kind, t)
+    }
+
+    /// The oldest waiting triplet, if its delay is over; it is retried once and forgotten.
+    fn retry(&mut self, now: f64, delay: f64) -> Option<(Kind, u64)> {
+        match self.waiting.front() {
+            Some(&(t, first)) if now - first >= delay => {
+                self.waiting.pop_front();
+                Some((Kind::Retry, t))
+            }
+            _ => None,
+        }
+    }
+
+    /// One of the most recent waiting triplets, if its delay is not over yet.
+    fn early(&mut self, now: f64, delay: f64) -> Option<(Kind, u64)> {
+        let n = self.waiting.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let i = n - 1 - self.rng.below(n.min(EARLY_WINDOW));
+        let (t, first) = self.waiting[i as usize];
+        (now - first < delay).then_some((Kind::EarlyRetry, t))
+    }
+}
+
+/// The parts of triplet `t`, derived from its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    /// The client's address.
+    pub client: IpAddr,
+    /// Sender number.
+    pub sender: u32,
+    /// Recipient number.
+    pub recipient: u32,
+    /// Per-message tag (bounce ids, SRS hashes): same for every attempt of this triplet.
+    pub tag: u64,
+}
+
+/// Derives triplet `t`'s client, sender and recipient.
+pub fn parts(cfg: &WorkloadConfig, t: u64) -> Parts {
+    let h = mix2(t, cfg.seed);
+    let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as u32;
+    let recipient = (mix(h ^ 2) % u64::from(cfg.recipients)) as u32;
+    // A sender sends from one network, on any host of it: hosts of one /24 retry for each
+    // other, which is what the /24 masking on the server is for.
+    let s = mix2(u64::from(sender), cfg.seed);
+    let host = (h >> 56) as u8;
+    let v6 = ((s >> 11) as f64 / (1u64 << 53) as f64) < cfg.ipv6_share;
+    let client = if v6 {
+        let net = (mix(s) % u64::from(cfg.nets_v6)) as u32;
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0x0db8,
+            (net >> 16) as u16,
+            net as u16,
+            0,
+            0,
+            0,
+            u16::from(host) + 1,
+        ))
+    } else {
+        let net = (mix(s) % u64::from(cfg.nets_v4)) as u32;
+        IpAddr::V4(Ipv4Addr::new(
+            10,
+            (net >> 8) as u8,
+            net as u8,
+            host.clamp(1, 254),
+        ))
+    };
+    Parts {
+        client,
+        sender,
+        recipient,
+        tag: mix(h ^ 3),
+    }
+}
+
+/// The sender address forms, by share (out of 32): plain 18, `+extension` 3, VERP 4, SRS 2,
+/// BATV 3, null sender 2. The VERP, SRS and BATV forms carry a per-message part that the
+/// server's normaliser must reduce, or every message of a list would be a new triplet.
+pub fn write_sender(sender: u32, tag: u64, out: &mut Vec<u8>) {
+    let d = sender % 9973;
+    let _ = match mix(u64::from(sender)) % 32 {
+        0..=17 => write!(out, "user{sender}@mail{d}.example.com"),
+        18..=20 => write!(out, "user{sender}+{}@example{d}.org", tag % 1000),
+        21..=24 => write!(
+            out,
+            "list{sender}-bounces+{}=isp.example@lists{d}.example.net",
+            tag % 100_000
+        ),
+        25..=26 => write!(
+            out,
+            "SRS0={:04x}={:02}=orig{d}.example=user{sender}@forwarder{}.example",
+            tag & 0xffff,
+            (tag >> 16) % 100,
+            d % 100
+        ),
+        27..=29 => write!(
+            out,
+            "prvs={:010x}=user{sender}@corp{d}.example",
+            tag & 0xff_ffff_ffff
+        ),
+        _ => write!(out, "<>"),
+    };
+}
+
+/// Writes recipient `r`.
+pub fn write_recipient(r: u32, out: &mut Vec<u8>) {
+    let _ = write!(out, "user{r}@isp{}.example", r % 50);
+}
+
+/// Appends the native request line for triplet `t`: `[ID ]CHECK ip <sender> <recipient>\n`.
+pub fn write_native(cfg: &WorkloadConfig, t: u64, id: Option<u64>, out: &mut Vec<u8>) {
+    let p = parts(cfg, t);
+    if let Some(id) = id {
+        let _ = write!(out, "{id} ");
+    }
+    let _ = write!(out, "CHECK {} <", p.client);
+    let start = out.len();
+    write_sender(p.sender, p.tag, out);
+    if &out[start..] == b"<>" {
+        // The null sender is written `<>`, not `<<>>`.
+        out.truncate(start - 1);
+        out.extend_from_slice(b"<> <");
+    } else {
+        out.extend_from_slice(b"> <");
+    }
+    write_recipient(p.recipient, out);
+    out.extend_from_slice(b">\n");
+}
+
+/// Appends the Postfix policy request block for triplet `t`, at the RCPT stage, with the
+/// attributes Postfix 3 sends (shortened to the ones that matter plus a few that cost bytes).
+pub fn write_policy(cfg: &WorkloadConfig, t: u64, out: &mut Vec<u8>) {
+    let p = parts(cfg, t);
+    let _ = write!(
+        out,
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address={}\nclient_name=unknown\nreverse_client_name=unknown\nhelo_name=mx{}.example\nsender=",
+        p.client, p.sender % 9973
+    );
+    let start = out.len();
+    write_sender(p.sender, p.tag, out);
+    if &out[start..] == b"<>" {
+        // Postfix sends the null sender as an empty value.
+        out.truncate(start);
+    }
+    out.extend_from_slice(b"\nrecipient=");
+    write_recipient(p.recipient, out);
+    let _ = write!(
+        out,
+        "\nrecipient_count=0\nqueue_id=\nsasl_method=\nsasl_username=\nsize=0\ninstance={:x}.1\n\n",
+        t & 0xffff_ffff
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_sender_is_written_once_bracketed() {
+        let cfg = WorkloadConfig::default();
+        // Find a triplet whose sender is the null sender.
+        let t = (0..10_000u64)
+            .find(|&t| mix(u64::from(parts(&cfg, t).sender)) % 32 >= 30)
+            .expect("some null sender");
+        let mut line = Vec::new();
+        write_native(&cfg, t, None, &mut line);
+        let text = String::from_utf8(line).unwrap();
+        assert!(text.contains(" <> <user"), "{text}");
+        assert!(!text.contains("<<"), "{text}");
+        let mut block = Vec::new();
+        write_policy(&cfg, t, &mut block);
+        assert!(String::from_utf8(block).unwrap().contains("\nsender=\n"));
+    }
+
+    #[test]
+    fn every_request_is_one_the_server_codecs_accept() {
+        use greyhound::proto::{native, policy};
+        let cfg = WorkloadConfig {
+            ipv6_share: 0.5,
+            ..WorkloadConfig::default()
+        };
+        let mut line = Vec::new();
+        let mut block = Vec::new();
+        for t in (0..20_000u64).chain([KNOWN_BIT | 5, (3 << 40) | 9]) {
+            line.clear();
+            write_native(&cfg, t, Some(t), &mut line);
+            assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            let req = native::parse_line(&line[..line.len() - 1])
+                .unwrap_or_else(|e| panic!("{:?}: {e:?}", String::from_utf8_lossy(&line)));
+            let id = t.to_string();
+            assert_eq!(req.id, Some(id.as_str()));
+            let native::Command::Check(tr) = req.command else {
+                panic!("not a CHECK: {:?}", String::from_utf8_lossy(&line));
+            };
+            assert_eq!(tr.client, parts(&cfg, t).client);
+            block.clear();
+            write_policy(&cfg, t, &mut block);
+            match policy::parse(&block, &policy::Limits::default()) {
+                Ok(policy::Block::Complete { consumed, request }) => {
+                    assert_eq!(consumed, block.len());
+                    assert_eq!(request.protocol_state, "RCPT");
+                    assert_eq!(request.recipient, tr.recipient);
+                    assert_eq!(request.sender, tr.sender);
+                }
+                other => panic!("{other:?}: {:?}", String::from_utf8_lossy(&block)),
+            }
+        }
+    }
+
+    #[test]
+    fn retry_repeats_the_same_bytes() {
+        let cfg = WorkloadConfig::default();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        write_native(&cfg, 12345, Some(7), &mut a);
+        write_native(&cfg, 12345, Some(7), &mut b);
+        assert_eq!(a, b);
+        b.clear();
+        write_native(&cfg, 12346, Some(7), &mut b);
+        assert_ne!(a, b);
+    }
+}
