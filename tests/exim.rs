@@ -6,24 +6,22 @@
 //! write the request, shut down the sending side, read until the server closes. The replies
 //! then go through the document's own `defer` condition and `message` expression.
 
-#[allow(dead_code)] // each test file uses its own part of the shared helpers
-#[path = "postfix/support.rs"]
-mod support;
+mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{connect, decisions, free_port, greylist_text, operations_md, Server, TempDir};
 use regex::Regex;
-use support::{connect, decisions, greylist_text, Greyhound, TempDir};
 
 /// The native address the document's examples use: Greyhound's default.
 const DOC_NATIVE: &str = "127.0.0.1:10030";
 
 /// Section 8 of `docs/OPERATIONS.md`, up to the next section.
 fn exim_section() -> String {
-    let doc = support::operations_md();
+    let doc = operations_md();
     let start = doc
         .find("\n## 8. Exim\n")
         .expect("OPERATIONS.md has a section 8. Exim");
@@ -234,22 +232,6 @@ impl Acl {
     }
 }
 
-fn start_greyhound(dir: &TempDir) -> Greyhound {
-    let data = dir.join("data").display().to_string();
-    Greyhound::start(&[
-        "--data-dir",
-        &data,
-        "--native",
-        "127.0.0.1:0",
-        "--policy",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--delay",
-        "3s",
-    ])
-}
-
 #[test]
 fn operations_md_readsocket_matches_the_acl_and_the_defaults() {
     let section = exim_section();
@@ -290,8 +272,7 @@ fn exim_readsocket_replayed_against_the_real_server() {
     let rs = parse_readsocket(&readsocket_expansions(&section)[0]);
     let acl = Acl::from_doc(&section);
     let timeout = Duration::from_secs(rs.timeout.trim_end_matches('s').parse().unwrap());
-    let dir = TempDir::new("exim");
-    let gh = start_greyhound(&dir);
+    let gh = Server::start_in(TempDir::new("exim"), &["--delay", "3s"]);
     assert_eq!(rs.socket, format!("inet:{DOC_NATIVE}"));
     // `eol` is "\n": each newline of the answer is kept as it is.
     let ask = |s: &Session| -> String {
@@ -361,13 +342,11 @@ fn exim_readsocket_replayed_against_the_real_server() {
     assert_eq!(answer, "PASS retried\n");
     assert_eq!(acl.defer_message(&answer), None);
     assert_eq!(ask(&alice), "PASS known\n");
-    assert_eq!(gh.metric(&decisions("pass", "known")), 1.0);
-    assert_eq!(gh.metric(&decisions("defer", "")), 3.0);
+    assert_eq!(gh.m(&decisions("pass", "known")), 1.0);
+    assert_eq!(gh.m(&decisions("defer", "")), 3.0);
 
     // Nothing listening: Exim yields the fail string, and the ACL accepts.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap();
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let request = expand(&rs.request, &alice);
     let answer = readsocket(closed, request.as_bytes(), timeout).unwrap_or(rs.fail.clone());
     assert_eq!(answer, "PASS");

@@ -11,9 +11,7 @@
 //! The test needs root (Postfix's master does) and fails, not skips, without Postfix.
 //! It asserts answers only, never how long anything took.
 
-#[allow(dead_code)] // each test file uses its own part of the shared helpers
-#[path = "postfix/support.rs"]
-mod support;
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,7 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::{connect, decisions, free_port, greylist_text, Greyhound, TempDir, IO_TIMEOUT};
+use common::{
+    connect, decisions, free_port, greylist_text, operations_md, Server, TempDir, IO_TIMEOUT,
+};
 
 /// Where Debian installs the `postfix` command.
 const POSTFIX: &str = "/usr/sbin/postfix";
@@ -438,7 +438,7 @@ fn assert_x_greylist(value: &str) {
 /// Prints every log on the way out of a failed test, before the temp dir goes.
 struct OnFailure<'a> {
     postfix: &'a Postfix,
-    greyhound: &'a std::cell::RefCell<Greyhound>,
+    greyhound: &'a std::cell::RefCell<Server>,
 }
 
 impl Drop for OnFailure<'_> {
@@ -446,7 +446,7 @@ impl Drop for OnFailure<'_> {
         if thread::panicking() {
             eprintln!("{}", self.postfix.diagnostics());
             if let Ok(gh) = self.greyhound.try_borrow() {
-                eprintln!("--- greyhound log ---\n{}", gh.log());
+                eprintln!("--- greyhound log ---\n{}", gh.logs().join("\n"));
             }
         }
     }
@@ -462,32 +462,29 @@ fn postfix_greylists_through_greyhound_end_to_end() {
         "# a partner whose mail is never greylisted\n@partner.example\n",
     )
     .expect("write sender list");
-    let data = dir.join("greyhound-data");
-    let (data, exempt) = (data.display().to_string(), exempt.display().to_string());
+    let exempt = exempt.display().to_string();
+    let postfix_root = dir.join("postfix");
     let delay = format!("{DELAY_SECS}s");
-    let greyhound = std::cell::RefCell::new(Greyhound::start(&[
-        "--data-dir",
-        &data,
-        "--native",
-        "127.0.0.1:0",
-        "--policy",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--delay",
-        &delay,
-        "--hostname",
-        GH_HOST,
-        "--whitelist-senders",
-        &exempt,
-    ]));
-    let policy = greyhound.borrow().policy;
-    let pf = Postfix::start(&dir.join("postfix"), policy);
+    // The server owns `dir` (its data dir is `dir/data`) and removes it after Postfix,
+    // which is dropped first, has stopped.
+    let greyhound = std::cell::RefCell::new(Server::start_in(
+        dir,
+        &[
+            "--delay",
+            &delay,
+            "--hostname",
+            GH_HOST,
+            "--whitelist-senders",
+            &exempt,
+        ],
+    ));
+    let policy = greyhound.borrow().policy_tcp();
+    let pf = Postfix::start(&postfix_root, policy);
     let _logs = OnFailure {
         postfix: &pf,
         greyhound: &greyhound,
     };
-    let m = |answer: &str, reason: &str| greyhound.borrow().metric(&decisions(answer, reason));
+    let m = |answer: &str, reason: &str| greyhound.borrow().m(&decisions(answer, reason));
 
     let (alice, bob) = ("alice@example.org", "bob@example.net");
 
@@ -571,18 +568,11 @@ fn postfix_greylists_through_greyhound_end_to_end() {
         "step 6: Postfix logged no policy connection failure"
     );
 
-    // Greyhound starts again on the same data dir and the same policy port.
-    let first_args: Vec<String> = greyhound
-        .borrow()
-        .args()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
-    let policy_flag = policy.to_string();
-    *greyhound.borrow_mut() = Greyhound::start(&restart_args(&first_args, &policy_flag));
+    // Greyhound starts again on the same data dir and the same ports (the policy port is
+    // the one Postfix was configured with).
+    greyhound.borrow_mut().restart();
     assert_eq!(
-        greyhound.borrow().policy,
+        greyhound.borrow().policy_tcp(),
         policy,
         "restarted on the same port"
     );
@@ -614,28 +604,9 @@ fn postfix_greylists_through_greyhound_end_to_end() {
     );
 }
 
-/// The arguments of the second start: the first start's, with the policy port fixed to the
-/// one Postfix was configured with (the others may change).
-fn restart_args<'a>(first: &[&'a str], policy: &'a str) -> Vec<&'a str> {
-    let mut out = Vec::new();
-    let mut it = first.iter();
-    while let Some(&a) = it.next() {
-        out.push(a);
-        if matches!(a, "--native" | "--policy" | "--metrics") {
-            it.next();
-            out.push(if a == "--policy" {
-                policy
-            } else {
-                "127.0.0.1:0"
-            });
-        }
-    }
-    out
-}
-
 #[test]
 fn operations_md_shows_the_tested_main_cf_fragment() {
-    let doc = support::operations_md();
+    let doc = operations_md();
     let block = format!("```text\n{FRAGMENT}```\n");
     assert!(
         doc.contains(&block),

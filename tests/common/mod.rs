@@ -1,6 +1,8 @@
 //! Helpers for the integration tests: a real `greyhound serve` process on free ports, and
 //! small raw-bytes clients for the native protocol (TCP and UDP), the Postfix policy protocol
-//! (TCP and Unix socket) and the metrics HTTP port.
+//! (TCP and Unix socket) and the metrics HTTP port. The real-MTA tests (`tests/postfix.rs`,
+//! `tests/exim.rs`) use it too: a server stopped with [`Server::terminate`] starts again
+//! on the same data dir and the same ports with [`Server::restart`].
 //!
 //! Every wait here is bounded: a test that would hang panics instead, naming what it waited
 //! for, and a dropped [`Server`] always kills its process and removes its directory.
@@ -9,7 +11,8 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -21,15 +24,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_greyhound");
 
-/// How long any single read, write or start-up may take before the test fails.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long any single read, write, start or stop may take before the test fails. Generous:
+/// the machine is shared with builds, and Postfix retries a failed policy request after 1 s.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A fresh directory under the system temp dir, removed when dropped.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);
 
 impl TempDir {
-    /// Creates a directory with a name no other test (or test run) uses.
+    /// Creates a directory with a name no other test (or test run) uses, mode 0755 so that
+    /// unprivileged Postfix daemons can reach their queue and mailbox directories below it.
     pub fn new(tag: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let nanos = SystemTime::now()
@@ -41,12 +46,19 @@ impl TempDir {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&path).expect("create temp dir");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
         Self(path)
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
     }
 
     /// A path inside the directory, as a string for command lines.
     pub fn file(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
+        self.join(name).display().to_string()
     }
 }
 
@@ -81,6 +93,8 @@ pub struct Server {
     /// Metrics HTTP.
     pub metrics_addr: SocketAddr,
     logs: Logs,
+    /// The flags the test gave, to start the next server the same way.
+    extra: Vec<String>,
 }
 
 /// Flags every test server gets unless the test gives them itself: free ports, a fresh data
@@ -91,6 +105,18 @@ const DEFAULTS: [(&str, &str); 4] = [
     ("--metrics", "127.0.0.1:0"),
     ("--delay", "2s"),
 ];
+
+/// Spawns `greyhound ARGS` with the default log level, no stdin, stderr piped.
+fn spawn(args: &[&str], stdout: Stdio) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn greyhound")
+}
 
 /// Reads `stderr` line by line into `logs` until the process closes it.
 fn collect_lines(stderr: impl Read + Send + 'static, logs: Logs) -> thread::JoinHandle<()> {
@@ -127,14 +153,7 @@ impl Server {
             }
         }
         args.extend_from_slice(extra);
-        let mut child = Command::new(BIN)
-            .args(&args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn greyhound");
+        let mut child = spawn(&args, Stdio::null());
         let logs: Logs = Arc::default();
         collect_lines(child.stderr.take().expect("piped stderr"), logs.clone());
         let deadline = Instant::now() + IO_TIMEOUT;
@@ -184,7 +203,41 @@ impl Server {
             policy,
             metrics_addr,
             logs,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    /// Replaces this server with a new one on the same directory, with the same flags and
+    /// on the same addresses (the ones it bound, not `:0`), as a restarted service comes
+    /// back where its clients expect it. This one is killed first (SIGKILL) unless it has
+    /// exited already, e.g. by [`Server::terminate`].
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let policy = match &self.policy {
+            PolicyAddr::Tcp(a) => a.to_string(),
+            PolicyAddr::Unix(p) => format!("unix:{}", p.display()),
+        };
+        let bound = [
+            ("--native", self.native.to_string()),
+            ("--policy", policy),
+            ("--metrics", self.metrics_addr.to_string()),
+        ];
+        let first = std::mem::take(&mut self.extra);
+        let mut extra: Vec<&str> = Vec::new();
+        let mut given = first.iter().map(String::as_str);
+        while let Some(flag) = given.next() {
+            if bound.iter().any(|(f, _)| *f == flag) {
+                given.next(); // the address this server bound replaces the one given
+            } else {
+                extra.push(flag);
+            }
+        }
+        for (flag, addr) in &bound {
+            extra.extend([*flag, addr.as_str()]);
+        }
+        let dir = self.dir.take().expect("dir");
+        *self = Self::start_in(dir, &extra);
     }
 
     /// The data directory.
@@ -220,6 +273,24 @@ impl Server {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    /// Sends SIGTERM and waits for the exit, which must be clean: the graceful stop that
+    /// writes the final snapshot.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        let exit = self.wait_exit(IO_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "greyhound did not exit within {IO_TIMEOUT:?} of SIGTERM; log:\n{}",
+                self.logs().join("\n")
+            )
+        });
+        assert!(
+            exit.success(),
+            "greyhound exited with {exit} after SIGTERM; log:\n{}",
+            self.logs().join("\n")
+        );
+        exit
     }
 
     /// Waits for the process to exit, at most `timeout`.
@@ -320,6 +391,31 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `greyhound_decisions_total` for one answer and reason.
+pub fn decisions(answer: &str, reason: &str) -> String {
+    format!("greyhound_decisions_total{{answer=\"{answer}\",reason=\"{reason}\"}}")
+}
+
+/// The default greylist text (`greylist-text`) for this sender and recipient.
+pub fn greylist_text(sender: &str, recipient: &str) -> String {
+    format!("Greylisted, see https://greylisting.org/; from={sender} to={recipient}")
+}
+
+/// `docs/OPERATIONS.md`, which the tests hold to what they run.
+pub fn operations_md() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/OPERATIONS.md");
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"))
+}
+
+/// A loopback TCP port that was free a moment ago, for servers that must be told their port
+/// in advance (Postfix's `master.cf`), or an address where nothing listens.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
 /// Calls `f` every 20 ms until it returns `Some`, at most `timeout`.
 pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
@@ -384,6 +480,16 @@ pub fn assert_closed_without_reply(r: &mut impl Read, what: &str) {
     );
 }
 
+/// Like [`assert_closed_without_reply`], for a buffered reader: nothing may be left unread.
+fn assert_reader_closed(reader: &mut BufReader<impl Read>, what: &str) {
+    assert!(
+        reader.buffer().is_empty(),
+        "{what}: unread reply {:?}",
+        String::from_utf8_lossy(reader.buffer())
+    );
+    assert_closed_without_reply(reader.get_mut(), what);
+}
+
 /// A persistent native TCP connection, for pipelining and for several exchanges in a row.
 pub struct Conn {
     reader: BufReader<TcpStream>,
@@ -435,12 +541,7 @@ impl Conn {
 
     /// Fails unless the server closes the connection without sending anything.
     pub fn expect_closed(&mut self, what: &str) {
-        assert!(
-            self.reader.buffer().is_empty(),
-            "{what}: unread reply {:?}",
-            String::from_utf8_lossy(self.reader.buffer())
-        );
-        assert_closed_without_reply(self.reader.get_mut(), what);
+        assert_reader_closed(&mut self.reader, what);
     }
 
     /// The underlying stream (for timeouts).
@@ -614,12 +715,7 @@ impl PolicyConn {
 
     /// Fails unless the server closes the connection without sending anything.
     pub fn expect_closed(&mut self, what: &str) {
-        assert!(
-            self.reader.buffer().is_empty(),
-            "{what}: unread reply {:?}",
-            String::from_utf8_lossy(self.reader.buffer())
-        );
-        assert_closed_without_reply(self.reader.get_mut(), what);
+        assert_reader_closed(&mut self.reader, what);
     }
 }
 
@@ -660,14 +756,7 @@ impl XorShift {
 
 /// Runs `greyhound ARGS` to completion (bounded): (exit status, stdout, stderr).
 pub fn run_bin(args: &[&str]) -> (ExitStatus, String, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn greyhound");
+    let mut child = spawn(args, Stdio::piped());
     let out: Logs = Arc::default();
     let err: Logs = Arc::default();
     let readers = [
