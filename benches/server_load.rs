@@ -7,7 +7,8 @@
 //! (2 cores here), so absolute numbers are lower than with a separate load generator.
 //!
 //! Options: `--secs N` per scenario (default 5); `--only NAME` to run scenarios whose name
-//! contains NAME. The full `greyhound-loadtest` tool arrives with its own issue.
+//! contains NAME. `greyhound-loadtest ceiling` (docs/LOADTEST.md) measures the same with
+//! open-loop rates and latency percentiles; this bench remains a quick check.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
