@@ -262,6 +262,31 @@ mod tests {
     }
 
     #[test]
+    fn reserve_makes_room_once_and_keeps_what_is_there() {
+        let mut t = Table::<R>::default();
+        let k = |i: u64| key(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        for i in 0..10 {
+            t.upsert(R { key: k(i), v: 1 });
+        }
+        t.reserve(990);
+        let cap = t.capacity();
+        assert_eq!(cap, 1500, "1000 records at a load of 2/3");
+        for i in 10..1000 {
+            t.upsert(R { key: k(i), v: 2 });
+        }
+        assert_eq!(
+            t.capacity(),
+            cap,
+            "no growth while filling what was reserved"
+        );
+        assert_eq!(t.len(), 1000);
+        assert!((0..10).all(|i| t.get(k(i)).map(|r| r.v) == Some(1)));
+        // Reserving less than is there changes nothing.
+        t.reserve(0);
+        assert_eq!(t.capacity(), cap);
+    }
+
+    #[test]
     fn colliding_homes_survive_removal_in_any_order() {
         // Keys with lo = 0 or near it all map to home slot 0: one long probe chain that wraps.
         let mut t = Table::<R>::default();
