@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use crate::engine::{Decision, Mode, Query};
+use crate::engine::{Decision, Keyed, Mode, Query, DECIDE_GROUP};
 use crate::proto::native::{self as wire, Command, LineError, Reply, Request, Triplet};
 use crate::proto::policy::{expand_template, TemplateVars};
 
@@ -26,7 +26,8 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
 
 /// Decides every request in `reqs`, in order, through one engine batch (one exemption-list
 /// load, one clock read), and calls `emit(id, reply)` for each. A PEEK sees the effect of the
-/// CHECKs before it, as one-by-one handling would.
+/// CHECKs before it, as one-by-one handling would: only preparing runs ahead, deciding does
+/// not.
 pub(crate) fn answer(
     shared: &Shared,
     reqs: &[Parsed<'_>],
@@ -34,38 +35,60 @@ pub(crate) fn answer(
     tally: &mut Tally,
     mut emit: impl FnMut(Option<&str>, &Reply<'_>),
 ) {
+    // Each group is prepared first (no table is read), then decided in order: the same
+    // answers as one by one, with the table lookups back to back (see `DECIDE_GROUP`).
+    let mut keyed: Vec<Option<Result<Keyed, Decision>>> =
+        Vec::with_capacity(DECIDE_GROUP.min(reqs.len()));
     shared.engine.batch(|batch| {
-        for r in reqs {
-            match r {
-                Ok(req) => match &req.command {
-                    Command::Ping => {
-                        tally.request(None);
-                        emit(req.id, &Reply::Pong);
-                    }
-                    Command::Check(t) | Command::Peek(t) => {
-                        let mode = if matches!(req.command, Command::Check(_)) { Mode::Record } else { Mode::Peek };
-                        let d = batch.check(&query(t), mode);
-                        tally.decision(&d);
-                        tracing::debug!(client = %t.client, sender = t.sender, recipient = t.recipient, decision = ?d, "native");
-                        match d {
-                            Decision::Pass(p) => emit(req.id, &Reply::Pass { reason: p.reason() }),
-                            Decision::Defer { seconds_left } => {
-                                let d = DeferFor {
-                                    client: t.client,
-                                    sender: t.sender,
-                                    recipient: t.recipient,
-                                    helo: t.helo.unwrap_or(""),
-                                    seconds: seconds_left,
-                                };
-                                let text = shared.settings.defer_text(&d, texts);
-                                emit(req.id, &Reply::Defer { seconds: seconds_left, text });
+        for group in reqs.chunks(DECIDE_GROUP) {
+            keyed.clear();
+            keyed.extend(group.iter().map(|r| match r {
+                Ok(Request {
+                    command: Command::Check(t) | Command::Peek(t),
+                    ..
+                }) => Some(batch.prepare(&query(t))),
+                _ => None,
+            }));
+            for (r, k) in group.iter().zip(&keyed) {
+                match r {
+                    Ok(req) => match &req.command {
+                        Command::Check(t) | Command::Peek(t) => {
+                            let mode = if matches!(req.command, Command::Check(_)) { Mode::Record } else { Mode::Peek };
+                            // Prepared above (the `None` arm only keeps this total).
+                            let k = match k {
+                                Some(k) => *k,
+                                None => batch.prepare(&query(t)),
+                            };
+                            let d = match k {
+                                Ok(k) => batch.decide(&k, mode),
+                                Err(d) => d,
+                            };
+                            tally.decision(&d);
+                            tracing::debug!(client = %t.client, sender = t.sender, recipient = t.recipient, decision = ?d, "native");
+                            match d {
+                                Decision::Pass(p) => emit(req.id, &Reply::Pass { reason: p.reason() }),
+                                Decision::Defer { seconds_left } => {
+                                    let d = DeferFor {
+                                        client: t.client,
+                                        sender: t.sender,
+                                        recipient: t.recipient,
+                                        helo: t.helo.unwrap_or(""),
+                                        seconds: seconds_left,
+                                    };
+                                    let text = shared.settings.defer_text(&d, texts);
+                                    emit(req.id, &Reply::Defer { seconds: seconds_left, text });
+                                }
                             }
                         }
+                        Command::Ping => {
+                            tally.request(None);
+                            emit(req.id, &Reply::Pong);
+                        }
+                    },
+                    Err(e) => {
+                        tally.error(e.kind.as_code());
+                        emit(e.id, &Reply::Err { kind: e.kind });
                     }
-                },
-                Err(e) => {
-                    tally.error(e.kind.as_code());
-                    emit(e.id, &Reply::Err { kind: e.kind });
                 }
             }
         }
