@@ -48,7 +48,10 @@ fn round(e: &greyhound::engine::Engine, w: &Workload, two_phase: bool, seed: u64
 }
 
 fn main() {
-    let rounds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(7);
+    let rounds: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(7);
     let w = Workload::new();
     let (e, _clock) = engine();
     prefill(&e, &w, LIVE);
@@ -63,16 +66,32 @@ fn main() {
     let (mut one, mut two) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         // Alternate which variant goes first.
-        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for two_phase in order {
             let m = round(&e, &w, two_phase, r);
-            if two_phase { two.push(m) } else { one.push(m) }
+            if two_phase {
+                two.push(m)
+            } else {
+                one.push(m)
+            }
         }
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!("one by one: {:.2?} M/s, median {:.2}", one, median(&mut one.clone()));
-    println!("two-phase:  {:.2?} M/s, median {:.2}", two, median(&mut two.clone()));
+    println!(
+        "one by one: {:.2?} M/s, median {:.2}",
+        one,
+        median(&mut one.clone())
+    );
+    println!(
+        "two-phase:  {:.2?} M/s, median {:.2}",
+        two,
+        median(&mut two.clone())
+    );
 }
