@@ -42,115 +42,116 @@ fn draw(r: &PlanReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let panels = root.split_evenly((3, 1));
     let hours = r.timeline.last().map_or(1.0, |p| p.hours).max(1e-3);
+    let over_time = |f: Value, scale: f64| -> Vec<(f64, f64)> {
+        r.timeline.iter().map(|p| (p.hours, f(p) / scale)).collect()
+    };
 
     // Live triplets by state, in millions.
     let m = 1e6;
-    let top = r
-        .timeline
-        .iter()
-        .map(|p| (p.greylisted + p.whitelisted) as f64 / m)
-        .fold(0.0, f64::max)
-        .max(1e-3)
-        * 1.1;
-    let mut c = ChartBuilder::on(&panels[0])
-        .caption("live triplets (millions)", ("sans-serif", 16))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..hours, 0.0..top)?;
-    c.configure_mesh().x_desc("hours").draw()?;
-    let series: [(&str, Value); 3] = [
-        ("all", |p| (p.greylisted + p.whitelisted) as f64),
-        ("greylisted", |p| p.greylisted as f64),
-        ("whitelisted", |p| p.whitelisted as f64),
-    ];
-    for (i, (name, f)) in series.into_iter().enumerate() {
-        let color = COLORS[i];
-        c.draw_series(LineSeries::new(
-            r.timeline.iter().map(|p| (p.hours, f(p) / m)),
-            color.stroke_width(2),
-        ))?
-        .label(name)
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    line_panel(
+        &panels[0],
+        "live triplets (millions)",
+        "hours",
+        hours,
+        None,
+        SeriesLabelPosition::UpperLeft,
+        vec![
+            (
+                "all".into(),
+                over_time(|p| (p.greylisted + p.whitelisted) as f64, m),
+            ),
+            ("greylisted".into(), over_time(|p| p.greylisted as f64, m)),
+            ("whitelisted".into(), over_time(|p| p.whitelisted as f64, m)),
+        ],
+    )?;
 
     // Memory, MiB.
     let mib = 1024.0 * 1024.0;
-    let top = r
-        .timeline
-        .iter()
-        .map(|p| p.table_bytes.max(p.rss_bytes) as f64 / mib)
-        .fold(0.0, f64::max)
-        .max(1e-3)
-        * 1.1;
-    let mut c = ChartBuilder::on(&panels[1])
-        .caption("memory (MiB)", ("sans-serif", 16))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..hours, 0.0..top)?;
-    c.configure_mesh().x_desc("hours").draw()?;
     let table_label = if r.sample > 1 {
         format!("engine tables, full scale (sample × {})", r.sample)
     } else {
         "engine tables".to_string()
     };
-    let mem: [(String, Value); 2] = [
-        (table_label, |p| p.table_bytes as f64),
-        ("process RSS growth (as simulated)".to_string(), |p| {
-            p.rss_bytes as f64
-        }),
-    ];
-    for (i, (name, f)) in mem.into_iter().enumerate() {
-        let color = COLORS[i];
-        c.draw_series(LineSeries::new(
-            r.timeline.iter().map(|p| (p.hours, f(p) / mib)),
-            color.stroke_width(2),
-        ))?
-        .label(name)
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    line_panel(
+        &panels[1],
+        "memory (MiB)",
+        "hours",
+        hours,
+        None,
+        SeriesLabelPosition::UpperLeft,
+        vec![
+            (table_label, over_time(|p| p.table_bytes as f64, mib)),
+            (
+                "process RSS growth (as simulated)".into(),
+                over_time(|p| p.rss_bytes as f64, mib),
+            ),
+        ],
+    )?;
 
     // Delay distribution: share of delivered mail delivered within x minutes.
-    let mut c = ChartBuilder::on(&panels[2])
-        .caption(
-            "delayed legitimate mail: share delivered within x minutes, by sender type",
-            ("sans-serif", 16),
-        )
+    let cdfs = SENDER_TYPES
+        .iter()
+        .filter_map(|name| {
+            let points = r.delay_cdf.get(*name)?;
+            Some((
+                name.to_string(),
+                points.iter().map(|&(x, y)| (x / 60.0, y)).collect(),
+            ))
+        })
+        .collect();
+    line_panel(
+        &panels[2],
+        "delayed legitimate mail: share delivered within x minutes, by sender type",
+        "minutes after first attempt",
+        240.0,
+        Some(1.0),
+        SeriesLabelPosition::LowerRight,
+        cdfs,
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// One panel of named line series, x from 0 to `x_max`, y from 0 to `y_max` (or 10 % above
+/// the highest point).
+#[allow(clippy::too_many_arguments)]
+fn line_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+    x_desc: &str,
+    x_max: f64,
+    y_max: Option<f64>,
+    legend: SeriesLabelPosition,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let top = y_max.unwrap_or_else(|| {
+        series
+            .iter()
+            .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
+            .fold(0.0, f64::max)
+            .max(1e-3)
+            * 1.1
+    });
+    let mut c = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..240.0, 0.0..1.0)?;
-    c.configure_mesh()
-        .x_desc("minutes after first attempt")
-        .draw()?;
-    for (i, name) in SENDER_TYPES.iter().enumerate() {
-        let Some(points) = r.delay_cdf.get(*name) else {
-            continue;
-        };
-        let color = COLORS[i];
-        c.draw_series(LineSeries::new(
-            points.iter().map(|&(x, y)| (x / 60.0, y)),
-            color.stroke_width(2),
-        ))?
-        .label(*name)
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        .build_cartesian_2d(0.0..x_max, 0.0..top)?;
+    c.configure_mesh().x_desc(x_desc).draw()?;
+    for (i, (name, points)) in series.into_iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        c.draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
     c.configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(legend)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
 }
