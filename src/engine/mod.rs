@@ -562,12 +562,13 @@ impl Engine {
     /// query, in order (see [`Engine::batch`]).
     pub fn check_batch(&self, queries: &[Query<'_>], mode: Mode, out: &mut Vec<Decision>) {
         out.clear();
-        let mut keyed = Vec::with_capacity(DECIDE_GROUP.min(queries.len()));
+        let mut keyed = [Err(Decision::Pass(Pass::Auth)); DECIDE_GROUP]; // overwritten below
         self.batch(|b| {
             for group in queries.chunks(DECIDE_GROUP) {
-                keyed.clear();
-                keyed.extend(group.iter().map(|q| b.prepare(q)));
-                out.extend(keyed.iter().map(|k| match k {
+                for (slot, q) in keyed.iter_mut().zip(group) {
+                    *slot = b.prepare(q);
+                }
+                out.extend(keyed[..group.len()].iter().map(|k| match k {
                     Ok(k) => b.decide(k, mode),
                     Err(d) => *d,
                 }));

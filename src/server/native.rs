@@ -37,18 +37,19 @@ pub(crate) fn answer(
 ) {
     // Each group is prepared first (no table is read), then decided in order: the same
     // answers as one by one, with the table lookups back to back (see `DECIDE_GROUP`).
-    let mut keyed: Vec<Option<Result<Keyed, Decision>>> =
-        Vec::with_capacity(DECIDE_GROUP.min(reqs.len()));
+    // On the stack: no allocation per read.
+    let mut keyed: [Option<Result<Keyed, Decision>>; DECIDE_GROUP] = [None; DECIDE_GROUP];
     shared.engine.batch(|batch| {
         for group in reqs.chunks(DECIDE_GROUP) {
-            keyed.clear();
-            keyed.extend(group.iter().map(|r| match r {
-                Ok(Request {
-                    command: Command::Check(t) | Command::Peek(t),
-                    ..
-                }) => Some(batch.prepare(&query(t))),
-                _ => None,
-            }));
+            for (slot, r) in keyed.iter_mut().zip(group) {
+                *slot = match r {
+                    Ok(Request {
+                        command: Command::Check(t) | Command::Peek(t),
+                        ..
+                    }) => Some(batch.prepare(&query(t))),
+                    _ => None,
+                };
+            }
             for (r, k) in group.iter().zip(&keyed) {
                 match r {
                     Ok(req) => match &req.command {

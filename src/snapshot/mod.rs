@@ -146,11 +146,6 @@ impl<S: Store> Writer<S> {
         })
     }
 
-    /// The store written to.
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
     /// Writes a snapshot of `engine` as it is now. On error the temporary file is removed
     /// (if it can be) and the previous snapshots are untouched.
     pub fn write(&mut self, engine: &Engine) -> Result<Written, SnapshotError> {
@@ -300,8 +295,6 @@ fn append<F: StoreFile>(buf: &mut Vec<u8>, f: &mut F, crc: &mut u32) -> io::Resu
 pub struct Loaded {
     /// The snapshot loaded, if any.
     pub name: Option<String>,
-    /// Its header.
-    pub header: Option<Header>,
     /// Triplet records loaded (alive at load time).
     pub triplets: usize,
     /// Triplet records dropped because they had expired meanwhile.
@@ -386,7 +379,6 @@ where
         out.clients = engine.load_clients(view.clients(), now);
         out.clients_expired = view.header.clients as usize - out.clients;
         out.name = Some(name.clone());
-        out.header = Some(view.header);
         return Ok(out);
     }
     Ok(out)

@@ -55,11 +55,6 @@ impl DirStore {
             dir: dir.to_path_buf(),
         }
     }
-
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// A real file being written.
