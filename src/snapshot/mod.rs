@@ -1,8 +1,9 @@
 //! Snapshots: the table written to the data directory and read back at start (DESIGN §7).
 //!
 //! Writing ([`Writer::write`]) walks the engine shard by shard: each shard's live records are
-//! copied under its lock (a few hundred microseconds at 10 M records), then encoded and
-//! appended to a temporary file with no lock held. The header goes in last, at offset 0,
+//! copied under its lock (0.4 ms at 10 M records on a quiet machine, up to ~2 ms when the
+//! writer is preempted meanwhile), then encoded and appended to a temporary file with no lock
+//! held. The header goes in last, at offset 0,
 //! then: `fsync` file → rename to `snapshot-<generation>.snap` → `fsync` directory → remove
 //! all but the newest two. A crash at any point leaves either the previous snapshots alone or
 //! the new one complete, never a half-written file under a snapshot name.
