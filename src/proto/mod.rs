@@ -12,6 +12,13 @@ pub mod policy;
 /// bytes appended. Clean runs are copied whole to keep the common case cheap.
 pub(crate) fn push_clean(text: &str, limit: usize, out: &mut Vec<u8>) -> usize {
     let bytes = text.as_bytes();
+    // Nearly every text is printable ASCII: one branch-free pass over the bytes decides it, and
+    // the text is copied whole. The character walk below cost ~23 instructions per byte
+    // (callgrind, a 120-byte Postfix DEFER action): a tenth of a policy request's instructions.
+    if bytes.len() <= limit && is_printable_ascii(bytes) {
+        out.extend_from_slice(bytes);
+        return bytes.len();
+    }
     let mut written = 0;
     let mut run = 0;
     for (at, c) in text.char_indices() {
@@ -30,6 +37,15 @@ pub(crate) fn push_clean(text: &str, limit: usize, out: &mut Vec<u8>) -> usize {
     }
     out.extend_from_slice(&bytes[run..]);
     written
+}
+
+/// Whether every byte is printable ASCII (space to `~`). Written as a fold without early exit so
+/// the compiler can vectorise it.
+#[inline]
+pub(crate) fn is_printable_ascii(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .fold(true, |ok, &b| ok & (b >= 0x20) & (b < 0x7f))
 }
 
 /// Writes the decimal digits of `n` at the end of `buf` (no allocation) and returns the index

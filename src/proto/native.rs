@@ -197,7 +197,7 @@ pub enum Frame<'a> {
 pub fn parse(buf: &[u8], max_line: usize) -> Frame<'_> {
     // A maximal line plus "\r\n" is the longest prefix that can still be valid.
     let window = &buf[..buf.len().min(max_line.saturating_add(2))];
-    if let Some(end) = window.iter().position(|&b| b == b'\n') {
+    if let Some(end) = memchr::memchr(b'\n', window) {
         let line = strip_cr(&buf[..end]);
         let parsed = if line.len() > max_line {
             Err(LineError {
@@ -234,7 +234,7 @@ pub fn parse(buf: &[u8], max_line: usize) -> Frame<'_> {
 /// drop everything and call again with the next bytes read.
 #[must_use]
 pub fn skip_line(buf: &[u8]) -> (usize, bool) {
-    match buf.iter().position(|&b| b == b'\n') {
+    match memchr::memchr(b'\n', buf) {
         Some(end) => (end + 1, true),
         None => (buf.len(), false),
     }
@@ -267,7 +267,8 @@ pub fn parse_line(line: &[u8]) -> Result<Request<'_>, LineError<'_>> {
         kind,
     };
     // Checked on bytes before UTF-8 so a CR or NUL is reported as such.
-    if line.iter().any(|&b| is_forbidden(b)) {
+    // A fold without early exit vectorises; refused lines are rare.
+    if line.iter().fold(false, |bad, &b| bad | is_forbidden(b)) {
         return Err(fail(ErrorKind::Control));
     }
     let text = std::str::from_utf8(line).map_err(|_| fail(ErrorKind::BadUtf8))?;
@@ -390,8 +391,9 @@ fn is_digits(token: &str) -> bool {
 }
 
 /// C0 controls except tab (a separator) and DEL are refused anywhere in a line.
+#[inline]
 fn is_forbidden(b: u8) -> bool {
-    (b < 0x20 && b != b'\t') || b == 0x7f
+    ((b < 0x20) & (b != b'\t')) | (b == 0x7f)
 }
 
 fn strip_cr(line: &[u8]) -> &[u8] {
@@ -518,6 +520,9 @@ pub fn encode_within(
 
 /// Length of `text` once control characters are replaced by one space each.
 fn clean_len(text: &str) -> usize {
+    if super::is_printable_ascii(text.as_bytes()) {
+        return text.len();
+    }
     text.chars()
         .map(|c| if c.is_control() { 1 } else { c.len_utf8() })
         .sum()
