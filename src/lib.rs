@@ -30,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod datadir;
 pub mod engine;
+pub mod net;
 pub mod proto;
 pub mod server;
 pub mod snapshot;

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use greyhound::server::udp_batch::{bind_reuseport, BatchSocket};
+use greyhound::net::udp_batch::{bind_reuseport, BatchSocket};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 

@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::Context;
-use greyhound::server::udp_batch::{bind_reuseport, BatchSocket};
+use greyhound::net::udp_batch::{bind_reuseport, BatchSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The native answer: a PASS, as most real traffic is.

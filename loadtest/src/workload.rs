@@ -463,7 +463,7 @@ mod tests {
             assert_eq!(tr.client, parts(&cfg, t).client);
             block.clear();
             write_policy(&cfg, t, &mut block);
-            match policy::parse(&block, &policy::Limits::default()) {
+            match policy::parse(&block, &policy::BlockLimits::default()) {
                 Ok(policy::Block::Complete { consumed, request }) => {
                     assert_eq!(consumed, block.len());
                     assert_eq!(request.protocol_state, "RCPT");

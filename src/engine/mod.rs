@@ -377,6 +377,37 @@ impl Batch<'_, '_> {
     pub fn decide(&self, k: &Keyed, mode: Mode) -> Decision {
         self.engine.decide(k, self.now, mode)
     }
+
+    /// Decides the queries among `items`, in order, [`DECIDE_GROUP`] at a time: each group is
+    /// prepared first, then decided (the answers are those of one by one; a PEEK sees the
+    /// CHECKs before it, since only preparing runs ahead). `query` gives an item's query and
+    /// mode, or `None` for an item that needs no decision (a PING, a refused line); `emit` is
+    /// called once per item, in order, with its decision (`None` for those).
+    ///
+    /// This is the one grouping path: [`Engine::check_batch`] and the server's native
+    /// transports both decide through it.
+    pub fn decide_each<'q, T>(
+        &mut self,
+        items: &'q [T],
+        query: impl Fn(&'q T) -> Option<(Query<'q>, Mode)>,
+        mut emit: impl FnMut(&'q T, Option<Decision>),
+    ) {
+        // On the stack: no allocation per batch.
+        let mut keyed: [Option<(Result<Keyed, Decision>, Mode)>; DECIDE_GROUP] =
+            [None; DECIDE_GROUP];
+        for group in items.chunks(DECIDE_GROUP) {
+            for (slot, item) in keyed.iter_mut().zip(group) {
+                *slot = query(item).map(|(q, mode)| (self.prepare(&q), mode));
+            }
+            for (item, k) in group.iter().zip(&keyed) {
+                let d = k.map(|(k, mode)| match k {
+                    Ok(k) => self.decide(&k, mode),
+                    Err(d) => d,
+                });
+                emit(item, d);
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -559,20 +590,11 @@ impl Engine {
     }
 
     /// Decides many queries at the clock's current time; `out` receives one decision per
-    /// query, in order (see [`Engine::batch`]).
+    /// query, in order (see [`Engine::batch`] and [`Batch::decide_each`]).
     pub fn check_batch(&self, queries: &[Query<'_>], mode: Mode, out: &mut Vec<Decision>) {
         out.clear();
-        let mut keyed = [Err(Decision::Pass(Pass::Auth)); DECIDE_GROUP]; // overwritten below
         self.batch(|b| {
-            for group in queries.chunks(DECIDE_GROUP) {
-                for (slot, q) in keyed.iter_mut().zip(group) {
-                    *slot = b.prepare(q);
-                }
-                out.extend(keyed[..group.len()].iter().map(|k| match k {
-                    Ok(k) => b.decide(k, mode),
-                    Err(d) => *d,
-                }));
-            }
+            b.decide_each(queries, |q| Some((*q, mode)), |_, d| out.extend(d));
         });
     }
 

@@ -45,7 +45,7 @@ pub(crate) fn push_clean(text: &str, limit: usize, out: &mut Vec<u8>) -> usize {
 pub(crate) fn is_printable_ascii(bytes: &[u8]) -> bool {
     bytes
         .iter()
-        .fold(true, |ok, &b| ok & (b >= 0x20) & (b < 0x7f))
+        .fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b))
 }
 
 /// Writes the decimal digits of `n` at the end of `buf` (no allocation) and returns the index

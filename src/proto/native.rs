@@ -229,6 +229,74 @@ pub fn parse(buf: &[u8], max_line: usize) -> Frame<'_> {
     }
 }
 
+/// A parsed line, or why it was refused: what a transport hands on to be answered, in order.
+pub type Parsed<'a> = Result<Request<'a>, LineError<'a>>;
+
+/// What [`LineFramer::next`] found at the front of a stream's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framed<'a> {
+    /// One request line, parsed or refused: answer it (`ERR` for a refusal) and go on.
+    Line(Parsed<'a>),
+    /// Bytes of an over-long line were dropped; call again.
+    Skipped,
+    /// No complete line: read more.
+    NeedMore,
+}
+
+/// Cuts a byte stream (TCP) into request lines. It remembers one thing between reads: that it
+/// is dropping the rest of a line longer than the limit, whose `ERR too-long` has been given.
+/// [`datagram_lines`] cuts a datagram the same way, so both transports answer a given line
+/// identically.
+#[derive(Debug, Clone, Default)]
+pub struct LineFramer {
+    skipping: bool,
+}
+
+impl LineFramer {
+    /// Looks at the front of `buf` (lines of at most `max_line` bytes); returns how many bytes
+    /// to drop from it and what they held. At end of input (`eof`), a last line without its
+    /// `\n` still counts (Exim's `readsocket` sends one).
+    pub fn next<'a>(&mut self, buf: &'a [u8], max_line: usize, eof: bool) -> (usize, Framed<'a>) {
+        if self.skipping {
+            let (n, found) = skip_line(buf);
+            self.skipping = !found;
+            return (
+                n,
+                if n == 0 {
+                    Framed::NeedMore
+                } else {
+                    Framed::Skipped
+                },
+            );
+        }
+        match parse(buf, max_line) {
+            Frame::Incomplete if eof && !buf.is_empty() => {
+                (buf.len(), Framed::Line(parse_line(strip_cr(buf))))
+            }
+            Frame::Incomplete => (0, Framed::NeedMore),
+            Frame::Line { consumed, parsed } => (consumed, Framed::Line(parsed)),
+            Frame::TooLong { consumed } => {
+                self.skipping = true;
+                (consumed, Framed::Line(Err(too_long(&buf[..consumed]))))
+            }
+        }
+    }
+}
+
+/// The request lines of one datagram, in order: a datagram carries whole lines, the last one
+/// with or without its `\n`; each is limited to `max_line` bytes like a line on TCP.
+pub fn datagram_lines(data: &[u8], max_line: usize) -> impl Iterator<Item = Parsed<'_>> {
+    let body = data.strip_suffix(b"\n").unwrap_or(data);
+    body.split(|&b| b == b'\n').map(move |line| {
+        let line = strip_cr(line);
+        if line.len() > max_line {
+            Err(too_long(line))
+        } else {
+            parse_line(line)
+        }
+    })
+}
+
 /// After [`Frame::TooLong`]: drop input until the end of that line. Returns
 /// (bytes to drop, whether the line end was found); while it is `false`,
 /// drop everything and call again with the next bytes read.

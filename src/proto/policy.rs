@@ -19,7 +19,7 @@ pub const MAX_ACTION_LINE: usize = 512;
 
 /// Bounds on what one request block may cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct BlockLimits {
     /// Largest block in bytes, every line's terminator and the final empty
     /// line included (so a block is accepted iff its `consumed` is at most
     /// this). Default 16384; Postfix's real blocks are well under 2 KiB.
@@ -29,9 +29,9 @@ pub struct Limits {
     pub max_attrs: usize,
 }
 
-impl Default for Limits {
+impl Default for BlockLimits {
     fn default() -> Self {
-        Limits {
+        BlockLimits {
             max_block: 16384,
             max_attrs: 128,
         }
@@ -168,7 +168,7 @@ pub enum Block<'a> {
 ///
 /// Any [`PolicyError`]: the block is malformed or over the limits, and the
 /// connection should be closed without a reply.
-pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Result<Block<'a>, PolicyError> {
+pub fn parse<'a>(buf: &'a [u8], limits: &BlockLimits) -> Result<Block<'a>, PolicyError> {
     // The whole block, final empty line included, must lie in this window.
     let window = &buf[..buf.len().min(limits.max_block)];
     let mut request = PolicyRequest::default();
@@ -447,7 +447,7 @@ mod tests {
     }
 
     fn parse_default(buf: &[u8]) -> Result<Block<'_>, PolicyError> {
-        parse(buf, &Limits::default())
+        parse(buf, &BlockLimits::default())
     }
 
     fn complete(buf: &[u8]) -> (usize, PolicyRequest<'_>) {
@@ -660,7 +660,7 @@ mod tests {
 
     #[test]
     fn block_size_limit_counts_the_final_empty_line() {
-        let max = Limits::default().max_block;
+        let max = BlockLimits::default().max_block;
         for len in [max - 1, max] {
             let block = block_of(len);
             assert_eq!(complete(block.as_bytes()).0, len);
@@ -692,7 +692,7 @@ mod tests {
 
     #[test]
     fn huge_block_is_refused_after_the_limit() {
-        let limits = Limits {
+        let limits = BlockLimits {
             max_block: 64,
             max_attrs: 128,
         };
@@ -730,7 +730,7 @@ mod tests {
             ),
             (n - 1, Err(PolicyError::BlockTooLarge)),
         ] {
-            let limits = Limits {
+            let limits = BlockLimits {
                 max_block,
                 max_attrs: 1,
             };
@@ -740,7 +740,7 @@ mod tests {
 
     #[test]
     fn attribute_count_limit() {
-        let max = Limits::default().max_attrs;
+        let max = BlockLimits::default().max_attrs;
         for n in [max - 1, max] {
             let block = block_with_attrs(n);
             assert_eq!(block.lines().count(), n + 1);
@@ -751,7 +751,7 @@ mod tests {
             Err(PolicyError::TooManyAttributes)
         );
         // The empty line is not an attribute.
-        let limits = Limits {
+        let limits = BlockLimits {
             max_block: 16384,
             max_attrs: 1,
         };
@@ -768,8 +768,8 @@ mod tests {
     #[test]
     fn default_limits() {
         assert_eq!(
-            Limits::default(),
-            Limits {
+            BlockLimits::default(),
+            BlockLimits {
                 max_block: 16384,
                 max_attrs: 128
             }

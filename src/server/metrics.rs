@@ -1,18 +1,28 @@
-//! Prometheus metrics, served as text on the metrics port.
+//! Prometheus metrics, served as OpenMetrics text on the metrics port.
 //!
-//! Every counter handle is created once at start. The request path never formats a string
-//! or looks up a label set: connection loops count into a local [`Tally`] while answering a
-//! batch and add it to the shared counters once per batch, so a burst of 1,000 pipelined
-//! requests costs a dozen atomic additions, not thousands on shared cache lines.
+//! Every counter is created once at start, and the request path never formats a string or
+//! looks up a label set. Connection loops count into a local [`Tally`] while answering a batch
+//! and add it once per batch to the counters of their thread's [`Shard`]: on the policy port a
+//! batch is one request, and one set of counters shared by every thread would bounce its
+//! cache lines between the cores on every request. A scrape sums the shards.
+//!
+//! Labelled series are written by [`Counts`] (a `prometheus_client` collector) in a fixed
+//! order, and only the label pairs that can occur: a native error kind on the native ports, a
+//! policy error on the policy port, `udp-truncated` on UDP only.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
 
 use crate::engine::{Decision, Engine, ExemptList, Pass};
+use crate::proto::native::ErrorKind;
+use crate::proto::policy::PolicyError;
 
 /// Protocols requests arrive on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,9 +35,30 @@ pub enum Proto {
     Policy = 2,
 }
 
-const PROTOS: [&str; 3] = ["native-tcp", "native-udp", "policy"];
+impl Proto {
+    /// Every protocol, in the order of their label values.
+    pub const ALL: [Proto; 3] = [Proto::NativeTcp, Proto::NativeUdp, Proto::Policy];
 
-/// Decision kinds, in the order of [`Tally::decisions`].
+    /// The `proto` label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Proto::NativeTcp => "native-tcp",
+            Proto::NativeUdp => "native-udp",
+            Proto::Policy => "policy",
+        }
+    }
+}
+
+/// What a request was answered with, for `greyhound_decisions_total{answer,reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A CHECK or a Postfix RCPT request was decided.
+    Decided(Decision),
+    /// A Postfix request outside the RCPT stage, answered DUNNO.
+    NotRcpt,
+}
+
+/// Decision kinds as (answer, reason) label values, in the order [`Answer`] indexes them.
 const KINDS: [(&str, &str); 11] = [
     ("defer", ""),
     ("pass", "retried"),
@@ -42,89 +73,213 @@ const KINDS: [(&str, &str); 11] = [
     ("dunno", "not-rcpt"),
 ];
 
-/// Index in [`KINDS`] of a policy request answered DUNNO outside the RCPT stage.
-pub const KIND_NOT_RCPT: usize = 10;
-
-fn kind_of(d: &Decision) -> usize {
-    match d {
-        Decision::Defer { .. } => 0,
-        Decision::Pass(p) => match p {
-            Pass::Retried { .. } => 1,
-            Pass::Known => 2,
-            Pass::Awl => 3,
-            Pass::Exempt(ExemptList::Client) => 4,
-            Pass::Exempt(ExemptList::ClientName) => 5,
-            Pass::Exempt(ExemptList::Sender) => 6,
-            Pass::Exempt(ExemptList::Recipient) => 7,
-            Pass::Auth => 8,
-            Pass::DryRun { .. } => 9,
-        },
+impl Answer {
+    const fn index(self) -> usize {
+        match self {
+            Answer::Decided(Decision::Defer { .. }) => 0,
+            Answer::Decided(Decision::Pass(p)) => match p {
+                Pass::Retried { .. } => 1,
+                Pass::Known => 2,
+                Pass::Awl => 3,
+                Pass::Exempt(ExemptList::Client) => 4,
+                Pass::Exempt(ExemptList::ClientName) => 5,
+                Pass::Exempt(ExemptList::Sender) => 6,
+                Pass::Exempt(ExemptList::Recipient) => 7,
+                Pass::Auth => 8,
+                Pass::DryRun { .. } => 9,
+            },
+            Answer::NotRcpt => 10,
+        }
     }
 }
 
-/// Protocol error kinds counted, by their wire/log code.
-pub const ERROR_CODES: [&str; 16] = [
-    "too-long",
-    "bad-utf8",
-    "control-char",
-    "empty",
-    "unknown-verb",
-    "bad-args",
-    "bad-id",
-    "bad-ip",
-    "bad-address",
-    "bad-option",
-    "block-too-large",
-    "too-many-attributes",
-    "bad-line",
-    "not-policy-request",
-    "policy-bad-client-address",
-    "udp-truncated",
-];
-
-/// Index of an error code in [`ERROR_CODES`] (every code the codecs produce is listed, which a
-/// test checks; an unknown one would count as the last entry).
-pub fn error_index(code: &str) -> usize {
-    ERROR_CODES
-        .iter()
-        .position(|c| *c == code)
-        .unwrap_or(ERROR_CODES.len() - 1)
+/// A refused request, by kind. Which kinds a protocol can produce is fixed by its type: the
+/// native codec's [`ErrorKind`]s on both native transports, a truncated datagram on UDP only,
+/// the policy codec's [`PolicyError`]s and an unparsable `client_address` on the policy port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestError {
+    /// A native line refused by the codec (answered `ERR`).
+    Native(ErrorKind),
+    /// A UDP datagram larger than `udp-max-datagram` (dropped unanswered).
+    UdpTruncated,
+    /// A malformed policy block (connection closed without a reply).
+    Policy(PolicyError),
+    /// A policy RCPT request whose `client_address` is not an IP address (connection closed).
+    PolicyBadClientAddress,
 }
 
-/// Counts gathered while answering one batch, added to [`Metrics`] in one go.
-#[derive(Debug, Default)]
+impl RequestError {
+    /// The `kind` label value.
+    pub const fn code(self) -> &'static str {
+        match self {
+            RequestError::Native(k) => k.as_code(),
+            RequestError::UdpTruncated => "udp-truncated",
+            RequestError::Policy(e) => e.as_code(),
+            RequestError::PolicyBadClientAddress => "policy-bad-client-address",
+        }
+    }
+
+    /// Every kind `proto` can produce, in export order.
+    fn of(proto: Proto) -> Vec<RequestError> {
+        let native = ErrorKind::ALL.into_iter().map(RequestError::Native);
+        match proto {
+            Proto::NativeTcp => native.collect(),
+            Proto::NativeUdp => native.chain([RequestError::UdpTruncated]).collect(),
+            Proto::Policy => PolicyError::ALL
+                .into_iter()
+                .map(RequestError::Policy)
+                .chain([RequestError::PolicyBadClientAddress])
+                .collect(),
+        }
+    }
+
+    /// Index among the (protocol, kind) pairs that can occur; `None` for a pair that cannot.
+    const fn slot(self, proto: Proto) -> Option<usize> {
+        const N: usize = ErrorKind::ALL.len();
+        const P: usize = PolicyError::ALL.len();
+        match (proto, self) {
+            (Proto::NativeTcp, RequestError::Native(k)) => Some(k as usize),
+            (Proto::NativeUdp, RequestError::Native(k)) => Some(N + k as usize),
+            (Proto::NativeUdp, RequestError::UdpTruncated) => Some(2 * N),
+            (Proto::Policy, RequestError::Policy(e)) => Some(2 * N + 1 + e as usize),
+            (Proto::Policy, RequestError::PolicyBadClientAddress) => Some(2 * N + 1 + P),
+            _ => None,
+        }
+    }
+}
+
+/// Number of (protocol, error kind) pairs that can occur.
+const ERROR_SLOTS: usize = 2 * ErrorKind::ALL.len() + 1 + PolicyError::ALL.len() + 1;
+
+/// Counts gathered while answering one batch on one protocol, added to [`Metrics`] in one go.
+#[derive(Debug)]
 pub struct Tally {
+    proto: Proto,
     decisions: [u64; KINDS.len()],
+    peeks: u64,
     requests: u64,
-    errors: [u64; ERROR_CODES.len()],
+    errors: [u64; ERROR_SLOTS],
+    udp_dropped: u64,
 }
 
 impl Tally {
-    /// Counts one decision.
+    /// An empty tally for requests on `proto`.
+    pub fn new(proto: Proto) -> Self {
+        Self {
+            proto,
+            decisions: [0; KINDS.len()],
+            peeks: 0,
+            requests: 0,
+            errors: [0; ERROR_SLOTS],
+            udp_dropped: 0,
+        }
+    }
+
+    /// Counts one answered request (a CHECK decision, or DUNNO outside RCPT).
     #[inline]
-    pub fn decision(&mut self, d: &Decision) {
-        self.decisions[kind_of(d)] += 1;
+    pub fn answer(&mut self, a: Answer) {
+        self.decisions[a.index()] += 1;
         self.requests += 1;
     }
 
-    /// Counts one request answered without a decision (PING, DUNNO outside RCPT).
+    /// Counts one PEEK: a request, but no decision (nothing was recorded).
     #[inline]
-    pub fn request(&mut self, kind: Option<usize>) {
-        if let Some(k) = kind {
-            self.decisions[k] += 1;
+    pub fn peek(&mut self) {
+        self.peeks += 1;
+        self.requests += 1;
+    }
+
+    /// Counts one request answered without a decision (PING).
+    #[inline]
+    pub fn other(&mut self) {
+        self.requests += 1;
+    }
+
+    /// Counts one refused request.
+    #[inline]
+    pub fn error(&mut self, e: RequestError) {
+        match e.slot(self.proto) {
+            Some(i) => self.errors[i] += 1,
+            None => debug_assert!(false, "{e:?} cannot occur on {:?}", self.proto),
         }
         self.requests += 1;
     }
 
-    /// Counts one protocol error by code.
+    /// Counts UDP replies left out because they did not fit their request's size.
     #[inline]
-    pub fn error(&mut self, code: &str) {
-        self.errors[error_index(code)] += 1;
-        self.requests += 1;
+    pub fn udp_dropped(&mut self, n: usize) {
+        self.udp_dropped += n as u64;
     }
 }
 
-/// Label set of a decision counter.
+/// One thread's counters, on cache lines of their own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    requests: [AtomicU64; 3],
+    decisions: [AtomicU64; KINDS.len()],
+    peeks: AtomicU64,
+    errors: [AtomicU64; ERROR_SLOTS],
+    udp_dropped: AtomicU64,
+}
+
+/// Shards of the request counters; a thread keeps the one it was first given. More shards
+/// than threads that count (runtime workers and UDP threads, one per core each) would only
+/// make scrapes slower; fewer would share a shard between two threads, which is correct.
+const SHARDS: usize = 16;
+
+fn my_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    MINE.with(|m| *m)
+}
+
+fn add(c: &AtomicU64, n: &mut u64) {
+    if *n > 0 {
+        c.fetch_add(*n, Ordering::Relaxed);
+        *n = 0;
+    }
+}
+
+fn sum(shards: &[Shard], f: impl Fn(&Shard) -> &AtomicU64) -> u64 {
+    shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+}
+
+/// The labelled counters and gauges, written in a fixed order at each scrape.
+#[derive(Debug)]
+pub struct Counts {
+    shards: Box<[Shard]>,
+    /// Connections accepted, by protocol.
+    connections: [Counter; 3],
+    /// Live triplets (greylisted, whitelisted), read from the engine just before a scrape.
+    triplets: [Gauge; 2],
+}
+
+impl Counts {
+    fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            connections: Default::default(),
+            triplets: Default::default(),
+        }
+    }
+
+    fn flush(&self, t: &mut Tally) {
+        let s = &self.shards[my_shard()];
+        for (c, n) in s.decisions.iter().zip(t.decisions.iter_mut()) {
+            add(c, n);
+        }
+        for (c, n) in s.errors.iter().zip(t.errors.iter_mut()) {
+            add(c, n);
+        }
+        add(&s.peeks, &mut t.peeks);
+        add(&s.udp_dropped, &mut t.udp_dropped);
+        add(&s.requests[t.proto as usize], &mut t.requests);
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct DecisionLabels {
     answer: &'static str,
@@ -147,14 +302,100 @@ struct StateLabels {
     state: &'static str,
 }
 
+impl Collector for Counts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let shards = &self.shards[..];
+        let counter = |n: u64| ConstCounter::new(n);
+        {
+            let mut m = encoder.encode_descriptor(
+                "decisions",
+                "Answers given (CHECK and Postfix requests; PEEKs are counted apart), by answer and reason",
+                None,
+                counter(0).metric_type(),
+            )?;
+            for (i, &(answer, reason)) in KINDS.iter().enumerate() {
+                let n = sum(shards, |s| &s.decisions[i]);
+                counter(n).encode(m.encode_family(&DecisionLabels { answer, reason })?)?;
+            }
+        }
+        let peeks = counter(sum(shards, |s| &s.peeks));
+        peeks.encode(encoder.encode_descriptor(
+            "peeks",
+            "PEEK requests answered (decided without recording)",
+            None,
+            peeks.metric_type(),
+        )?)?;
+        {
+            let mut m = encoder.encode_descriptor(
+                "requests",
+                "Requests received, by protocol",
+                None,
+                counter(0).metric_type(),
+            )?;
+            for p in Proto::ALL {
+                let n = sum(shards, |s| &s.requests[p as usize]);
+                counter(n).encode(m.encode_family(&ProtoLabels { proto: p.label() })?)?;
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "protocol_errors",
+                "Refused requests, by protocol and kind",
+                None,
+                counter(0).metric_type(),
+            )?;
+            for p in Proto::ALL {
+                for e in RequestError::of(p) {
+                    // `of` lists only pairs that have a slot.
+                    let i = e.slot(p).unwrap_or(0);
+                    let n = sum(shards, |s| &s.errors[i]);
+                    let labels = ErrorLabels {
+                        proto: p.label(),
+                        kind: e.code(),
+                    };
+                    counter(n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let dropped = counter(sum(shards, |s| &s.udp_dropped));
+        dropped.encode(encoder.encode_descriptor(
+            "udp_replies_dropped",
+            "UDP replies left out because they would have made the reply datagram larger than its request",
+            None,
+            dropped.metric_type(),
+        )?)?;
+        {
+            let mut m = encoder.encode_descriptor(
+                "connections",
+                "Connections accepted, by protocol",
+                None,
+                counter(0).metric_type(),
+            )?;
+            for p in Proto::ALL {
+                let n = self.connections[p as usize].get();
+                counter(n).encode(m.encode_family(&ProtoLabels { proto: p.label() })?)?;
+            }
+        }
+        {
+            let g = ConstGauge::new(0i64);
+            let mut m = encoder.encode_descriptor(
+                "triplets",
+                "Live triplet records, by state",
+                None,
+                g.metric_type(),
+            )?;
+            for (state, gauge) in ["greylisted", "whitelisted"].iter().zip(&self.triplets) {
+                ConstGauge::new(gauge.get()).encode(m.encode_family(&StateLabels { state })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// All counters and gauges.
 pub struct Metrics {
     registry: Registry,
-    decisions: Vec<Counter>,
-    requests: Vec<Counter>,
-    errors: Vec<Vec<Counter>>,
-    /// Connections accepted, by protocol.
-    pub connections: Vec<Counter>,
+    counts: Arc<Counts>,
     /// Connections open now.
     pub open_connections: Gauge,
     /// Clients refused by the allow list (TCP connections and UDP datagrams).
@@ -163,7 +404,6 @@ pub struct Metrics {
     pub over_limit: Counter,
     /// Records removed by expiry.
     pub expired: Counter,
-    triplets: Family<StateLabels, Gauge>,
     awl_clients: Gauge,
     awl_active: Gauge,
     /// Snapshot writes and their outcome.
@@ -259,59 +499,8 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("greyhound");
-        let decision_family = Family::<DecisionLabels, Counter>::default();
-        registry.register(
-            "decisions",
-            "Answers given, by answer and reason",
-            decision_family.clone(),
-        );
-        let decisions = KINDS
-            .iter()
-            .map(|(answer, reason)| {
-                decision_family
-                    .get_or_create(&DecisionLabels { answer, reason })
-                    .clone()
-            })
-            .collect();
-        let request_family = Family::<ProtoLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests received, by protocol",
-            request_family.clone(),
-        );
-        let requests = PROTOS
-            .iter()
-            .map(|proto| request_family.get_or_create(&ProtoLabels { proto }).clone())
-            .collect();
-        let error_family = Family::<ErrorLabels, Counter>::default();
-        registry.register(
-            "protocol_errors",
-            "Refused requests, by protocol and kind",
-            error_family.clone(),
-        );
-        let errors = PROTOS
-            .iter()
-            .map(|proto| {
-                ERROR_CODES
-                    .iter()
-                    .map(|kind| {
-                        error_family
-                            .get_or_create(&ErrorLabels { proto, kind })
-                            .clone()
-                    })
-                    .collect()
-            })
-            .collect();
-        let conn_family = Family::<ProtoLabels, Counter>::default();
-        registry.register(
-            "connections",
-            "Connections accepted, by protocol",
-            conn_family.clone(),
-        );
-        let connections = PROTOS
-            .iter()
-            .map(|proto| conn_family.get_or_create(&ProtoLabels { proto }).clone())
-            .collect();
+        let counts = Arc::new(Counts::new());
+        registry.register_collector(Box::new(counts.clone()));
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -336,12 +525,6 @@ impl Metrics {
             "Records removed by expiry",
             expired.clone(),
         );
-        let triplets = Family::<StateLabels, Gauge>::default();
-        registry.register(
-            "triplets",
-            "Live triplet records, by state",
-            triplets.clone(),
-        );
         let awl_clients = Gauge::default();
         registry.register(
             "awl_clients",
@@ -358,61 +541,38 @@ impl Metrics {
         snapshots.register(&mut registry);
         Self {
             registry,
-            snapshots,
-            decisions,
-            requests,
-            errors,
-            connections,
+            counts,
             open_connections,
             refused,
             over_limit,
             expired,
-            triplets,
             awl_clients,
             awl_active,
+            snapshots,
         }
     }
 
-    /// Adds a batch's tally and clears it.
-    pub fn flush(&self, proto: Proto, tally: &mut Tally) {
-        if tally.requests == 0 {
-            return;
+    /// Adds a batch's tally to this thread's counters and clears it.
+    #[inline]
+    pub fn flush(&self, tally: &mut Tally) {
+        if tally.requests > 0 || tally.udp_dropped > 0 {
+            self.counts.flush(tally);
         }
-        for (c, n) in self.decisions.iter().zip(tally.decisions.iter_mut()) {
-            if *n > 0 {
-                c.inc_by(*n);
-                *n = 0;
-            }
-        }
-        for (c, n) in self.errors[proto as usize]
-            .iter()
-            .zip(tally.errors.iter_mut())
-        {
-            if *n > 0 {
-                c.inc_by(*n);
-                *n = 0;
-            }
-        }
-        self.requests[proto as usize].inc_by(tally.requests);
-        tally.requests = 0;
     }
 
-    /// The Prometheus text exposition, with table gauges read from the engine now.
+    /// Counts an accepted connection.
+    pub fn connection(&self, proto: Proto) {
+        self.counts.connections[proto as usize].inc();
+    }
+
+    /// The OpenMetrics text exposition, with table gauges read from the engine now.
     pub fn render(&self, engine: &Engine) -> String {
         let s = engine.stats();
-        self.triplets
-            .get_or_create(&StateLabels {
-                state: "greylisted",
-            })
-            .set((s.triplets - s.whitelisted) as i64);
-        self.triplets
-            .get_or_create(&StateLabels {
-                state: "whitelisted",
-            })
-            .set(s.whitelisted as i64);
+        self.counts.triplets[0].set((s.triplets - s.whitelisted) as i64);
+        self.counts.triplets[1].set(s.whitelisted as i64);
         self.awl_clients.set(s.awl_clients as i64);
         self.awl_active.set(s.awl_active as i64);
-        let mut out = String::new();
+        let mut out = String::with_capacity(8192);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
@@ -423,49 +583,94 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tally_flushes_into_labelled_counters() {
-        let m = Metrics::new();
-        let mut t = Tally::default();
-        t.decision(&Decision::Defer { seconds_left: 3 });
-        t.decision(&Decision::Defer { seconds_left: 3 });
-        t.decision(&Decision::Pass(Pass::Exempt(ExemptList::Sender)));
-        t.error("bad-ip");
-        m.flush(Proto::NativeTcp, &mut t);
-        m.flush(Proto::NativeTcp, &mut t); // a flushed tally adds nothing
-        let text = {
-            let mut out = String::new();
-            encode(&mut out, &m.registry).unwrap();
-            out
-        };
-        assert!(
-            text.contains("greyhound_decisions_total{answer=\"defer\",reason=\"\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("greyhound_decisions_total{answer=\"pass\",reason=\"exempt:sender\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("greyhound_requests_total{proto=\"native-tcp\"} 4"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "greyhound_protocol_errors_total{proto=\"native-tcp\",kind=\"bad-ip\"} 1"
-            ),
-            "{text}"
-        );
+    fn text(m: &Metrics) -> String {
+        let mut out = String::new();
+        encode(&mut out, &m.registry).unwrap();
+        out
     }
 
     #[test]
-    fn every_native_and_policy_error_code_is_known() {
-        use crate::proto::{native, policy};
-        for k in native::ErrorKind::ALL {
-            assert_eq!(ERROR_CODES[error_index(k.as_code())], k.as_code());
+    fn tally_flushes_into_labelled_counters() {
+        let m = Metrics::new();
+        let mut t = Tally::new(Proto::NativeTcp);
+        t.answer(Answer::Decided(Decision::Defer { seconds_left: 3 }));
+        t.answer(Answer::Decided(Decision::Defer { seconds_left: 3 }));
+        t.answer(Answer::Decided(Decision::Pass(Pass::Exempt(
+            ExemptList::Sender,
+        ))));
+        t.peek();
+        t.error(RequestError::Native(ErrorKind::BadIp));
+        m.flush(&mut t);
+        m.flush(&mut t); // a flushed tally adds nothing
+                         // Another thread counts into another shard; a scrape sums them.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut t = Tally::new(Proto::NativeTcp);
+                t.answer(Answer::Decided(Decision::Defer { seconds_left: 1 }));
+                m.flush(&mut t);
+            });
+        });
+        let text = text(&m);
+        for want in [
+            "greyhound_decisions_total{answer=\"defer\",reason=\"\"} 3\n",
+            "greyhound_decisions_total{answer=\"pass\",reason=\"exempt:sender\"} 1\n",
+            "greyhound_peeks_total 1\n",
+            "greyhound_requests_total{proto=\"native-tcp\"} 6\n",
+            "greyhound_protocol_errors_total{proto=\"native-tcp\",kind=\"bad-ip\"} 1\n",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
         }
-        for k in policy::PolicyError::ALL {
-            assert_eq!(ERROR_CODES[error_index(k.as_code())], k.as_code());
+    }
+
+    #[test]
+    fn only_error_pairs_that_can_occur_are_exported_in_a_fixed_order() {
+        let m = Metrics::new();
+        let a = text(&m);
+        let series: Vec<&str> = a
+            .lines()
+            .filter(|l| l.starts_with("greyhound_protocol_errors_total{"))
+            .collect();
+        // 10 native kinds on TCP, the same and udp-truncated on UDP, 6 policy errors and
+        // policy-bad-client-address on the policy port.
+        assert_eq!(series.len(), 28, "{series:#?}");
+        assert!(!a.contains("proto=\"native-tcp\",kind=\"udp-truncated\""));
+        assert!(!a.contains("proto=\"policy\",kind=\"bad-ip\""));
+        assert!(!a.contains("proto=\"native-udp\",kind=\"block-too-large\""));
+        assert!(a.contains("proto=\"native-udp\",kind=\"udp-truncated\""));
+        assert!(a.contains("proto=\"policy\",kind=\"policy-bad-client-address\""));
+        // Every scrape lists the series in the same order.
+        for _ in 0..5 {
+            assert_eq!(text(&m), a);
+        }
+        // Each (protocol, kind) pair has a slot of its own.
+        let mut slots: Vec<usize> = Proto::ALL
+            .iter()
+            .flat_map(|&p| {
+                RequestError::of(p)
+                    .into_iter()
+                    .map(move |e| e.slot(p).unwrap())
+            })
+            .collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..ERROR_SLOTS).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn udp_truncation_counts_under_its_own_kind_and_dropped_replies_are_counted() {
+        let m = Metrics::new();
+        let mut t = Tally::new(Proto::NativeUdp);
+        t.error(RequestError::UdpTruncated);
+        t.error(RequestError::Native(ErrorKind::Empty));
+        t.udp_dropped(2);
+        m.flush(&mut t);
+        let text = text(&m);
+        for want in [
+            "greyhound_protocol_errors_total{proto=\"native-udp\",kind=\"udp-truncated\"} 1\n",
+            "greyhound_protocol_errors_total{proto=\"native-udp\",kind=\"empty\"} 1\n",
+            "greyhound_protocol_errors_total{proto=\"native-tcp\",kind=\"empty\"} 0\n",
+            "greyhound_udp_replies_dropped_total 2\n",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
         }
     }
 }

@@ -1,18 +1,14 @@
-//! The native line protocol's request handling, shared by TCP and UDP: the complete requests
-//! of a read (or of a batch of datagrams) are decided through one engine batch and answered in
-//! order.
+//! The native line protocol's answers, shared by TCP and UDP: the requests of a read (or of a
+//! batch of datagrams) are decided through one engine batch and answered in order.
 
 use std::net::IpAddr;
 
-use crate::engine::{Decision, Keyed, Mode, Query, DECIDE_GROUP};
-use crate::proto::native::{self as wire, Command, LineError, Reply, Request, Triplet};
+use crate::engine::{Decision, Mode, Query};
+use crate::proto::native::{self as wire, Command, Parsed, Reply, Request, Triplet};
 use crate::proto::policy::{expand_template, TemplateVars};
 
-use super::metrics::Tally;
+use super::metrics::{Answer, RequestError, Tally};
 use super::Shared;
-
-/// A parsed line, or why it was refused.
-pub(crate) type Parsed<'a> = Result<Request<'a>, LineError<'a>>;
 
 fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
     Query {
@@ -24,10 +20,23 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
     }
 }
 
+/// The query of a CHECK or PEEK line, and how to decide it; `None` for other lines.
+fn to_decide<'q>(r: &'q Parsed<'_>) -> Option<(Query<'q>, Mode)> {
+    match r {
+        Ok(Request {
+            command: Command::Check(t),
+            ..
+        }) => Some((query(t), Mode::Record)),
+        Ok(Request {
+            command: Command::Peek(t),
+            ..
+        }) => Some((query(t), Mode::Peek)),
+        _ => None,
+    }
+}
+
 /// Decides every request in `reqs`, in order, through one engine batch (one exemption-list
-/// load, one clock read), and calls `emit(id, reply)` for each. A PEEK sees the effect of the
-/// CHECKs before it, as one-by-one handling would: only preparing runs ahead, deciding does
-/// not.
+/// load, one clock read; see `Batch::decide_each`), and calls `emit(id, reply)` for each.
 pub(crate) fn answer(
     shared: &Shared,
     reqs: &[Parsed<'_>],
@@ -35,64 +44,42 @@ pub(crate) fn answer(
     tally: &mut Tally,
     mut emit: impl FnMut(Option<&str>, &Reply<'_>),
 ) {
-    // Each group is prepared first (no table is read), then decided in order: the same
-    // answers as one by one, with the table lookups back to back (see `DECIDE_GROUP`).
-    // On the stack: no allocation per read.
-    let mut keyed: [Option<Result<Keyed, Decision>>; DECIDE_GROUP] = [None; DECIDE_GROUP];
     shared.engine.batch(|batch| {
-        for group in reqs.chunks(DECIDE_GROUP) {
-            for (slot, r) in keyed.iter_mut().zip(group) {
-                *slot = match r {
-                    Ok(Request {
-                        command: Command::Check(t) | Command::Peek(t),
-                        ..
-                    }) => Some(batch.prepare(&query(t))),
-                    _ => None,
+        batch.decide_each(reqs, to_decide, |r, d| match (r, d) {
+            (Ok(req), Some(d)) => {
+                let (Command::Check(t) | Command::Peek(t)) = &req.command else {
+                    return;
                 };
-            }
-            for (r, k) in group.iter().zip(&keyed) {
-                match r {
-                    Ok(req) => match &req.command {
-                        Command::Check(t) | Command::Peek(t) => {
-                            let mode = if matches!(req.command, Command::Check(_)) { Mode::Record } else { Mode::Peek };
-                            // Prepared above (the `None` arm only keeps this total).
-                            let k = match k {
-                                Some(k) => *k,
-                                None => batch.prepare(&query(t)),
-                            };
-                            let d = match k {
-                                Ok(k) => batch.decide(&k, mode),
-                                Err(d) => d,
-                            };
-                            tally.decision(&d);
-                            tracing::debug!(client = %t.client, sender = t.sender, recipient = t.recipient, decision = ?d, "native");
-                            match d {
-                                Decision::Pass(p) => emit(req.id, &Reply::Pass { reason: p.reason() }),
-                                Decision::Defer { seconds_left } => {
-                                    let d = DeferFor {
-                                        client: t.client,
-                                        sender: t.sender,
-                                        recipient: t.recipient,
-                                        helo: t.helo.unwrap_or(""),
-                                        seconds: seconds_left,
-                                    };
-                                    let text = shared.settings.defer_text(&d, texts);
-                                    emit(req.id, &Reply::Defer { seconds: seconds_left, text });
-                                }
-                            }
-                        }
-                        Command::Ping => {
-                            tally.request(None);
-                            emit(req.id, &Reply::Pong);
-                        }
-                    },
-                    Err(e) => {
-                        tally.error(e.kind.as_code());
-                        emit(e.id, &Reply::Err { kind: e.kind });
+                if matches!(req.command, Command::Check(_)) {
+                    tally.answer(Answer::Decided(d));
+                } else {
+                    tally.peek();
+                }
+                tracing::debug!(client = %t.client, sender = t.sender, recipient = t.recipient, decision = ?d, "native");
+                match d {
+                    Decision::Pass(p) => emit(req.id, &Reply::Pass { reason: p.reason() }),
+                    Decision::Defer { seconds_left } => {
+                        let d = DeferFor {
+                            client: t.client,
+                            sender: t.sender,
+                            recipient: t.recipient,
+                            helo: t.helo.unwrap_or(""),
+                            seconds: seconds_left,
+                        };
+                        let text = shared.settings.defer_text(&d, texts);
+                        emit(req.id, &Reply::Defer { seconds: seconds_left, text });
                     }
                 }
             }
-        }
+            (Ok(req), None) => {
+                tally.other();
+                emit(req.id, &Reply::Pong);
+            }
+            (Err(e), _) => {
+                tally.error(RequestError::Native(e.kind));
+                emit(e.id, &Reply::Err { kind: e.kind });
+            }
+        });
     });
 }
 
@@ -123,21 +110,25 @@ pub(crate) fn encode_shortest(id: Option<&str>, reply: &Reply<'_>, out: &mut Vec
 /// form fits, all replies are sent and the room left over goes to their texts in order (a text
 /// is cut at a character boundary when it does not fit whole); otherwise replies are taken in
 /// order, in their shortest form, as long as they fit, and the client matches them by ID.
+/// Returns how many replies were left out.
 pub(crate) fn fit_replies<'a>(
     lines: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
     budget: usize,
     out: &mut Vec<u8>,
-) {
+) -> usize {
     let needed: usize = lines.clone().map(|(_, s)| s.len()).sum();
     if needed > budget {
         let mut left = budget;
+        let mut dropped = 0;
         for (_, s) in lines {
             if s.len() <= left {
                 out.extend_from_slice(s);
                 left -= s.len();
+            } else {
+                dropped += 1;
             }
         }
-        return;
+        return dropped;
     }
     let mut extra = budget - needed;
     for (f, s) in lines {
@@ -162,6 +153,7 @@ pub(crate) fn fit_replies<'a>(
             out.extend_from_slice(s);
         }
     }
+    0
 }
 
 /// The parts of a request a greylist text can mention.
@@ -219,8 +211,14 @@ mod tests {
         let owned: Vec<(Vec<u8>, Vec<u8>)> = replies.iter().map(|(id, r)| forms(*id, r)).collect();
         let lines: Vec<(&[u8], &[u8])> = owned.iter().map(|(f, s)| (&f[..], &s[..])).collect();
         let mut out = Vec::new();
-        fit_replies(lines.iter().copied(), budget, &mut out);
+        let dropped = fit_replies(lines.iter().copied(), budget, &mut out);
         assert!(out.len() <= budget, "{} > {budget}", out.len());
+        let sent = out.iter().filter(|&&b| b == b'\n').count();
+        assert_eq!(
+            sent + dropped,
+            replies.len(),
+            "every reply is sent or counted as dropped"
+        );
         String::from_utf8(out).unwrap()
     }
 

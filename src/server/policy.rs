@@ -5,33 +5,26 @@
 
 use std::net::IpAddr;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-
 use crate::engine::{Decision, Mode, Pass, Query};
-use crate::proto::policy::{self as wire, Block, PolicyRequest};
+use crate::proto::policy::{self as wire, Block, BlockLimits, PolicyRequest};
 
-use super::metrics::{Proto, Tally, KIND_NOT_RCPT};
+use super::conn::{Conn, Read, Stream};
+use super::metrics::{Answer, Proto, RequestError, Tally};
 use super::native::{DeferFor, TextBuf};
-use super::{idle, read_some, write_all, Shared};
+use super::Shared;
 
 /// Serves one connection until the peer closes it, it idles out, it sends a malformed block
 /// or the server shuts down.
-pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    peer: String,
-    shared: &Shared,
-    token: &CancellationToken,
-) {
+pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Shared) {
     let l = &shared.settings.limits;
-    let limits = wire::Limits {
+    let limits = BlockLimits {
         max_block: l.policy_max_block,
         max_attrs: l.policy_max_attributes,
     };
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut scratch = Scratch::default();
-    let mut tally = Tally::default();
+    let mut tally = Tally::new(Proto::Policy);
     loop {
         // Answer every complete block already buffered, then read more.
         let mut pos = 0;
@@ -39,29 +32,28 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         loop {
             match wire::parse(&buf[pos..], &limits) {
                 Ok(Block::Complete { consumed, request }) => {
-                    if let Err(code) = answer(shared, &request, &mut out, &mut scratch, &mut tally)
-                    {
-                        bad = Some(code);
+                    if let Err(e) = answer(shared, &request, &mut out, &mut scratch, &mut tally) {
+                        bad = Some(e);
                         break;
                     }
                     pos += consumed;
                 }
                 Ok(Block::Incomplete) => break,
                 Err(e) => {
-                    bad = Some(e.as_code());
+                    bad = Some(RequestError::Policy(e));
                     break;
                 }
             }
         }
         buf.drain(..pos);
-        if let Some(code) = bad {
-            tally.error(code);
-            shared.log_bad(&peer, "policy", code);
+        if let Some(e) = bad {
+            tally.error(e);
+            shared.log_bad(peer, "policy", e.code());
         }
-        shared.metrics.flush(Proto::Policy, &mut tally);
+        shared.metrics.flush(&mut tally);
         // Blocks answered before a malformed one still get their answers.
         if !out.is_empty() {
-            if !write_all(&mut stream, &out, idle(l)).await {
+            if !conn.write_all(&out).await {
                 break;
             }
             out.clear();
@@ -69,12 +61,12 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if bad.is_some() {
             break;
         }
-        match read_some(&mut stream, &mut buf, idle(l), token).await {
-            None | Some(0) => break,
-            Some(_) => {}
+        match conn.read(&mut buf).await {
+            Read::Data => {}
+            Read::Eof | Read::Close => break,
         }
     }
-    let _ = stream.shutdown().await;
+    conn.shutdown();
 }
 
 #[derive(Default)]
@@ -90,16 +82,16 @@ fn answer(
     out: &mut Vec<u8>,
     s: &mut Scratch,
     tally: &mut Tally,
-) -> Result<(), &'static str> {
+) -> Result<(), RequestError> {
     if !req.protocol_state.eq_ignore_ascii_case("RCPT") || req.recipient.is_empty() {
-        tally.request(Some(KIND_NOT_RCPT));
+        tally.answer(Answer::NotRcpt);
         wire::encode_action("DUNNO", out);
         return Ok(());
     }
     let client: IpAddr = req
         .client_address
         .parse()
-        .map_err(|_| "policy-bad-client-address")?;
+        .map_err(|_| RequestError::PolicyBadClientAddress)?;
     // Postfix writes "unknown" when the name did not verify; only a verified name may match.
     let client_name =
         Some(req.client_name).filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("unknown"));
@@ -111,7 +103,7 @@ fn answer(
         auth: Some(req.sasl_username),
     };
     let d = shared.engine.check(&q, Mode::Record);
-    tally.decision(&d);
+    tally.answer(Answer::Decided(d));
     tracing::debug!(%client, sender = req.sender, recipient = req.recipient, queue_id = req.queue_id, decision = ?d, "policy");
     let settings = &shared.settings;
     match d {

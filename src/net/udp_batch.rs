@@ -1,4 +1,4 @@
-//! Batched UDP receive and send for the greylisting server.
+//! Batched UDP receive and send, for the greylisting server and its load generator.
 //!
 //! One request/reply round trip per datagram costs two syscalls, which caps a
 //! core at a few hundred thousand datagrams per second. To reach a million

@@ -1,0 +1,85 @@
+//! The metrics endpoint: `GET /metrics` answers the OpenMetrics text, anything else 404. One
+//! request per connection, five seconds at most.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+
+/// A request head larger than this is not a scrape.
+const MAX_HEAD: usize = 8192;
+
+/// Serves scrapes until `token` is cancelled.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = token.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let Ok((mut stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let fut = async {
+                while buf.len() < MAX_HEAD && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 1024];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let (status, ctype, body) = if is_scrape(&buf) {
+                    (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        shared.metrics.render(&shared.engine),
+                    )
+                } else {
+                    (
+                        "404 Not Found",
+                        "text/plain; charset=utf-8",
+                        "not found: try GET /metrics\n".to_string(),
+                    )
+                };
+                let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), fut).await;
+        });
+    }
+}
+
+/// Whether a request head asks for `GET /metrics` (with or without a query string).
+fn is_scrape(head: &[u8]) -> bool {
+    let line = head
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(&[]);
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (parts.next().unwrap_or(&[]), parts.next().unwrap_or(&[]));
+    method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_scrape;
+
+    #[test]
+    fn only_get_metrics_is_a_scrape() {
+        assert!(is_scrape(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(is_scrape(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"));
+        assert!(!is_scrape(b"GET /metricsx HTTP/1.1\r\n\r\n"));
+        assert!(!is_scrape(b"POST /metrics HTTP/1.1\r\n\r\n"));
+        assert!(!is_scrape(b"GET / HTTP/1.1\r\n\r\n"));
+        assert!(!is_scrape(b""));
+    }
+}

@@ -1,0 +1,100 @@
+//! The native protocol over UDP: plain threads, each with its own `SO_REUSEPORT` socket,
+//! moving batches of datagrams per system call. A batch's lines are decided through one
+//! engine batch; each datagram's replies go back in one datagram, never larger than the
+//! request (texts are shortened, and replies that cannot fit are left out and counted).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tracing::debug;
+
+use crate::net::udp_batch::BatchSocket;
+use crate::proto::native::{self as wire, datagram_lines, Parsed};
+
+use super::metrics::{Proto, RequestError, Tally};
+use super::native::{answer, encode_shortest, fit_replies, TextBuf};
+use super::Shared;
+
+/// Datagrams moved per `recvmmsg` / `sendmmsg`.
+const BATCH: usize = 64;
+
+/// Serves `sock` until `stop` is set (the socket's receive timeout bounds how long that takes
+/// to be noticed).
+pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
+    let limits = &shared.settings.limits;
+    let mut bs = BatchSocket::new(sock, BATCH, limits.udp_max_datagram);
+    let mut texts = TextBuf::default();
+    let mut tally = Tally::new(Proto::NativeUdp);
+    let mut out: Vec<u8> = Vec::new();
+    // Every reply in its full and its shortest form, as (full start, end, short start, end).
+    let (mut full, mut short): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+    let mut forms: Vec<(usize, usize, usize, usize)> = Vec::new();
+    // (datagram, number of its lines) for each datagram answered, in order.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (datagram, start, end) in `out`
+    while !stop.load(Ordering::Relaxed) {
+        let n = match bs.recv() {
+            Ok(0) => continue,
+            Ok(n) => n,
+            Err(e) => {
+                debug!(error = %e, "udp receive failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        out.clear();
+        spans.clear();
+        runs.clear();
+        full.clear();
+        short.clear();
+        forms.clear();
+        {
+            // The lines of all datagrams, in datagram order.
+            let mut reqs: Vec<Parsed<'_>> = Vec::with_capacity(n);
+            for d in 0..n {
+                let (data, from) = bs.datagram(d);
+                if !shared.allow.allows(from.ip()) {
+                    shared.refuse(from, Proto::NativeUdp.label());
+                    continue;
+                }
+                if bs.truncated(d) {
+                    tally.error(RequestError::UdpTruncated);
+                    continue;
+                }
+                let before = reqs.len();
+                reqs.extend(datagram_lines(data, limits.max_line));
+                runs.push((d, reqs.len() - before));
+            }
+            // Which form of each reply a datagram can afford is decided once all of its
+            // replies are known.
+            answer(shared, &reqs, &mut texts, &mut tally, |id, reply| {
+                let (f, s) = (full.len(), short.len());
+                wire::encode(id, reply, &mut full);
+                encode_shortest(id, reply, &mut short);
+                forms.push((f, full.len(), s, short.len()));
+            });
+        }
+        let mut first = 0;
+        for &(d, count) in &runs {
+            let lines = forms[first..first + count]
+                .iter()
+                .map(|&(f0, f1, s0, s1)| (&full[f0..f1], &short[s0..s1]));
+            let begin = out.len();
+            let dropped = fit_replies(lines, bs.datagram(d).0.len(), &mut out);
+            tally.udp_dropped(dropped);
+            if out.len() > begin {
+                spans.push((d, begin, out.len()));
+            }
+            first += count;
+        }
+        shared.metrics.flush(&mut tally);
+        let to_send: Vec<(SocketAddr, &[u8])> = spans
+            .iter()
+            .map(|&(d, s, e)| (bs.datagram(d).1, &out[s..e]))
+            .collect();
+        if let Err(e) = bs.send(&to_send) {
+            debug!(error = %e, "udp send failed");
+        }
+    }
+}
