@@ -171,6 +171,60 @@ pub enum Block<'a> {
 pub fn parse<'a>(buf: &'a [u8], limits: &BlockLimits) -> Result<Block<'a>, PolicyError> {
     // The whole block, final empty line included, must lie in this window.
     let window = &buf[..buf.len().min(limits.max_block)];
+    if let Some(block) = parse_clean(window, limits) {
+        return block;
+    }
+    parse_line_by_line(window, buf.len(), limits)
+}
+
+/// The common case in few instructions: a complete block of printable text and `\n` only
+/// (what Postfix sends), checked and validated as a whole instead of line by line. Checking
+/// each of Postfix's ~35 lines on its own (two searches, a control scan and a UTF-8 check per
+/// line) cost ~7,000 instructions per block (callgrind); whole-block passes cost a fraction.
+/// `None` when the block is not complete yet or holds anything else (a tab, a `\r`, a line
+/// without `=`, too many lines, ...): [`parse_line_by_line`] then finds and names the fault
+/// in line order, exactly as it always does.
+fn parse_clean<'a>(
+    window: &'a [u8],
+    limits: &BlockLimits,
+) -> Option<Result<Block<'a>, PolicyError>> {
+    // The first "\n\n" ends the first empty line, as no `\r` is allowed on this path.
+    let end = memchr::memmem::find(window, b"\n\n")?;
+    let block = &window[..end];
+    let clean = block.iter().fold(true, |ok, &b| {
+        ok & (((0x20..0x7f).contains(&b) | (b >= 0x80)) | (b == b'\n'))
+    });
+    if !clean || block.first() == Some(&b'\n') {
+        return None;
+    }
+    let text = std::str::from_utf8(block).ok()?;
+    let mut request = PolicyRequest::default();
+    for (n, line) in text.split('\n').enumerate() {
+        if n >= limits.max_attrs {
+            return None;
+        }
+        match line.as_bytes().iter().position(|&b| b == b'=') {
+            // `=` is ASCII, so both sides of it are character boundaries.
+            Some(at) if at > 0 => request.set(&line[..at], &line[at + 1..]),
+            _ => return None,
+        }
+    }
+    Some(if request.request == POLICY_REQUEST {
+        Ok(Block::Complete {
+            consumed: end + 2,
+            request,
+        })
+    } else {
+        Err(PolicyError::NotPolicyRequest)
+    })
+}
+
+/// The general case: each line is checked as soon as it is complete, in order.
+fn parse_line_by_line<'a>(
+    window: &'a [u8],
+    buffered: usize,
+    limits: &BlockLimits,
+) -> Result<Block<'a>, PolicyError> {
     let mut request = PolicyRequest::default();
     let mut attrs = 0usize;
     let mut pos = 0;
@@ -194,7 +248,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &BlockLimits) -> Result<Block<'a>, Polic
         let (name, value) = split_attribute(line)?;
         request.set(name, value);
     }
-    if buf.len() > limits.max_block {
+    if buffered > limits.max_block {
         Err(PolicyError::BlockTooLarge)
     } else {
         Ok(Block::Incomplete)
@@ -954,5 +1008,48 @@ mod tests {
         out.push(b' ');
         push_u64(5, 99, &mut out);
         assert_eq!(out, b"07 123 0 18446744073709551615 00000000000000000005");
+    }
+
+    /// Pieces that make up blocks, good and bad: attributes, the request line, the empty
+    /// line, and the bytes each check is about.
+    fn piece() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(b"request=smtpd_access_policy\n".to_vec()),
+            Just(b"protocol_state=RCPT\n".to_vec()),
+            Just(b"recipient=b@example.net\n".to_vec()),
+            Just(b"client_address=192.0.2.1\n".to_vec()),
+            Just(b"\n".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just(b"=".to_vec()),
+            Just(b"x".to_vec()),
+            Just(b"\t".to_vec()),
+            Just(b"\r".to_vec()),
+            Just(vec![0]),
+            Just(vec![0x7f]),
+            Just("é".as_bytes().to_vec()),
+            Just(vec![0xc3]),
+            Just(vec![0x85]),
+            Just(b"sender=a@b\n".to_vec()),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The whole-block fast path never changes an answer: every input parses exactly as
+        /// the line-by-line checks alone would parse it (same block, same error).
+        #[test]
+        fn fast_path_agrees_with_line_by_line(
+            pieces in proptest::collection::vec(piece(), 0..40),
+            max_block in 16usize..600,
+            max_attrs in 1usize..12,
+        ) {
+            let buf: Vec<u8> = pieces.concat();
+            let limits = BlockLimits { max_block, max_attrs };
+            let window = &buf[..buf.len().min(max_block)];
+            proptest::prop_assert_eq!(
+                parse(&buf, &limits),
+                parse_line_by_line(window, buf.len(), &limits)
+            );
+        }
     }
 }
