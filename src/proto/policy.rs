@@ -199,15 +199,23 @@ fn parse_clean<'a>(
     }
     let text = std::str::from_utf8(block).ok()?;
     let mut request = PolicyRequest::default();
-    for (n, line) in text.split('\n').enumerate() {
+    let mut start = 0;
+    // One vectorised search over the block for every line end; `=` is looked for in the
+    // (short) name only. The block ends without its last `\n`, hence the chained end.
+    let ends = memchr::memchr_iter(b'\n', block).chain([block.len()]);
+    for (n, end) in ends.enumerate() {
         if n >= limits.max_attrs {
             return None;
         }
-        match line.as_bytes().iter().position(|&b| b == b'=') {
-            // `=` is ASCII, so both sides of it are character boundaries.
-            Some(at) if at > 0 => request.set(&line[..at], &line[at + 1..]),
+        let line = &block[start..end];
+        match line.iter().position(|&b| b == b'=') {
+            // `\n` and `=` are ASCII, so every cut is at a character boundary.
+            Some(at) if at > 0 => {
+                request.set(&text[start..start + at], &text[start + at + 1..end]);
+            }
             _ => return None,
         }
+        start = end + 1;
     }
     Some(if request.request == POLICY_REQUEST {
         Ok(Block::Complete {
