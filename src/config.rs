@@ -1,9 +1,37 @@
 //! The effective configuration of `greyhound serve`: the embedded defaults, then the TOML file
 //! given with `--config` (if any), then the command-line flags, validated once at the end.
 //!
+//! Both the file and the flags are read into one type, [`Overrides`]: it derives
+//! `serde::Deserialize` for the file (kebab-case keys, the `[limits]` table) and `clap::Args` for
+//! the flags (flattened into `cli::ServeArgs`; the `[limits]` keys are plain flags). One function
+//! lays an `Overrides` over a [`Config`], naming the file and key or the flag in its errors; it
+//! runs for the file, then for the flags, and [`Config::validate`] runs once after both.
+//!
 //! Every way a setting can be wrong ends in one [`ConfigError`] whose `Display` is a single line
 //! naming the culprit (the file and key, or the flag) and the bad value, so that a failed start
 //! tells the administrator exactly what to fix.
+//!
+//! # Adding a setting
+//!
+//! The compiler walks you through it, because each step destructures in full:
+//! 1. a field in [`Config`] (or in [`Limits`], or in `engine::Policy` if the engine decides with
+//!    it) and its value in `Default`;
+//! 2. a field in [`Overrides`] (or [`LimitOverrides`]): `Option<T>` with `#[arg(long, ...)]` and a
+//!    doc comment, which is the `--help` text. `T` is the type as written: a number, `bool`,
+//!    `String` for what [`Overrides`] parses itself (addresses), [`DurationValue`] for a duration,
+//!    `Vec<_>` for a repeatable flag. The TOML key and the flag follow from the field's name;
+//! 3. one line in `Overrides::apply`, which names the key and how its text is parsed;
+//! 4. its check, if it has a range, in [`Config::validate`] (or `Limits::validate`,
+//!    `Policy::validate`), which also lists it;
+//! 5. its use where the configuration is applied (`serve()` in `main.rs`, destructured in full);
+//! 6. the key in `config/greyhound.toml` (a test checks that the example sets every key and is the
+//!    defaults) and a row in `docs/OPERATIONS.md`.
+//!
+//! Tried with a `shutdown-grace` duration (the grace `serve()` gives requests in flight at
+//! SIGTERM): 28 lines added in 4 files (15 in this file's code, 7 in its tests, 3 in `main.rs`, 3
+//! in the example and 1 in OPERATIONS); steps 3 to 5 were each pointed out by a compile error and
+//! step 6 by the example's test. The unit tests' full-value literals (`every_key_config`, the
+//! every-flag test) also name each field, so a new setting is tested from file and from flag.
 //!
 //! Choices made where the design is silent:
 //! - Addresses must be literal `IP:port`: host names are rejected, not resolved, because a start
@@ -12,16 +40,23 @@
 //! - `--allow` (or `allow` in the file) also accepts a bare IP address as a one-host network, and
 //!   a CIDR with host bits set (`192.0.2.7/24`) is stored as its network (`192.0.2.0/24`).
 //! - Port 0 is accepted (the OS picks a port), which integration tests rely on.
+//! - Addresses and durations are read as text by clap and serde and parsed here, so that a bad
+//!   value gives the same one-line message, naming the flag or the key, from either source
+//!   (clap's own errors span several lines).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use clap::builder::PossibleValuesParser;
+use clap::Args;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::cli::ServeArgs;
+pub use crate::engine::policy::format_duration;
+use crate::engine::policy::{check_duration, InvalidPolicy};
+use crate::engine::{Normalizer, Policy};
 
 /// The longest accepted duration: 10 years of 366 days. It matches the engine's limit, so that a
 /// configuration accepted here is never refused later by the engine's own validation.
@@ -128,34 +163,22 @@ pub struct Config {
     /// Native protocol listener, TCP and UDP on the same address (`native`).
     pub native: SocketAddr,
     /// Postfix policy service listener (`policy`).
-    pub policy: PolicyAddr,
+    pub policy_addr: PolicyAddr,
     /// HTTP metrics listener (`metrics`).
     pub metrics: SocketAddr,
     /// Directory of the snapshot files (`data-dir`).
     pub data_dir: PathBuf,
     /// Seconds between two snapshots (`snapshot-interval`).
     pub snapshot_interval_secs: u32,
-    /// Seconds a new triplet is deferred (`delay`).
-    pub delay_secs: u32,
-    /// Seconds after first sight during which a retry passes (`retry-window`).
-    pub retry_window_secs: u32,
-    /// Seconds a passed triplet stays whitelisted after its last pass (`whitelist-ttl`).
-    pub whitelist_ttl_secs: u32,
-    /// Counted passes after which a client is auto-whitelisted; 0 turns the AWL off
-    /// (`awl-clients`).
-    pub awl_clients: u32,
-    /// At most one pass per this many seconds counts towards the AWL (`awl-interval`).
-    pub awl_interval_secs: u32,
-    /// Seconds an auto-whitelisted client stays so after its last pass (`awl-ttl`).
-    pub awl_ttl_secs: u32,
+    /// The greylisting settings, handed to the engine as they are (`delay`, `retry-window`,
+    /// `whitelist-ttl`, `awl-clients`, `awl-interval`, `awl-ttl`, `dry-run`).
+    pub policy: Policy,
     /// Prefix length that groups IPv4 clients into one network (`ipv4-prefix`).
     pub ipv4_prefix: u8,
     /// Prefix length that groups IPv6 clients into one network (`ipv6-prefix`).
     pub ipv6_prefix: u8,
     /// Networks allowed to query (`allow`).
     pub allow: Vec<IpNet>,
-    /// Answer PASS where the answer would be DEFER, recording as usual (`dry-run`).
-    pub dry_run: bool,
     /// Text of a DEFER; `%s` stands for the sender, `%r` for the recipient (`greylist-text`).
     pub greylist_text: String,
     /// Add an `X-Greylist:` header on the first pass of a triplet (`x-greylist-header`).
@@ -177,20 +200,14 @@ pub struct Config {
 impl Default for Config {
     /// The embedded defaults: what `greyhound serve` runs with when given no file and no flag.
     fn default() -> Self {
-        const DAY: u32 = 86_400;
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         Config {
             native: SocketAddr::new(loopback, 10030),
-            policy: PolicyAddr::Tcp(SocketAddr::new(loopback, 10023)),
+            policy_addr: PolicyAddr::Tcp(SocketAddr::new(loopback, 10023)),
             metrics: SocketAddr::new(loopback, 9470),
             data_dir: PathBuf::from("./greyhound-data"),
             snapshot_interval_secs: 60,
-            delay_secs: 300,
-            retry_window_secs: 2 * DAY,
-            whitelist_ttl_secs: 35 * DAY,
-            awl_clients: 5,
-            awl_interval_secs: 3600,
-            awl_ttl_secs: 35 * DAY,
+            policy: Policy::default(),
             ipv4_prefix: 24,
             ipv6_prefix: 64,
             // Only this host may query until the administrator says otherwise: a greylisting
@@ -199,7 +216,6 @@ impl Default for Config {
                 IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8).expect("8 <= 32"),
                 IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128).expect("128 <= 128"),
             ],
-            dry_run: false,
             greylist_text: "Greylisted, see https://greylisting.org/; from=%s to=%r".to_owned(),
             x_greylist_header: true,
             hostname: String::new(),
@@ -275,6 +291,16 @@ pub enum ConfigError {
     },
 }
 
+impl From<InvalidPolicy> for ConfigError {
+    /// The engine names its settings as the file does, and words its problems the same way.
+    fn from(e: InvalidPolicy) -> Self {
+        ConfigError::Invalid {
+            key: e.setting,
+            problem: e.problem,
+        }
+    }
+}
+
 /// Parses a duration into seconds: `300` (a bare number is seconds), `300s`, `5m`, `2h`, `2d` or
 /// `1w`. Negative, empty, fractional, overflowing (beyond `u32` seconds) and unknown-unit values
 /// are refused with a message quoting the input.
@@ -318,20 +344,6 @@ pub fn parse_duration(s: &str) -> Result<u32, String> {
         .checked_mul(scale)
         .and_then(|secs| u32::try_from(secs).ok())
         .ok_or_else(too_long)
-}
-
-/// Writes seconds in the largest unit that divides them exactly (`300` → `5m`, `90` → `90s`), the
-/// form [`parse_duration`] reads back; used to show durations in messages as they were written.
-pub fn format_duration(secs: u32) -> String {
-    const UNITS: [(u32, &str); 4] = [(7 * 86_400, "w"), (86_400, "d"), (3600, "h"), (60, "m")];
-    if secs != 0 {
-        for (size, unit) in UNITS {
-            if secs % size == 0 {
-                return format!("{}{unit}", secs / size);
-            }
-        }
-    }
-    format!("{secs}s")
 }
 
 /// Parses a literal `IP:port` (`127.0.0.1:10030`, `[::1]:10030`). Host names are refused rather
@@ -392,11 +404,25 @@ fn one_line(s: &str) -> String {
     out
 }
 
-/// A duration as written in the file: an integer (seconds) or a string such as `"5m"`. It is kept
-/// as text and parsed by [`parse_duration`] during the merge, so that file and flag share one
-/// parser and one set of messages.
-#[derive(Debug)]
-struct DurationValue(String);
+/// A duration as given: a flag's text, or in the file an integer (seconds) or a string such as
+/// `"5m"`. It is kept as text and parsed by [`parse_duration`] when applied, so that file and flag
+/// share one parser and one set of messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationValue(String);
+
+impl DurationValue {
+    /// The duration as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for DurationValue {
+    /// Takes a flag's text as it is (clap's value parser for this type).
+    fn from(text: String) -> Self {
+        DurationValue(text)
+    }
+}
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -420,55 +446,155 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
-/// The TOML file as written: every key optional, so that an absent key keeps the default.
-/// Unknown keys are refused: a typo silently ignored would leave a default in force.
-#[derive(Debug, Default, Deserialize)]
+/// The settings given in the TOML file or as flags of `greyhound serve`, before they are parsed
+/// and laid over the defaults. Each one is optional (a list is `None` until given), so that an
+/// absent one leaves the layer below in force. The TOML key is the field's name in kebab-case and
+/// the flag is `--` and that key; unknown keys are refused, because a typo silently ignored would
+/// leave a default in force.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(
     deny_unknown_fields,
     rename_all = "kebab-case",
     expecting = "a table of Greyhound settings"
 )]
-struct FileConfig {
-    native: Option<String>,
-    policy: Option<String>,
-    metrics: Option<String>,
-    data_dir: Option<PathBuf>,
-    snapshot_interval: Option<DurationValue>,
-    delay: Option<DurationValue>,
-    retry_window: Option<DurationValue>,
-    whitelist_ttl: Option<DurationValue>,
-    awl_clients: Option<u32>,
-    awl_interval: Option<DurationValue>,
-    awl_ttl: Option<DurationValue>,
-    ipv4_prefix: Option<u8>,
-    ipv6_prefix: Option<u8>,
-    allow: Option<Vec<String>>,
-    dry_run: Option<bool>,
-    greylist_text: Option<String>,
-    x_greylist_header: Option<bool>,
-    hostname: Option<String>,
-    whitelist_clients: Option<Vec<PathBuf>>,
-    whitelist_senders: Option<Vec<PathBuf>>,
-    whitelist_recipients: Option<Vec<PathBuf>>,
-    log_level: Option<String>,
-    limits: Option<FileLimits>,
+pub struct Overrides {
+    /// Native protocol address, TCP and UDP [default: 127.0.0.1:10030].
+    #[arg(long, value_name = "ADDR", help_heading = "Listeners")]
+    pub native: Option<String>,
+    /// Postfix policy address: IP:port, or a Unix socket as /path or unix:/path
+    /// [default: 127.0.0.1:10023].
+    #[arg(long, value_name = "ADDR", help_heading = "Listeners")]
+    pub policy: Option<String>,
+    /// HTTP metrics address [default: 127.0.0.1:9470].
+    #[arg(long, value_name = "ADDR", help_heading = "Listeners")]
+    pub metrics: Option<String>,
+    /// Network allowed to query, as CIDR or IP; repeatable, and replaces the default
+    /// [default: 127.0.0.0/8 and ::1/128].
+    #[arg(long, value_name = "CIDR", help_heading = "Listeners")]
+    pub allow: Option<Vec<String>>,
+
+    /// Data directory: the hash key and the snapshots [default: ./greyhound-data].
+    #[arg(long, value_name = "DIR", help_heading = "Storage")]
+    pub data_dir: Option<PathBuf>,
+    /// Time between two snapshots of the table [default: 60s].
+    #[arg(long, value_name = "DURATION", help_heading = "Storage")]
+    pub snapshot_interval: Option<DurationValue>,
+
+    /// Time a new triplet is deferred [default: 300s].
+    #[arg(long, value_name = "DURATION", help_heading = "Greylisting")]
+    pub delay: Option<DurationValue>,
+    /// Time after first sight during which a retry passes [default: 2d].
+    #[arg(long, value_name = "DURATION", help_heading = "Greylisting")]
+    pub retry_window: Option<DurationValue>,
+    /// Time a passed triplet stays whitelisted after its last pass [default: 35d].
+    #[arg(long, value_name = "DURATION", help_heading = "Greylisting")]
+    pub whitelist_ttl: Option<DurationValue>,
+    /// Counted passes after which a client is auto-whitelisted; 0 turns this off [default: 5].
+    #[arg(long, value_name = "N", help_heading = "Greylisting")]
+    pub awl_clients: Option<u32>,
+    /// At most one pass per this time counts towards auto-whitelisting [default: 1h].
+    #[arg(long, value_name = "DURATION", help_heading = "Greylisting")]
+    pub awl_interval: Option<DurationValue>,
+    /// Time an auto-whitelisted client stays so after its last pass [default: 35d].
+    #[arg(long, value_name = "DURATION", help_heading = "Greylisting")]
+    pub awl_ttl: Option<DurationValue>,
+    /// Prefix length grouping IPv4 clients into one network [default: 24].
+    #[arg(long, value_name = "BITS", help_heading = "Greylisting")]
+    pub ipv4_prefix: Option<u8>,
+    /// Prefix length grouping IPv6 clients into one network [default: 64].
+    #[arg(long, value_name = "BITS", help_heading = "Greylisting")]
+    pub ipv6_prefix: Option<u8>,
+    /// Answer PASS where the answer would be DEFER, recording as usual.
+    // A flag without a value, like a `bool` one, but `None` when absent so that the file's value
+    // stays in force; of a pair, clap keeps only the last one given.
+    #[arg(
+        long,
+        help_heading = "Greylisting",
+        num_args = 0,
+        default_missing_value = "true",
+        overrides_with = "no_dry_run"
+    )]
+    pub dry_run: Option<bool>,
+    /// Enforce greylisting even if the config file says dry-run = true.
+    #[arg(long, help_heading = "Greylisting", overrides_with = "dry_run")]
+    #[serde(skip)]
+    pub no_dry_run: bool,
+    /// Text of a DEFER; %s is the sender, %r the recipient
+    /// [default: "Greylisted, see https://greylisting.org/; from=%s to=%r"].
+    // The URL is part of the default text, shown as written in --help, not a link to make.
+    #[allow(rustdoc::bare_urls)]
+    #[arg(long, value_name = "TEXT", help_heading = "Greylisting")]
+    pub greylist_text: Option<String>,
+    /// Do not add an X-Greylist: header on the first pass of a triplet.
+    #[arg(
+        long,
+        help_heading = "Greylisting",
+        overrides_with = "x_greylist_header"
+    )]
+    #[serde(skip)]
+    pub no_x_greylist_header: bool,
+    /// Add the X-Greylist: header even if the config file turns it off.
+    #[arg(
+        long,
+        help_heading = "Greylisting",
+        num_args = 0,
+        default_missing_value = "true",
+        overrides_with = "no_x_greylist_header"
+    )]
+    pub x_greylist_header: Option<bool>,
+    /// Host name written in the X-Greylist: header [default: the OS's host name].
+    #[arg(long, value_name = "NAME", help_heading = "Greylisting")]
+    pub hostname: Option<String>,
+
+    /// File of exempt clients; repeatable, and replaces the embedded default list.
+    #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
+    pub whitelist_clients: Option<Vec<PathBuf>>,
+    /// File of exempt senders; repeatable.
+    #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
+    pub whitelist_senders: Option<Vec<PathBuf>>,
+    /// File of exempt recipients; repeatable.
+    #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
+    pub whitelist_recipients: Option<Vec<PathBuf>>,
+
+    /// Least severe log messages shown [default: info].
+    #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(LOG_LEVELS))]
+    pub log_level: Option<String>,
+
+    /// The `[limits]` table; its keys are plain flags (`--max-line`).
+    #[command(flatten)]
+    #[serde(default)]
+    pub limits: LimitOverrides,
 }
 
-/// The `[limits]` table as written.
-#[derive(Debug, Default, Deserialize)]
+/// The keys of the `[limits]` table, also flags of `greyhound serve` without a prefix.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(
     deny_unknown_fields,
     rename_all = "kebab-case",
     expecting = "a [limits] table"
 )]
-struct FileLimits {
-    max_line: Option<usize>,
-    max_connections: Option<usize>,
-    idle_timeout: Option<DurationValue>,
-    requests_per_read: Option<usize>,
-    udp_max_datagram: Option<usize>,
-    policy_max_block: Option<usize>,
-    policy_max_attributes: Option<usize>,
+pub struct LimitOverrides {
+    /// Longest native protocol line in bytes, 64..=1024 [default: 1024].
+    #[arg(long, value_name = "BYTES", help_heading = "Limits")]
+    pub max_line: Option<usize>,
+    /// Most simultaneous TCP connections [default: 4096].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pub max_connections: Option<usize>,
+    /// Time an idle connection is kept [default: 600s].
+    #[arg(long, value_name = "DURATION", help_heading = "Limits")]
+    pub idle_timeout: Option<DurationValue>,
+    /// Most requests answered from one read before serving other connections [default: 1024].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pub requests_per_read: Option<usize>,
+    /// Largest UDP datagram accepted, 512..=65507 bytes [default: 65507].
+    #[arg(long, value_name = "BYTES", help_heading = "Limits")]
+    pub udp_max_datagram: Option<usize>,
+    /// Largest Postfix policy request, 1024..=1048576 bytes [default: 16384].
+    #[arg(long, value_name = "BYTES", help_heading = "Limits")]
+    pub policy_max_block: Option<usize>,
+    /// Most attributes in one Postfix policy request [default: 128].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pub policy_max_attributes: Option<usize>,
 }
 
 /// Where a value came from, so that its error names it the way the administrator wrote it.
@@ -481,7 +607,8 @@ enum Origin<'a> {
 }
 
 impl Origin<'_> {
-    /// If `value` was given, parses it into `slot`, or fails naming `key` in this origin's terms.
+    /// If `value` was given, parses it into `slot`, or fails naming `key` (as written in the
+    /// file) in this origin's terms.
     fn set<T, V>(
         self,
         key: &str,
@@ -496,8 +623,9 @@ impl Origin<'_> {
                     key: key.to_owned(),
                     message,
                 },
+                // The keys of [limits] are flags without the table's name.
                 Origin::Flags => ConfigError::FlagValue {
-                    flag: format!("--{key}"),
+                    flag: format!("--{}", key.strip_prefix("limits.").unwrap_or(key)),
                     message,
                 },
             })?;
@@ -507,39 +635,19 @@ impl Origin<'_> {
 }
 
 /// Parses every item of a list, failing on the first bad one.
-fn parse_nets<S: AsRef<str>>(items: &[S]) -> Result<Vec<IpNet>, String> {
-    items.iter().map(|s| parse_net(s.as_ref())).collect()
+fn parse_nets(items: &[String]) -> Result<Vec<IpNet>, String> {
+    items.iter().map(|s| parse_net(s)).collect()
 }
 
-impl Config {
-    /// Builds the effective configuration: defaults, then the TOML file (if any), then the flags.
-    /// Validates at the end, so a flag may repair what the file alone would get wrong.
-    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
-        let mut config = Config::default();
-        if let Some(path) = &args.config {
-            let file = one_line(&path.display().to_string());
-            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-                file: file.clone(),
-                error,
-            })?;
-            config.apply_toml(&file, &text)?;
-        }
-        config.apply_flags(args)?;
-        config.validate()?;
-        Ok(config)
-    }
+/// Parses a duration given as [`DurationValue`].
+fn parse_duration_value(d: DurationValue) -> Result<u32, String> {
+    parse_duration(&d.0)
+}
 
-    /// Parses TOML text over the defaults and validates the result; `source` names the text in
-    /// messages (normally the file's path).
-    pub fn from_toml(source: &str, text: &str) -> Result<Config, ConfigError> {
-        let mut config = Config::default();
-        config.apply_toml(&one_line(source), text)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Lays the keys of a TOML document over `self`, without validating.
-    fn apply_toml(&mut self, file: &str, text: &str) -> Result<(), ConfigError> {
+impl Overrides {
+    /// Reads a TOML document; `file` names it in messages. Unknown keys and values of the wrong
+    /// type are refused here, values that do not parse when applied.
+    pub fn from_toml(file: &str, text: &str) -> Result<Overrides, ConfigError> {
         // The document is parsed before it is deserialized so that, on an error, the spans of
         // its keys tell which key is at fault.
         let document =
@@ -556,18 +664,19 @@ impl Config {
                 });
             }
         }
-        let parsed = FileConfig::deserialize(toml::de::Deserializer::from(document.clone()))
-            .map_err(|error| value_error(file, text, document.get_ref(), &error))?;
-        self.apply_file(file, parsed)
+        Overrides::deserialize(toml::de::Deserializer::from(document.clone()))
+            .map_err(|error| value_error(file, text, document.get_ref(), &error))
     }
 
-    /// Lays the keys present in the file over `self`.
-    fn apply_file(&mut self, file: &str, parsed: FileConfig) -> Result<(), ConfigError> {
-        // Destructured in full so that a new key that is not merged here fails to compile.
-        let FileConfig {
+    /// Lays the settings given here over `config`, without validating; `origin` names them in
+    /// the errors of values that do not parse.
+    fn apply(self, config: &mut Config, origin: Origin<'_>) -> Result<(), ConfigError> {
+        // Destructured in full so that a new setting that is not applied here fails to compile.
+        let Overrides {
             native,
             policy,
             metrics,
+            allow,
             data_dir,
             snapshot_interval,
             delay,
@@ -578,9 +687,10 @@ impl Config {
             awl_ttl,
             ipv4_prefix,
             ipv6_prefix,
-            allow,
             dry_run,
+            no_dry_run,
             greylist_text,
+            no_x_greylist_header,
             x_greylist_header,
             hostname,
             whitelist_clients,
@@ -588,76 +698,8 @@ impl Config {
             whitelist_recipients,
             log_level,
             limits,
-        } = parsed;
-        let o = Origin::File(file);
-        let dur = |d: DurationValue| parse_duration(&d.0);
-        o.set("native", &mut self.native, native, |s| {
-            parse_socket_addr(&s)
-        })?;
-        o.set("policy", &mut self.policy, policy, |s| s.parse())?;
-        o.set("metrics", &mut self.metrics, metrics, |s| {
-            parse_socket_addr(&s)
-        })?;
-        o.set("data-dir", &mut self.data_dir, data_dir, Ok)?;
-        o.set(
-            "snapshot-interval",
-            &mut self.snapshot_interval_secs,
-            snapshot_interval,
-            dur,
-        )?;
-        o.set("delay", &mut self.delay_secs, delay, dur)?;
-        o.set(
-            "retry-window",
-            &mut self.retry_window_secs,
-            retry_window,
-            dur,
-        )?;
-        o.set(
-            "whitelist-ttl",
-            &mut self.whitelist_ttl_secs,
-            whitelist_ttl,
-            dur,
-        )?;
-        o.set("awl-clients", &mut self.awl_clients, awl_clients, Ok)?;
-        o.set(
-            "awl-interval",
-            &mut self.awl_interval_secs,
-            awl_interval,
-            dur,
-        )?;
-        o.set("awl-ttl", &mut self.awl_ttl_secs, awl_ttl, dur)?;
-        o.set("ipv4-prefix", &mut self.ipv4_prefix, ipv4_prefix, Ok)?;
-        o.set("ipv6-prefix", &mut self.ipv6_prefix, ipv6_prefix, Ok)?;
-        o.set("allow", &mut self.allow, allow, |v| parse_nets(&v))?;
-        o.set("dry-run", &mut self.dry_run, dry_run, Ok)?;
-        o.set("greylist-text", &mut self.greylist_text, greylist_text, Ok)?;
-        o.set(
-            "x-greylist-header",
-            &mut self.x_greylist_header,
-            x_greylist_header,
-            Ok,
-        )?;
-        o.set("hostname", &mut self.hostname, hostname, Ok)?;
-        o.set(
-            "whitelist-clients",
-            &mut self.whitelist_clients,
-            whitelist_clients,
-            Ok,
-        )?;
-        o.set(
-            "whitelist-senders",
-            &mut self.whitelist_senders,
-            whitelist_senders,
-            Ok,
-        )?;
-        o.set(
-            "whitelist-recipients",
-            &mut self.whitelist_recipients,
-            whitelist_recipients,
-            Ok,
-        )?;
-        o.set("log-level", &mut self.log_level, log_level, Ok)?;
-        let FileLimits {
+        } = self;
+        let LimitOverrides {
             max_line,
             max_connections,
             idle_timeout,
@@ -665,8 +707,68 @@ impl Config {
             udp_max_datagram,
             policy_max_block,
             policy_max_attributes,
-        } = limits.unwrap_or_default();
-        let l = &mut self.limits;
+        } = limits;
+        // The `--no-` flags exist only on the command line; clap keeps only the last of a pair.
+        let dry_run = if no_dry_run { Some(false) } else { dry_run };
+        let x_greylist_header = if no_x_greylist_header {
+            Some(false)
+        } else {
+            x_greylist_header
+        };
+        let o = origin;
+        let dur = parse_duration_value;
+        let addr = |s: String| parse_socket_addr(&s);
+        let c = config;
+        o.set("native", &mut c.native, native, addr)?;
+        o.set("policy", &mut c.policy_addr, policy, |s| s.parse())?;
+        o.set("metrics", &mut c.metrics, metrics, addr)?;
+        // A list given replaces the whole list below it: flags are not merged with the file.
+        o.set("allow", &mut c.allow, allow, |v| parse_nets(&v))?;
+        o.set("data-dir", &mut c.data_dir, data_dir, Ok)?;
+        o.set(
+            "snapshot-interval",
+            &mut c.snapshot_interval_secs,
+            snapshot_interval,
+            dur,
+        )?;
+        let p = &mut c.policy;
+        o.set("delay", &mut p.delay, delay, dur)?;
+        o.set("retry-window", &mut p.retry_window, retry_window, dur)?;
+        o.set("whitelist-ttl", &mut p.whitelist_ttl, whitelist_ttl, dur)?;
+        o.set("awl-clients", &mut p.awl_clients, awl_clients, Ok)?;
+        o.set("awl-interval", &mut p.awl_interval, awl_interval, dur)?;
+        o.set("awl-ttl", &mut p.awl_ttl, awl_ttl, dur)?;
+        o.set("dry-run", &mut p.dry_run, dry_run, Ok)?;
+        o.set("ipv4-prefix", &mut c.ipv4_prefix, ipv4_prefix, Ok)?;
+        o.set("ipv6-prefix", &mut c.ipv6_prefix, ipv6_prefix, Ok)?;
+        o.set("greylist-text", &mut c.greylist_text, greylist_text, Ok)?;
+        o.set(
+            "x-greylist-header",
+            &mut c.x_greylist_header,
+            x_greylist_header,
+            Ok,
+        )?;
+        o.set("hostname", &mut c.hostname, hostname, Ok)?;
+        o.set(
+            "whitelist-clients",
+            &mut c.whitelist_clients,
+            whitelist_clients,
+            Ok,
+        )?;
+        o.set(
+            "whitelist-senders",
+            &mut c.whitelist_senders,
+            whitelist_senders,
+            Ok,
+        )?;
+        o.set(
+            "whitelist-recipients",
+            &mut c.whitelist_recipients,
+            whitelist_recipients,
+            Ok,
+        )?;
+        o.set("log-level", &mut c.log_level, log_level, Ok)?;
+        let l = &mut c.limits;
         o.set("limits.max-line", &mut l.max_line, max_line, Ok)?;
         o.set(
             "limits.max-connections",
@@ -706,195 +808,64 @@ impl Config {
         )?;
         Ok(())
     }
+}
 
-    /// Lays the flags given on the command line over `self`.
-    fn apply_flags(&mut self, args: &ServeArgs) -> Result<(), ConfigError> {
-        // Destructured in full so that a new flag that is not merged here fails to compile.
-        let ServeArgs {
-            config: _,
-            native,
-            policy,
-            metrics,
-            data_dir,
-            snapshot_interval,
-            delay,
-            retry_window,
-            whitelist_ttl,
-            awl_clients,
-            awl_interval,
-            awl_ttl,
-            ipv4_prefix,
-            ipv6_prefix,
-            allow,
-            dry_run,
-            no_dry_run,
-            greylist_text,
-            no_x_greylist_header,
-            x_greylist_header,
-            hostname,
-            whitelist_clients,
-            whitelist_senders,
-            whitelist_recipients,
-            log_level,
-            max_line,
-            max_connections,
-            idle_timeout,
-            requests_per_read,
-            udp_max_datagram,
-            policy_max_block,
-            policy_max_attributes,
-        } = args;
-        let o = Origin::Flags;
-        let dur = |s: &String| parse_duration(s);
-        // A repeatable flag given at least once replaces the whole list from the file or the
-        // defaults; an absent one leaves it alone.
-        let list = |v: &Vec<PathBuf>| (!v.is_empty()).then(|| v.clone());
-        o.set("native", &mut self.native, native.as_ref(), |s| {
-            parse_socket_addr(s)
-        })?;
-        o.set("policy", &mut self.policy, policy.as_ref(), |s| s.parse())?;
-        o.set("metrics", &mut self.metrics, metrics.as_ref(), |s| {
-            parse_socket_addr(s)
-        })?;
-        o.set("data-dir", &mut self.data_dir, data_dir.clone(), Ok)?;
-        o.set(
-            "snapshot-interval",
-            &mut self.snapshot_interval_secs,
-            snapshot_interval.as_ref(),
-            dur,
-        )?;
-        o.set("delay", &mut self.delay_secs, delay.as_ref(), dur)?;
-        o.set(
-            "retry-window",
-            &mut self.retry_window_secs,
-            retry_window.as_ref(),
-            dur,
-        )?;
-        o.set(
-            "whitelist-ttl",
-            &mut self.whitelist_ttl_secs,
-            whitelist_ttl.as_ref(),
-            dur,
-        )?;
-        o.set("awl-clients", &mut self.awl_clients, *awl_clients, Ok)?;
-        o.set(
-            "awl-interval",
-            &mut self.awl_interval_secs,
-            awl_interval.as_ref(),
-            dur,
-        )?;
-        o.set("awl-ttl", &mut self.awl_ttl_secs, awl_ttl.as_ref(), dur)?;
-        o.set("ipv4-prefix", &mut self.ipv4_prefix, *ipv4_prefix, Ok)?;
-        o.set("ipv6-prefix", &mut self.ipv6_prefix, *ipv6_prefix, Ok)?;
-        o.set(
-            "allow",
-            &mut self.allow,
-            (!allow.is_empty()).then_some(allow),
-            |v| parse_nets(v),
-        )?;
-        // Each boolean has a flag for either value; absent, they leave the file's value in
-        // force (clap keeps only the last of a pair).
-        if *dry_run {
-            self.dry_run = true;
-        }
-        if *no_dry_run {
-            self.dry_run = false;
-        }
-        o.set(
-            "greylist-text",
-            &mut self.greylist_text,
-            greylist_text.clone(),
-            Ok,
-        )?;
-        if *no_x_greylist_header {
-            self.x_greylist_header = false;
-        }
-        if *x_greylist_header {
-            self.x_greylist_header = true;
-        }
-        o.set("hostname", &mut self.hostname, hostname.clone(), Ok)?;
-        o.set(
-            "whitelist-clients",
-            &mut self.whitelist_clients,
-            list(whitelist_clients),
-            Ok,
-        )?;
-        o.set(
-            "whitelist-senders",
-            &mut self.whitelist_senders,
-            list(whitelist_senders),
-            Ok,
-        )?;
-        o.set(
-            "whitelist-recipients",
-            &mut self.whitelist_recipients,
-            list(whitelist_recipients),
-            Ok,
-        )?;
-        o.set("log-level", &mut self.log_level, log_level.clone(), Ok)?;
-        let l = &mut self.limits;
-        o.set("max-line", &mut l.max_line, *max_line, Ok)?;
-        o.set(
-            "max-connections",
-            &mut l.max_connections,
-            *max_connections,
-            Ok,
-        )?;
-        o.set(
-            "idle-timeout",
-            &mut l.idle_timeout_secs,
-            idle_timeout.as_ref(),
-            dur,
-        )?;
-        o.set(
-            "requests-per-read",
-            &mut l.requests_per_read,
-            *requests_per_read,
-            Ok,
-        )?;
-        o.set(
-            "udp-max-datagram",
-            &mut l.udp_max_datagram,
-            *udp_max_datagram,
-            Ok,
-        )?;
-        o.set(
-            "policy-max-block",
-            &mut l.policy_max_block,
-            *policy_max_block,
-            Ok,
-        )?;
-        o.set(
-            "policy-max-attributes",
-            &mut l.policy_max_attributes,
-            *policy_max_attributes,
-            Ok,
-        )?;
-        Ok(())
+impl Config {
+    /// Builds the effective configuration: the defaults, then the TOML file at `file` (if any),
+    /// then the `flags`. Validates at the end, so a flag may repair what the file alone would get
+    /// wrong.
+    pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(path) => {
+                let name = one_line(&path.display().to_string());
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                    file: name.clone(),
+                    error,
+                })?;
+                Some((name, text))
+            }
+            None => None,
+        };
+        let file = text
+            .as_ref()
+            .map(|(name, text)| (name.as_str(), text.as_str()));
+        Config::layered(file, flags.clone())
     }
 
-    /// Checks every setting's range and the settings against each other: prefixes 0..=32 and
-    /// 0..=128, retry-window >= delay, TTLs >= 1s, durations <= 10 years, awl-clients <= 65535,
-    /// the limits' ranges, a non-empty `allow`, a printable `greylist-text` and `hostname`, a known
+    /// Parses TOML text over the defaults and validates the result; `source` names the text in
+    /// messages (normally the file's path).
+    pub fn from_toml(source: &str, text: &str) -> Result<Config, ConfigError> {
+        Config::layered(Some((&one_line(source), text)), Overrides::default())
+    }
+
+    /// The defaults, then the file (its name and text) if any, then the flags; then validation.
+    fn layered(file: Option<(&str, &str)>, flags: Overrides) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        if let Some((name, text)) = file {
+            Overrides::from_toml(name, text)?.apply(&mut config, Origin::File(name))?;
+        }
+        flags.apply(&mut config, Origin::Flags)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting's range and the settings against each other: the engine's
+    /// [`Policy::validate`] (retry-window >= delay, TTLs >= 1s, durations <= 10 years,
+    /// awl-clients <= 65535), prefixes 0..=32 and 0..=128 as the [`Normalizer`] takes them, the
+    /// limits' ranges, a non-empty `allow`, a printable `greylist-text` and `hostname`, a known
     /// `log-level`, usable socket paths and no two listeners on the same TCP port.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Destructured in full so that a new setting cannot be added without a thought here.
         let Config {
             native,
-            policy,
+            policy_addr,
             metrics,
             data_dir,
             snapshot_interval_secs,
-            delay_secs,
-            retry_window_secs,
-            whitelist_ttl_secs,
-            awl_clients,
-            awl_interval_secs,
-            awl_ttl_secs,
+            policy,
             ipv4_prefix,
             ipv6_prefix,
             allow,
-            dry_run: _,
             greylist_text,
             x_greylist_header: _,
             hostname,
@@ -907,67 +878,18 @@ impl Config {
         let invalid =
             |key: &'static str, problem: String| Err(ConfigError::Invalid { key, problem });
 
-        let durations = [
-            ("snapshot-interval", *snapshot_interval_secs),
-            ("delay", *delay_secs),
-            ("retry-window", *retry_window_secs),
-            ("whitelist-ttl", *whitelist_ttl_secs),
-            ("awl-interval", *awl_interval_secs),
-            ("awl-ttl", *awl_ttl_secs),
-            ("limits.idle-timeout", limits.idle_timeout_secs),
-        ];
-        for (key, secs) in durations {
-            if secs > MAX_DURATION_SECS {
-                return invalid(
-                    key,
-                    format!(
-                        "({}) is longer than the maximum of 10 years ({MAX_DURATION_SECS}s)",
-                        format_duration(secs)
-                    ),
-                );
-            }
-        }
-        // A zero here would snapshot in a busy loop, expire entries the moment they are made,
-        // or drop every connection at once.
-        let at_least_one_second = [
-            ("snapshot-interval", *snapshot_interval_secs),
-            ("retry-window", *retry_window_secs),
-            ("whitelist-ttl", *whitelist_ttl_secs),
-            ("awl-ttl", *awl_ttl_secs),
-            ("limits.idle-timeout", limits.idle_timeout_secs),
-        ];
-        for (key, secs) in at_least_one_second {
-            if secs == 0 {
-                return invalid(key, "(0s) must be at least 1s".to_owned());
-            }
-        }
-        if retry_window_secs < delay_secs {
+        // A zero here would snapshot in a busy loop.
+        check_duration("snapshot-interval", *snapshot_interval_secs, true)?;
+        policy.validate()?;
+        if let Err(e) = Normalizer::new(*ipv4_prefix, *ipv6_prefix) {
+            let key = if e.family == "ipv4" {
+                "ipv4-prefix"
+            } else {
+                "ipv6-prefix"
+            };
             return invalid(
-                "retry-window",
-                format!(
-                    "({}) is shorter than delay ({}): no retry could ever pass",
-                    format_duration(*retry_window_secs),
-                    format_duration(*delay_secs)
-                ),
-            );
-        }
-        // The engine keeps the AWL count in 16 bits.
-        if *awl_clients > u32::from(u16::MAX) {
-            return invalid(
-                "awl-clients",
-                format!("({awl_clients}) must be between 0 and {}", u16::MAX),
-            );
-        }
-        if *ipv4_prefix > 32 {
-            return invalid(
-                "ipv4-prefix",
-                format!("({ipv4_prefix}) must be between 0 and 32"),
-            );
-        }
-        if *ipv6_prefix > 128 {
-            return invalid(
-                "ipv6-prefix",
-                format!("({ipv6_prefix}) must be between 0 and 128"),
+                key,
+                format!("({}) must be between 0 and {}", e.prefix, e.max),
             );
         }
         if allow.is_empty() {
@@ -1028,7 +950,7 @@ impl Config {
                 return invalid(key, "contains an empty path".to_owned());
             }
         }
-        if let PolicyAddr::Unix(path) = policy {
+        if let PolicyAddr::Unix(path) = policy_addr {
             check_unix_path(path)
                 .or_else(|problem| invalid("policy", format!("({}) {problem}", path.display())))?;
         }
@@ -1037,7 +959,7 @@ impl Config {
         // Two listeners on one TCP port would fail to bind with an OS error that names neither
         // setting; the native listener also binds UDP, but only it does, so TCP is what clashes.
         let mut tcp = vec![("native", *native), ("metrics", *metrics)];
-        if let PolicyAddr::Tcp(addr) = policy {
+        if let PolicyAddr::Tcp(addr) = policy_addr {
             tcp.push(("policy", *addr));
         }
         for (i, (key_a, a)) in tcp.iter().enumerate() {
@@ -1064,17 +986,19 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 impl Limits {
-    /// Checks each limit's range; the bounds say why in the comments.
+    /// Checks each limit's range; the comments say why the bounds are where they are.
     fn validate(&self) -> Result<(), ConfigError> {
         let Limits {
             max_line,
             max_connections,
-            idle_timeout_secs: _,
+            idle_timeout_secs,
             requests_per_read,
             udp_max_datagram,
             policy_max_block,
             policy_max_attributes,
         } = self;
+        // A zero would drop every connection at once.
+        check_duration("limits.idle-timeout", *idle_timeout_secs, true)?;
         let ranges: [(&'static str, usize, usize, usize); 6] = [
             // The protocol says a line is at most 1024 bytes; below 64 no real request fits.
             ("limits.max-line", *max_line, 64, 1024),
@@ -1167,19 +1091,23 @@ fn key_at(table: &toml::de::DeTable<'_>, offset: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
     use clap::Parser;
 
-    /// Parses a `greyhound serve ...` command line into its arguments.
-    fn serve_args(flags: &[&str]) -> ServeArgs {
-        let argv = ["greyhound", "serve"].iter().chain(flags);
-        match Cli::try_parse_from(argv)
-            .expect("command line parses")
-            .command
-        {
-            Command::Serve(args) => args,
-            other => panic!("not serve: {other:?}"),
-        }
+    /// The command line of `greyhound serve` as `cli::ServeArgs` has it: `--config` and the
+    /// settings (repeated here so that this module does not depend on `cli`).
+    #[derive(Debug, Parser)]
+    struct Serve {
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Overrides,
+    }
+
+    /// Parses a `greyhound serve ...` command line and loads the configuration it gives.
+    fn load(flags: &[&str]) -> Result<Config, ConfigError> {
+        let argv = ["serve"].iter().chain(flags);
+        let args = Serve::try_parse_from(argv).expect("command line parses");
+        Config::load(args.config.as_deref(), &args.settings)
     }
 
     fn net(s: &str) -> IpNet {
@@ -1263,20 +1191,22 @@ policy-max-attributes = 64
     fn every_key_config() -> Config {
         Config {
             native: addr("0.0.0.0:11030"),
-            policy: PolicyAddr::Unix(PathBuf::from("/run/greyhound/policy.sock")),
+            policy_addr: PolicyAddr::Unix(PathBuf::from("/run/greyhound/policy.sock")),
             metrics: addr("[::1]:9999"),
             data_dir: PathBuf::from("/var/lib/greyhound"),
             snapshot_interval_secs: 120,
-            delay_secs: 600,
-            retry_window_secs: 3 * 86_400,
-            whitelist_ttl_secs: 35 * 86_400,
-            awl_clients: 0,
-            awl_interval_secs: 7200,
-            awl_ttl_secs: 10 * 86_400,
+            policy: Policy {
+                delay: 600,
+                retry_window: 3 * 86_400,
+                whitelist_ttl: 35 * 86_400,
+                awl_clients: 0,
+                awl_interval: 7200,
+                awl_ttl: 10 * 86_400,
+                dry_run: true,
+            },
             ipv4_prefix: 32,
             ipv6_prefix: 48,
             allow: vec![net("10.0.0.0/8"), net("192.0.2.7/32")],
-            dry_run: true,
             greylist_text: "Try later".to_owned(),
             x_greylist_header: false,
             hostname: "mx.example.net".to_owned(),
@@ -1303,19 +1233,19 @@ policy-max-attributes = 64
     fn defaults_are_the_contract() {
         let c = Config::default();
         assert_eq!(c.native, addr("127.0.0.1:10030"));
-        assert_eq!(c.policy, PolicyAddr::Tcp(addr("127.0.0.1:10023")));
+        assert_eq!(c.policy_addr, PolicyAddr::Tcp(addr("127.0.0.1:10023")));
         assert_eq!(c.metrics, addr("127.0.0.1:9470"));
         assert_eq!(c.data_dir, PathBuf::from("./greyhound-data"));
         assert_eq!(c.snapshot_interval_secs, 60);
-        assert_eq!(c.delay_secs, 300);
-        assert_eq!(c.retry_window_secs, 172_800);
-        assert_eq!(c.whitelist_ttl_secs, 3_024_000);
-        assert_eq!(c.awl_clients, 5);
-        assert_eq!(c.awl_interval_secs, 3600);
-        assert_eq!(c.awl_ttl_secs, 3_024_000);
+        assert_eq!(c.policy.delay, 300);
+        assert_eq!(c.policy.retry_window, 172_800);
+        assert_eq!(c.policy.whitelist_ttl, 3_024_000);
+        assert_eq!(c.policy.awl_clients, 5);
+        assert_eq!(c.policy.awl_interval, 3600);
+        assert_eq!(c.policy.awl_ttl, 3_024_000);
         assert_eq!((c.ipv4_prefix, c.ipv6_prefix), (24, 64));
         assert_eq!(c.allow, vec![net("127.0.0.0/8"), net("::1/128")]);
-        assert!(!c.dry_run);
+        assert!(!c.policy.dry_run);
         assert_eq!(
             c.greylist_text,
             "Greylisted, see https://greylisting.org/; from=%s to=%r"
@@ -1343,9 +1273,9 @@ policy-max-attributes = 64
 
     #[test]
     fn no_file_and_no_flag_gives_the_defaults() {
-        assert_eq!(Config::load(&serve_args(&[])).unwrap(), Config::default());
+        assert_eq!(load(&[]).unwrap(), Config::default());
         assert_eq!(
-            Config::load(&ServeArgs::default()).unwrap(),
+            Config::load(None, &Overrides::default()).unwrap(),
             Config::default()
         );
         assert_eq!(Config::from_toml("empty", "").unwrap(), Config::default());
@@ -1358,7 +1288,7 @@ policy-max-attributes = 64
             every_key_config()
         );
         let file = TempFile::new("every", EVERY_KEY);
-        let loaded = Config::load(&serve_args(&["--config", file.path()])).unwrap();
+        let loaded = load(&["--config", file.path()]).unwrap();
         assert_eq!(loaded, every_key_config());
     }
 
@@ -1366,7 +1296,10 @@ policy-max-attributes = 64
     fn file_keys_left_out_keep_their_default() {
         let c = Config::from_toml("g.toml", "delay = \"10m\"\n[limits]\nmax-line = 100\n").unwrap();
         let expected = Config {
-            delay_secs: 600,
+            policy: Policy {
+                delay: 600,
+                ..Policy::default()
+            },
             limits: Limits {
                 max_line: 100,
                 ..Limits::default()
@@ -1379,7 +1312,7 @@ policy-max-attributes = 64
     #[test]
     fn every_flag_overrides_the_file() {
         let file = TempFile::new("flags", EVERY_KEY);
-        let args = serve_args(&[
+        let loaded = load(&[
             "--config",
             file.path(),
             "--native",
@@ -1441,20 +1374,22 @@ policy-max-attributes = 64
         ]);
         let expected = Config {
             native: addr("127.0.0.2:1"),
-            policy: PolicyAddr::Unix(PathBuf::from("/tmp/p.sock")),
+            policy_addr: PolicyAddr::Unix(PathBuf::from("/tmp/p.sock")),
             metrics: addr("127.0.0.2:3"),
             data_dir: PathBuf::from("/srv/g"),
             snapshot_interval_secs: 30,
-            delay_secs: 60,
-            retry_window_secs: 3600,
-            whitelist_ttl_secs: 86_400,
-            awl_clients: 7,
-            awl_interval_secs: 600,
-            awl_ttl_secs: 604_800,
+            policy: Policy {
+                delay: 60,
+                retry_window: 3600,
+                whitelist_ttl: 86_400,
+                awl_clients: 7,
+                awl_interval: 600,
+                awl_ttl: 604_800,
+                dry_run: true,
+            },
             ipv4_prefix: 16,
             ipv6_prefix: 56,
             allow: vec![net("198.51.100.0/24")],
-            dry_run: true,
             greylist_text: "Later, %s".to_owned(),
             x_greylist_header: false,
             hostname: "mx2.example.net".to_owned(),
@@ -1472,46 +1407,46 @@ policy-max-attributes = 64
                 policy_max_attributes: 40,
             },
         };
-        assert_eq!(Config::load(&args).unwrap(), expected);
+        assert_eq!(loaded.unwrap(), expected);
     }
 
     #[test]
     fn absent_boolean_flags_keep_the_file_value() {
         let file = TempFile::new("bools", "dry-run = true\nx-greylist-header = false\n");
-        let c = Config::load(&serve_args(&["--config", file.path()])).unwrap();
-        assert!(c.dry_run);
+        let c = load(&["--config", file.path()]).unwrap();
+        assert!(c.policy.dry_run);
         assert!(!c.x_greylist_header);
         // And the flags alone switch the defaults.
-        let c = Config::load(&serve_args(&["--dry-run", "--no-x-greylist-header"])).unwrap();
-        assert!(c.dry_run);
+        let c = load(&["--dry-run", "--no-x-greylist-header"]).unwrap();
+        assert!(c.policy.dry_run);
         assert!(!c.x_greylist_header);
         // The opposite flags override the file.
-        let c = Config::load(&serve_args(&[
+        let c = load(&[
             "--config",
             file.path(),
             "--no-dry-run",
             "--x-greylist-header",
-        ]))
+        ])
         .unwrap();
-        assert!(!c.dry_run);
+        assert!(!c.policy.dry_run);
         assert!(c.x_greylist_header);
         // Of a pair given twice, the last one wins.
-        let c = Config::load(&serve_args(&["--no-dry-run", "--dry-run"])).unwrap();
-        assert!(c.dry_run);
+        let c = load(&["--no-dry-run", "--dry-run"]).unwrap();
+        assert!(c.policy.dry_run);
     }
 
     #[test]
     fn allow_flag_replaces_the_default_and_repeats() {
-        let c = Config::load(&serve_args(&["--allow", "10.0.0.0/8"])).unwrap();
+        let c = load(&["--allow", "10.0.0.0/8"]).unwrap();
         assert_eq!(c.allow, vec![net("10.0.0.0/8")]);
-        let c = Config::load(&serve_args(&[
+        let c = load(&[
             "--allow",
             "10.0.0.0/8",
             "--allow",
             "2001:db8::/32",
             "--allow",
             "192.0.2.7/24",
-        ]))
+        ])
         .unwrap();
         assert_eq!(
             c.allow,
@@ -1519,15 +1454,9 @@ policy-max-attributes = 64
         );
         // Over a file's list too: the flags' list wins whole, not merged.
         let file = TempFile::new("allow", "allow = [\"172.16.0.0/12\", \"::1\"]\n");
-        let c = Config::load(&serve_args(&[
-            "--config",
-            file.path(),
-            "--allow",
-            "203.0.113.0/24",
-        ]))
-        .unwrap();
+        let c = load(&["--config", file.path(), "--allow", "203.0.113.0/24"]).unwrap();
         assert_eq!(c.allow, vec![net("203.0.113.0/24")]);
-        let c = Config::load(&serve_args(&["--config", file.path()])).unwrap();
+        let c = load(&["--config", file.path()]).unwrap();
         assert_eq!(c.allow, vec![net("172.16.0.0/12"), net("::1/128")]);
     }
 
@@ -1549,11 +1478,14 @@ policy-max-attributes = 64
         }
         // In the file, as an integer or as a string.
         assert_eq!(
-            Config::from_toml("g", "delay = 300").unwrap().delay_secs,
+            Config::from_toml("g", "delay = 300").unwrap().policy.delay,
             300
         );
         assert_eq!(
-            Config::from_toml("g", "delay = \"7m\"").unwrap().delay_secs,
+            Config::from_toml("g", "delay = \"7m\"")
+                .unwrap()
+                .policy
+                .delay,
             420
         );
     }
@@ -1580,12 +1512,12 @@ policy-max-attributes = 64
 
     #[test]
     fn bad_duration_names_the_flag_or_the_key() {
-        let err = Config::load(&serve_args(&["--delay", "5x"])).unwrap_err();
+        let err = load(&["--delay", "5x"]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "--delay: \"5x\" is not a duration (use 300, 300s, 5m, 2h, 2d, 1w)"
         );
-        let err = Config::load(&serve_args(&["--idle-timeout=-1"])).unwrap_err();
+        let err = load(&["--idle-timeout=-1"]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "--idle-timeout: \"-1\" is not a duration: it is negative"
@@ -1670,12 +1602,12 @@ policy-max-attributes = 64
 
     #[test]
     fn address_errors_name_the_flag_or_key() {
-        let err = Config::load(&serve_args(&["--native", "localhost:10030"])).unwrap_err();
+        let err = load(&["--native", "localhost:10030"]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "--native: \"localhost:10030\" must be an IP:port such as 127.0.0.1:10030 or [::1]:10030 (host names are not resolved)"
         );
-        let err = Config::load(&serve_args(&["--metrics", "127.0.0.1"])).unwrap_err();
+        let err = load(&["--metrics", "127.0.0.1"]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "--metrics: \"127.0.0.1\" has no port (use IP:port such as 127.0.0.1:10030 or [::1]:10030)"
@@ -1684,7 +1616,7 @@ policy-max-attributes = 64
             file_error("policy = \"example.org:25\"").to_string(),
             "config file g.toml: policy: \"example.org:25\" must be an IP:port such as 127.0.0.1:10030 or [::1]:10030 (host names are not resolved)"
         );
-        let err = Config::load(&serve_args(&["--allow", "10.0.0.0/33"])).unwrap_err();
+        let err = load(&["--allow", "10.0.0.0/33"]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "--allow: \"10.0.0.0/33\" is not a network (use a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or an IP address)"
@@ -1698,7 +1630,7 @@ policy-max-attributes = 64
     #[test]
     fn unknown_key_names_the_file_and_key() {
         let file = TempFile::new("unknown", "delay = 300\ndely = 600\n");
-        let err = Config::load(&serve_args(&["--config", file.path()])).unwrap_err();
+        let err = load(&["--config", file.path()]).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("config file {}: unknown key \"dely\"", file.path())
@@ -1728,6 +1660,11 @@ policy-max-attributes = 64
         assert_eq!(
             file_error("dry_run = true").to_string(),
             "config file g.toml: unknown key \"dry_run\""
+        );
+        // The `--no-` flags are flags only, not keys.
+        assert_eq!(
+            file_error("no-dry-run = true").to_string(),
+            "config file g.toml: unknown key \"no-dry-run\""
         );
     }
 
@@ -1783,8 +1720,7 @@ policy-max-attributes = 64
     #[test]
     fn missing_file_names_it() {
         let missing = std::env::temp_dir().join("greyhound-no-such-dir/none.toml");
-        let args = serve_args(&["--config", missing.to_str().unwrap()]);
-        match Config::load(&args).unwrap_err() {
+        match load(&["--config", missing.to_str().unwrap()]).unwrap_err() {
             ConfigError::Read { file, error } => {
                 assert_eq!(file, missing.display().to_string());
                 assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
@@ -1817,27 +1753,27 @@ policy-max-attributes = 64
         assert_eq!(invalid_key(&c), "limits.max-line");
 
         let mut c = ok();
-        c.retry_window_secs = c.delay_secs;
+        c.policy.retry_window = c.policy.delay;
         assert!(c.validate().is_ok());
-        c.retry_window_secs = c.delay_secs - 1;
+        c.policy.retry_window = c.policy.delay - 1;
         assert_eq!(invalid_key(&c), "retry-window");
 
         let mut c = ok();
-        c.whitelist_ttl_secs = 1;
+        c.policy.whitelist_ttl = 1;
         assert!(c.validate().is_ok());
-        c.whitelist_ttl_secs = 0;
+        c.policy.whitelist_ttl = 0;
         assert_eq!(invalid_key(&c), "whitelist-ttl");
 
         let mut c = ok();
-        c.awl_ttl_secs = MAX_DURATION_SECS;
+        c.policy.awl_ttl = MAX_DURATION_SECS;
         assert!(c.validate().is_ok());
-        c.awl_ttl_secs = MAX_DURATION_SECS + 1;
+        c.policy.awl_ttl = MAX_DURATION_SECS + 1;
         assert_eq!(invalid_key(&c), "awl-ttl");
 
         let mut c = ok();
-        c.awl_clients = 65_535;
+        c.policy.awl_clients = 65_535;
         assert!(c.validate().is_ok());
-        c.awl_clients = 65_536;
+        c.policy.awl_clients = 65_536;
         assert_eq!(invalid_key(&c), "awl-clients");
 
         let mut c = ok();
@@ -1942,7 +1878,7 @@ policy-max-attributes = 64
         assert!(c.validate().is_ok());
         c.native = addr("127.0.0.1:0");
         c.metrics = addr("127.0.0.1:0");
-        c.policy = PolicyAddr::Tcp(addr("127.0.0.1:0"));
+        c.policy_addr = PolicyAddr::Tcp(addr("127.0.0.1:0"));
         assert!(c.validate().is_ok());
     }
 
@@ -1955,9 +1891,9 @@ policy-max-attributes = 64
         );
         // A flag can repair what the file alone gets wrong: validation comes last.
         let file = TempFile::new("repair", "retry-window = \"1m\"\n");
-        let c = Config::load(&serve_args(&["--config", file.path(), "--delay", "30s"])).unwrap();
-        assert_eq!((c.delay_secs, c.retry_window_secs), (30, 60));
-        let err = Config::load(&serve_args(&["--ipv4-prefix", "33"])).unwrap_err();
+        let c = load(&["--config", file.path(), "--delay", "30s"]).unwrap();
+        assert_eq!((c.policy.delay, c.policy.retry_window), (30, 60));
+        let err = load(&["--ipv4-prefix", "33"]).unwrap_err();
         assert_eq!(err.to_string(), "ipv4-prefix (33) must be between 0 and 32");
     }
 
@@ -1973,17 +1909,52 @@ policy-max-attributes = 64
             file_error("delay = 300\ndelay ="),
             file_error("greylist-text = \"a\\u0007b\""),
             file_error("hostname = \"mx\\nX-Evil: 1\""),
-            Config::load(&serve_args(&["--native", nasty])).unwrap_err(),
-            Config::load(&serve_args(&["--delay", nasty])).unwrap_err(),
-            Config::load(&serve_args(&["--policy", "unix:/a\0b"])).unwrap_err(),
-            Config::load(&serve_args(&["--greylist-text", nasty])).unwrap_err(),
-            Config::load(&serve_args(&["--config", "/nonexistent/\n.toml"])).unwrap_err(),
+            load(&["--native", nasty]).unwrap_err(),
+            load(&["--delay", nasty]).unwrap_err(),
+            load(&["--policy", "unix:/a\0b"]).unwrap_err(),
+            load(&["--greylist-text", nasty]).unwrap_err(),
+            load(&["--config", "/nonexistent/\n.toml"]).unwrap_err(),
         ];
         for err in errors {
             let text = err.to_string();
             assert!(!text.is_empty());
             assert!(!text.contains(['\n', '\r']), "{text:?}");
         }
+    }
+
+    #[test]
+    fn help_shows_the_true_defaults() {
+        use clap::CommandFactory;
+        // `--help` states each default in words; given as the flag's value, it must change
+        // nothing, or the help and `Config::default` disagree.
+        let command = Serve::command();
+        let mut checked = Vec::new();
+        for arg in command.get_arguments() {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
+                continue;
+            };
+            let help = help.to_string();
+            let Some((_, default)) = help.split_once("[default: ") else {
+                continue;
+            };
+            let default = default
+                .strip_suffix(']')
+                .expect("[default: ...] ends the help");
+            if default == "the OS's host name" {
+                assert_eq!(Config::default().hostname, "", "--{long}");
+                continue;
+            }
+            let flag = format!("--{long}");
+            let mut argv = Vec::new();
+            for value in default.trim_matches('"').split(" and ") {
+                argv.extend([flag.as_str(), value]);
+            }
+            assert_eq!(load(&argv).unwrap(), Config::default(), "{flag}");
+            checked.push(long);
+        }
+        // Every flag with a value but `--hostname` and the three whitelist lists, which have no
+        // default to state.
+        assert_eq!(checked.len(), 23, "{checked:?}");
     }
 
     #[test]
@@ -1994,10 +1965,11 @@ policy-max-attributes = 64
             Config::default()
         );
         // Destructured in full so that a new key fails here until the example documents it.
-        let FileConfig {
+        let Overrides {
             native,
             policy,
             metrics,
+            allow,
             data_dir,
             snapshot_interval,
             delay,
@@ -2008,9 +1980,11 @@ policy-max-attributes = 64
             awl_ttl,
             ipv4_prefix,
             ipv6_prefix,
-            allow,
             dry_run,
+            // Flags only: not keys of the file.
+            no_dry_run: _,
             greylist_text,
+            no_x_greylist_header: _,
             x_greylist_header,
             hostname,
             whitelist_clients,
@@ -2018,8 +1992,8 @@ policy-max-attributes = 64
             whitelist_recipients,
             log_level,
             limits,
-        } = toml::from_str(example).unwrap();
-        let FileLimits {
+        } = Overrides::from_toml("greyhound.toml", example).unwrap();
+        let LimitOverrides {
             max_line,
             max_connections,
             idle_timeout,
@@ -2027,7 +2001,7 @@ policy-max-attributes = 64
             udp_max_datagram,
             policy_max_block,
             policy_max_attributes,
-        } = limits.expect("the example has a [limits] table");
+        } = limits;
         let present = [
             ("native", native.is_some()),
             ("policy", policy.is_some()),

@@ -14,12 +14,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use greyhound::cli::{CheckArgs, Cli, Command, ServeArgs, SnapshotCommand};
+use greyhound::cli::{CheckArgs, Cli, CliCommand, ServeArgs, SnapshotCommand};
 use greyhound::config::{parse_duration, Config};
 use greyhound::engine::exempt::DEFAULT_CLIENTS;
-use greyhound::engine::{
-    Engine, EngineConfig, ExemptList, Exemptions, Normalizer, Policy, SystemClock,
-};
+use greyhound::engine::{Engine, EngineConfig, ExemptList, Exemptions, Normalizer, SystemClock};
 use greyhound::server::snapshots::Snapshots;
 use greyhound::server::{self, AllowList, Listeners, Settings, Shared};
 use greyhound::snapshot::{self, DirStore, Store, Writer};
@@ -27,15 +25,15 @@ use greyhound::snapshot::{self, DirStore, Store, Writer};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => match serve(&args) {
+        CliCommand::Serve(args) => match serve(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("greyhound: {}", one_line(&e));
                 ExitCode::from(1)
             }
         },
-        Command::Check(args) => check(&args),
-        Command::Snapshot {
+        CliCommand::Check(args) => check(&args),
+        CliCommand::Snapshot {
             command: SnapshotCommand::Inspect { file },
         } => inspect(&file),
     }
@@ -109,26 +107,37 @@ fn init_logging(level: &str) {
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {
-    let cfg = Config::load(args)?;
-    init_logging(&cfg.log_level);
-    let policy = Policy {
-        delay: cfg.delay_secs,
-        retry_window: cfg.retry_window_secs,
-        whitelist_ttl: cfg.whitelist_ttl_secs,
-        awl_clients: cfg.awl_clients,
-        awl_interval: cfg.awl_interval_secs,
-        awl_ttl: cfg.awl_ttl_secs,
-        dry_run: cfg.dry_run,
-    };
-    policy.validate()?;
-    let normalizer = Normalizer::new(cfg.ipv4_prefix, cfg.ipv6_prefix)?;
-    let dir_lock = greyhound::datadir::lock(&cfg.data_dir)?;
-    let secret = greyhound::datadir::open(&cfg.data_dir)?;
+    let cfg = Config::load(args.config.as_deref(), &args.settings)?;
+    // Destructured in full so that a new setting cannot be left unused here.
+    let Config {
+        native,
+        policy_addr,
+        metrics,
+        data_dir,
+        snapshot_interval_secs,
+        policy,
+        ipv4_prefix,
+        ipv6_prefix,
+        allow,
+        greylist_text,
+        x_greylist_header,
+        hostname,
+        // Read by `load_exemptions`, at start and on SIGHUP.
+        whitelist_clients: _,
+        whitelist_senders: _,
+        whitelist_recipients: _,
+        log_level,
+        limits,
+    } = &cfg;
+    init_logging(log_level);
+    let normalizer = Normalizer::new(*ipv4_prefix, *ipv6_prefix)?;
+    let dir_lock = greyhound::datadir::lock(data_dir)?;
+    let secret = greyhound::datadir::open(data_dir)?;
     let exemptions = load_exemptions(&cfg)?;
     let counts = exemptions.counts();
     let engine = Arc::new(Engine::new(
         EngineConfig {
-            policy,
+            policy: *policy,
             normalizer,
             secret,
         },
@@ -139,8 +148,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     // Bound before loading: an unusable address fails at once, and clients that connect
     // while the snapshot loads wait in the listen backlog instead of being refused.
-    let listeners = Listeners::bind(cfg.native, &cfg.policy, cfg.metrics, cores)?;
-    let store = DirStore::new(&cfg.data_dir);
+    let listeners = Listeners::bind(*native, policy_addr, *metrics, cores)?;
+    let store = DirStore::new(data_dir);
     let loading = Instant::now();
     let loaded = snapshot::load(&store, &engine, cores)?;
     match &loaded.name {
@@ -153,35 +162,31 @@ fn serve(args: &ServeArgs) -> Result<()> {
             "snapshot loaded"
         ),
         None if loaded.skipped.is_empty() => {
-            info!(data_dir = %cfg.data_dir.display(), "no snapshot yet; starting with an empty table")
+            info!(data_dir = %data_dir.display(), "no snapshot yet; starting with an empty table")
         }
         None => error!(
-            data_dir = %cfg.data_dir.display(),
+            data_dir = %data_dir.display(),
             unusable = loaded.skipped.len(),
             "no usable snapshot (each is named above); starting with an empty table"
         ),
     }
-    let writer = Writer::new(store)
-        .map_err(|e| anyhow!("data directory {}: {e}", cfg.data_dir.display()))?;
-    let hostname = if cfg.hostname.is_empty() {
+    let writer =
+        Writer::new(store).map_err(|e| anyhow!("data directory {}: {e}", data_dir.display()))?;
+    let hostname = if hostname.is_empty() {
         nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "localhost".into())
     } else {
-        cfg.hostname.clone()
+        hostname.clone()
     };
     let settings = Settings::new(
-        cfg.greylist_text.clone(),
-        cfg.x_greylist_header,
+        greylist_text.clone(),
+        *x_greylist_header,
         hostname,
-        cfg.limits.clone(),
+        limits.clone(),
     );
-    let shared = Arc::new(Shared::new(
-        engine,
-        AllowList::new(cfg.allow.clone()),
-        settings,
-    ));
+    let shared = Arc::new(Shared::new(engine, AllowList::new(allow.clone()), settings));
     shared
         .metrics
         .snapshots
@@ -193,14 +198,14 @@ fn serve(args: &ServeArgs) -> Result<()> {
         whitelist_ttl = policy.whitelist_ttl,
         awl_clients = policy.awl_clients,
         dry_run = policy.dry_run,
-        ipv4_prefix = cfg.ipv4_prefix,
-        ipv6_prefix = cfg.ipv6_prefix,
+        ipv4_prefix,
+        ipv6_prefix,
         client_networks = counts.client_networks,
         client_names = counts.client_names,
         senders = counts.senders,
         recipients = counts.recipients,
-        allow = ?cfg.allow,
-        data_dir = %cfg.data_dir.display(),
+        allow = ?allow,
+        data_dir = %data_dir.display(),
         "greyhound {} starting",
         env!("CARGO_PKG_VERSION")
     );
@@ -213,7 +218,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     let snapshots = Snapshots::start(
         writer,
         shared.clone(),
-        Duration::from_secs(u64::from(cfg.snapshot_interval_secs)),
+        Duration::from_secs(u64::from(*snapshot_interval_secs)),
     )
     .context("cannot start the snapshot thread")?;
     let served = rt.block_on(async {

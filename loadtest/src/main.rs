@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use greyhound::engine::Policy;
 use greyhound_loadtest::client::{self, Proto, RunConfig};
 use greyhound_loadtest::null::{NullOptions, NullResponder};
 use greyhound_loadtest::plan::{self, PlanConfig, SenderMix};
@@ -185,7 +186,7 @@ struct PlanArgs {
     #[arg(long, value_parser = parse_secs, default_value = "35d")]
     whitelist_ttl: u32,
     /// Passed triplets that auto-whitelist a client network (0 = off).
-    #[arg(long, default_value_t = PlanConfig::default().awl_clients)]
+    #[arg(long, default_value_t = PlanConfig::default().policy.awl_clients)]
     awl_clients: u32,
     /// At most one pass per this interval counts towards the auto-whitelist.
     #[arg(long, value_parser = parse_secs, default_value = "1h")]
@@ -375,12 +376,16 @@ fn plan_cmd(a: &PlanArgs) -> anyhow::Result<()> {
         spam_mta: a.spam_mta,
         spam_mta_nets: a.spam_mta_nets,
         spam_nets: a.spam_nets,
-        delay: a.delay,
-        retry_window: a.retry_window,
-        whitelist_ttl: a.whitelist_ttl,
-        awl_clients: a.awl_clients,
-        awl_interval: a.awl_interval,
-        awl_ttl: a.awl_ttl,
+        policy: Policy {
+            delay: a.delay,
+            retry_window: a.retry_window,
+            whitelist_ttl: a.whitelist_ttl,
+            awl_clients: a.awl_clients,
+            awl_interval: a.awl_interval,
+            awl_ttl: a.awl_ttl,
+            // A simulation of dry-run would deliver everything: nothing to plan.
+            dry_run: false,
+        },
         give_up: a.give_up,
         sample: a.sample,
         report_every: a.report_every,

@@ -98,18 +98,10 @@ pub struct PlanConfig {
     pub spam_mta_nets: u32,
     /// Client networks of the botnet (spam that does not use an MTA).
     pub spam_nets: u64,
-    /// The greylisting settings under test.
-    pub delay: u32,
-    /// Seconds after first sight during which a retry passes.
-    pub retry_window: u32,
-    /// Seconds a passed triplet stays whitelisted.
-    pub whitelist_ttl: u32,
-    /// Passed triplets after which a client network is auto-whitelisted (0 = off).
-    pub awl_clients: u32,
-    /// At most one pass per this many seconds counts towards the auto-whitelist.
-    pub awl_interval: u32,
-    /// Seconds an auto-whitelisted client network stays so after its last pass.
-    pub awl_ttl: u32,
+    /// The greylisting settings under test, as the engine takes them; flattened so that the
+    /// JSON report lists them beside the others (`delay`, `retry_window`, ...).
+    #[serde(flatten)]
+    pub policy: Policy,
     /// Seconds a sender keeps retrying before it gives up.
     pub give_up: u32,
     /// Simulate 1 sender in this many; `None` picks one for ~30 M decisions.
@@ -126,7 +118,6 @@ pub struct PlanConfig {
 
 impl Default for PlanConfig {
     fn default() -> Self {
-        let p = Policy::default();
         Self {
             days: 7.0,
             rate: 1000.0,
@@ -141,12 +132,7 @@ impl Default for PlanConfig {
             spam_mta: 0.05,
             spam_mta_nets: 2_000,
             spam_nets: 5_000_000,
-            delay: p.delay,
-            retry_window: p.retry_window,
-            whitelist_ttl: p.whitelist_ttl,
-            awl_clients: p.awl_clients,
-            awl_interval: p.awl_interval,
-            awl_ttl: p.awl_ttl,
+            policy: Policy::default(),
             give_up: 5 * 86_400,
             sample: None,
             report_every: None,
@@ -277,6 +263,7 @@ impl PlanReport {
         use std::fmt::Write as _;
         let mut s = String::new();
         let c = &self.config;
+        let p = &c.policy;
         let _ = writeln!(
             s,
             "plan: {} days at {:.0} msg/s (peak/trough {}), {:.0} % spam, {} senders, {} recipients",
@@ -285,7 +272,7 @@ impl PlanReport {
         let _ = writeln!(
             s,
             "      delay {} s, retry window {} s, whitelist {} s, awl-clients {} (interval {} s, ttl {} s)",
-            c.delay, c.retry_window, c.whitelist_ttl, c.awl_clients, c.awl_interval, c.awl_ttl
+            p.delay, p.retry_window, p.whitelist_ttl, p.awl_clients, p.awl_interval, p.awl_ttl
         );
         let _ = writeln!(
             s,
@@ -648,22 +635,8 @@ impl PlanConfig {
         if self.give_up as usize >= RING * 64 {
             bail!("--give-up is too long");
         }
-        let policy = self.policy();
-        policy.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.policy.validate()?;
         Ok(())
-    }
-
-    /// The engine settings under test.
-    pub fn policy(&self) -> Policy {
-        Policy {
-            delay: self.delay,
-            retry_window: self.retry_window,
-            whitelist_ttl: self.whitelist_ttl,
-            awl_clients: self.awl_clients,
-            awl_interval: self.awl_interval,
-            awl_ttl: self.awl_ttl,
-            ..Policy::default()
-        }
     }
 
     /// Arrival rate at second `t` of the simulation (messages/s).
@@ -692,7 +665,7 @@ pub fn plan(cfg: &PlanConfig, mut progress: impl FnMut(f64)) -> anyhow::Result<P
     let clock = Arc::new(ManualClock::new(T0));
     let engine = Engine::new(
         EngineConfig {
-            policy: cfg.policy(),
+            policy: cfg.policy,
             normalizer: Normalizer::default(),
             secret: HashSecret(*b"plan-secret-key!"),
         },
@@ -1124,6 +1097,30 @@ mod tests {
     }
 
     #[test]
+    fn config_json_lists_the_policy_beside_the_other_settings() {
+        let text = serde_json::to_string(&PlanConfig::default()).unwrap();
+        // The report's form from before the config embedded `Policy`: its fields flat and in
+        // place, and no `dry_run` (a simulation never runs dry). A `Value` would sort the keys,
+        // so their order is read from the text.
+        let at = |key: &str| text.find(&format!("\"{key}\":"));
+        let order = [
+            "spam_nets",
+            "delay",
+            "retry_window",
+            "whitelist_ttl",
+            "awl_clients",
+            "awl_interval",
+            "awl_ttl",
+            "give_up",
+        ]
+        .map(|key| at(key).unwrap_or_else(|| panic!("{key} missing from {text}")));
+        assert!(order.is_sorted(), "{text}");
+        assert_eq!((at("policy"), at("dry_run")), (None, None), "{text}");
+        let back: PlanConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, PlanConfig::default());
+    }
+
+    #[test]
     fn carry_keeps_fractions() {
         let mut c = Carry::default();
         let n: u64 = (0..8).map(|_| c.take(0.25)).sum();
@@ -1178,11 +1175,14 @@ mod tests {
         // Some legit mail is deferred (new triplets), and what is delayed waits at least the
         // greylisting delay.
         assert!(all.delayed > 0, "{all:?}");
-        assert!(all.delayed_median_secs >= f64::from(cfg.delay), "{all:?}");
+        assert!(
+            all.delayed_median_secs >= f64::from(cfg.policy.delay),
+            "{all:?}"
+        );
         // Exchange retries every minute, then every 5 min: its delay is at most delay + 5 min
         // (+ a minute of slack for the second boundary).
         let ex = r.legit["exchange"];
-        assert!(ex.max_secs <= f64::from(cfg.delay + 360), "{ex:?}");
+        assert!(ex.max_secs <= f64::from(cfg.policy.delay + 360), "{ex:?}");
         assert!(r.timeline.iter().any(|p| p.greylisted > 0));
         assert!(r.headroom.decisions_per_sec > 0.0);
     }
