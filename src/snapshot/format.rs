@@ -114,7 +114,7 @@ pub mod triplet {
     pub const KEY_LO: Field = Field::new(0, 8);
     /// Key, high 64 bits.
     pub const KEY_HI: Field = Field::new(8, 8);
-    /// Bits 0–30: first seen; bit 31: whitelisted ([`super::WHITELISTED`]).
+    /// Bits 0–30: first seen; bit 31: whitelisted.
     pub const FIRST_SEEN: Field = Field::new(16, 4);
     /// Last seen.
     pub const LAST_SEEN: Field = Field::new(20, 4);
