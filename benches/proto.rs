@@ -6,7 +6,7 @@
 //! one send buffer. A policy request is one realistic block (the 31 attributes Postfix 3.7
 //! sends at the RCPT stage, with TLS); its actions are built as the server builds them.
 //!
-//! `cargo bench --bench proto` (all, ~40 s), or e.g. `cargo bench --bench proto -- policy`.
+//! `cargo bench --bench proto` (all, ~50 s), or e.g. `cargo bench --bench proto -- policy`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use greyhound::proto::native::{self, ErrorKind, Frame, Reply, MAX_LINE};
