@@ -5,6 +5,9 @@
 //! follows from the header's counts, so truncation is caught before any checksum is computed.
 //! The header carries a CRC-32C of the body and, in its last four bytes, a CRC-32C of its own
 //! first 124 bytes. Records are decoded straight from the mapped bytes with `from_le_bytes`.
+//!
+//! Every field's offset and size is a [`Field`] constant in [`header`], [`triplet`] or [`awl`],
+//! named in the document's tables; bytes are read and written only through them.
 
 use std::fmt;
 
