@@ -1,4 +1,4 @@
-//! Memory per live triplet (DESIGN §10: ≤ 64 bytes at 10 M, wheel included).
+//! Memory per live triplet (the figure to reach: ≤ 64 bytes at 10 M, wheel included).
 //!
 //! `cargo run --release --example memory -- [TRIPLETS]` fills the engine through its normal
 //! path (raw strings → normalise → hash → DEFER, which inserts and schedules each record) and

@@ -1,4 +1,4 @@
-//! Snapshot figures (DESIGN §10): writing a snapshot of 10 M triplets (time, file size,
+//! Snapshot figures (targets: docs/BENCHMARKS.md): writing a snapshot of 10 M triplets (time, size,
 //! longest lock hold), the decision latency a concurrent caller sees meanwhile, loading it
 //! back, and the real server's restart time until its first answer.
 //!

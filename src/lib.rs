@@ -18,8 +18,8 @@
 //!              whitelisted? PASS known │ client auto-whitelisted? PASS awl │ greylist rules
 //! ```
 //!
-//! [`engine`] holds all of it and needs no runtime: the server (a later part) and the
-//! capacity planner drive it with their own clock.
+//! [`engine`] holds all of it and needs no runtime: the server ([`server`]) drives it on the
+//! system clock, the capacity planner (`greyhound-loadtest plan`) on a simulated one.
 
 // `unsafe` is denied everywhere but `snapshot::mmap`, which maps snapshot files read-only and
 // explains why that is sound.

@@ -1227,7 +1227,7 @@ impl Write for PolicyWriter<'_> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Auto-whitelisting and expiry (design §1)
+// Auto-whitelisting and expiry (the greylisting rules, docs/OPERATIONS.md §1)
 // ---------------------------------------------------------------------------------------
 
 #[test]

@@ -1,4 +1,4 @@
-//! The greylisting settings (DESIGN §1), in engine seconds.
+//! The greylisting settings (delay, retry window, TTLs, auto-whitelist), in engine seconds.
 
 use std::fmt;
 

@@ -80,7 +80,7 @@ impl TripletRecord {
         }
     }
 
-    /// The rules of DESIGN §1 for this record at `now` (`None`: no record).
+    /// The greylisting rules (docs/OPERATIONS.md §1) for this record at `now` (`None`: none).
     pub(crate) fn judge(record: Option<&Self>, now: Secs, p: &Policy) -> Judgement {
         let Some(r) = record else {
             return Judgement::New;

@@ -1,4 +1,4 @@
-//! Engine tests: every rule of DESIGN §1 at its boundaries, the auto-whitelist, exemptions,
+//! Engine tests: every greylisting rule at its boundaries, the auto-whitelist, exemptions,
 //! expiry, threads, and a model check against a plain `BTreeMap`.
 
 use super::*;
@@ -504,7 +504,7 @@ fn threads_share_one_table() {
 
 // ---- model check ----
 
-/// The rules of DESIGN §1 written as plainly as possible, on a BTreeMap.
+/// The greylisting rules (docs/OPERATIONS.md §1) written as plainly as possible, on a BTreeMap.
 #[derive(Debug, Clone, Copy)]
 struct ModelRec {
     first: u64,

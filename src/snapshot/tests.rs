@@ -503,7 +503,7 @@ fn damage_is_named_precisely() {
     assert_eq!(format::verify(&newer).unwrap_err(), FormatError::Version(2));
     // A version field damaged in place: the header checksum no longer holds.
     let mut damaged = good.clone();
-    damaged[8] = 7;
+    damaged[format::header::VERSION.at] = 7;
     assert_eq!(
         format::verify(&damaged).unwrap_err(),
         FormatError::Version(7)
@@ -515,7 +515,7 @@ fn damage_is_named_precisely() {
         Err(FormatError::BodyChecksum { .. })
     ));
     let mut header = good.clone();
-    header[60] ^= 1; // a count byte
+    header[format::header::TRIPLETS.at] ^= 1;
     assert!(matches!(
         format::verify(&header),
         Err(FormatError::HeaderChecksum { .. })
