@@ -10,7 +10,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use greyhound::proto::native::{self, ErrorKind, Frame, Reply, MAX_LINE};
-use greyhound::proto::policy::{self, Block, Limits, TemplateVars, DEFAULT_GREYLIST_TEXT};
+use greyhound::proto::policy::{self, Block, BlockLimits, TemplateVars, DEFAULT_GREYLIST_TEXT};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -163,7 +163,7 @@ const POSTFIX_BLOCK: &str = "request=smtpd_access_policy\n\
 fn policy_parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("policy/parse");
     g.throughput(Throughput::Elements(1));
-    let limits = Limits::default();
+    let limits = BlockLimits::default();
     let block = POSTFIX_BLOCK.as_bytes();
     assert_eq!(POSTFIX_BLOCK.lines().filter(|l| !l.is_empty()).count(), 31);
     match policy::parse(block, &limits) {
