@@ -188,27 +188,41 @@ fn parse_clean<'a>(
     window: &'a [u8],
     limits: &BlockLimits,
 ) -> Option<Result<Block<'a>, PolicyError>> {
-    // The first "\n\n" ends the first empty line, as no `\r` is allowed on this path.
-    let end = memchr::memmem::find(window, b"\n\n")?;
+    // One vectorised search for every line end up to the first empty line, which ends the
+    // block (no `\r` is allowed on this path, so an empty line is "\n" right after another).
+    // Line ends are kept on the stack; a block of more lines goes the careful way.
+    let mut ends = [0u32; 64];
+    let mut lines = 0;
+    let mut start = 0;
+    let mut end_of_block = None;
+    for end in memchr::memchr_iter(b'\n', window) {
+        if end == start {
+            end_of_block = Some(end);
+            break;
+        }
+        if lines == ends.len() || lines >= limits.max_attrs {
+            return None;
+        }
+        ends[lines] = u32::try_from(end).ok()?;
+        lines += 1;
+        start = end + 1;
+    }
+    let end = end_of_block?;
+    // Checked as a whole: printable text and line ends only (a tab, `\r` or other control
+    // character sends the block the careful way), then UTF-8.
     let block = &window[..end];
     let clean = block.iter().fold(true, |ok, &b| {
         ok & (((0x20..0x7f).contains(&b) | (b >= 0x80)) | (b == b'\n'))
     });
-    if !clean || block.first() == Some(&b'\n') {
+    if !clean || lines == 0 {
         return None;
     }
     let text = std::str::from_utf8(block).ok()?;
     let mut request = PolicyRequest::default();
     let mut start = 0;
-    // One vectorised search over the block for every line end; `=` is looked for in the
-    // (short) name only. The block ends without its last `\n`, hence the chained end.
-    let ends = memchr::memchr_iter(b'\n', block).chain([block.len()]);
-    for (n, end) in ends.enumerate() {
-        if n >= limits.max_attrs {
-            return None;
-        }
-        let line = &block[start..end];
-        match line.iter().position(|&b| b == b'=') {
+    for &end in &ends[..lines] {
+        let end = end as usize;
+        match block[start..end].iter().position(|&b| b == b'=') {
             // `\n` and `=` are ASCII, so every cut is at a character boundary.
             Some(at) if at > 0 => {
                 request.set(&text[start..start + at], &text[start + at + 1..end]);
@@ -219,7 +233,7 @@ fn parse_clean<'a>(
     }
     Some(if request.request == POLICY_REQUEST {
         Ok(Block::Complete {
-            consumed: end + 2,
+            consumed: end + 1,
             request,
         })
     } else {
