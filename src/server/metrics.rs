@@ -309,7 +309,7 @@ impl Collector for Counts {
         {
             let mut m = encoder.encode_descriptor(
                 "decisions",
-                "Answers given (CHECK and Postfix requests; PEEKs are counted apart), by answer and reason",
+                "Answers given (CHECK and Postfix requests; PEEKs are counted apart), by answer and reason.",
                 None,
                 counter(0).metric_type(),
             )?;
@@ -321,14 +321,14 @@ impl Collector for Counts {
         let peeks = counter(sum(shards, |s| &s.peeks));
         peeks.encode(encoder.encode_descriptor(
             "peeks",
-            "PEEK requests answered (decided without recording)",
+            "PEEK requests answered (decided without recording).",
             None,
             peeks.metric_type(),
         )?)?;
         {
             let mut m = encoder.encode_descriptor(
                 "requests",
-                "Requests received, by protocol",
+                "Requests received, by protocol.",
                 None,
                 counter(0).metric_type(),
             )?;
@@ -340,7 +340,7 @@ impl Collector for Counts {
         {
             let mut m = encoder.encode_descriptor(
                 "protocol_errors",
-                "Refused requests, by protocol and kind",
+                "Refused requests, by protocol and kind.",
                 None,
                 counter(0).metric_type(),
             )?;
@@ -360,18 +360,19 @@ impl Collector for Counts {
         let dropped = counter(sum(shards, |s| &s.udp_dropped));
         dropped.encode(encoder.encode_descriptor(
             "udp_replies_dropped",
-            "UDP replies left out because they would have made the reply datagram larger than its request",
+            "UDP replies left out because they would have made the reply datagram larger than its request.",
             None,
             dropped.metric_type(),
         )?)?;
         {
             let mut m = encoder.encode_descriptor(
                 "connections",
-                "Connections accepted, by protocol",
+                "Connections accepted, by protocol.",
                 None,
                 counter(0).metric_type(),
             )?;
-            for p in Proto::ALL {
+            // UDP has no connections.
+            for p in [Proto::NativeTcp, Proto::Policy] {
                 let n = self.connections[p as usize].get();
                 counter(n).encode(m.encode_family(&ProtoLabels { proto: p.label() })?)?;
             }
@@ -380,7 +381,7 @@ impl Collector for Counts {
             let g = ConstGauge::new(0i64);
             let mut m = encoder.encode_descriptor(
                 "triplets",
-                "Live triplet records, by state",
+                "Live triplet records, by state.",
                 None,
                 g.metric_type(),
             )?;
