@@ -1713,3 +1713,30 @@ fn idle_timeout_closes_idle_connections() {
     // New connections are served as usual.
     assert_eq!(request(srv.native, b"PING\n"), "PONG\n");
 }
+
+#[test]
+fn idle_timeout_spares_a_connection_in_use() {
+    // The idle timer is armed once per connection and pushed back only when it fires: a
+    // connection that keeps asking must outlive several idle periods, and be closed once it
+    // falls silent.
+    let srv = Server::start(&["--idle-timeout", "1s"]);
+    let mut c = Conn::connect(srv.native);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        assert_eq!(c.ask("PING"), "PONG", "closed while in use");
+        thread::sleep(Duration::from_millis(300));
+    }
+    let mut p = PolicyConn::connect(&srv.policy);
+    let a = rcpt_attrs("192.0.2.1", "a@b.example", "c@d.example");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        assert_eq!(
+            p.ask(&with(a.clone(), "protocol_state", "DATA")),
+            "action=DUNNO",
+            "policy connection closed while in use"
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    c.expect_closed("native connection after falling silent");
+    p.expect_closed("policy connection after falling silent");
+}
