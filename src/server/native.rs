@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::engine::{Decision, Mode, Query};
-use crate::proto::native::{self as wire, Command, Parsed, Reply, Request, Triplet};
+use crate::proto::native::{Command, Parsed, Reply, Request, Triplet};
 use crate::proto::policy::{expand_template, TemplateVars};
 
 use super::metrics::{Answer, RequestError, Tally};
@@ -83,47 +83,30 @@ pub(crate) fn answer(
     });
 }
 
-/// Appends `reply` in its shortest form: a DEFER or ERR without its human text.
-pub(crate) fn encode_shortest(id: Option<&str>, reply: &Reply<'_>, out: &mut Vec<u8>) {
-    match reply {
-        Reply::Defer { seconds, .. } => wire::encode(
-            id,
-            &Reply::Defer {
-                seconds: *seconds,
-                text: "",
-            },
-            out,
-        ),
-        Reply::Err { kind } => {
-            // `[ID ]ERR <code>\n`: encode_within keeps the code and drops the text.
-            let len = id.map_or(0, |i| i.len() + 1) + 4 + kind.as_code().len() + 1;
-            if !wire::encode_within(id, reply, len, out) {
-                wire::encode(id, reply, out);
-            }
-        }
-        Reply::Pass { .. } | Reply::Pong => wire::encode(id, reply, out),
-    }
-}
-
 /// Appends one datagram's replies within `budget` bytes (the request's size: no
-/// amplification). Each reply is `(full, shortest)`, both ending in `\n`. When every shortest
-/// form fits, all replies are sent and the room left over goes to their texts in order (a text
-/// is cut at a character boundary when it does not fit whole); otherwise replies are taken in
-/// order, in their shortest form, as long as they fit, and the client matches them by ID.
-/// Returns how many replies were left out.
+/// amplification). Each reply is `(line, head)`: the full line, ending in `\n`, and the length
+/// of its head (`proto::native::encode_split`); the head and a `\n` are its shortest form.
+/// When every shortest form fits, all replies are sent and the room left over goes to their
+/// texts in order (a text is cut at a character boundary when it does not fit whole);
+/// otherwise replies are taken in order, in their shortest form, as long as they fit, and the
+/// client matches them by ID. Returns how many replies were left out.
 pub(crate) fn fit_replies<'a>(
-    lines: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    lines: impl Iterator<Item = (&'a [u8], usize)> + Clone,
     budget: usize,
     out: &mut Vec<u8>,
 ) -> usize {
-    let needed: usize = lines.clone().map(|(_, s)| s.len()).sum();
+    let push_shortest = |f: &[u8], head: usize, out: &mut Vec<u8>| {
+        out.extend_from_slice(&f[..head]);
+        out.push(b'\n');
+    };
+    let needed: usize = lines.clone().map(|(_, head)| head + 1).sum();
     if needed > budget {
         let mut left = budget;
         let mut dropped = 0;
-        for (_, s) in lines {
-            if s.len() <= left {
-                out.extend_from_slice(s);
-                left -= s.len();
+        for (f, head) in lines {
+            if head < left {
+                push_shortest(f, head, out);
+                left -= head + 1;
             } else {
                 dropped += 1;
             }
@@ -131,26 +114,26 @@ pub(crate) fn fit_replies<'a>(
         return dropped;
     }
     let mut extra = budget - needed;
-    for (f, s) in lines {
-        let more = f.len() - s.len();
+    for (f, head) in lines {
+        let more = f.len() - (head + 1);
         if more <= extra {
             out.extend_from_slice(f);
             extra -= more;
             continue;
         }
-        // The full form is the shortest form with " text" before its newline: keep as much
-        // of the text as fits, never splitting a UTF-8 character.
-        let mut cut = s.len() - 1 + extra;
-        while cut > s.len() && (f[cut] & 0xC0) == 0x80 {
+        // The full form is the head with " text" before its newline: keep as much of the
+        // text as fits, never splitting a UTF-8 character.
+        let mut cut = head + extra;
+        while cut > head + 1 && (f[cut] & 0xC0) == 0x80 {
             cut -= 1;
         }
         // A cut that would leave only the separating space (or nothing) sends the shortest form.
-        if cut > s.len() {
+        if cut > head + 1 {
             out.extend_from_slice(&f[..cut]);
             out.push(b'\n');
-            extra -= cut + 1 - s.len();
+            extra -= cut - head;
         } else {
-            out.extend_from_slice(s);
+            push_shortest(f, head, out);
         }
     }
     0
@@ -198,18 +181,30 @@ impl super::Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::native::ErrorKind;
+    use crate::proto::native::{self as wire, ErrorKind};
 
+    /// A reply's full line and its shortest form.
     fn forms(id: Option<&str>, r: &Reply<'_>) -> (Vec<u8>, Vec<u8>) {
-        let (mut f, mut s) = (Vec::new(), Vec::new());
-        wire::encode(id, r, &mut f);
-        encode_shortest(id, r, &mut s);
+        let mut f = Vec::new();
+        let head = wire::encode_split(id, r, &mut f);
+        let mut s = f[..head].to_vec();
+        s.push(b'\n');
+        // The shortest form is what encode_within sends in the least room.
+        let mut least = Vec::new();
+        assert!(wire::encode_within(id, r, s.len(), &mut least));
+        assert_eq!(least, s);
         (f, s)
     }
 
     fn fit(replies: &[(Option<&str>, Reply<'_>)], budget: usize) -> String {
-        let owned: Vec<(Vec<u8>, Vec<u8>)> = replies.iter().map(|(id, r)| forms(*id, r)).collect();
-        let lines: Vec<(&[u8], &[u8])> = owned.iter().map(|(f, s)| (&f[..], &s[..])).collect();
+        let owned: Vec<(Vec<u8>, usize)> = replies
+            .iter()
+            .map(|(id, r)| {
+                let (f, s) = forms(*id, r);
+                (f, s.len() - 1)
+            })
+            .collect();
+        let lines: Vec<(&[u8], usize)> = owned.iter().map(|(f, h)| (&f[..], *h)).collect();
         let mut out = Vec::new();
         let dropped = fit_replies(lines.iter().copied(), budget, &mut out);
         assert!(out.len() <= budget, "{} > {budget}", out.len());

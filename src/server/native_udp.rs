@@ -13,7 +13,7 @@ use crate::net::udp_batch::BatchSocket;
 use crate::proto::native::{self as wire, datagram_lines, Parsed};
 
 use super::metrics::{Proto, RequestError, Tally};
-use super::native::{answer, encode_shortest, fit_replies, TextBuf};
+use super::native::{answer, fit_replies, TextBuf};
 use super::Shared;
 
 /// Datagrams moved per `recvmmsg` / `sendmmsg`.
@@ -27,9 +27,10 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
     let mut texts = TextBuf::default();
     let mut tally = Tally::new(Proto::NativeUdp);
     let mut out: Vec<u8> = Vec::new();
-    // Every reply in its full and its shortest form, as (full start, end, short start, end).
-    let (mut full, mut short): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
-    let mut forms: Vec<(usize, usize, usize, usize)> = Vec::new();
+    // Every reply's line in `full`, as (start, end, head length); the head and a newline are
+    // its shortest form (see `fit_replies`).
+    let mut full: Vec<u8> = Vec::new();
+    let mut forms: Vec<(usize, usize, usize)> = Vec::new();
     // (datagram, number of its lines) for each datagram answered, in order.
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (datagram, start, end) in `out`
@@ -47,7 +48,6 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
         spans.clear();
         runs.clear();
         full.clear();
-        short.clear();
         forms.clear();
         {
             // The lines of all datagrams, in datagram order.
@@ -69,17 +69,16 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
             // Which form of each reply a datagram can afford is decided once all of its
             // replies are known.
             answer(shared, &reqs, &mut texts, &mut tally, |id, reply| {
-                let (f, s) = (full.len(), short.len());
-                wire::encode(id, reply, &mut full);
-                encode_shortest(id, reply, &mut short);
-                forms.push((f, full.len(), s, short.len()));
+                let start = full.len();
+                let head = wire::encode_split(id, reply, &mut full);
+                forms.push((start, full.len(), head));
             });
         }
         let mut first = 0;
         for &(d, count) in &runs {
             let lines = forms[first..first + count]
                 .iter()
-                .map(|&(f0, f1, s0, s1)| (&full[f0..f1], &short[s0..s1]));
+                .map(|&(start, end, head)| (&full[start..end], head));
             let begin = out.len();
             let dropped = fit_replies(lines, bs.datagram(d).0.len(), &mut out);
             tally.udp_dropped(dropped);
