@@ -14,8 +14,11 @@
 #![warn(missing_docs)]
 
 pub mod answer;
+pub mod bare;
 pub mod chart;
 pub mod client;
+pub mod cpu;
+pub mod naive;
 pub mod null;
 pub mod outstanding;
 pub mod plan;

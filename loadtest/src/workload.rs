@@ -21,6 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use greyhound::proto::{native, policy};
 use serde::{Deserialize, Serialize};
 
 use crate::rng::{mix, mix2, Rng};
@@ -375,48 +376,107 @@ pub fn write_recipient(r: u32, out: &mut Vec<u8>) {
     let _ = write!(out, "user{r}@isp{}.example", r % 50);
 }
 
-/// Appends the native request line for triplet `t`: `[ID ]CHECK ip <sender> <recipient>\n`.
-pub fn write_native(cfg: &WorkloadConfig, t: u64, id: Option<u64>, out: &mut Vec<u8>) {
-    let p = parts(cfg, t);
-    if let Some(id) = id {
-        let _ = write!(out, "{id} ");
-    }
-    let _ = write!(out, "CHECK {} <", p.client);
-    let start = out.len();
-    write_sender(p.sender, p.tag, out);
-    if &out[start..] == b"<>" {
-        // The null sender is written `<>`, not `<<>>`.
-        out.truncate(start - 1);
-        out.extend_from_slice(b"<> <");
-    } else {
-        out.extend_from_slice(b"> <");
-    }
-    write_recipient(p.recipient, out);
-    out.extend_from_slice(b">\n");
+/// Writes triplets as request bytes through the protocol codecs (`greyhound::proto`), so the
+/// load generator sends exactly what the server's parser reads. The parts are formatted into
+/// scratch buffers kept between calls: once warm, writing a request allocates nothing.
+#[derive(Debug, Default)]
+pub struct RequestWriter {
+    sender: Vec<u8>,
+    recipient: Vec<u8>,
+    client: Vec<u8>,
+    helo: Vec<u8>,
+    instance: Vec<u8>,
 }
 
-/// Appends the Postfix policy request block for triplet `t`, at the RCPT stage, with the
-/// attributes Postfix 3 sends (shortened to the ones that matter plus a few that cost bytes).
-pub fn write_policy(cfg: &WorkloadConfig, t: u64, out: &mut Vec<u8>) {
-    let p = parts(cfg, t);
-    let _ = write!(
-        out,
-        "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address={}\nclient_name=unknown\nreverse_client_name=unknown\nhelo_name=mx{}.example\nsender=",
-        p.client, p.sender % 9973
-    );
-    let start = out.len();
-    write_sender(p.sender, p.tag, out);
-    if &out[start..] == b"<>" {
-        // Postfix sends the null sender as an empty value.
-        out.truncate(start);
+impl RequestWriter {
+    /// Formats triplet `t`'s sender and recipient into the scratch buffers.
+    fn addresses(&mut self, p: &Parts) {
+        self.sender.clear();
+        write_sender(p.sender, p.tag, &mut self.sender);
+        if self.sender == b"<>" {
+            // The codecs take the null sender as an empty address.
+            self.sender.clear();
+        }
+        self.recipient.clear();
+        write_recipient(p.recipient, &mut self.recipient);
     }
-    out.extend_from_slice(b"\nrecipient=");
-    write_recipient(p.recipient, out);
-    let _ = write!(
-        out,
-        "\nrecipient_count=0\nqueue_id=\nsasl_method=\nsasl_username=\nsize=0\ninstance={:x}.1\n\n",
-        t & 0xffff_ffff
-    );
+
+    /// Appends the native request line for triplet `t`: `[ID ]CHECK ip <sender> <recipient>\n`.
+    pub fn native(&mut self, cfg: &WorkloadConfig, t: u64, id: Option<u64>, out: &mut Vec<u8>) {
+        let p = parts(cfg, t);
+        self.addresses(&p);
+        let mut digits = [0u8; 20];
+        let id = id.map(|id| decimal(id, &mut digits));
+        native::encode_request(
+            &native::Request {
+                id,
+                command: native::Command::Check(native::Triplet {
+                    client: p.client,
+                    sender: ascii(&self.sender),
+                    recipient: ascii(&self.recipient),
+                    helo: None,
+                    name: None,
+                    auth: None,
+                }),
+            },
+            out,
+        );
+    }
+
+    /// Appends the Postfix policy request block for triplet `t`, at the RCPT stage, with the
+    /// attributes Postfix 3 sends (shortened to the ones that matter plus a few that cost
+    /// bytes).
+    pub fn policy(&mut self, cfg: &WorkloadConfig, t: u64, out: &mut Vec<u8>) {
+        let p = parts(cfg, t);
+        self.addresses(&p);
+        self.client.clear();
+        let _ = write!(self.client, "{}", p.client);
+        self.helo.clear();
+        let _ = write!(self.helo, "mx{}.example", p.sender % 9973);
+        self.instance.clear();
+        let _ = write!(self.instance, "{:x}.1", t & 0xffff_ffff);
+        policy::encode_request(
+            &policy::PolicyRequest {
+                request: policy::POLICY_REQUEST,
+                protocol_state: "RCPT",
+                client_address: ascii(&self.client),
+                client_name: "unknown",
+                reverse_client_name: "unknown",
+                helo_name: ascii(&self.helo),
+                sender: ascii(&self.sender),
+                recipient: ascii(&self.recipient),
+                sasl_username: "",
+                queue_id: "",
+                instance: ascii(&self.instance),
+            },
+            &[
+                ("protocol_name", "ESMTP"),
+                ("recipient_count", "0"),
+                ("sasl_method", ""),
+                ("size", "0"),
+            ],
+            out,
+        );
+    }
+}
+
+/// The scratch buffers hold only what `write!` made of numbers and ASCII literals.
+fn ascii(b: &[u8]) -> &str {
+    std::str::from_utf8(b).unwrap_or_default()
+}
+
+/// `n` in decimal, formatted in `buf` (no allocation).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    ascii(&buf[at..])
 }
 
 #[cfg(test)]
@@ -430,13 +490,14 @@ mod tests {
         let t = (0..10_000u64)
             .find(|&t| mix(u64::from(parts(&cfg, t).sender)) % 32 >= 30)
             .expect("some null sender");
+        let mut w = RequestWriter::default();
         let mut line = Vec::new();
-        write_native(&cfg, t, None, &mut line);
+        w.native(&cfg, t, None, &mut line);
         let text = String::from_utf8(line).unwrap();
         assert!(text.contains(" <> <user"), "{text}");
         assert!(!text.contains("<<"), "{text}");
         let mut block = Vec::new();
-        write_policy(&cfg, t, &mut block);
+        w.policy(&cfg, t, &mut block);
         assert!(String::from_utf8(block).unwrap().contains("\nsender=\n"));
     }
 
@@ -447,11 +508,12 @@ mod tests {
             ipv6_share: 0.5,
             ..WorkloadConfig::default()
         };
+        let mut w = RequestWriter::default();
         let mut line = Vec::new();
         let mut block = Vec::new();
         for t in (0..20_000u64).chain([KNOWN_BIT | 5, (3 << 40) | 9]) {
             line.clear();
-            write_native(&cfg, t, Some(t), &mut line);
+            w.native(&cfg, t, Some(t), &mut line);
             assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
             let req = native::parse_line(&line[..line.len() - 1])
                 .unwrap_or_else(|e| panic!("{:?}: {e:?}", String::from_utf8_lossy(&line)));
@@ -462,7 +524,7 @@ mod tests {
             };
             assert_eq!(tr.client, parts(&cfg, t).client);
             block.clear();
-            write_policy(&cfg, t, &mut block);
+            w.policy(&cfg, t, &mut block);
             match policy::parse(&block, &policy::Limits::default()) {
                 Ok(policy::Block::Complete { consumed, request }) => {
                     assert_eq!(consumed, block.len());
@@ -478,12 +540,13 @@ mod tests {
     #[test]
     fn retry_repeats_the_same_bytes() {
         let cfg = WorkloadConfig::default();
+        let mut w = RequestWriter::default();
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        write_native(&cfg, 12345, Some(7), &mut a);
-        write_native(&cfg, 12345, Some(7), &mut b);
+        w.native(&cfg, 12345, Some(7), &mut a);
+        w.native(&cfg, 12345, Some(7), &mut b);
         assert_eq!(a, b);
         b.clear();
-        write_native(&cfg, 12346, Some(7), &mut b);
+        w.native(&cfg, 12346, Some(7), &mut b);
         assert_ne!(a, b);
     }
 }
