@@ -30,7 +30,12 @@ fn count(out: &mut WorkerOut, sh: &Shared, n: u64) {
 }
 
 /// One thread of the minimal client.
-pub(crate) fn thread(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
+pub(crate) fn thread(
+    cfg: &RunConfig,
+    sh: &Shared,
+    workers: &[usize],
+    _writer: RequestWriter,
+) -> WorkerOut {
     match cfg.proto {
         Proto::NativeUdp => udp(cfg, sh, workers),
         _ => tcp(cfg, sh, workers),

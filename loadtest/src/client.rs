@@ -43,7 +43,7 @@ use crate::answer::{self, Tally};
 use crate::cpu::{self, CpuUse, MachineStat};
 use crate::outstanding::Outstanding;
 use crate::report::{Latency, RunReport};
-use crate::workload::{Generator, KindCounts, RequestWriter, WorkloadConfig};
+use crate::workload::{Generator, KindCounts, KnownCache, RequestWriter, WorkloadConfig};
 
 /// The transport under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -362,11 +362,16 @@ pub fn warmup(cfg: &RunConfig) -> anyhow::Result<()> {
 }
 
 /// One client thread of the full client: its connections are `workers`.
-fn client_thread(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
+fn client_thread(
+    cfg: &RunConfig,
+    sh: &Shared,
+    workers: &[usize],
+    writer: RequestWriter,
+) -> WorkerOut {
     match cfg.proto {
-        Proto::NativeTcp => tcp_thread(cfg, sh, workers, false),
-        Proto::Policy => tcp_thread(cfg, sh, workers, true),
-        Proto::NativeUdp => udp_thread(cfg, sh, workers),
+        Proto::NativeTcp => tcp_thread(cfg, sh, workers, writer, false),
+        Proto::Policy => tcp_thread(cfg, sh, workers, writer, true),
+        Proto::NativeUdp => udp_thread(cfg, sh, workers, writer),
     }
 }
 
@@ -375,9 +380,15 @@ fn client_thread(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
 pub(crate) fn measure_with(
     cfg: &RunConfig,
     sweep: Option<Arc<AtomicU64>>,
-    body: fn(&RunConfig, &Shared, &[usize]) -> WorkerOut,
+    body: fn(&RunConfig, &Shared, &[usize], RequestWriter) -> WorkerOut,
 ) -> anyhow::Result<RunReport> {
     let threads = cfg.thread_count();
+    // Written before the clock starts: it is set-up, not load.
+    let known = Arc::new(if cfg.minimal {
+        KnownCache::default()
+    } else {
+        KnownCache::build(&cfg.workload, cfg.proto == Proto::Policy)
+    });
     let machine_before = MachineStat::now();
     let start = Instant::now();
     let sh = Shared {
@@ -393,12 +404,13 @@ pub(crate) fn measure_with(
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let sh = &sh;
+                let known = known.clone();
                 let workers: Vec<usize> = (t..cfg.connections).step_by(threads).collect();
                 thread::Builder::new()
                     .name(format!("load-{t}"))
                     .spawn_scoped(s, move || {
                         let cpu0 = cpu::this_thread();
-                        let mut out = body(cfg, sh, &workers);
+                        let mut out = body(cfg, sh, &workers, RequestWriter::with_cache(known));
                         out.cpu = cpu::this_thread().saturating_sub(cpu0);
                         out
                     })
@@ -753,7 +765,13 @@ fn next_send<'a>(schedules: impl Iterator<Item = &'a Schedule>) -> Option<Instan
 }
 
 /// One client thread's native TCP or policy connections, driven through one epoll set.
-fn tcp_thread(cfg: &RunConfig, sh: &Shared, workers: &[usize], policy: bool) -> WorkerOut {
+fn tcp_thread(
+    cfg: &RunConfig,
+    sh: &Shared,
+    workers: &[usize],
+    mut writer: RequestWriter,
+    policy: bool,
+) -> WorkerOut {
     let mut out = WorkerOut::new();
     let Ok(mut poll) = Poll::new() else {
         for _ in workers {
@@ -791,7 +809,6 @@ fn tcp_thread(cfg: &RunConfig, sh: &Shared, workers: &[usize], policy: bool) -> 
             Err(_) => out.failed(sh),
         }
     }
-    let mut writer = RequestWriter::default();
     let mut events = Events::with_capacity(conns.len() + 1);
     let mut live = conns.len();
     let now = Instant::now();
@@ -1051,7 +1068,12 @@ impl UdpConn {
 /// One client thread's UDP sockets: send what each window allows with one `sendmmsg`, take
 /// what came back with one `recvmmsg`, match replies to requests by ID, retire what waited
 /// longer than the timeout.
-fn udp_thread(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
+fn udp_thread(
+    cfg: &RunConfig,
+    sh: &Shared,
+    workers: &[usize],
+    mut writer: RequestWriter,
+) -> WorkerOut {
     let mut out = WorkerOut::new();
     let Ok(poll) = Poll::new() else {
         for _ in workers {
@@ -1090,7 +1112,6 @@ fn udp_thread(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
         }
     }
     let mut poll = poll;
-    let mut writer = RequestWriter::default();
     let mut pairs: Vec<(SocketAddr, &'static [u8])> = Vec::with_capacity(UDP_BATCH);
     let mut events = Events::with_capacity(conns.len() + 1);
     let mut live = conns.len();

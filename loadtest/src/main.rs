@@ -37,6 +37,9 @@ enum Cmd {
     Ceiling(RunArgs),
     /// Simulate days or weeks of mail through the engine on a simulated clock.
     Plan(PlanArgs),
+    /// Serve the null responder (or the naive server) until killed, for A/B runs of
+    /// `run` and `run --minimal` against the same server, or for profiling.
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +141,19 @@ struct WorkloadArgs {
     /// Seed of the workload.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Loopback address to listen on (ports are picked free and printed).
+    #[arg(long, default_value = "127.0.0.1")]
+    ip: IpAddr,
+    /// Serve the naive server instead of the null responder.
+    #[arg(long)]
+    naive: bool,
+    /// The naive server's greylisting delay in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    delay: f64,
 }
 
 #[derive(Args, Debug)]
@@ -417,6 +433,28 @@ fn ceiling(a: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn serve(a: &ServeArgs) -> anyhow::Result<()> {
+    let print = |native: SocketAddr, policy: SocketAddr| {
+        println!("native {native}\npolicy {policy}");
+    };
+    // Held until the process is killed.
+    let _server: Box<dyn std::fmt::Debug> = if a.naive {
+        if !(a.delay >= 0.0 && a.delay.is_finite()) {
+            anyhow::bail!("--delay must be >= 0");
+        }
+        let s = NaiveServer::start(a.ip, Duration::from_secs_f64(a.delay))?;
+        print(s.native, s.policy);
+        Box::new(s)
+    } else {
+        let s = NullResponder::start(a.ip, NullOptions::default())?;
+        print(s.native, s.policy);
+        Box::new(s)
+    };
+    loop {
+        std::thread::park();
+    }
+}
+
 fn plan_cmd(a: &PlanArgs) -> anyhow::Result<()> {
     let cfg = PlanConfig {
         days: a.days,
@@ -489,6 +527,7 @@ fn main() {
         Cmd::Run(a) => run(a),
         Cmd::Ceiling(a) => ceiling(a),
         Cmd::Plan(a) => plan_cmd(a),
+        Cmd::Serve(a) => serve(a),
     };
     if let Err(e) = result {
         eprintln!("greyhound-loadtest: {e:#}");
