@@ -298,11 +298,17 @@ impl WorkerOut {
     fn record(&mut self, a: answer::Answer, intended: Instant, at: Instant) -> bool {
         let decision = self.tally.count(a);
         if decision {
-            let ns = at.saturating_duration_since(intended).as_nanos();
-            self.hist
-                .saturating_record(u64::try_from(ns).unwrap_or(u64::MAX).max(1));
+            self.latency(intended, at, 1);
         }
         decision
+    }
+
+    /// Records `n` decisions sent (or due) at `intended` and answered at `at`.
+    #[inline]
+    fn latency(&mut self, intended: Instant, at: Instant, n: u64) {
+        let ns = at.saturating_duration_since(intended).as_nanos();
+        self.hist
+            .saturating_record_n(u64::try_from(ns).unwrap_or(u64::MAX).max(1), n);
     }
 
     /// A connection or socket that could not be opened or broke.
@@ -620,6 +626,11 @@ impl TcpConn {
         }
         let at = Instant::now();
         let (mut pos, mut decided, mut failed) = (0, 0, 0);
+        // Requests written in one batch share their send time and are mostly answered in one
+        // read: their latencies are one histogram entry with a count (closed loop, pipeline
+        // 128: one record per batch instead of 128).
+        let mut same: Option<(Instant, u64)> = None;
+        let mut broken = false;
         loop {
             let buf = &self.inbuf[pos..self.in_len];
             let (a, used) = if policy {
@@ -627,7 +638,10 @@ impl TcpConn {
                     Ok(Some((action, used))) => (answer::policy(action), used),
                     Ok(None) => break,
                     // A reply that cannot be framed leaves the stream unreadable.
-                    Err(_) => return self.fail(sh, out),
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
                 }
             } else {
                 match native::parse_reply(buf) {
@@ -637,7 +651,17 @@ impl TcpConn {
             };
             pos += used;
             match self.inflight.pop_front() {
-                Some((intended, _)) if out.record(a, intended, at) => decided += 1,
+                Some((intended, _)) if out.tally.count(a) => {
+                    decided += 1;
+                    match &mut same {
+                        Some((t, n)) if *t == intended => *n += 1,
+                        _ => {
+                            if let Some((t, n)) = same.replace((intended, 1)) {
+                                out.latency(t, at, n);
+                            }
+                        }
+                    }
+                }
                 Some(_) => failed += 1,
                 None => {
                     // More answers than requests: count, never match.
@@ -645,6 +669,12 @@ impl TcpConn {
                     failed += 1;
                 }
             }
+        }
+        if let Some((t, n)) = same {
+            out.latency(t, at, n);
+        }
+        if broken {
+            self.fail(sh, out);
         }
         self.inbuf.copy_within(pos..self.in_len, 0);
         self.in_len -= pos;
