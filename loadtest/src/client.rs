@@ -1156,10 +1156,17 @@ fn udp_thread(
         let cap = next_check.saturating_duration_since(now);
         let wait = match &mut timer {
             Some(timer) => {
+                // Only sockets with room for a datagram: a full window waits for replies,
+                // and waking up for its overdue schedule would spin.
+                let window = cfg.pipeline * cfg.per_datagram;
                 let due = next_send(
                     conns
                         .iter()
-                        .filter(|c| !c.stopping && !c.done)
+                        .filter(|c| {
+                            !c.stopping
+                                && !c.done
+                                && (window - c.outstanding.live().min(window)) >= cfg.per_datagram
+                        })
                         .filter_map(|c| c.schedule.as_ref()),
                 );
                 match due {
