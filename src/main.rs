@@ -3,7 +3,7 @@
 //! Process-level errors end here: one clear line on stderr and a non-zero exit code.
 
 use std::io::{IsTerminal, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use greyhound::cli::{CheckArgs, Cli, CliCommand, ServeArgs, SnapshotCommand};
 use greyhound::config::{parse_duration, Config};
 use greyhound::engine::exempt::DEFAULT_CLIENTS;
 use greyhound::engine::{Engine, EngineConfig, ExemptList, Exemptions, Normalizer, SystemClock};
+use greyhound::proto::native;
 use greyhound::server::snapshots::Snapshots;
 use greyhound::server::{self, AllowList, Listeners, Settings, Shared};
 use greyhound::snapshot::{self, DirStore, Store, Writer};
@@ -264,12 +265,10 @@ fn check(args: &CheckArgs) -> ExitCode {
     match check_inner(args) {
         Ok(reply) => {
             println!("{reply}");
-            if reply.starts_with("PASS") {
-                ExitCode::SUCCESS
-            } else if reply.starts_with("DEFER") {
-                ExitCode::from(1)
-            } else {
-                ExitCode::from(2)
+            match native::parse_reply_line(reply.as_bytes()).map(|r| r.reply) {
+                Ok(native::Reply::Pass { .. }) => ExitCode::SUCCESS,
+                Ok(native::Reply::Defer { .. }) => ExitCode::from(1),
+                _ => ExitCode::from(2),
             }
         }
         Err(e) => {
@@ -279,14 +278,12 @@ fn check(args: &CheckArgs) -> ExitCode {
     }
 }
 
-fn bracket(addr: &str) -> String {
-    if addr.is_empty() || addr == "<>" {
-        "<>".into()
-    } else if addr.starts_with('<') {
-        addr.into()
-    } else {
-        format!("<{addr}>")
-    }
+/// `<a@b>` → `a@b`, `<>` → `""`; anything else as given (the codec adds the brackets, and the
+/// server refuses what is still malformed).
+fn unbracket(addr: &str) -> &str {
+    addr.strip_prefix('<')
+        .and_then(|a| a.strip_suffix('>'))
+        .unwrap_or(addr)
 }
 
 fn check_inner(args: &CheckArgs) -> Result<String> {
@@ -301,11 +298,28 @@ fn check_inner(args: &CheckArgs) -> Result<String> {
         .with_context(|| format!("--server {}", args.server))?
         .next()
         .ok_or_else(|| anyhow!("--server {}: no address", args.server))?;
-    let line = format!(
-        "CHECK {} {} {}\n",
-        args.client,
-        bracket(&args.sender),
-        bracket(&args.recipient)
+    // The server accepts IPv6 in brackets too, as SMTP address literals write it.
+    let client: IpAddr = args
+        .client
+        .strip_prefix('[')
+        .and_then(|c| c.strip_suffix(']'))
+        .unwrap_or(&args.client)
+        .parse()
+        .map_err(|_| anyhow!("{:?} is not a client IP address", args.client))?;
+    let mut line = Vec::with_capacity(128);
+    native::encode_request(
+        &native::Request {
+            id: None,
+            command: native::Command::Check(native::Triplet {
+                client,
+                sender: unbracket(&args.sender),
+                recipient: unbracket(&args.recipient),
+                helo: None,
+                name: None,
+                auth: None,
+            }),
+        },
+        &mut line,
     );
     let reply = if args.udp {
         let local: SocketAddr = if server.is_ipv4() {
@@ -315,7 +329,7 @@ fn check_inner(args: &CheckArgs) -> Result<String> {
         };
         let sock = UdpSocket::bind(local)?;
         sock.set_read_timeout(Some(timeout))?;
-        sock.send_to(line.as_bytes(), server)
+        sock.send_to(&line, server)
             .with_context(|| format!("sending to {server}"))?;
         let mut buf = [0u8; 2048];
         let (n, _) = sock
@@ -327,7 +341,7 @@ fn check_inner(args: &CheckArgs) -> Result<String> {
             .with_context(|| format!("connecting to {server}"))?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        s.write_all(line.as_bytes())?;
+        s.write_all(&line)?;
         // Like Exim's readsocket: half-close, then read the answer to the end.
         s.shutdown(std::net::Shutdown::Write)?;
         let mut out = String::new();

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use greyhound::proto::native;
 use serde::{Deserialize, Serialize};
 
 /// PASS reasons the client counts by name; anything else counts as `other`.
@@ -25,69 +26,59 @@ pub const PASS_REASONS: [&str; 12] = [
 
 /// One reply, classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer<'a> {
+pub enum Answer {
     /// `DEFER` or `action=DEFER_IF_PERMIT`.
     Defer,
     /// `PASS <reason>`, `action=DUNNO` or `action=PREPEND`; index into [`PASS_REASONS`].
     Pass(usize),
     /// `ERR <code>`.
-    Err(&'a [u8]),
+    Err(&'static str),
     /// `PONG`.
     Pong,
     /// Anything else.
     Other,
 }
 
-/// Splits a native reply line (without its `\n`) into its ID and its classification.
-pub fn native(line: &[u8]) -> (Option<u64>, Answer<'_>) {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let (id, body) = match line.iter().position(|&b| b == b' ') {
-        Some(p) if p > 0 && line[..p].iter().all(u8::is_ascii_digit) => {
-            (parse_u64(&line[..p]), &line[p + 1..])
-        }
-        _ => (None, line),
+/// Reads a native reply line (without its `\n`) through `greyhound::proto::native`: its ID as
+/// a number (the client numbers its requests) and its classification.
+pub fn native(line: &[u8]) -> (Option<u64>, Answer) {
+    classify_native(&native::parse_reply_line(line))
+}
+
+/// Classifies what [`native::parse_reply`] or [`native::parse_reply_line`] read; a reply that
+/// could not be read is `Other`, with no ID.
+pub fn classify_native(
+    r: &Result<native::ReplyLine<'_>, native::ReplyError>,
+) -> (Option<u64>, Answer) {
+    let Ok(r) = r else {
+        return (None, Answer::Other);
     };
-    let mut words = body.splitn(3, |&b| b == b' ');
-    let verb = words.next().unwrap_or_default();
-    let arg = words.next().unwrap_or_default();
-    let answer = match verb {
-        b"DEFER" => Answer::Defer,
-        b"PASS" => Answer::Pass(reason_index(arg)),
-        b"ERR" => Answer::Err(arg),
-        b"PONG" => Answer::Pong,
-        _ => Answer::Other,
+    // At most 20 digits, but 20 digits can still overflow a u64: that is no ID of ours.
+    let id = r.id.and_then(|id| id.parse().ok());
+    let answer = match r.reply {
+        native::Reply::Defer { .. } => Answer::Defer,
+        native::Reply::Pass { reason } => Answer::Pass(reason_index(reason)),
+        native::Reply::Err { kind } => Answer::Err(kind.as_code()),
+        native::Reply::Pong => Answer::Pong,
     };
     (id, answer)
 }
 
-/// Classifies a policy reply block (its `action=` line; the blank line already removed).
-pub fn policy(block: &[u8]) -> Answer<'_> {
-    let Some(action) = block.strip_prefix(b"action=") else {
-        return Answer::Other;
-    };
-    let word_end = action
-        .iter()
-        .position(|&b| b == b' ' || b == b'\n')
-        .unwrap_or(action.len());
-    match &action[..word_end] {
-        b"DEFER_IF_PERMIT" => Answer::Defer,
-        b"DUNNO" | b"dunno" => Answer::Pass(reason_index(b"dunno")),
-        b"PREPEND" | b"prepend" => Answer::Pass(reason_index(b"prepend")),
+/// Classifies a policy reply by its action (the value `greyhound::proto::policy::parse_action` returns).
+pub fn policy(action: &str) -> Answer {
+    match action.split_once(' ').map_or(action, |(word, _)| word) {
+        "DEFER_IF_PERMIT" => Answer::Defer,
+        "DUNNO" | "dunno" => Answer::Pass(reason_index("dunno")),
+        "PREPEND" | "prepend" => Answer::Pass(reason_index("prepend")),
         _ => Answer::Other,
     }
 }
 
-fn reason_index(reason: &[u8]) -> usize {
+fn reason_index(reason: &str) -> usize {
     PASS_REASONS
         .iter()
-        .position(|r| r.as_bytes() == reason)
+        .position(|&r| r == reason)
         .unwrap_or(PASS_REASONS.len() - 1)
-}
-
-fn parse_u64(digits: &[u8]) -> Option<u64> {
-    digits.iter().try_fold(0u64, |n, &d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
 }
 
 /// Replies and failures of one worker, by kind.
@@ -118,16 +109,18 @@ impl Tally {
     /// Counts one answer; returns whether it is a decision (DEFER or PASS), the only answers
     /// that count as throughput.
     #[inline]
-    pub fn count(&mut self, a: Answer<'_>) -> bool {
+    pub fn count(&mut self, a: Answer) -> bool {
         match a {
             Answer::Defer => self.defer += 1,
             Answer::Pass(i) => self.pass[i] += 1,
             Answer::Err(code) => {
-                // Rare by construction: the allocation is not on the hot path.
-                *self
-                    .err
-                    .entry(String::from_utf8_lossy(code).into_owned())
-                    .or_default() += 1;
+                // Rare by construction, and the key is only allocated the first time.
+                match self.err.get_mut(code) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.err.insert(code.to_string(), 1);
+                    }
+                }
                 return false;
             }
             Answer::Pong => {
@@ -223,8 +216,9 @@ mod tests {
         assert_eq!(native(b"3 PASS whatever"), (Some(3), Answer::Pass(11)));
         assert_eq!(
             native(b"9 ERR bad-ip malformed"),
-            (Some(9), Answer::Err(b"bad-ip"))
+            (Some(9), Answer::Err("bad-ip"))
         );
+        assert_eq!(native(b"9 ERR what x"), (None, Answer::Other));
         assert_eq!(native(b"PONG"), (None, Answer::Pong));
         assert_eq!(native(b"DEFER 12\r"), (None, Answer::Defer));
         assert_eq!(native(b"HELLO"), (None, Answer::Other));
@@ -234,17 +228,14 @@ mod tests {
 
     #[test]
     fn policy_actions_are_classified() {
+        assert_eq!(policy("DEFER_IF_PERMIT Greylisted, see x"), Answer::Defer);
+        assert_eq!(policy("DUNNO"), Answer::Pass(9));
         assert_eq!(
-            policy(b"action=DEFER_IF_PERMIT Greylisted, see x"),
-            Answer::Defer
-        );
-        assert_eq!(policy(b"action=DUNNO"), Answer::Pass(9));
-        assert_eq!(
-            policy(b"action=PREPEND X-Greylist: delayed 2 seconds"),
+            policy("PREPEND X-Greylist: delayed 2 seconds"),
             Answer::Pass(10)
         );
-        assert_eq!(policy(b"action=REJECT no"), Answer::Other);
-        assert_eq!(policy(b"garbage"), Answer::Other);
+        assert_eq!(policy("REJECT no"), Answer::Other);
+        assert_eq!(policy(""), Answer::Other);
     }
 
     #[test]
@@ -252,7 +243,7 @@ mod tests {
         let mut t = Tally::default();
         assert!(t.count(Answer::Defer));
         assert!(t.count(Answer::Pass(0)));
-        assert!(!t.count(Answer::Err(b"bad-ip")));
+        assert!(!t.count(Answer::Err("bad-ip")));
         assert!(!t.count(Answer::Other));
         assert!(!t.count(Answer::Pong));
         assert_eq!(t.decisions(), 2);

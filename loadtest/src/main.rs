@@ -10,9 +10,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use greyhound::engine::Policy;
 use greyhound_loadtest::client::{self, Proto, RunConfig};
+use greyhound_loadtest::cpu;
+use greyhound_loadtest::naive::NaiveServer;
 use greyhound_loadtest::null::{NullOptions, NullResponder};
 use greyhound_loadtest::plan::{self, PlanConfig, SenderMix};
-use greyhound_loadtest::report::CeilingReport;
+use greyhound_loadtest::report::{CeilingReport, RunReport};
 use greyhound_loadtest::workload::{Mix, WorkloadConfig};
 
 #[derive(Parser, Debug)]
@@ -30,11 +32,15 @@ struct Cli {
 enum Cmd {
     /// Drive a running server with realistic traffic and report throughput and latency.
     Run(RunArgs),
-    /// Measure an in-process null responder on the same transport, then the target if given,
-    /// with the same client: the target's figure as a share of this machine's ceiling.
+    /// Measure, in one run with the same client settings, the minimal client and this client
+    /// against an in-process null responder, an in-process naive server, then the target if
+    /// given; report each side's CPU, the ratios, and warn when the client saturated.
     Ceiling(RunArgs),
     /// Simulate days or weeks of mail through the engine on a simulated clock.
     Plan(PlanArgs),
+    /// Serve the null responder (or the naive server) until killed, for A/B runs of
+    /// `run` and `run --minimal` against the same server, or for profiling.
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -49,9 +55,21 @@ struct RunArgs {
     /// Transport.
     #[arg(long, value_enum, default_value_t = Proto::NativeTcp)]
     proto: Proto,
-    /// Connections (TCP) or sockets (UDP), one thread each.
+    /// Connections (TCP) or sockets (UDP), spread over the client's threads.
     #[arg(long, short = 'c', default_value_t = 8)]
     connections: usize,
+    /// Client threads, each driving its share of the connections through one epoll set
+    /// (0: half the cores, so the server on the same machine keeps the other half).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Run the minimal reference client: one fixed request, replies counted but not read,
+    /// no latency (what the full client is measured against; `ceiling` runs both).
+    #[arg(long)]
+    minimal: bool,
+    /// `ceiling`: the target's process, for its CPU (default: the process bound to the
+    /// target's port, found through /proc).
+    #[arg(long)]
+    target_pid: Option<u32>,
     /// Requests in flight per TCP connection, datagrams in flight per UDP socket
     /// (policy: always 1, as Postfix).
     #[arg(long, short = 'p', default_value_t = 16)]
@@ -124,6 +142,19 @@ struct WorkloadArgs {
     /// Seed of the workload.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Loopback address to listen on (ports are picked free and printed).
+    #[arg(long, default_value = "127.0.0.1")]
+    ip: IpAddr,
+    /// Serve the naive server instead of the null responder.
+    #[arg(long)]
+    naive: bool,
+    /// The naive server's greylisting delay in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    delay: f64,
 }
 
 #[derive(Args, Debug)]
@@ -293,6 +324,8 @@ impl RunArgs {
             progress: !self.quiet && !self.json,
             label: label.to_string(),
             warmup: self.warmup,
+            threads: self.threads,
+            minimal: self.minimal,
         }
     }
 
@@ -321,39 +354,106 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One run of `ceiling`, with the CPU the server used during it (`server_cpu` reads the
+/// server's CPU time so far). The warm-up, if any, comes first and is not counted.
+fn measured(
+    cfg: &RunConfig,
+    server_cpu: &dyn Fn() -> Option<Duration>,
+) -> anyhow::Result<RunReport> {
+    if cfg.warmup {
+        client::warmup(cfg)?;
+    }
+    let cfg = RunConfig {
+        warmup: false,
+        ..cfg.clone()
+    };
+    let before = server_cpu();
+    let mut r = client::run(&cfg)?;
+    if let (Some(b), Some(a)) = (before, server_cpu()) {
+        r.cpu.server_cores = Some(a.saturating_sub(b).as_secs_f64() / r.elapsed_secs.max(1e-9));
+    }
+    Ok(r)
+}
+
 fn ceiling(a: &RunArgs) -> anyhow::Result<()> {
     let target = a.target()?;
-    // The null responder listens on the same loopback family as the target.
+    // The in-process servers listen on the same loopback family as the target.
     let ip = match target.map(|t| t.ip()) {
         Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
     };
-    let null = NullResponder::start(ip, NullOptions::default())?;
-    let null_addr = match a.proto {
-        Proto::Policy => null.policy,
-        _ => null.native,
+    let pick = |native: SocketAddr, policy: SocketAddr| match a.proto {
+        Proto::Policy => policy,
+        _ => native,
     };
-    let null_report = client::run(&a.config(null_addr, "null responder"))
+    let null = NullResponder::start(ip, NullOptions::default())?;
+    let null_addr = pick(null.native, null.policy);
+    let null_cpu = || Some(cpu::threads_named(&["null-"]));
+    // The null responder needs no warm-up: it knows no triplet.
+    let plain = |addr, label: &str, minimal| RunConfig {
+        warmup: false,
+        minimal,
+        ..a.config(addr, label)
+    };
+    let minimal = measured(&plain(null_addr, "minimal client → null", true), &null_cpu)
+        .context("measuring the null responder with the minimal client")?;
+    let null_report = measured(&plain(null_addr, "null responder", false), &null_cpu)
         .context("measuring the null responder")?;
     drop(null);
-    let target_report = target
-        .map(|t| client::run(&a.config(t, "target")))
-        .transpose()?;
-    let ratio = target_report
-        .as_ref()
-        .map(|t| t.decisions_per_sec / null_report.decisions_per_sec.max(1e-9));
-    let report = CeilingReport {
-        schema: CeilingReport::SCHEMA.to_string(),
-        null: null_report,
-        target: target_report,
-        ratio,
+    let naive = NaiveServer::start(ip, Duration::from_secs_f64(a.workload.server_delay))?;
+    let naive_addr = pick(naive.native, naive.policy);
+    let naive_cpu = || Some(cpu::threads_named(&["naive"]));
+    let naive_report = measured(&a.config(naive_addr, "naive server"), &naive_cpu)
+        .context("measuring the naive server")?;
+    drop(naive);
+    let target_report = match target {
+        Some(t) => {
+            let pid = a
+                .target_pid
+                .or_else(|| cpu::pid_bound_to(t, a.proto == Proto::NativeUdp));
+            let target_cpu = || pid.and_then(cpu::process);
+            Some(measured(&a.config(t, "target"), &target_cpu).context("measuring the target")?)
+        }
+        None => None,
     };
+    let mut report = CeilingReport::new(minimal, null_report, naive_report, target_report);
+    if report
+        .target
+        .as_ref()
+        .is_some_and(|t| t.cpu.server_cores.is_none())
+    {
+        report.warnings.push(
+            "the target's process was not found (give --target-pid): its CPU is unknown".into(),
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.text());
     }
     Ok(())
+}
+
+fn serve(a: &ServeArgs) -> anyhow::Result<()> {
+    let print = |native: SocketAddr, policy: SocketAddr| {
+        println!("native {native}\npolicy {policy}");
+    };
+    // Held until the process is killed.
+    let _server: Box<dyn std::fmt::Debug> = if a.naive {
+        if !(a.delay >= 0.0 && a.delay.is_finite()) {
+            anyhow::bail!("--delay must be >= 0");
+        }
+        let s = NaiveServer::start(a.ip, Duration::from_secs_f64(a.delay))?;
+        print(s.native, s.policy);
+        Box::new(s)
+    } else {
+        let s = NullResponder::start(a.ip, NullOptions::default())?;
+        print(s.native, s.policy);
+        Box::new(s)
+    };
+    loop {
+        std::thread::park();
+    }
 }
 
 fn plan_cmd(a: &PlanArgs) -> anyhow::Result<()> {
@@ -432,6 +532,7 @@ fn main() {
         Cmd::Run(a) => run(a),
         Cmd::Ceiling(a) => ceiling(a),
         Cmd::Plan(a) => plan_cmd(a),
+        Cmd::Serve(a) => serve(a),
     };
     if let Err(e) = result {
         eprintln!("greyhound-loadtest: {e:#}");

@@ -154,6 +154,8 @@ fn check_run_schema(r: &Value) {
         "schema",
         "proto",
         "target",
+        "client",
+        "threads",
         "connections",
         "pipeline",
         "per_datagram",
@@ -166,12 +168,13 @@ fn check_run_schema(r: &Value) {
         "latency_us",
         "answers",
         "workload",
+        "cpu",
     ];
     let mut got = keys.clone();
     got.sort_unstable();
     want.sort_unstable();
     assert_eq!(got, want);
-    assert_eq!(r["schema"], "greyhound-loadtest/run/1");
+    assert_eq!(r["schema"], "greyhound-loadtest/run/2");
     for k in ["count", "mean", "p50", "p90", "p99", "p999", "max"] {
         assert!(r["latency_us"][k].is_number(), "latency_us.{k}");
     }
@@ -194,6 +197,13 @@ fn check_run_schema(r: &Value) {
     for k in ["new", "early_retry", "retry", "known"] {
         u(&r["workload"], k);
     }
+    for k in ["cores", "client_threads"] {
+        u(&r["cpu"], k);
+    }
+    for k in ["client_cores", "machine_idle"] {
+        assert!(r["cpu"][k].is_number(), "cpu.{k}");
+    }
+    assert!(r["cpu"]["client_saturated"].is_boolean());
 }
 
 /// Decisions are DEFER plus every PASS; with a healthy server every request is one.
@@ -335,9 +345,33 @@ fn ceiling_measures_the_null_responder_then_the_target() {
         "-p",
         "8",
     ]));
-    assert_eq!(r["schema"], "greyhound-loadtest/ceiling/1");
-    check_run_schema(&r["null"]);
-    check_run_schema(&r["target"]);
+    assert_eq!(r["schema"], "greyhound-loadtest/ceiling/2");
+    for side in ["minimal", "null", "naive", "target"] {
+        check_run_schema(&r[side]);
+    }
+    assert_eq!(r["minimal"]["client"], "minimal");
+    assert_eq!(r["null"]["client"], "full");
+    assert_eq!(u(&r["minimal"], "decisions"), 2000);
+    assert_eq!(u(&r["naive"], "decisions"), 2000);
+    // Each side's CPU: the in-process servers' threads, and the target's process, found
+    // through the port it listens on.
+    for side in ["null", "naive", "target"] {
+        assert!(
+            r[side]["cpu"]["server_cores"].is_number(),
+            "{side}: {}",
+            r[side]["cpu"]
+        );
+    }
+    let ratios = &r["ratios"];
+    let rate = |side: &str| r[side]["decisions_per_sec"].as_f64().unwrap();
+    let close = |k: &str, want: f64| {
+        let got = ratios[k].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-9, "{k}: {got} vs {want}");
+    };
+    close("client_vs_minimal", rate("null") / rate("minimal"));
+    close("naive_vs_null", rate("naive") / rate("null"));
+    close("target_vs_naive", rate("target") / rate("naive"));
+    assert!(r["warnings"].is_array());
     assert_eq!(u(&r["null"], "decisions"), 2000);
     assert_eq!(u(&r["null"]["answers"]["pass"], "known"), 2000);
     assert_eq!(u(&r["target"], "decisions"), 2000);

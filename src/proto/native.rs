@@ -1560,3 +1560,413 @@ mod framing_tests {
         }
     }
 }
+
+// =========================================================================================
+// The client's half: request encoding and reply parsing.
+//
+// `greyhound check` and the load generator speak the protocol through these, so a client and
+// the server can never disagree about the wire format. Same rules as the server's half:
+// parsing borrows from the input and never allocates; encoding only grows the caller's `Vec`.
+// =========================================================================================
+
+/// Appends one request line: `[ID ]CHECK|PEEK <ip> <sender> <recipient> [helo=..] [name=..]
+/// [auth=..]\n` or `[ID ]PING\n`. Sender and recipient go in angle brackets (the null sender is
+/// `<>`), options in the order `helo`, `name`, `auth`.
+///
+/// Fields are written as given: one holding whitespace, a control character or an angle
+/// bracket makes a line the server answers with `ERR`, exactly as it would from any client.
+/// Never allocates beyond growing `out` (the IP address is formatted in place).
+pub fn encode_request(req: &Request<'_>, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    if let Some(id) = req.id {
+        out.extend_from_slice(id.as_bytes());
+        out.push(b' ');
+    }
+    let (verb, t) = match &req.command {
+        Command::Check(t) => ("CHECK ", t),
+        Command::Peek(t) => ("PEEK ", t),
+        Command::Ping => {
+            out.extend_from_slice(b"PING\n");
+            return;
+        }
+    };
+    out.extend_from_slice(verb.as_bytes());
+    match t.client {
+        // By hand: the `fmt` path was a tenth of the load generator's CPU (perf).
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                // At most three digits, no leading zeros.
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        // Writing into a Vec cannot fail; Display of an address needs no heap.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+    for address in [t.sender, t.recipient] {
+        out.extend_from_slice(b" <");
+        out.extend_from_slice(address.as_bytes());
+        out.push(b'>');
+    }
+    for (key, value) in [(" helo=", t.helo), (" name=", t.name), (" auth=", t.auth)] {
+        if let Some(value) = value {
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(value.as_bytes());
+        }
+    }
+    out.push(b'\n');
+}
+
+/// One reply line as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyLine<'a> {
+    /// The request ID the server echoed, if the request had one.
+    pub id: Option<&'a str>,
+    /// The reply.
+    pub reply: Reply<'a>,
+}
+
+/// Why a reply line could not be read. The line is consumed all the same, so a client can
+/// count it and go on with the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// The line is not valid UTF-8.
+    #[error("reply is not valid UTF-8")]
+    BadUtf8,
+    /// The line is empty.
+    #[error("empty reply")]
+    Empty,
+    /// The leading ID has more than [`MAX_ID`] digits.
+    #[error("reply ID longer than 20 digits")]
+    BadId,
+    /// The keyword is none of `DEFER`, `PASS`, `PONG`, `ERR`.
+    #[error("unknown reply keyword")]
+    UnknownKeyword,
+    /// `DEFER` without a number of seconds that fits a `u32`, or `PONG` with arguments.
+    #[error("malformed reply arguments")]
+    BadArgs,
+    /// `ERR` with a code this version does not know.
+    #[error("unknown ERR code")]
+    UnknownCode,
+}
+
+/// Looks for one reply line at the front of `buf`: `None` means no complete line yet (read
+/// more); otherwise the line, parsed or refused, and the bytes to drop (terminator included).
+/// Lines end in `\n` or `\r\n`.
+#[must_use]
+pub fn parse_reply(buf: &[u8]) -> Option<(Result<ReplyLine<'_>, ReplyError>, usize)> {
+    let end = buf.iter().position(|&b| b == b'\n')?;
+    Some((parse_reply_line(&buf[..end]), end + 1))
+}
+
+/// Parses one reply line without its `\n` (a trailing `\r` is ignored): `[ID ]DEFER <secs>
+/// <text>`, `[ID ]PASS <reason>`, `[ID ]PONG` or `[ID ]ERR <code> <text>`. Texts and the
+/// reason are taken verbatim after the single space that follows the field before them, so
+/// whatever [`encode`] wrote comes back as it was; an `ERR`'s text is not read (it belongs to
+/// its code).
+///
+/// # Errors
+///
+/// A [`ReplyError`] saying what was wrong with the line.
+pub fn parse_reply_line(line: &[u8]) -> Result<ReplyLine<'_>, ReplyError> {
+    // Split on bytes and check UTF-8 only in the parts returned as text: this sits on the
+    // load generator's hot path once per reply, and a whole-line check plus `str` splitting
+    // cost more than the rest of the parse (callgrind).
+    let line = strip_cr(line);
+    if line.is_empty() {
+        return Err(ReplyError::Empty);
+    }
+    let utf8 = |b| std::str::from_utf8(b).map_err(|_| ReplyError::BadUtf8);
+    let (first, rest) = split_word(line);
+    // No keyword is made of digits, so a digits-only first word is the echoed ID.
+    let (id, keyword, rest) = if !first.is_empty() && first.iter().all(u8::is_ascii_digit) {
+        if first.len() > MAX_ID {
+            return Err(ReplyError::BadId);
+        }
+        let (keyword, rest) = split_word(rest);
+        (Some(utf8(first)?), keyword, rest)
+    } else {
+        (None, first, rest)
+    };
+    let reply = match keyword {
+        b"DEFER" => {
+            let (seconds, text) = split_word(rest);
+            if seconds.is_empty() || !seconds.iter().all(u8::is_ascii_digit) {
+                return Err(ReplyError::BadArgs);
+            }
+            let seconds = utf8(seconds)?.parse().map_err(|_| ReplyError::BadArgs)?;
+            Reply::Defer {
+                seconds,
+                text: utf8(text)?,
+            }
+        }
+        b"PASS" => Reply::Pass {
+            reason: utf8(rest)?,
+        },
+        b"PONG" if rest.is_empty() => Reply::Pong,
+        b"PONG" => return Err(ReplyError::BadArgs),
+        b"ERR" => {
+            let (code, text) = split_word(rest);
+            // The text is not returned, but the line must still be text.
+            utf8(text)?;
+            let kind = ErrorKind::ALL
+                .into_iter()
+                .find(|k| k.as_code().as_bytes() == code)
+                .ok_or(ReplyError::UnknownCode)?;
+            Reply::Err { kind }
+        }
+        _ if std::str::from_utf8(line).is_err() => return Err(ReplyError::BadUtf8),
+        _ => return Err(ReplyError::UnknownKeyword),
+    };
+    Ok(ReplyLine { id, reply })
+}
+
+/// Splits at the first space: (before, after); `after` is empty when there is no space.
+fn split_word(s: &[u8]) -> (&[u8], &[u8]) {
+    match s.iter().position(|&b| b == b' ') {
+        Some(at) => (&s[..at], &s[at + 1..]),
+        None => (s, &[]),
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::Ipv4Addr;
+
+    fn line(req: &Request<'_>) -> String {
+        let mut out = Vec::new();
+        encode_request(req, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn requests_are_written_as_the_protocol_shows_them() {
+        let t = Triplet {
+            client: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            sender: "",
+            recipient: "b@c.example",
+            helo: Some("mx.example"),
+            name: None,
+            auth: Some("joe"),
+        };
+        let check = Request {
+            id: Some("17"),
+            command: Command::Check(t),
+        };
+        assert_eq!(
+            line(&check),
+            "17 CHECK 192.0.2.1 <> <b@c.example> helo=mx.example auth=joe\n"
+        );
+        let peek = Request {
+            id: None,
+            command: Command::Peek(Triplet {
+                client: "2001:db8::1".parse().unwrap(),
+                sender: "a@b",
+                helo: None,
+                auth: None,
+                ..t
+            }),
+        };
+        assert_eq!(line(&peek), "PEEK 2001:db8::1 <a@b> <b@c.example>\n");
+        let ping = Request {
+            id: Some("0"),
+            command: Command::Ping,
+        };
+        assert_eq!(line(&ping), "0 PING\n");
+    }
+
+    #[test]
+    fn replies_are_read_with_their_id() {
+        fn ok(l: &[u8]) -> ReplyLine<'_> {
+            parse_reply_line(l).unwrap()
+        }
+        assert_eq!(
+            ok(b"17 DEFER 300 Greylisted, see x"),
+            ReplyLine {
+                id: Some("17"),
+                reply: Reply::Defer {
+                    seconds: 300,
+                    text: "Greylisted, see x"
+                }
+            }
+        );
+        assert_eq!(
+            ok(b"DEFER 12\r").reply,
+            Reply::Defer {
+                seconds: 12,
+                text: ""
+            }
+        );
+        assert_eq!(
+            ok(b"PASS exempt:client").reply,
+            Reply::Pass {
+                reason: "exempt:client"
+            }
+        );
+        assert_eq!(ok(b"3 PONG").id, Some("3"));
+        assert_eq!(
+            ok(b"9 ERR bad-ip malformed client IP address").reply,
+            Reply::Err {
+                kind: ErrorKind::BadIp
+            }
+        );
+        // An ERR code is read, its text is not.
+        assert_eq!(
+            ok(b"ERR too-long").reply,
+            Reply::Err {
+                kind: ErrorKind::TooLong
+            }
+        );
+    }
+
+    #[test]
+    fn bad_replies_say_why() {
+        let err = |l: &[u8]| parse_reply_line(l).unwrap_err();
+        assert_eq!(err(b""), ReplyError::Empty);
+        assert_eq!(err(b"\r"), ReplyError::Empty);
+        assert_eq!(err(b"HELLO"), ReplyError::UnknownKeyword);
+        assert_eq!(err(b"pass known"), ReplyError::UnknownKeyword);
+        assert_eq!(err(b"17"), ReplyError::UnknownKeyword);
+        assert_eq!(err(b"DEFER"), ReplyError::BadArgs);
+        assert_eq!(err(b"DEFER -1 x"), ReplyError::BadArgs);
+        // u32::MAX is the largest number of seconds; one more does not fit.
+        assert!(parse_reply_line(b"DEFER 4294967295").is_ok());
+        assert_eq!(err(b"DEFER 4294967296"), ReplyError::BadArgs);
+        assert_eq!(err(b"PONG x"), ReplyError::BadArgs);
+        assert_eq!(err(b"ERR no-such-code x"), ReplyError::UnknownCode);
+        assert_eq!(err(b"\xff PASS"), ReplyError::BadUtf8);
+        // Twenty digits are an ID, twenty-one are not.
+        assert!(parse_reply_line(b"18446744073709551615 PONG").is_ok());
+        assert_eq!(err(b"123456789012345678901 PONG"), ReplyError::BadId);
+    }
+
+    #[test]
+    fn reply_framing_waits_for_the_line_end() {
+        assert_eq!(parse_reply(b""), None);
+        assert_eq!(parse_reply(b"PASS kno"), None);
+        let (r, used) = parse_reply(b"PASS known\r\n4 PONG\n").unwrap();
+        assert_eq!(used, 12);
+        assert_eq!(r.unwrap().reply, Reply::Pass { reason: "known" });
+        let (r, used) = parse_reply(b"BOGUS\nPONG\n").unwrap();
+        assert_eq!((r, used), (Err(ReplyError::UnknownKeyword), 6));
+    }
+
+    /// Words the server's tokenizer keeps whole: no ASCII whitespace, no control characters.
+    const WORD: &str = "[^\\s\\p{Cc}<>]{1,24}";
+    const VALUE: &str = "[^\\s\\p{Cc}]{0,16}";
+    const ID: &str = "[0-9]{1,20}";
+
+    fn triplet() -> impl Strategy<Value = (IpAddr, String, String, [Option<String>; 3])> {
+        (
+            any::<IpAddr>(),
+            prop_oneof![Just(String::new()), WORD.prop_map(String::from)],
+            WORD,
+            [
+                proptest::option::of(VALUE),
+                proptest::option::of(VALUE),
+                proptest::option::of(VALUE),
+            ],
+        )
+    }
+
+    fn reply() -> impl Strategy<Value = (u8, u32, String)> {
+        // Texts and reasons may hold any character but controls, spaces included.
+        (0u8..4, any::<u32>(), "[^\\p{Cc}]{0,40}")
+    }
+
+    fn build_reply(kind: u8, n: u32, text: &str) -> Reply<'_> {
+        match kind {
+            0 => Reply::Defer { seconds: n, text },
+            1 => Reply::Pass { reason: text },
+            2 => Reply::Pong,
+            _ => Reply::Err {
+                kind: ErrorKind::ALL[n as usize % ErrorKind::ALL.len()],
+            },
+        }
+    }
+
+    proptest! {
+        /// What the client encodes, the server parses back to the same request.
+        #[test]
+        fn requests_round_trip(
+            id in proptest::option::of(ID),
+            verb in 0u8..3,
+            (client, sender, recipient, [helo, name, auth]) in triplet(),
+        ) {
+            let t = Triplet {
+                client,
+                sender: &sender,
+                recipient: &recipient,
+                helo: helo.as_deref(),
+                name: name.as_deref(),
+                auth: auth.as_deref(),
+            };
+            let command = match verb {
+                0 => Command::Check(t),
+                1 => Command::Peek(t),
+                _ => Command::Ping,
+            };
+            let req = Request { id: id.as_deref(), command };
+            let mut out = Vec::new();
+            encode_request(&req, &mut out);
+            prop_assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+            match parse(&out, usize::MAX) {
+                Frame::Line { consumed, parsed } => {
+                    prop_assert_eq!(consumed, out.len());
+                    prop_assert_eq!(parsed, Ok(req));
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        /// What the server encodes, the client parses back to the same reply.
+        #[test]
+        fn replies_round_trip(id in proptest::option::of(ID), (kind, n, text) in reply()) {
+            let reply = build_reply(kind, n, &text);
+            let mut out = Vec::new();
+            encode(id.as_deref(), &reply, &mut out);
+            let (parsed, used) = parse_reply(&out).expect("a whole line");
+            prop_assert_eq!(used, out.len());
+            prop_assert_eq!(parsed, Ok(ReplyLine { id: id.as_deref(), reply }));
+        }
+
+        /// A shortened UDP reply still parses, to the same reply with a prefix of its text.
+        #[test]
+        fn shortened_replies_parse(id in proptest::option::of(ID), (kind, n, text) in reply(), budget in 0usize..80) {
+            let reply = build_reply(kind, n, &text);
+            let mut out = Vec::new();
+            if encode_within(id.as_deref(), &reply, budget, &mut out) {
+                let got = parse_reply_line(&out[..out.len() - 1]).unwrap();
+                prop_assert_eq!(got.id, id.as_deref());
+                match (got.reply, reply) {
+                    (Reply::Defer { seconds: a, text: ta }, Reply::Defer { seconds: b, text: tb }) => {
+                        prop_assert_eq!(a, b);
+                        prop_assert!(tb.starts_with(ta));
+                    }
+                    (got, want) => prop_assert_eq!(got, want),
+                }
+            }
+        }
+
+        /// Whatever bytes come back, reading them never panics and consumes one line.
+        #[test]
+        fn reply_parsing_survives_garbage(buf in proptest::collection::vec(any::<u8>(), 0..64)) {
+            match parse_reply(&buf) {
+                None => prop_assert!(!buf.contains(&b'\n')),
+                Some((_, used)) => prop_assert_eq!(buf[..used].iter().filter(|&&b| b == b'\n').count(), 1),
+            }
+        }
+    }
+}

@@ -1075,3 +1075,203 @@ mod tests {
         }
     }
 }
+
+// =========================================================================================
+// The client's half: request encoding and reply parsing.
+//
+// The load generator speaks Postfix's side of the protocol through these, so its blocks are
+// by construction ones the server's [`parse`] reads. Same rules as the server's half: parsing
+// borrows and never allocates; encoding only grows the caller's `Vec`.
+// =========================================================================================
+
+/// Largest reply block [`parse_action`] waits for, in bytes: an action line is at most
+/// [`MAX_ACTION_LINE`], and a reply is that line and the empty one, with room to spare.
+pub const MAX_REPLY_BLOCK: usize = 4 * MAX_ACTION_LINE;
+
+/// Appends a request block: every field of `req` as a `name=value` line, in the order Postfix
+/// sends them, then the `extra` attributes (a server ignores names it does not know, so a
+/// client may add what real Postfix sends to make blocks as long as real ones), then the empty
+/// line that ends the block. Control characters in values become spaces, so one attribute is
+/// always one line.
+pub fn encode_request(req: &PolicyRequest<'_>, extra: &[(&str, &str)], out: &mut Vec<u8>) {
+    let fields = [
+        ("request", req.request),
+        ("protocol_state", req.protocol_state),
+        ("client_address", req.client_address),
+        ("client_name", req.client_name),
+        ("reverse_client_name", req.reverse_client_name),
+        ("helo_name", req.helo_name),
+        ("sender", req.sender),
+        ("recipient", req.recipient),
+        ("sasl_username", req.sasl_username),
+        ("queue_id", req.queue_id),
+        ("instance", req.instance),
+    ];
+    for (name, value) in fields.iter().chain(extra) {
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'=');
+        push_clean(value, usize::MAX, out);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+}
+
+/// Why a reply block could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// More than [`MAX_REPLY_BLOCK`] bytes without the empty line that ends a reply.
+    #[error("policy reply larger than the limit")]
+    TooLarge,
+    /// A complete block without an `action=` line.
+    #[error("policy reply without action=")]
+    NoAction,
+    /// The block is not valid UTF-8.
+    #[error("policy reply is not valid UTF-8")]
+    BadUtf8,
+}
+
+/// Looks for one reply block (`action=...\n` and an empty line) at the front of `buf`:
+/// `Ok(None)` means no complete block yet (read more); otherwise the action's value (the
+/// text after `action=`, e.g. `DUNNO` or `DEFER_IF_PERMIT Greylisted, ...`) and the bytes to
+/// drop, the empty line included. Other attributes are skipped; the first `action=` counts. A
+/// trailing `\r` on a line is ignored.
+///
+/// # Errors
+///
+/// An [`ActionError`]; a client should treat the connection as broken.
+pub fn parse_action(buf: &[u8]) -> Result<Option<(&str, usize)>, ActionError> {
+    let window = &buf[..buf.len().min(MAX_REPLY_BLOCK)];
+    let mut action = None;
+    let mut pos = 0;
+    while let Some(len) = window[pos..].iter().position(|&b| b == b'\n') {
+        let raw = &window[pos..pos + len];
+        pos += len + 1;
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.is_empty() {
+            return match action {
+                Some(value) => Ok(Some((value, pos))),
+                None => Err(ActionError::NoAction),
+            };
+        }
+        if action.is_none() {
+            if let Some(value) = line.strip_prefix(b"action=") {
+                action = Some(std::str::from_utf8(value).map_err(|_| ActionError::BadUtf8)?);
+            }
+        }
+    }
+    if buf.len() > MAX_REPLY_BLOCK {
+        Err(ActionError::TooLarge)
+    } else {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_blocks_carry_every_field_and_the_extras() {
+        let req = PolicyRequest {
+            request: POLICY_REQUEST,
+            protocol_state: "RCPT",
+            client_address: "192.0.2.1",
+            sender: "",
+            recipient: "b@c.example",
+            ..PolicyRequest::default()
+        };
+        let mut out = Vec::new();
+        encode_request(&req, &[("size", "0")], &mut out);
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(text.starts_with("request=smtpd_access_policy\nprotocol_state=RCPT\n"));
+        assert!(
+            text.contains("\nsender=\nrecipient=b@c.example\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\ninstance=\nsize=0\n\n"), "{text}");
+        assert_eq!(
+            parse(&out, &BlockLimits::default()),
+            Ok(Block::Complete {
+                consumed: out.len(),
+                request: req
+            })
+        );
+        // A newline in a value cannot split the attribute.
+        out.clear();
+        let sneaky = PolicyRequest {
+            helo_name: "x\nrequest=other",
+            ..req
+        };
+        encode_request(&sneaky, &[], &mut out);
+        let Ok(Block::Complete { request, .. }) = parse(&out, &BlockLimits::default()) else {
+            panic!("{:?}", String::from_utf8_lossy(&out));
+        };
+        assert_eq!(request.request, POLICY_REQUEST);
+        assert_eq!(request.helo_name, "x request=other");
+    }
+
+    #[test]
+    fn replies_are_read_to_the_empty_line() {
+        assert_eq!(parse_action(b""), Ok(None));
+        assert_eq!(parse_action(b"action=DUNNO\n"), Ok(None));
+        assert_eq!(
+            parse_action(b"action=DUNNO\n\naction=PREPEND x\n\n"),
+            Ok(Some(("DUNNO", 14)))
+        );
+        assert_eq!(
+            parse_action(b"other=1\r\naction=DEFER_IF_PERMIT Greylisted\r\n\r\n"),
+            Ok(Some(("DEFER_IF_PERMIT Greylisted", 46)))
+        );
+        assert_eq!(parse_action(b"\n"), Err(ActionError::NoAction));
+        assert_eq!(parse_action(b"action=\xff\n\n"), Err(ActionError::BadUtf8));
+        // A block may fill the limit exactly; one byte more without its end is refused.
+        let mut big = b"action=".to_vec();
+        big.resize(MAX_REPLY_BLOCK - 2, b'x');
+        big.extend_from_slice(b"\n\n");
+        assert_eq!(
+            parse_action(&big).map(|r| r.map(|(_, n)| n)),
+            Ok(Some(MAX_REPLY_BLOCK))
+        );
+        let endless = vec![b'x'; MAX_REPLY_BLOCK + 1];
+        assert_eq!(parse_action(&endless[..MAX_REPLY_BLOCK]), Ok(None));
+        assert_eq!(parse_action(&endless), Err(ActionError::TooLarge));
+    }
+
+    /// Values Postfix could send on one line: anything but control characters.
+    const VALUE: &str = "[^\\p{Cc}]{0,24}";
+
+    proptest! {
+        /// What the client encodes, the server parses back to the same request.
+        #[test]
+        fn requests_round_trip(v in proptest::collection::vec(VALUE, 10)) {
+            let req = PolicyRequest {
+                request: POLICY_REQUEST,
+                protocol_state: &v[0],
+                client_address: &v[1],
+                client_name: &v[2],
+                reverse_client_name: &v[3],
+                helo_name: &v[4],
+                sender: &v[5],
+                recipient: &v[6],
+                sasl_username: &v[7],
+                queue_id: &v[8],
+                instance: &v[9],
+            };
+            let mut out = Vec::new();
+            encode_request(&req, &[("protocol_name", "ESMTP")], &mut out);
+            prop_assert_eq!(
+                parse(&out, &BlockLimits::default()),
+                Ok(Block::Complete { consumed: out.len(), request: req })
+            );
+        }
+
+        /// What the server encodes, the client parses back to the same action.
+        #[test]
+        fn replies_round_trip(action in "[^\\p{Cc}]{0,120}") {
+            let mut out = Vec::new();
+            encode_action(&action, &mut out);
+            prop_assert_eq!(parse_action(&out), Ok(Some((action.as_str(), out.len()))));
+        }
+    }
+}
