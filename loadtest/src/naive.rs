@@ -126,6 +126,20 @@ fn native_line(
     key: &mut String,
     out: &mut Vec<u8>,
 ) {
+    native_line_within(line, seen, delay, key, usize::MAX, out);
+}
+
+/// [`native_line`] with at most `budget` bytes for the reply: the text is shortened (down to
+/// `DEFER n`) as the protocol asks of every server on UDP, and a reply that cannot fit at all
+/// is left out.
+fn native_line_within(
+    line: &[u8],
+    seen: &DashMap<String, Instant>,
+    delay: Duration,
+    key: &mut String,
+    budget: usize,
+    out: &mut Vec<u8>,
+) {
     let text = std::str::from_utf8(line).unwrap_or("");
     let mut words = text.split_ascii_whitespace();
     let mut first = words.next().unwrap_or("");
@@ -157,7 +171,7 @@ fn native_line(
             kind: native::ErrorKind::BadArgs,
         },
     };
-    native::encode(id, &reply, out);
+    let _fits = native::encode_within(id, &reply, budget, out);
 }
 
 async fn native_conn(mut s: tokio::net::TcpStream, seen: Seen, delay: Duration) {
@@ -252,16 +266,20 @@ async fn udp_task(sock: Arc<tokio::net::UdpSocket>, seen: Seen, delay: Duration)
         };
         out.clear();
         for line in buf[..n].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            native_line(
+            // No amplification, as the protocol asks: the replies may not outgrow the
+            // request, so texts are cut to fit. (Dropping a whole reply instead stalled the
+            // client's window for its timeout and measured loss, not the server.)
+            let budget = n - out.len();
+            native_line_within(
                 line.strip_suffix(b"\r").unwrap_or(line),
                 &seen,
                 delay,
                 &mut key,
+                budget,
                 &mut out,
             );
         }
-        // No amplification, as the real server: a reply larger than its request is dropped.
-        if out.len() <= n {
+        if !out.is_empty() {
             let _ = sock.send_to(&out, from).await;
         }
     }
