@@ -5,6 +5,11 @@
 //! 2 threads, batches of 1024 requests of the bench's mix.
 //!
 //! `cargo run --release --example decide_group -- [ROUNDS]`
+//!
+//! `decide_group -- count LIVE N` instead prefills LIVE triplets and decides N requests of the
+//! same mix on one thread in `counted`, for instruction counts that a shared machine cannot
+//! blur: `valgrind --tool=callgrind --toggle-collect='*counted*' target/release/examples/decide_group count 100000 1000000`
+//! (instructions per decision = Ir / N).
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -47,7 +52,38 @@ fn round(e: &greyhound::engine::Engine, w: &Workload, two_phase: bool, seed: u64
     done as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
+/// Decides `n` requests two-phase on this thread; kept out of line so callgrind can count it
+/// alone.
+#[inline(never)]
+fn counted(e: &greyhound::engine::Engine, w: &Workload, live: u64, n: u64) -> u64 {
+    let mut rng = Rng(7);
+    let mut out: Vec<Decision> = Vec::with_capacity(BATCH);
+    let mut qs: Vec<Query> = Vec::with_capacity(BATCH);
+    let mut passed = 0;
+    for _ in 0..n.div_ceil(BATCH as u64) {
+        qs.clear();
+        qs.extend((0..BATCH).map(|_| w.query(pick(&mut rng, live, false))));
+        e.check_batch(&qs, Mode::Record, &mut out);
+        passed += out
+            .iter()
+            .filter(|d| matches!(d, Decision::Pass(_)))
+            .count() as u64;
+    }
+    passed
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("count") {
+        let arg = |i: usize, d: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+        let (live, n) = (arg(2, 100_000), arg(3, 1_000_000));
+        let w = Workload::new();
+        let (e, _clock) = engine();
+        prefill(&e, &w, live);
+        let passed = counted(&e, &w, live, n);
+        println!("{n} decisions over {live} live triplets, {passed} passed");
+        return;
+    }
     let rounds: u64 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
