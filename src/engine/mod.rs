@@ -304,8 +304,6 @@ fn shard_of(key: Key, bits: u32) -> usize {
 /// Per-thread buffers for normalised strings, so a decision allocates nothing.
 #[derive(Default)]
 struct Scratch {
-    sender: Vec<u8>,
-    recipient: Vec<u8>,
     lower_sender: Vec<u8>,
     lower_name: Vec<u8>,
     message: Vec<u8>,
@@ -467,8 +465,13 @@ impl Engine {
             return Err(Decision::Pass(Pass::Auth));
         }
         let sender = if q.sender == "<>" { "" } else { q.sender };
-        s.recipient.clear();
-        self.normalizer.recipient(q.recipient, &mut s.recipient);
+        let client = self.normalizer.client(q.client);
+        // The normalised sender and recipient are written straight into the message that is
+        // hashed; the recipient, last, is also what the exemption lists look at.
+        let m = &mut s.message;
+        key::begin_triplet(&client, m);
+        key::push_field(m, |m| self.normalizer.sender(sender, m));
+        let rcpt_at = key::push_field(m, |m| self.normalizer.recipient(q.recipient, m));
         if !exemptions.is_empty() {
             // Lower-case only what a list will look at: the embedded client list is almost
             // always loaded, sender and name lists often are not.
@@ -482,18 +485,13 @@ impl Engine {
                 .client_name
                 .filter(|_| counts.client_names > 0)
                 .map(|n| lower_into(n, &mut s.lower_name));
-            let rcpt_lc = std::str::from_utf8(&s.recipient).unwrap_or("");
+            let rcpt_lc = std::str::from_utf8(&m[rcpt_at..]).unwrap_or("");
             if let Some(list) = exemptions.check(q.client, name_lc, sender_lc, rcpt_lc) {
                 return Err(Decision::Pass(Pass::Exempt(list)));
             }
         }
-        s.sender.clear();
-        self.normalizer.sender(sender, &mut s.sender);
-        let client = self.normalizer.client(q.client);
         Ok(Keyed {
-            key: self
-                .hasher
-                .triplet(&client, &s.sender, &s.recipient, &mut s.message),
+            key: self.hasher.finish_triplet(m),
             client,
         })
     }
