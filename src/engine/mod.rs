@@ -591,7 +591,7 @@ impl Engine {
                 }
                 // All of the group's slots at once, right before they are read: the misses
                 // overlap, and nothing evicts the lines meanwhile. Measured on 10 M triplets,
-                // 2 threads: +29 % decisions per CPU second over no prefetch; prefetching each
+                // 2 threads: +11-29 % decisions per CPU second over no prefetch; prefetching each
                 // slot as soon as its key was known (a whole group ahead) was 10-20 % *slower*
                 // than no prefetch (docs/BENCHMARKS.md, "Engine raw path").
                 for k in keyed[..group.len()].iter().flatten() {
