@@ -315,7 +315,8 @@ thread_local! {
 
 fn lower_into<'b>(s: &str, buf: &'b mut Vec<u8>) -> &'b str {
     buf.clear();
-    buf.extend(s.bytes().map(|b| b.to_ascii_lowercase()));
+    buf.extend_from_slice(s.as_bytes());
+    buf.make_ascii_lowercase();
     // ASCII lower-casing keeps UTF-8 valid; fall back to "" rather than panic if not.
     std::str::from_utf8(buf).unwrap_or("")
 }

@@ -231,7 +231,11 @@ impl Normalizer {
     /// Appends the recipient, ASCII-lower-cased, to `out` (which is not
     /// cleared). Nothing else is changed.
     pub fn recipient(&self, recipient: &str, out: &mut Vec<u8>) {
-        out.extend(recipient.bytes().map(|b| b.to_ascii_lowercase()));
+        let start = out.len();
+        // Copy, then lower-case in place: this loop is vectorised, where extending from
+        // `bytes().map(..)` went byte by byte (over half of `prepare`'s own time in `perf`).
+        out.extend_from_slice(recipient.as_bytes());
+        out[start..].make_ascii_lowercase();
     }
 }
 
