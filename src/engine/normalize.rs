@@ -1283,6 +1283,10 @@ mod tests {
             "SRS1=h=hop=+h=tt=d=l@x",
             "srs1=h=hop=xh=tt=d=l@x",
             "0123abcd-EF01-1234-ABCD-0123456789ab@x",
+            // What the proptests shrank to when the single pass was broken on purpose (VERP
+            // tail ending in '.' accepted; four-character hex tokens kept).
+            "A=-.+",
+            "0a00000a-00a0-aa0a-00a0-aa0aaa0aaa0a.",
         ] {
             let (new, old) = both(input);
             assert_eq!(
