@@ -21,8 +21,8 @@
 //! [`engine`] holds all of it and needs no runtime: the server ([`server`]) drives it on the
 //! system clock, the capacity planner (`greyhound-loadtest plan`) on a simulated one.
 
-// `unsafe` is denied everywhere but `snapshot::mmap`, which maps snapshot files read-only and
-// explains why that is sound.
+// `unsafe` is denied everywhere but `snapshot::mmap`, which maps snapshot files read-only, and
+// `engine::prefetch`, which issues cache prefetch hints; each explains why that is sound.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -87,6 +87,29 @@ impl std::fmt::Debug for KeyHasher {
     }
 }
 
+/// Starts, in `buf` (cleared first), the message a triplet key is the hash of: the triplet
+/// tag and the client. Sender and recipient follow with [`push_field`]; building it in place
+/// lets the normaliser write straight into it instead of into buffers copied here after.
+#[inline]
+pub fn begin_triplet(client: &ClientNet, buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.push(TAG_TRIPLET);
+    buf.extend_from_slice(&client.encode());
+}
+
+/// Appends one length-prefixed field whose bytes `write` appends to `buf`; returns where
+/// the field's bytes start.
+#[inline]
+pub fn push_field(buf: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> usize {
+    let len_at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    let start = buf.len();
+    write(buf);
+    let len = (buf.len() - start) as u32;
+    buf[len_at..start].copy_from_slice(&len.to_le_bytes());
+    start
+}
+
 // Domain-separation tags: a client key and a triplet key can never be the same input.
 const TAG_TRIPLET: u8 = b'T';
 const TAG_CLIENT: u8 = b'C';
@@ -109,15 +132,18 @@ impl KeyHasher {
         recipient: &[u8],
         buf: &mut Vec<u8>,
     ) -> Key {
-        buf.clear();
-        buf.push(TAG_TRIPLET);
-        buf.extend_from_slice(&client.encode());
-        buf.extend_from_slice(&(sender.len() as u32).to_le_bytes());
-        buf.extend_from_slice(sender);
-        buf.extend_from_slice(&(recipient.len() as u32).to_le_bytes());
-        buf.extend_from_slice(recipient);
+        begin_triplet(client, buf);
+        push_field(buf, |b| b.extend_from_slice(sender));
+        push_field(buf, |b| b.extend_from_slice(recipient));
+        self.finish_triplet(buf)
+    }
+
+    /// The key of a message built with [`begin_triplet`] and two [`push_field`]s (sender,
+    /// then recipient).
+    #[inline]
+    pub fn finish_triplet(&self, message: &[u8]) -> Key {
         let mut h = SipHasher13::new_with_key(&self.secret);
-        h.write(buf);
+        h.write(message);
         Key::from_u128(h.finish128().as_u128())
     }
 

@@ -9,7 +9,10 @@
 //! which bounds memory per record (see `docs/BENCHMARKS.md`) where doubling would swing it
 //! between 0.4 and 0.8. Deletion shifts followers back, so there are no tombstones.
 
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::Relaxed};
+
 use super::key::Key;
+use super::prefetch;
 
 /// A record that can live in a [`Table`].
 pub(crate) trait Record: Copy {
@@ -205,9 +208,83 @@ impl<R: Record> Table<R> {
         Some(removed)
     }
 
+    /// Where the slot array lives and how many slots it has, for a [`SlotHint`].
+    fn raw_slots(&self) -> (*const R, usize) {
+        (self.slots.as_ptr(), self.slots.len())
+    }
+
     /// All records, in slot order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &R> + '_ {
         self.slots.iter().filter(|r| !r.key().is_vacant())
+    }
+}
+
+/// A copy of a table's slot-array address and size that can be read without the table's
+/// lock, so that a key's home slot can be prefetched a group of requests ahead.
+///
+/// It is refreshed under the lock after anything that may reallocate the table. A reader
+/// racing with a reallocation may see an old address or a mismatched pair: then it prefetches
+/// a useless line, which costs a little bandwidth and nothing else ([`prefetch::read`] accepts
+/// any address). The address is only ever prefetched, never read.
+#[derive(Debug)]
+pub(crate) struct SlotHint<R> {
+    base: AtomicPtr<R>,
+    cap: AtomicUsize,
+}
+
+impl<R> Default for SlotHint<R> {
+    fn default() -> Self {
+        Self {
+            base: AtomicPtr::new(std::ptr::null_mut()),
+            cap: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl<R: Record> SlotHint<R> {
+    /// Records `table`'s slot array, if it moved. Called with the table's lock held.
+    #[inline]
+    pub(crate) fn refresh(&self, table: &Table<R>) {
+        let (base, cap) = table.raw_slots();
+        if self.base.load(Relaxed).cast_const() != base || self.cap.load(Relaxed) != cap {
+            self.base.store(base.cast_mut(), Relaxed);
+            self.cap.store(cap, Relaxed);
+        }
+    }
+
+    /// Where `key`'s home slot was when the hint was last refreshed; `None` before the table
+    /// had any slots. Never dereferenced: only prefetched and compared.
+    #[inline]
+    pub(crate) fn home_slot(&self, key: Key) -> Option<*const R> {
+        let cap = self.cap.load(Relaxed);
+        if cap == 0 {
+            return None;
+        }
+        Some(
+            self.base
+                .load(Relaxed)
+                .cast_const()
+                .wrapping_add(home(key, cap)),
+        )
+    }
+
+    /// Whether the hint describes `table` as it is now.
+    #[cfg(test)]
+    pub(crate) fn is_current(&self, table: &Table<R>) -> bool {
+        let (base, cap) = table.raw_slots();
+        self.base.load(Relaxed).cast_const() == base && self.cap.load(Relaxed) == cap
+    }
+
+    /// Prefetches the cache lines of `key`'s home slot.
+    #[inline]
+    pub(crate) fn prefetch(&self, key: Key) {
+        let Some(slot) = self.home_slot(key) else {
+            return;
+        };
+        prefetch::read(slot);
+        // A record may straddle two lines; its last byte's line is the next one then (and
+        // otherwise the same line again, which costs next to nothing).
+        prefetch::read(slot.cast::<u8>().wrapping_add(std::mem::size_of::<R>() - 1));
     }
 }
 
@@ -314,6 +391,44 @@ mod tests {
             }
         }
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn slot_hint_finds_the_home_slot_after_growth() {
+        let mut t = Table::<R>::default();
+        let hint = SlotHint::default();
+        assert_eq!(hint.home_slot(key(1)), None, "no slots yet");
+        let k = |i: u64| key(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        for i in 0..1000 {
+            t.upsert(R { key: k(i), v: 0 });
+            hint.refresh(&t);
+        }
+        assert!(hint.is_current(&t));
+        // A record sits at its home slot or a few slots after it (linear probing).
+        let base = t.slots.as_ptr();
+        let mut at_home = 0;
+        for i in 0..1000 {
+            let rec = t.get(k(i)).unwrap() as *const R;
+            let slot = hint.home_slot(k(i)).unwrap();
+            let dist = (rec as usize).wrapping_sub(slot as usize) / std::mem::size_of::<R>();
+            let wrapped = (rec as usize) < (slot as usize);
+            assert!(
+                wrapped || dist < 64,
+                "record {i} is {dist} slots past its hint"
+            );
+            assert!(slot >= base && slot < base.wrapping_add(t.capacity()));
+            at_home += usize::from(rec == slot);
+        }
+        assert!(at_home > 500, "only {at_home} of 1000 at their hinted slot");
+        // After a growth the old hint is stale until refreshed.
+        t.reserve(10_000);
+        assert!(!hint.is_current(&t));
+        hint.refresh(&t);
+        assert!(hint.is_current(&t));
+        assert_eq!(
+            hint.home_slot(k(3)).unwrap(),
+            t.slots.as_ptr().wrapping_add(home(k(3), t.capacity()))
+        );
     }
 
     proptest! {

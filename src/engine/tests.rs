@@ -195,6 +195,32 @@ fn ipv6_and_mapped_ipv4_clients() {
 }
 
 /// Passes one new triplet of `client` (first sight, then retry after the delay).
+#[test]
+fn prefetch_hints_follow_every_growth() {
+    let (e, _clock) = engine();
+    let mut out = Vec::new();
+    let senders: Vec<String> = (0..5000).map(|i| format!("s{i}@example.org")).collect();
+    let queries: Vec<Query> = senders
+        .iter()
+        .map(|s| Query::new(ip(192, 0, 2, 1), s, "rcpt@example.net"))
+        .collect();
+    e.check_batch(&queries, Mode::Record, &mut out);
+    let current = |e: &Engine| {
+        e.triplets
+            .iter()
+            .zip(e.triplet_hints.iter())
+            .all(|(sh, hint)| hint.is_current(&lock(sh).table))
+    };
+    assert!(current(&e), "after inserts by decisions");
+    e.reserve(100_000, 0);
+    assert!(current(&e), "after reserve");
+    let (f, _clock) = engine();
+    let mut records = Vec::new();
+    e.for_each_triplet_shard(|rs| records.extend(rs.copied()));
+    assert_eq!(f.load_triplets(records, _clock.now()), 5000);
+    assert!(current(&f), "after loading");
+}
+
 fn pass_one(e: &Engine, clock: &ManualClock, client: IpAddr, n: usize) -> Decision {
     let rcpt = format!("user{n}@example.net");
     let first = check(e, client, "sender@example.org", &rcpt);

@@ -1,4 +1,5 @@
-//! Read-only memory maps of snapshot files: the only `unsafe` in Greyhound.
+//! Read-only memory maps of snapshot files: one of the two `unsafe` modules in Greyhound (the
+//! other is `engine::prefetch`).
 //!
 //! A snapshot is read where it lies: the kernel pages it in as the loader decodes records,
 //! with no read buffer the size of the table and no copy.
