@@ -188,8 +188,8 @@ fn parse_clean<'a>(
     window: &'a [u8],
     limits: &BlockLimits,
 ) -> Option<Result<Block<'a>, PolicyError>> {
-    // One vectorised search for every line end up to the first empty line, which ends the
-    // block (no `\r` is allowed on this path, so an empty line is "\n" right after another).
+    // One search for every line end up to the first empty line, which ends the block (no `\r`
+    // is allowed on this path, so an empty line is "\n" right after another).
     // Line ends are kept on the stack; a block of more lines goes the careful way.
     let mut ends = [0u32; 64];
     let mut lines = 0;
@@ -338,7 +338,7 @@ pub struct TemplateVars<'a> {
 /// control characters), so the appended bytes are valid UTF-8.
 pub fn expand_template(template: &str, vars: &TemplateVars<'_>, out: &mut Vec<u8>) {
     let mut rest = template;
-    while let Some(at) = rest.find('%') {
+    while let Some(at) = memchr::memchr(b'%', rest.as_bytes()) {
         out.extend_from_slice(&rest.as_bytes()[..at]);
         let after = &rest[at + 1..];
         let value = match after.as_bytes().first() {
