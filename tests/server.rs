@@ -1740,3 +1740,52 @@ fn idle_timeout_spares_a_connection_in_use() {
     c.expect_closed("native connection after falling silent");
     p.expect_closed("policy connection after falling silent");
 }
+
+#[test]
+fn sigterm_stops_a_client_that_never_stops_sending() {
+    // A pipelining client that keeps the socket readable: the server answers what it has read
+    // and closes at its next read, so shutdown is not held up until the grace period's end.
+    let mut srv = Server::start(&[]);
+    let mut s = connect(srv.native);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let mut r = s.try_clone().expect("clone");
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut got = 0usize;
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n,
+                }
+            }
+        })
+    };
+    let writer = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let burst = "PING\n".repeat(200);
+            while !stop.load(Ordering::Relaxed) {
+                if s.write_all(burst.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    srv.signal("TERM");
+    let status = srv.wait_exit(IO_TIMEOUT);
+    stop.store(true, Ordering::Relaxed);
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "still running after {IO_TIMEOUT:?}; log:\n{}",
+            srv.logs().join("\n")
+        )
+    });
+    assert_eq!(status.code(), Some(0), "log:\n{}", srv.logs().join("\n"));
+    let got = reader.join().expect("reader");
+    assert!(got > 0, "no answer before the shutdown");
+    let _ = writer.join();
+    // Closed at a read, never mid-answer: whatever arrived is whole PONG lines.
+    assert_eq!(got % "PONG\n".len(), 0, "a partial answer ({got} bytes)");
+}

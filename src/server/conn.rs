@@ -192,6 +192,8 @@ pub(crate) struct Conn<S> {
     last_io: Instant,
     /// Fires no earlier than `last_io + idle`; pushed back only when it fires early.
     timer: Pin<Box<Sleep>>,
+    /// The connection's own shutdown token (a child of the server's).
+    token: CancellationToken,
     /// Fires when the server shuts down.
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
 }
@@ -204,12 +206,24 @@ impl<S: Stream> Conn<S> {
             idle,
             last_io: now,
             timer: Box::pin(tokio::time::sleep_until(now + idle)),
-            cancelled: Box::pin(token.cancelled_owned()),
+            cancelled: Box::pin(token.clone().cancelled_owned()),
+            token,
         }
     }
 
-    /// Appends what the peer sent to `buf`, waiting for it if need be.
+    /// Appends what the peer sent to `buf`, waiting for it if need be. Once the server shuts
+    /// down, the next read closes the connection (what was read before has been answered),
+    /// so a client that never stops sending cannot hold the shutdown up.
     pub(crate) async fn read(&mut self, buf: &mut Vec<u8>) -> Read {
+        // The connection's own token: checking it locks nothing another connection uses.
+        if self.token.is_cancelled() {
+            return Read::Close;
+        }
+        // `try_read_buf` and `try_write` take no part in tokio's cooperative budget: a client
+        // that keeps its socket readable would never let this task yield, starving every other
+        // task of its worker (the signal handler included). One unit of budget per read makes
+        // the task yield after tokio's usual 128.
+        tokio::task::coop::consume_budget().await;
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(8192);
         }
