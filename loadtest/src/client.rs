@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use greyhound::net::udp_batch::{bind_reuseport, BatchSocket};
-use greyhound::proto::{native, policy};
+use greyhound::proto::policy;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mio::unix::SourceFd;
@@ -294,15 +294,6 @@ impl WorkerOut {
         }
     }
 
-    #[inline]
-    fn record(&mut self, a: answer::Answer, intended: Instant, at: Instant) -> bool {
-        let decision = self.tally.count(a);
-        if decision {
-            self.latency(intended, at, 1);
-        }
-        decision
-    }
-
     /// Records `n` decisions sent (or due) at `intended` and answered at `at`.
     #[inline]
     fn latency(&mut self, intended: Instant, at: Instant, n: u64) {
@@ -315,6 +306,35 @@ impl WorkerOut {
     pub(crate) fn failed(&mut self, sh: &Shared) {
         self.tally.connection_errors += 1;
         sh.failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Decisions answered together whose requests were sent (or due) together: one histogram
+/// entry with a count rather than one per reply. Requests written in one batch share their
+/// send time and are mostly answered in one read (closed loop, TCP pipeline 128: one record
+/// per batch instead of 128).
+#[derive(Default)]
+struct SameSend(Option<(Instant, u64)>);
+
+impl SameSend {
+    /// One more decision sent at `intended`, answered at `at`.
+    #[inline(always)]
+    fn add(&mut self, out: &mut WorkerOut, intended: Instant, at: Instant) {
+        match &mut self.0 {
+            Some((t, n)) if *t == intended => *n += 1,
+            _ => {
+                if let Some((t, n)) = self.0.replace((intended, 1)) {
+                    out.latency(t, at, n);
+                }
+            }
+        }
+    }
+
+    /// Records what is pending, answered at `at`.
+    fn flush(&mut self, out: &mut WorkerOut, at: Instant) {
+        if let Some((t, n)) = self.0.take() {
+            out.latency(t, at, n);
+        }
     }
 }
 
@@ -626,10 +646,7 @@ impl TcpConn {
         }
         let at = Instant::now();
         let (mut pos, mut decided, mut failed) = (0, 0, 0);
-        // Requests written in one batch share their send time and are mostly answered in one
-        // read: their latencies are one histogram entry with a count (closed loop, pipeline
-        // 128: one record per batch instead of 128).
-        let mut same: Option<(Instant, u64)> = None;
+        let mut same = SameSend::default();
         let mut broken = false;
         loop {
             let buf = &self.inbuf[pos..self.in_len];
@@ -644,8 +661,10 @@ impl TcpConn {
                     }
                 }
             } else {
-                match native::parse_reply(buf) {
-                    Some((r, used)) => (answer::classify_native(&r).1, used),
+                // Framed with one `memchr` per line and classified from the first bytes
+                // (`answer::native_fast`), the codec's parse only for the rare replies.
+                match memchr::memchr(b'\n', buf) {
+                    Some(end) => (answer::native_fast(&buf[..end]).1, end + 1),
                     None => break,
                 }
             };
@@ -653,14 +672,7 @@ impl TcpConn {
             match self.inflight.pop_front() {
                 Some((intended, _)) if out.tally.count(a) => {
                     decided += 1;
-                    match &mut same {
-                        Some((t, n)) if *t == intended => *n += 1,
-                        _ => {
-                            if let Some((t, n)) = same.replace((intended, 1)) {
-                                out.latency(t, at, n);
-                            }
-                        }
-                    }
+                    same.add(out, intended, at);
                 }
                 Some(_) => failed += 1,
                 None => {
@@ -670,9 +682,7 @@ impl TcpConn {
                 }
             }
         }
-        if let Some((t, n)) = same {
-            out.latency(t, at, n);
-        }
+        same.flush(out, at);
         if broken {
             self.fail(sh, out);
         }
@@ -1032,6 +1042,7 @@ impl UdpConn {
     /// Takes every datagram queued (one `recvmmsg` per 64) and matches replies by ID.
     fn recv(&mut self, cfg: &RunConfig, sh: &Shared, out: &mut WorkerOut) {
         let (mut decided, mut failed) = (0, 0);
+        let mut same = SameSend::default();
         loop {
             let n = match self.bs.recv() {
                 Ok(n) => n,
@@ -1047,10 +1058,23 @@ impl UdpConn {
                 if from != cfg.target {
                     continue;
                 }
-                for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                    let (id, a) = answer::native(line);
+                // One `memchr` per line; the last line may lack its `\n`.
+                let mut rest = data;
+                while !rest.is_empty() {
+                    let (line, next) = match memchr::memchr(b'\n', rest) {
+                        Some(end) => (&rest[..end], &rest[end + 1..]),
+                        None => (rest, &[][..]),
+                    };
+                    rest = next;
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let (id, a) = answer::native_fast(line);
                     match id.and_then(|id| self.outstanding.answer(id)) {
-                        Some(intended) if out.record(a, intended, at) => decided += 1,
+                        Some(intended) if out.tally.count(a) => {
+                            decided += 1;
+                            same.add(out, intended, at);
+                        }
                         Some(_) => failed += 1,
                         None => {
                             out.tally.unmatched += 1;
@@ -1059,6 +1083,7 @@ impl UdpConn {
                     }
                 }
             }
+            same.flush(out, at);
             // Fewer than a full batch: the queue is empty (more will raise a new edge).
             if n < UDP_BATCH {
                 break;

@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use greyhound::proto::{native, policy};
+use greyhound::proto::policy;
 use serde::{Deserialize, Serialize};
 
 use crate::rng::{mix, mix2, Rng};
@@ -346,14 +346,24 @@ pub fn parts(cfg: &WorkloadConfig, t: u64) -> Parts {
 /// BATV 3, null sender 2. The VERP, SRS and BATV forms carry a per-message part that the
 /// server's normaliser must reduce, or every message of a list would be a new triplet.
 pub fn write_sender(sender: u32, tag: u64, out: &mut Vec<u8>) {
-    // Written piece by piece rather than with `write!`: formatting was ~15 % of the client's
-    // CPU in a profile of a native TCP run (perf, busy machine). Literal pieces have a length
-    // known at compile time, so each is a few moves, not a `memcpy` call. The text is the
-    // same (a test checks it against the `format!` forms).
+    let mut w = Line::new();
+    if !sender_into(&mut w, sender, tag) {
+        w.s(b"<>");
+    }
+    out.extend_from_slice(w.bytes());
+}
+
+/// Writes the sender's address into `w`; writes nothing and returns `false` for the null
+/// sender (whose text depends on the protocol: `<>` as an address, empty in the codecs).
+#[inline]
+fn sender_into(w: &mut Line, sender: u32, tag: u64) -> bool {
+    // Written piece by piece into a stack buffer rather than with `write!` or `Vec` pushes:
+    // formatting was ~15 % of the client's CPU in a profile of a native TCP run (perf), and
+    // per-byte `Vec` pushes with their capacity checks ~480 instructions per request of the
+    // client thread (callgrind, see docs/LOADTEST.md). The text is the same as the `format!`
+    // forms (a test checks).
     let d = u64::from(sender % 9973);
     let n = u64::from(sender);
-    let mut w = Text(out);
-    w.0.reserve(96);
     match mix(n) % 32 {
         0..=17 => {
             w.s(b"user").dec(n).s(b"@mail").dec(d).s(b".example.com");
@@ -379,106 +389,224 @@ pub fn write_sender(sender: u32, tag: u64, out: &mut Vec<u8>) {
                 .dec(n);
             w.s(b"@corp").dec(d).s(b".example");
         }
-        _ => {
-            w.s(b"<>");
-        }
+        _ => return false,
     }
+    true
 }
 
 /// Writes recipient `r`.
 pub fn write_recipient(r: u32, out: &mut Vec<u8>) {
-    Text(out)
-        .s(b"user")
+    let mut w = Line::new();
+    recipient_into(&mut w, r);
+    out.extend_from_slice(w.bytes());
+}
+
+#[inline]
+fn recipient_into(w: &mut Line, r: u32) {
+    w.s(b"user")
         .dec(r.into())
         .s(b"@isp")
         .dec((r % 50).into())
         .s(b".example");
 }
 
-/// Appends generated text to a buffer without the `fmt` machinery.
-struct Text<'a>(&'a mut Vec<u8>);
+/// Room for the longest request line the client writes (~170 bytes: a 20-digit ID, `CHECK `,
+/// a 39-byte IPv6 address, a sender of at most 64 bytes and a recipient of at most 28) and
+/// the 20 bytes past the end that a number's fixed-size copy writes.
+const LINE_MAX: usize = 256;
 
-impl Text<'_> {
-    /// A literal piece.
+/// Two decimal digits for each of 0..100, for writing numbers two digits at a time.
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Most decimal digits of a `u64`.
+const DIGITS: usize = 20;
+
+/// The decimal digits of each octet value, then their count.
+const OCTETS: [[u8; 4]; 256] = {
+    let mut t = [[0u8; 4]; 256];
+    let mut i = 0;
+    while i < 256 {
+        let (h, d, u) = ((i / 100) as u8, (i / 10 % 10) as u8, (i % 10) as u8);
+        t[i] = if i >= 100 {
+            [b'0' + h, b'0' + d, b'0' + u, 3]
+        } else if i >= 10 {
+            [b'0' + d, b'0' + u, 0, 2]
+        } else {
+            [b'0' + u, 0, 0, 1]
+        };
+        i += 1;
+    }
+    t
+};
+
+/// A request line (or one field of one) written on the stack without the `fmt` machinery and
+/// without a capacity check per byte, then copied out in one piece.
+pub(crate) struct Line {
+    buf: [u8; LINE_MAX],
+    len: usize,
+}
+
+impl std::fmt::Debug for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Line({:?})", String::from_utf8_lossy(self.bytes()))
+    }
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Line {
+    #[inline(always)]
+    fn new() -> Self {
+        Self {
+            buf: [0; LINE_MAX],
+            len: 0,
+        }
+    }
+
+    /// What was written.
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// A literal piece: its length is known at compile time, so a few moves.
     #[inline(always)]
     fn s(&mut self, piece: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(piece);
+        self.buf[self.len..self.len + piece.len()].copy_from_slice(piece);
+        self.len += piece.len();
         self
     }
 
     /// `n` in decimal.
-    #[inline]
+    #[inline(always)]
     fn dec(&mut self, n: u64) -> &mut Self {
         self.digits(n, 1)
     }
 
-    /// `n` in decimal, zero-padded to at least `width` digits (at most 20).
-    #[inline]
-    fn digits(&mut self, n: u64, width: usize) -> &mut Self {
-        let mut buf = [b'0'; 20];
-        // Byte by byte: a number is a few digits, shorter than a `memcpy` call.
-        for &b in digits(n, width, &mut buf) {
-            self.0.push(b);
+    /// `n` in decimal, zero-padded to at least `width` digits (at most 20): two digits at a
+    /// time from the end into a scratch array, then a copy of fixed size (a few vector moves,
+    /// whatever the length), of which only the digits count.
+    #[inline(always)]
+    fn digits(&mut self, mut n: u64, width: usize) -> &mut Self {
+        let mut tmp = [b'0'; 2 * DIGITS];
+        let mut at = DIGITS;
+        // A constant divisor: the compiler multiplies instead of dividing.
+        while n >= 100 {
+            let r = (n % 100) as usize * 2;
+            n /= 100;
+            at -= 2;
+            tmp[at..at + 2].copy_from_slice(&PAIRS[r..r + 2]);
         }
+        if n >= 10 {
+            let r = n as usize * 2;
+            at -= 2;
+            tmp[at..at + 2].copy_from_slice(&PAIRS[r..r + 2]);
+        } else {
+            at -= 1;
+            tmp[at] = b'0' + n as u8;
+        }
+        // Zero padding: `tmp` is all zeros before the digits.
+        let at = at.min(DIGITS - width.min(DIGITS));
+        self.buf[self.len..self.len + DIGITS].copy_from_slice(&tmp[at..at + DIGITS]);
+        self.len += DIGITS - at;
+        self
+    }
+
+    /// An IPv4 octet: its digits from a table, a fixed 4-byte copy.
+    #[inline(always)]
+    fn octet(&mut self, o: u8) -> &mut Self {
+        let [a, b, c, len] = OCTETS[usize::from(o)];
+        self.buf[self.len..self.len + 3].copy_from_slice(&[a, b, c]);
+        self.len += usize::from(len);
         self
     }
 
     /// `n` in lower-case hexadecimal, zero-padded to at least `width` digits (at most 16).
     #[inline]
     fn hex(&mut self, mut n: u64, width: usize) -> &mut Self {
-        let mut buf = [b'0'; 16];
-        let mut at = buf.len();
+        let len = ((64 - (n | 1).leading_zeros() as usize).div_ceil(4)).max(width.min(16));
+        let end = self.len + len;
+        let mut at = end;
         // Shifts and masks: a constant base, no division.
-        while n > 0 || buf.len() - at < width.min(16) {
+        while at > self.len {
             at -= 1;
-            buf[at] = b"0123456789abcdef"[(n & 0xf) as usize];
+            self.buf[at] = b"0123456789abcdef"[(n & 0xf) as usize];
             n >>= 4;
         }
-        for &b in &buf[at..] {
-            self.0.push(b);
+        self.len = end;
+        self
+    }
+
+    /// `ip` as its `Display` writes it (a test checks): IPv4 by hand, and IPv6 by hand for
+    /// the shape the workload makes (`2001:db8:x:y::h`, zeros only in the last 64 bits but
+    /// the host); other IPv6 addresses through `Display`.
+    #[inline]
+    fn ip(&mut self, ip: IpAddr) -> &mut Self {
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                self.octet(a)
+                    .s(b".")
+                    .octet(b)
+                    .s(b".")
+                    .octet(c)
+                    .s(b".")
+                    .octet(d);
+            }
+            IpAddr::V6(v6) => {
+                let g = v6.segments();
+                if g[0] != 0 && g[1] != 0 && g[4..7] == [0, 0, 0] && g[7] != 0 {
+                    // The longest run of zero groups is 4..7 (or 2..7 when x and y are 0).
+                    self.hex(g[0].into(), 1).s(b":").hex(g[1].into(), 1);
+                    match (g[2], g[3]) {
+                        (0, 0) => {}
+                        (x, 0) => {
+                            self.s(b":").hex(x.into(), 1);
+                        }
+                        (x, y) => {
+                            self.s(b":").hex(x.into(), 1).s(b":").hex(y.into(), 1);
+                        }
+                    }
+                    self.s(b"::").hex(g[7].into(), 1);
+                } else {
+                    let mut text = Vec::with_capacity(40);
+                    let _ = write!(text, "{v6}");
+                    self.s(&text);
+                }
+            }
         }
         self
     }
 }
 
-/// The decimal digits of `n`, zero-padded to at least `width` (at most 20), in `buf`.
-fn digits(mut n: u64, width: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    // A constant divisor, so the compiler multiplies instead of dividing.
-    while n > 0 || buf.len() - at < width.min(20) {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    &buf[at..]
-}
-
-/// Appends `ip` as text: IPv4 by hand (the common case, see `write_sender`), IPv6 through
-/// its `Display`.
+/// Appends `ip` as text, as its `Display` does.
 pub fn write_ip(ip: IpAddr, out: &mut Vec<u8>) {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut w = Text(out);
-            for (i, o) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    w.s(b".");
-                }
-                w.dec(o.into());
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
-    }
+    let mut w = Line::new();
+    w.ip(ip);
+    out.extend_from_slice(w.bytes());
 }
 
-/// Writes triplets as request bytes through the protocol codecs (`greyhound::proto`), so the
-/// load generator sends exactly what the server's parser reads. The parts are formatted into
-/// scratch buffers kept between calls: once warm, writing a request allocates nothing.
+/// Writes triplets as request bytes in the protocols' formats, so the load generator sends
+/// exactly what the server's parser reads: native lines are written in place into a stack
+/// buffer in the form `greyhound::proto::native::encode_request` writes (the codec defines the
+/// format; tests check the bytes are the codec's, and that `native::parse_line` reads them back
+/// as the intended request), policy blocks through `greyhound::proto::policy::encode_request`.
+/// Scratch buffers are kept between calls: once warm, writing a request allocates nothing.
 #[derive(Debug, Default)]
 pub struct RequestWriter {
     /// Known-pool requests written once for the whole run, if given.
     known: Option<Arc<KnownCache>>,
+    /// The native line being written, kept so it is not zeroed again for every request
+    /// (zeroing it was ~70 instructions per request, callgrind).
+    line: Line,
     sender: Vec<u8>,
     recipient: Vec<u8>,
     client: Vec<u8>,
@@ -495,47 +623,42 @@ impl RequestWriter {
         }
     }
 
-    /// Formats triplet `t`'s sender and recipient into the scratch buffers.
-    fn addresses(&mut self, p: &Parts) {
-        self.sender.clear();
-        write_sender(p.sender, p.tag, &mut self.sender);
-        if self.sender == b"<>" {
-            // The codecs take the null sender as an empty address.
-            self.sender.clear();
-        }
-        self.recipient.clear();
-        write_recipient(p.recipient, &mut self.recipient);
-    }
-
     /// Appends the native request line for triplet `t`: `[ID ]CHECK ip <sender> <recipient>\n`.
     pub fn native(&mut self, cfg: &WorkloadConfig, t: u64, id: Option<u64>, out: &mut Vec<u8>) {
-        let mut digits = [0u8; 20];
-        let id = id.map(|id| decimal(id, &mut digits));
+        let w = &mut self.line;
+        w.len = 0;
+        if let Some(id) = id {
+            // What `encode_request` writes first: the ID and a space.
+            w.dec(id).s(b" ");
+        }
         if let Some(line) = self.known.as_ref().and_then(|k| k.get(t, false)) {
-            // What `encode_request` writes: the ID and a space, then the rest of the line.
-            if let Some(id) = id {
-                out.extend_from_slice(id.as_bytes());
-                out.push(b' ');
-            }
+            out.extend_from_slice(w.bytes());
             out.extend_from_slice(line);
             return;
         }
+        // Written in place rather than through `encode_request` and scratch strings: with the
+        // digits two at a time and IPv6 by hand, the client thread went from 1,055 to ~?
+        // instructions per request (callgrind, docs/LOADTEST.md); ~30 % of requests (new
+        // triplets and retries) take this path.
         let p = parts(cfg, t);
-        self.addresses(&p);
-        native::encode_request(
-            &native::Request {
-                id,
-                command: native::Command::Check(native::Triplet {
-                    client: p.client,
-                    sender: ascii(&self.sender),
-                    recipient: ascii(&self.recipient),
-                    helo: None,
-                    name: None,
-                    auth: None,
-                }),
-            },
-            out,
-        );
+        w.s(b"CHECK ").ip(p.client).s(b" <");
+        // The null sender is an empty address, `<>` on the wire.
+        sender_into(w, p.sender, p.tag);
+        w.s(b"> <");
+        recipient_into(w, p.recipient);
+        w.s(b">\n");
+        out.extend_from_slice(w.bytes());
+    }
+
+    /// Formats triplet `t`'s sender and recipient into the scratch buffers.
+    fn addresses(&mut self, p: &Parts) {
+        self.sender.clear();
+        let mut w = Line::new();
+        // The codecs take the null sender as an empty address.
+        sender_into(&mut w, p.sender, p.tag);
+        self.sender.extend_from_slice(w.bytes());
+        self.recipient.clear();
+        write_recipient(p.recipient, &mut self.recipient);
     }
 
     /// Appends the Postfix policy request block for triplet `t`, at the RCPT stage, with the
@@ -551,12 +674,13 @@ impl RequestWriter {
         self.client.clear();
         write_ip(p.client, &mut self.client);
         self.helo.clear();
-        Text(&mut self.helo)
-            .s(b"mx")
-            .dec((p.sender % 9973).into())
-            .s(b".example");
+        let mut w = Line::new();
+        w.s(b"mx").dec((p.sender % 9973).into()).s(b".example");
+        self.helo.extend_from_slice(w.bytes());
         self.instance.clear();
-        Text(&mut self.instance).hex(t & 0xffff_ffff, 1).s(b".1");
+        let mut w = Line::new();
+        w.hex(t & 0xffff_ffff, 1).s(b".1");
+        self.instance.extend_from_slice(w.bytes());
         policy::encode_request(
             &policy::PolicyRequest {
                 request: policy::POLICY_REQUEST,
@@ -632,14 +756,9 @@ impl KnownCache {
     }
 }
 
-/// The scratch buffers hold only what `write!` made of numbers and ASCII literals.
+/// The scratch buffers hold only numbers and ASCII literals.
 fn ascii(b: &[u8]) -> &str {
     std::str::from_utf8(b).unwrap_or_default()
-}
-
-/// `n` in decimal, formatted in `buf` (no allocation).
-pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
-    ascii(digits(n, 1, buf))
 }
 
 #[cfg(test)]
@@ -685,7 +804,20 @@ mod tests {
             let native::Command::Check(tr) = req.command else {
                 panic!("not a CHECK: {:?}", String::from_utf8_lossy(&line));
             };
-            assert_eq!(tr.client, parts(&cfg, t).client);
+            // The intended request: the triplet's client, sender (the null sender empty) and
+            // recipient.
+            let p = parts(&cfg, t);
+            assert_eq!(tr.client, p.client);
+            let (mut sender, mut recipient) = (Vec::new(), Vec::new());
+            write_sender(p.sender, p.tag, &mut sender);
+            write_recipient(p.recipient, &mut recipient);
+            let sender = if sender == b"<>" {
+                &[][..]
+            } else {
+                &sender[..]
+            };
+            assert_eq!(tr.sender.as_bytes(), sender);
+            assert_eq!(tr.recipient.as_bytes(), &recipient[..]);
             block.clear();
             w.policy(&cfg, t, &mut block);
             match policy::parse(&block, &policy::BlockLimits::default()) {
@@ -696,6 +828,61 @@ mod tests {
                     assert_eq!(request.sender, tr.sender);
                 }
                 other => panic!("{other:?}: {:?}", String::from_utf8_lossy(&block)),
+            }
+        }
+    }
+
+    /// The line as the codec writes it from the triplet's parts (what `native` wrote
+    /// before it wrote lines in place).
+    fn codec_line(cfg: &WorkloadConfig, t: u64, id: Option<u64>) -> Vec<u8> {
+        use greyhound::proto::native;
+        let p = parts(cfg, t);
+        let (mut sender, mut recipient) = (Vec::new(), Vec::new());
+        write_sender(p.sender, p.tag, &mut sender);
+        if sender == b"<>" {
+            sender.clear();
+        }
+        write_recipient(p.recipient, &mut recipient);
+        let id = id.map(|id| id.to_string());
+        let mut out = Vec::new();
+        native::encode_request(
+            &native::Request {
+                id: id.as_deref(),
+                command: native::Command::Check(native::Triplet {
+                    client: p.client,
+                    sender: ascii(&sender),
+                    recipient: ascii(&recipient),
+                    helo: None,
+                    name: None,
+                    auth: None,
+                }),
+            },
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn lines_written_in_place_are_the_codecs_bytes() {
+        // IPv6 nets below and above 2^16 (the third group zero or not), and the null sender
+        // among the forms; IDs of every length.
+        for (nets_v6, seed) in [(1, 1), (16_384, 2), (1 << 20, 3), (u32::MAX, 4)] {
+            let cfg = WorkloadConfig {
+                ipv6_share: 0.5,
+                nets_v6,
+                seed,
+                ..WorkloadConfig::default()
+            };
+            let mut w = RequestWriter::default();
+            for t in (0..5_000u64).chain([KNOWN_BIT | 7, (5 << 40) | 3]) {
+                for id in [None, Some(0), Some(t), Some(u64::MAX)] {
+                    let mut line = Vec::new();
+                    w.native(&cfg, t, id, &mut line);
+                    assert_eq!(
+                        String::from_utf8_lossy(&line),
+                        String::from_utf8_lossy(&codec_line(&cfg, t, id))
+                    );
+                }
             }
         }
     }
@@ -746,6 +933,12 @@ mod tests {
             "10.0.9.255",
             "255.255.255.255",
             "2001:db8::1",
+            "2001:db8:0:5::1",
+            "2001:db8:3::ff",
+            "2001:db8:3:4::100",
+            "2001:db8:ffff:ffff::1",
+            "2001:db8:1:2:3::1",
+            "::1",
             "::ffff:1.2.3.4",
         ] {
             out.clear();
