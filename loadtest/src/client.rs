@@ -617,6 +617,9 @@ struct TcpConn {
     retired: bool,
 }
 
+/// Requests whose triplets are drawn, then touched, then written, together.
+const TOUCH_BATCH: usize = 32;
+
 /// First size of a connection's receive buffer; it doubles when a reply does not fit.
 const READ_BUF: usize = 1 << 16;
 
@@ -661,10 +664,10 @@ impl TcpConn {
                     }
                 }
             } else {
-                // Framed with one `memchr` per line and classified from the first bytes
-                // (`answer::native_fast`), the codec's parse only for the rare replies.
-                match memchr::memchr(b'\n', buf) {
-                    Some(end) => (answer::native_fast(&buf[..end]).1, end + 1),
+                // Framed and classified from the first bytes (`answer::native_next`), the
+                // codec's parse only for the rare replies.
+                match answer::native_next(buf) {
+                    Some((_, a, used)) => (a, used),
                     None => break,
                 }
             };
@@ -718,15 +721,31 @@ impl TcpConn {
                     self.stopping = true;
                 } else {
                     let t = sh.secs(now);
-                    for _ in 0..n {
-                        let (_, triplet) = self.gen.next(t);
-                        if cfg.proto == Proto::Policy {
-                            writer.policy(&cfg.workload, triplet, &mut self.out);
-                        } else {
-                            writer.native(&cfg.workload, triplet, None, &mut self.out);
+                    let policy = cfg.proto == Proto::Policy;
+                    let mut left = n as usize;
+                    while left > 0 {
+                        // Triplets first, then a read of what each is written from, then the
+                        // writing: the reads' cache misses overlap (see `touch`).
+                        let k = left.min(TOUCH_BATCH);
+                        let mut triplets = [0u64; TOUCH_BATCH];
+                        for x in &mut triplets[..k] {
+                            *x = self.gen.next(t).1;
                         }
-                        let intended = self.schedule.as_mut().map_or(now, Schedule::take);
-                        self.inflight.push_back((intended, now));
+                        let mut seen = 0;
+                        for &x in &triplets[..k] {
+                            seen ^= writer.touch(&cfg.workload, x, policy);
+                        }
+                        std::hint::black_box(seen);
+                        for &x in &triplets[..k] {
+                            if policy {
+                                writer.policy(&cfg.workload, x, &mut self.out);
+                            } else {
+                                writer.native(&cfg.workload, x, None, &mut self.out);
+                            }
+                            let intended = self.schedule.as_mut().map_or(now, Schedule::take);
+                            self.inflight.push_back((intended, now));
+                        }
+                        left -= k;
                     }
                     out.sent += n;
                 }
@@ -1058,18 +1077,23 @@ impl UdpConn {
                 if from != cfg.target {
                     continue;
                 }
-                // One `memchr` per line; the last line may lack its `\n`.
+                // Line by line; the last line may lack its `\n`.
                 let mut rest = data;
                 while !rest.is_empty() {
-                    let (line, next) = match memchr::memchr(b'\n', rest) {
-                        Some(end) => (&rest[..end], &rest[end + 1..]),
-                        None => (rest, &[][..]),
+                    let (id, a) = match answer::native_next(rest) {
+                        Some((_, _, 1)) => {
+                            rest = &rest[1..];
+                            continue;
+                        }
+                        Some((id, a, used)) => {
+                            rest = &rest[used..];
+                            (id, a)
+                        }
+                        None => {
+                            let line = std::mem::take(&mut rest);
+                            answer::native_fast(line)
+                        }
                     };
-                    rest = next;
-                    if line.is_empty() {
-                        continue;
-                    }
-                    let (id, a) = answer::native_fast(line);
                     match id.and_then(|id| self.outstanding.answer(id)) {
                         Some(intended) if out.tally.count(a) => {
                             decided += 1;

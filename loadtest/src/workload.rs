@@ -308,12 +308,21 @@ pub fn parts(cfg: &WorkloadConfig, t: u64) -> Parts {
     let h = mix2(t, cfg.seed);
     let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as u32;
     let recipient = (mix(h ^ 2) % u64::from(cfg.recipients)) as u32;
+    Parts {
+        client: client_of(cfg, sender, (h >> 56) as u8),
+        sender,
+        recipient,
+        tag: mix(h ^ 3),
+    }
+}
+
+/// The client address of a triplet of `sender` whose hash picked host `host`.
+fn client_of(cfg: &WorkloadConfig, sender: u32, host: u8) -> IpAddr {
     // A sender sends from one network, on any host of it: hosts of one /24 retry for each
     // other, which is what the /24 masking on the server is for.
     let s = mix2(u64::from(sender), cfg.seed);
-    let host = (h >> 56) as u8;
     let v6 = ((s >> 11) as f64 / (1u64 << 53) as f64) < cfg.ipv6_share;
-    let client = if v6 {
+    if v6 {
         let net = (mix(s) % u64::from(cfg.nets_v6)) as u32;
         IpAddr::V6(Ipv6Addr::new(
             0x2001,
@@ -333,12 +342,6 @@ pub fn parts(cfg: &WorkloadConfig, t: u64) -> Parts {
             net as u8,
             host.clamp(1, 254),
         ))
-    };
-    Parts {
-        client,
-        sender,
-        recipient,
-        tag: mix(h ^ 3),
     }
 }
 
@@ -361,38 +364,168 @@ fn sender_into(w: &mut Line, sender: u32, tag: u64) -> bool {
     // formatting was ~15 % of the client's CPU in a profile of a native TCP run (perf), and
     // per-byte `Vec` pushes with their capacity checks ~480 instructions per request of the
     // client thread (callgrind, see docs/LOADTEST.md). The text is the same as the `format!`
-    // forms (a test checks).
-    let d = u64::from(sender % 9973);
-    let n = u64::from(sender);
-    match mix(n) % 32 {
-        0..=17 => {
-            w.s(b"user").dec(n).s(b"@mail").dec(d).s(b".example.com");
-        }
-        18..=20 => {
-            w.s(b"user").dec(n).s(b"+").dec(tag % 1000);
-            w.s(b"@example").dec(d).s(b".org");
-        }
-        21..=24 => {
-            w.s(b"list").dec(n).s(b"-bounces+").dec(tag % 100_000);
-            w.s(b"=isp.example@lists").dec(d).s(b".example.net");
-        }
-        25..=26 => {
-            w.s(b"SRS0=").hex(tag & 0xffff, 4).s(b"=");
-            w.digits((tag >> 16) % 100, 2).s(b"=orig").dec(d);
-            w.s(b".example=user").dec(n).s(b"@forwarder").dec(d % 100);
-            w.s(b".example");
-        }
-        27..=29 => {
-            w.s(b"prvs=")
-                .hex(tag & 0xff_ffff_ffff, 10)
-                .s(b"=user")
-                .dec(n);
-            w.s(b"@corp").dec(d).s(b".example");
-        }
-        _ => return false,
+    // forms (a test checks). A sender is a part of its own (`sender_head`), the message's
+    // part (`sender_tag`), then another part of its own (`sender_tail`), so the sender's parts
+    // can be written once per run ([`SenderSlot`]).
+    let form = sender_form(sender);
+    if form == Form::Null {
+        return false;
     }
+    sender_head(w, form, sender);
+    sender_tag(w, form, tag);
+    sender_tail(w, form, sender);
     true
 }
+
+/// A sender address form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Plain,
+    Extension,
+    Verp,
+    Srs,
+    Batv,
+    Null,
+}
+
+/// Sender `sender`'s form, by share (out of 32): plain 18, `+extension` 3, VERP 4, SRS 2,
+/// BATV 3, null sender 2.
+#[inline]
+fn sender_form(sender: u32) -> Form {
+    match mix(u64::from(sender)) % 32 {
+        0..=17 => Form::Plain,
+        18..=20 => Form::Extension,
+        21..=24 => Form::Verp,
+        25..=26 => Form::Srs,
+        27..=29 => Form::Batv,
+        _ => Form::Null,
+    }
+}
+
+/// The sender's text before the message's part (a plain sender's whole address).
+fn sender_head(w: &mut Line, form: Form, sender: u32) {
+    let d = u64::from(sender % 9973);
+    let n = u64::from(sender);
+    match form {
+        Form::Plain => {
+            w.s(b"user").dec(n).s(b"@mail").dec(d).s(b".example.com");
+        }
+        Form::Extension => {
+            w.s(b"user").dec(n).s(b"+");
+        }
+        Form::Verp => {
+            w.s(b"list").dec(n).s(b"-bounces+");
+        }
+        Form::Srs => {
+            w.s(b"SRS0=");
+        }
+        Form::Batv => {
+            w.s(b"prvs=");
+        }
+        Form::Null => {}
+    }
+}
+
+/// The per-message part of a sender of form `form` (bounce id, SRS hash, BATV tag).
+#[inline]
+fn sender_tag(w: &mut Line, form: Form, tag: u64) {
+    match form {
+        Form::Extension => {
+            w.dec(tag % 1000);
+        }
+        Form::Verp => {
+            w.dec(tag % 100_000);
+        }
+        Form::Srs => {
+            w.hex(tag & 0xffff, 4).s(b"=").digits((tag >> 16) % 100, 2);
+        }
+        Form::Batv => {
+            w.hex(tag & 0xff_ffff_ffff, 10);
+        }
+        Form::Plain | Form::Null => {}
+    }
+}
+
+/// The sender's text after the message's part.
+fn sender_tail(w: &mut Line, form: Form, sender: u32) {
+    let d = u64::from(sender % 9973);
+    let n = u64::from(sender);
+    match form {
+        Form::Extension => {
+            w.s(b"@example").dec(d).s(b".org");
+        }
+        Form::Verp => {
+            w.s(b"=isp.example@lists").dec(d).s(b".example.net");
+        }
+        Form::Srs => {
+            w.s(b"=orig").dec(d).s(b".example=user").dec(n);
+            w.s(b"@forwarder").dec(d % 100).s(b".example");
+        }
+        Form::Batv => {
+            w.s(b"=user").dec(n).s(b"@corp").dec(d).s(b".example");
+        }
+        Form::Plain | Form::Null => {}
+    }
+}
+
+/// Text areas of a [`SenderSlot`], each longer than the longest text it holds: a network
+/// (`2001:db8:ffff:ffff::`, 20), a head (`user4294967295@mail9972.example.com`, 35), a tail
+/// (`=orig9972.example=user4294967295@forwarder99.example`, 52).
+const NET_AREA: usize = 24;
+const HEAD_AREA: usize = 40;
+const TAIL_AREA: usize = 56;
+
+/// What a sender always writes the same, written once per run: its client network (all of
+/// the address but the host) and the parts of its address around the message's part. A
+/// request from a cached sender is then three fixed-size copies, the host, the message's
+/// part and the recipient. Fixed-size areas, so each copy is a few moves, not a `memcpy`
+/// call.
+#[derive(Debug, Clone, Copy)]
+struct SenderSlot {
+    net: [u8; NET_AREA],
+    head: [u8; HEAD_AREA],
+    tail: [u8; TAIL_AREA],
+    net_len: u8,
+    head_len: u8,
+    tail_len: u8,
+    v6: bool,
+    form: Form,
+}
+
+impl SenderSlot {
+    fn new(cfg: &WorkloadConfig, sender: u32) -> Self {
+        let form = sender_form(sender);
+        let mut w = Line::new();
+        // The client of a triplet of this sender on host 1, without the host's digit.
+        let client = client_of(cfg, sender, 0);
+        w.ip(client);
+        let net = &w.bytes()[..w.len - 1];
+        let mut slot = Self {
+            net: [0; NET_AREA],
+            head: [0; HEAD_AREA],
+            tail: [0; TAIL_AREA],
+            net_len: net.len() as u8,
+            head_len: 0,
+            tail_len: 0,
+            v6: client.is_ipv6(),
+            form,
+        };
+        slot.net[..net.len()].copy_from_slice(net);
+        let mut w = Line::new();
+        sender_head(&mut w, form, sender);
+        slot.head[..w.len].copy_from_slice(w.bytes());
+        slot.head_len = w.len as u8;
+        let mut w = Line::new();
+        sender_tail(&mut w, form, sender);
+        slot.tail[..w.len].copy_from_slice(w.bytes());
+        slot.tail_len = w.len as u8;
+        slot
+    }
+}
+
+/// Most senders whose parts are written once per run (128 bytes each: 16 MiB); requests of
+/// senders beyond are written from their parts.
+pub const MAX_CACHED_SENDERS: u32 = 1 << 17;
 
 /// Writes recipient `r`.
 pub fn write_recipient(r: u32, out: &mut Vec<u8>) {
@@ -482,6 +615,15 @@ impl Line {
     fn s(&mut self, piece: &[u8]) -> &mut Self {
         self.buf[self.len..self.len + piece.len()].copy_from_slice(piece);
         self.len += piece.len();
+        self
+    }
+
+    /// The first `len` bytes of a fixed-size area: all of it is copied (a few moves), only
+    /// `len` bytes count.
+    #[inline(always)]
+    fn area<const N: usize>(&mut self, area: &[u8; N], len: u8) -> &mut Self {
+        self.buf[self.len..self.len + N].copy_from_slice(area);
+        self.len += usize::from(len);
         self
     }
 
@@ -637,9 +779,36 @@ impl RequestWriter {
             return;
         }
         // Written in place rather than through `encode_request` and scratch strings: with the
-        // digits two at a time and IPv6 by hand, the client thread went from 1,055 to ~?
-        // instructions per request (callgrind, docs/LOADTEST.md); ~30 % of requests (new
-        // triplets and retries) take this path.
+        // digits two at a time and IPv6 by hand, the client thread went from 1,055 to 572
+        // instructions per request, with the senders' parts written once per run to ~?
+        // (callgrind, docs/LOADTEST.md); ~30 % of requests (new triplets and retries) take
+        // this path.
+        let h = mix2(t, cfg.seed);
+        let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as u32;
+        let slot = self
+            .known
+            .as_ref()
+            .and_then(|k| k.senders.get(sender as usize));
+        if let Some(slot) = slot {
+            // What `parts` derives, from the same hashes.
+            let recipient = (mix(h ^ 2) % u64::from(cfg.recipients)) as u32;
+            let host = (h >> 56) as u8;
+            w.s(b"CHECK ").area(&slot.net, slot.net_len);
+            if slot.v6 {
+                w.hex(u64::from(host) + 1, 1);
+            } else {
+                w.octet(host.clamp(1, 254));
+            }
+            w.s(b" <").area(&slot.head, slot.head_len);
+            if !matches!(slot.form, Form::Plain | Form::Null) {
+                sender_tag(w, slot.form, mix(h ^ 3));
+            }
+            w.area(&slot.tail, slot.tail_len).s(b"> <");
+            recipient_into(w, recipient);
+            w.s(b">\n");
+            out.extend_from_slice(w.bytes());
+            return;
+        }
         let p = parts(cfg, t);
         w.s(b"CHECK ").ip(p.client).s(b" <");
         // The null sender is an empty address, `<>` on the wire.
@@ -648,6 +817,25 @@ impl RequestWriter {
         recipient_into(w, p.recipient);
         w.s(b">\n");
         out.extend_from_slice(w.bytes());
+    }
+
+    /// Reads a byte at each end of what the request of triplet `t` is copied from (its
+    /// known-pool entry, or its sender's slot) and returns them combined. Called for a batch
+    /// of requests before they are written, the reads are independent of each other, so
+    /// their cache misses overlap instead of coming one after the other while writing (the
+    /// tables are ~20 MiB at the default sizes).
+    #[inline]
+    pub fn touch(&self, cfg: &WorkloadConfig, t: u64, policy: bool) -> u8 {
+        let Some(k) = &self.known else {
+            return 0;
+        };
+        if let Some(entry) = k.get(t, policy) {
+            return entry.first().copied().unwrap_or(0) ^ entry.last().copied().unwrap_or(0);
+        }
+        let sender = (mix(mix2(t, cfg.seed) ^ 1) % u64::from(cfg.senders)) as usize;
+        k.senders
+            .get(sender)
+            .map_or(0, |s| s.net[0] ^ s.tail[TAIL_AREA - 1])
     }
 
     /// Formats triplet `t`'s sender and recipient into the scratch buffers.
@@ -712,6 +900,8 @@ impl RequestWriter {
 /// [`RequestWriter`] writes (a test checks), so the server cannot tell the difference.
 #[derive(Debug, Default)]
 pub struct KnownCache {
+    /// The native protocol's senders, by number (not made for policy runs).
+    senders: Vec<SenderSlot>,
     policy: bool,
     bytes: Vec<u8>,
     /// End of entry `i` in `bytes`; entry `i` starts where `i - 1` ends.
@@ -737,7 +927,15 @@ impl KnownCache {
             }
             ends.push(bytes.len());
         }
+        let senders = if policy {
+            Vec::new()
+        } else {
+            (0..cfg.senders.min(MAX_CACHED_SENDERS))
+                .map(|sender| SenderSlot::new(cfg, sender))
+                .collect()
+        };
         Self {
+            senders,
             policy,
             bytes,
             ends,
@@ -873,15 +1071,29 @@ mod tests {
                 seed,
                 ..WorkloadConfig::default()
             };
-            let mut w = RequestWriter::default();
-            for t in (0..5_000u64).chain([KNOWN_BIT | 7, (5 << 40) | 3]) {
-                for id in [None, Some(0), Some(t), Some(u64::MAX)] {
-                    let mut line = Vec::new();
-                    w.native(&cfg, t, id, &mut line);
-                    assert_eq!(
-                        String::from_utf8_lossy(&line),
-                        String::from_utf8_lossy(&codec_line(&cfg, t, id))
-                    );
+            // Written from parts, and from the senders' parts written once (half the senders
+            // beyond the cached ones in the second run, so both ways are taken).
+            let mut plain = RequestWriter::default();
+            let small = WorkloadConfig {
+                known_pool: 10,
+                senders: MAX_CACHED_SENDERS * 2,
+                ..cfg.clone()
+            };
+            for cfg in [cfg, small] {
+                let mut cached =
+                    RequestWriter::with_cache(Arc::new(KnownCache::build(&cfg, false)));
+                for t in (0..5_000u64).chain([KNOWN_BIT | 7, (5 << 40) | 3]) {
+                    for id in [None, Some(0), Some(t), Some(u64::MAX)] {
+                        let want = codec_line(&cfg, t, id);
+                        for w in [&mut plain, &mut cached] {
+                            let mut line = Vec::new();
+                            w.native(&cfg, t, id, &mut line);
+                            assert_eq!(
+                                String::from_utf8_lossy(&line),
+                                String::from_utf8_lossy(&want)
+                            );
+                        }
+                    }
                 }
             }
         }
