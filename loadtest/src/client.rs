@@ -1024,10 +1024,19 @@ impl UdpConn {
                     while left > 0 {
                         let intended = self.schedule.as_mut().map_or(now, Schedule::take);
                         let start = self.req.len();
-                        for _ in 0..left.min(k) {
-                            let (_, triplet) = self.gen.next(t);
+                        // Triplets first, then a read of what each is written from, then the
+                        // writing: the reads' cache misses overlap (see `touch`).
+                        let lines = left.min(k) as usize;
+                        let mut triplets = [0u64; 64];
+                        let mut seen = 0;
+                        for x in &mut triplets[..lines] {
+                            *x = self.gen.next(t).1;
+                            seen ^= writer.touch(&cfg.workload, *x, false);
+                        }
+                        std::hint::black_box(seen);
+                        for &x in &triplets[..lines] {
                             let id = self.outstanding.push(intended, now);
-                            writer.native(&cfg.workload, triplet, Some(id), &mut self.req);
+                            writer.native(&cfg.workload, x, Some(id), &mut self.req);
                         }
                         left -= left.min(k);
                         self.spans.push((start, self.req.len()));
