@@ -780,9 +780,9 @@ impl RequestWriter {
         }
         // Written in place rather than through `encode_request` and scratch strings: with the
         // digits two at a time and IPv6 by hand, the client thread went from 1,055 to 572
-        // instructions per request, with the senders' parts written once per run to ~?
-        // (callgrind, docs/LOADTEST.md); ~30 % of requests (new triplets and retries) take
-        // this path.
+        // instructions per request (with the reply fast path), with the senders' parts written
+        // once per run and `PASS known` read from its fixed bytes to 408 (callgrind,
+        // docs/LOADTEST.md); ~30 % of requests (new triplets and retries) take this path.
         let h = mix2(t, cfg.seed);
         let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as u32;
         let slot = self
@@ -823,7 +823,9 @@ impl RequestWriter {
     /// known-pool entry, or its sender's slot) and returns them combined. Called for a batch
     /// of requests before they are written, the reads are independent of each other, so
     /// their cache misses overlap instead of coming one after the other while writing (the
-    /// tables are ~20 MiB at the default sizes).
+    /// tables are ~20 MiB at the default sizes). It costs ~50 instructions per request
+    /// (callgrind: 408 -> 457) and saves more than that in CPU time (interleaved runs, TCP
+    /// pipeline 16: 553/624/707 ns per request against 722/675/820 without).
     #[inline]
     pub fn touch(&self, cfg: &WorkloadConfig, t: u64, policy: bool) -> u8 {
         let Some(k) = &self.known else {
