@@ -43,7 +43,7 @@ use crate::answer::{self, Tally};
 use crate::cpu::{self, CpuUse, MachineStat};
 use crate::outstanding::Outstanding;
 use crate::report::{Latency, RunReport};
-use crate::workload::{Generator, KindCounts, KnownCache, RequestWriter, WorkloadConfig};
+use crate::workload::{Generator, KindCounts, KnownCache, RequestWriter, Touched, WorkloadConfig};
 
 /// The transport under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -727,20 +727,20 @@ impl TcpConn {
                         // Triplets first, then a read of what each is written from, then the
                         // writing: the reads' cache misses overlap (see `touch`).
                         let k = left.min(TOUCH_BATCH);
-                        let mut triplets = [0u64; TOUCH_BATCH];
-                        for x in &mut triplets[..k] {
-                            *x = self.gen.next(t).1;
-                        }
+                        let mut triplets = [Touched::default(); TOUCH_BATCH];
                         let mut seen = 0;
-                        for &x in &triplets[..k] {
-                            seen ^= writer.touch(&cfg.workload, x, policy);
+                        for x in &mut triplets[..k] {
+                            let (touched, byte) =
+                                writer.touch(&cfg.workload, self.gen.next(t).1, policy);
+                            *x = touched;
+                            seen ^= byte;
                         }
                         std::hint::black_box(seen);
                         for &x in &triplets[..k] {
                             if policy {
-                                writer.policy(&cfg.workload, x, &mut self.out);
+                                writer.policy(&cfg.workload, x.t, &mut self.out);
                             } else {
-                                writer.native(&cfg.workload, x, None, &mut self.out);
+                                writer.native_touched(&cfg.workload, x, None, &mut self.out);
                             }
                             let intended = self.schedule.as_mut().map_or(now, Schedule::take);
                             self.inflight.push_back((intended, now));
@@ -1027,16 +1027,18 @@ impl UdpConn {
                         // Triplets first, then a read of what each is written from, then the
                         // writing: the reads' cache misses overlap (see `touch`).
                         let lines = left.min(k) as usize;
-                        let mut triplets = [0u64; 64];
+                        let mut triplets = [Touched::default(); 64];
                         let mut seen = 0;
                         for x in &mut triplets[..lines] {
-                            *x = self.gen.next(t).1;
-                            seen ^= writer.touch(&cfg.workload, *x, false);
+                            let (touched, byte) =
+                                writer.touch(&cfg.workload, self.gen.next(t).1, false);
+                            *x = touched;
+                            seen ^= byte;
                         }
                         std::hint::black_box(seen);
                         for &x in &triplets[..lines] {
                             let id = self.outstanding.push(intended, now);
-                            writer.native(&cfg.workload, x, Some(id), &mut self.req);
+                            writer.native_touched(&cfg.workload, x, Some(id), &mut self.req);
                         }
                         left -= left.min(k);
                         self.spans.push((start, self.req.len()));

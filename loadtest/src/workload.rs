@@ -178,8 +178,10 @@ const EARLY_WINDOW: u64 = 64;
 #[derive(Debug)]
 pub struct Generator {
     cfg: WorkloadConfig,
-    /// Cumulative kind thresholds on a `[0, 1)` draw.
-    cut: [f64; 3],
+    /// Cumulative kind thresholds on a 53-bit draw: `x < cut[i]` exactly when the draw as a
+    /// `[0, 1)` fraction is below the i-th cumulative share (integer compares instead of a
+    /// conversion to `f64`).
+    cut: [u64; 3],
     rng: Rng,
     worker: u64,
     next_new: u64,
@@ -196,10 +198,12 @@ impl Generator {
     pub fn new(cfg: &WorkloadConfig, worker: u64) -> Self {
         let m = cfg.mix;
         let sum = m.new + m.early_retry + m.retry + m.known;
+        // x / 2^53 < c  <=>  x < ceil(c * 2^53) for an integer x; c * 2^53 is exact.
+        let bits = |c: f64| (c * (1u64 << 53) as f64).ceil() as u64;
         let cut = [
-            m.new / sum,
-            (m.new + m.early_retry) / sum,
-            (m.new + m.early_retry + m.retry) / sum,
+            bits(m.new / sum),
+            bits((m.new + m.early_retry) / sum),
+            bits((m.new + m.early_retry + m.retry) / sum),
         ];
         Self {
             cfg: cfg.clone(),
@@ -229,7 +233,7 @@ impl Generator {
             self.counts.known += 1;
             return (Kind::Known, KNOWN_BIT | i);
         }
-        let u = self.rng.unit();
+        let u = self.rng.next_u64() >> 11;
         let wanted = if u < self.cut[0] {
             Kind::New
         } else if u < self.cut[1] {
@@ -736,6 +740,15 @@ pub fn write_ip(ip: IpAddr, out: &mut Vec<u8>) {
     out.extend_from_slice(w.bytes());
 }
 
+/// A triplet [`RequestWriter::touch`] looked at, ready to write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Touched {
+    /// The triplet.
+    pub t: u64,
+    /// Its hash, if computed.
+    h: Option<u64>,
+}
+
 /// Writes triplets as request bytes in the protocols' formats, so the load generator sends
 /// exactly what the server's parser reads: native lines are written in place into a stack
 /// buffer in the form `greyhound::proto::native::encode_request` writes (the codec defines the
@@ -767,6 +780,17 @@ impl RequestWriter {
 
     /// Appends the native request line for triplet `t`: `[ID ]CHECK ip <sender> <recipient>\n`.
     pub fn native(&mut self, cfg: &WorkloadConfig, t: u64, id: Option<u64>, out: &mut Vec<u8>) {
+        self.native_touched(cfg, Touched { t, h: None }, id, out);
+    }
+
+    /// [`RequestWriter::native`] for a triplet [`RequestWriter::touch`] looked at.
+    pub fn native_touched(
+        &mut self,
+        cfg: &WorkloadConfig,
+        Touched { t, h }: Touched,
+        id: Option<u64>,
+        out: &mut Vec<u8>,
+    ) {
         let w = &mut self.line;
         w.len = 0;
         if let Some(id) = id {
@@ -783,7 +807,7 @@ impl RequestWriter {
         // instructions per request (with the reply fast path), with the senders' parts written
         // once per run and `PASS known` read from its fixed bytes to 408 (callgrind,
         // docs/LOADTEST.md); ~30 % of requests (new triplets and retries) take this path.
-        let h = mix2(t, cfg.seed);
+        let h = h.unwrap_or_else(|| mix2(t, cfg.seed));
         let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as u32;
         let slot = self
             .known
@@ -826,18 +850,28 @@ impl RequestWriter {
     /// tables are ~20 MiB at the default sizes). It costs ~50 instructions per request
     /// (callgrind: 408 -> 457) and saves more than that in CPU time (interleaved runs, TCP
     /// pipeline 16: 553/624/707 ns per request against 722/675/820 without).
+    /// The triplet comes back with the hash it took to find its sender, so writing it does
+    /// not hash again (~30 instructions per request written from its parts, callgrind).
     #[inline]
-    pub fn touch(&self, cfg: &WorkloadConfig, t: u64, policy: bool) -> u8 {
+    pub fn touch(&self, cfg: &WorkloadConfig, t: u64, policy: bool) -> (Touched, u8) {
+        let plain = Touched { t, h: None };
         let Some(k) = &self.known else {
-            return 0;
+            return (plain, 0);
         };
         if let Some(entry) = k.get(t, policy) {
-            return entry.first().copied().unwrap_or(0) ^ entry.last().copied().unwrap_or(0);
+            let seen = entry.first().copied().unwrap_or(0) ^ entry.last().copied().unwrap_or(0);
+            return (plain, seen);
         }
-        let sender = (mix(mix2(t, cfg.seed) ^ 1) % u64::from(cfg.senders)) as usize;
-        k.senders
+        if policy {
+            return (plain, 0);
+        }
+        let h = mix2(t, cfg.seed);
+        let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as usize;
+        let seen = k
+            .senders
             .get(sender)
-            .map_or(0, |s| s.net[0] ^ s.tail[TAIL_AREA - 1])
+            .map_or(0, |s| s.net[0] ^ s.tail[TAIL_AREA - 1]);
+        (Touched { t, h: Some(h) }, seen)
     }
 
     /// Formats triplet `t`'s sender and recipient into the scratch buffers.
@@ -1094,6 +1128,11 @@ mod tests {
                                 String::from_utf8_lossy(&line),
                                 String::from_utf8_lossy(&want)
                             );
+                            // Touched first, as the client does.
+                            line.clear();
+                            let (touched, _) = w.touch(&cfg, t, false);
+                            w.native_touched(&cfg, touched, id, &mut line);
+                            assert_eq!(line, want);
                         }
                     }
                 }
