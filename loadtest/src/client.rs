@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use greyhound::net::udp_batch::{bind_reuseport, BatchSocket};
-use greyhound::proto::{native, policy};
+use greyhound::proto::policy;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mio::unix::SourceFd;
@@ -43,7 +43,7 @@ use crate::answer::{self, Tally};
 use crate::cpu::{self, CpuUse, MachineStat};
 use crate::outstanding::Outstanding;
 use crate::report::{Latency, RunReport};
-use crate::workload::{Generator, KindCounts, KnownCache, RequestWriter, WorkloadConfig};
+use crate::workload::{Generator, KindCounts, KnownCache, RequestWriter, Touched, WorkloadConfig};
 
 /// The transport under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -294,15 +294,6 @@ impl WorkerOut {
         }
     }
 
-    #[inline]
-    fn record(&mut self, a: answer::Answer, intended: Instant, at: Instant) -> bool {
-        let decision = self.tally.count(a);
-        if decision {
-            self.latency(intended, at, 1);
-        }
-        decision
-    }
-
     /// Records `n` decisions sent (or due) at `intended` and answered at `at`.
     #[inline]
     fn latency(&mut self, intended: Instant, at: Instant, n: u64) {
@@ -315,6 +306,35 @@ impl WorkerOut {
     pub(crate) fn failed(&mut self, sh: &Shared) {
         self.tally.connection_errors += 1;
         sh.failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Decisions answered together whose requests were sent (or due) together: one histogram
+/// entry with a count rather than one per reply. Requests written in one batch share their
+/// send time and are mostly answered in one read (closed loop, TCP pipeline 128: one record
+/// per batch instead of 128).
+#[derive(Default)]
+struct SameSend(Option<(Instant, u64)>);
+
+impl SameSend {
+    /// One more decision sent at `intended`, answered at `at`.
+    #[inline(always)]
+    fn add(&mut self, out: &mut WorkerOut, intended: Instant, at: Instant) {
+        match &mut self.0 {
+            Some((t, n)) if *t == intended => *n += 1,
+            _ => {
+                if let Some((t, n)) = self.0.replace((intended, 1)) {
+                    out.latency(t, at, n);
+                }
+            }
+        }
+    }
+
+    /// Records what is pending, answered at `at`.
+    fn flush(&mut self, out: &mut WorkerOut, at: Instant) {
+        if let Some((t, n)) = self.0.take() {
+            out.latency(t, at, n);
+        }
     }
 }
 
@@ -597,6 +617,9 @@ struct TcpConn {
     retired: bool,
 }
 
+/// Requests whose triplets are drawn, then touched, then written, together.
+const TOUCH_BATCH: usize = 32;
+
 /// First size of a connection's receive buffer; it doubles when a reply does not fit.
 const READ_BUF: usize = 1 << 16;
 
@@ -626,10 +649,7 @@ impl TcpConn {
         }
         let at = Instant::now();
         let (mut pos, mut decided, mut failed) = (0, 0, 0);
-        // Requests written in one batch share their send time and are mostly answered in one
-        // read: their latencies are one histogram entry with a count (closed loop, pipeline
-        // 128: one record per batch instead of 128).
-        let mut same: Option<(Instant, u64)> = None;
+        let mut same = SameSend::default();
         let mut broken = false;
         loop {
             let buf = &self.inbuf[pos..self.in_len];
@@ -644,8 +664,10 @@ impl TcpConn {
                     }
                 }
             } else {
-                match native::parse_reply(buf) {
-                    Some((r, used)) => (answer::classify_native(&r).1, used),
+                // Framed and classified from the first bytes (`answer::native_next`), the
+                // codec's parse only for the rare replies.
+                match answer::native_next(buf) {
+                    Some((_, a, used)) => (a, used),
                     None => break,
                 }
             };
@@ -653,14 +675,7 @@ impl TcpConn {
             match self.inflight.pop_front() {
                 Some((intended, _)) if out.tally.count(a) => {
                     decided += 1;
-                    match &mut same {
-                        Some((t, n)) if *t == intended => *n += 1,
-                        _ => {
-                            if let Some((t, n)) = same.replace((intended, 1)) {
-                                out.latency(t, at, n);
-                            }
-                        }
-                    }
+                    same.add(out, intended, at);
                 }
                 Some(_) => failed += 1,
                 None => {
@@ -670,9 +685,7 @@ impl TcpConn {
                 }
             }
         }
-        if let Some((t, n)) = same {
-            out.latency(t, at, n);
-        }
+        same.flush(out, at);
         if broken {
             self.fail(sh, out);
         }
@@ -708,15 +721,31 @@ impl TcpConn {
                     self.stopping = true;
                 } else {
                     let t = sh.secs(now);
-                    for _ in 0..n {
-                        let (_, triplet) = self.gen.next(t);
-                        if cfg.proto == Proto::Policy {
-                            writer.policy(&cfg.workload, triplet, &mut self.out);
-                        } else {
-                            writer.native(&cfg.workload, triplet, None, &mut self.out);
+                    let policy = cfg.proto == Proto::Policy;
+                    let mut left = n as usize;
+                    while left > 0 {
+                        // Triplets first, then a read of what each is written from, then the
+                        // writing: the reads' cache misses overlap (see `touch`).
+                        let k = left.min(TOUCH_BATCH);
+                        let mut triplets = [Touched::default(); TOUCH_BATCH];
+                        let mut seen = 0;
+                        for x in &mut triplets[..k] {
+                            let (touched, byte) =
+                                writer.touch(&cfg.workload, self.gen.next(t).1, policy);
+                            *x = touched;
+                            seen ^= byte;
                         }
-                        let intended = self.schedule.as_mut().map_or(now, Schedule::take);
-                        self.inflight.push_back((intended, now));
+                        std::hint::black_box(seen);
+                        for &x in &triplets[..k] {
+                            if policy {
+                                writer.policy(&cfg.workload, x.t, &mut self.out);
+                            } else {
+                                writer.native_touched(&cfg.workload, x, None, &mut self.out);
+                            }
+                            let intended = self.schedule.as_mut().map_or(now, Schedule::take);
+                            self.inflight.push_back((intended, now));
+                        }
+                        left -= k;
                     }
                     out.sent += n;
                 }
@@ -995,10 +1024,21 @@ impl UdpConn {
                     while left > 0 {
                         let intended = self.schedule.as_mut().map_or(now, Schedule::take);
                         let start = self.req.len();
-                        for _ in 0..left.min(k) {
-                            let (_, triplet) = self.gen.next(t);
+                        // Triplets first, then a read of what each is written from, then the
+                        // writing: the reads' cache misses overlap (see `touch`).
+                        let lines = left.min(k) as usize;
+                        let mut triplets = [Touched::default(); 64];
+                        let mut seen = 0;
+                        for x in &mut triplets[..lines] {
+                            let (touched, byte) =
+                                writer.touch(&cfg.workload, self.gen.next(t).1, false);
+                            *x = touched;
+                            seen ^= byte;
+                        }
+                        std::hint::black_box(seen);
+                        for &x in &triplets[..lines] {
                             let id = self.outstanding.push(intended, now);
-                            writer.native(&cfg.workload, triplet, Some(id), &mut self.req);
+                            writer.native_touched(&cfg.workload, x, Some(id), &mut self.req);
                         }
                         left -= left.min(k);
                         self.spans.push((start, self.req.len()));
@@ -1032,6 +1072,7 @@ impl UdpConn {
     /// Takes every datagram queued (one `recvmmsg` per 64) and matches replies by ID.
     fn recv(&mut self, cfg: &RunConfig, sh: &Shared, out: &mut WorkerOut) {
         let (mut decided, mut failed) = (0, 0);
+        let mut same = SameSend::default();
         loop {
             let n = match self.bs.recv() {
                 Ok(n) => n,
@@ -1047,10 +1088,28 @@ impl UdpConn {
                 if from != cfg.target {
                     continue;
                 }
-                for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                    let (id, a) = answer::native(line);
+                // Line by line; the last line may lack its `\n`.
+                let mut rest = data;
+                while !rest.is_empty() {
+                    let (id, a) = match answer::native_next(rest) {
+                        Some((_, _, 1)) => {
+                            rest = &rest[1..];
+                            continue;
+                        }
+                        Some((id, a, used)) => {
+                            rest = &rest[used..];
+                            (id, a)
+                        }
+                        None => {
+                            let line = std::mem::take(&mut rest);
+                            answer::native_fast(line)
+                        }
+                    };
                     match id.and_then(|id| self.outstanding.answer(id)) {
-                        Some(intended) if out.record(a, intended, at) => decided += 1,
+                        Some(intended) if out.tally.count(a) => {
+                            decided += 1;
+                            same.add(out, intended, at);
+                        }
                         Some(_) => failed += 1,
                         None => {
                             out.tally.unmatched += 1;
@@ -1059,6 +1118,7 @@ impl UdpConn {
                     }
                 }
             }
+            same.flush(out, at);
             // Fewer than a full batch: the queue is empty (more will raise a new edge).
             if n < UDP_BATCH {
                 break;

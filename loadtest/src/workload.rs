@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use greyhound::proto::{native, policy};
+use greyhound::proto::policy;
 use serde::{Deserialize, Serialize};
 
 use crate::rng::{mix, mix2, Rng};
@@ -178,8 +178,10 @@ const EARLY_WINDOW: u64 = 64;
 #[derive(Debug)]
 pub struct Generator {
     cfg: WorkloadConfig,
-    /// Cumulative kind thresholds on a `[0, 1)` draw.
-    cut: [f64; 3],
+    /// Cumulative kind thresholds on a 53-bit draw: `x < cut[i]` exactly when the draw as a
+    /// `[0, 1)` fraction is below the i-th cumulative share (integer compares instead of a
+    /// conversion to `f64`).
+    cut: [u64; 3],
     rng: Rng,
     worker: u64,
     next_new: u64,
@@ -196,10 +198,12 @@ impl Generator {
     pub fn new(cfg: &WorkloadConfig, worker: u64) -> Self {
         let m = cfg.mix;
         let sum = m.new + m.early_retry + m.retry + m.known;
+        // x / 2^53 < c  <=>  x < ceil(c * 2^53) for an integer x; c * 2^53 is exact.
+        let bits = |c: f64| (c * (1u64 << 53) as f64).ceil() as u64;
         let cut = [
-            m.new / sum,
-            (m.new + m.early_retry) / sum,
-            (m.new + m.early_retry + m.retry) / sum,
+            bits(m.new / sum),
+            bits((m.new + m.early_retry) / sum),
+            bits((m.new + m.early_retry + m.retry) / sum),
         ];
         Self {
             cfg: cfg.clone(),
@@ -229,7 +233,7 @@ impl Generator {
             self.counts.known += 1;
             return (Kind::Known, KNOWN_BIT | i);
         }
-        let u = self.rng.unit();
+        let u = self.rng.next_u64() >> 11;
         let wanted = if u < self.cut[0] {
             Kind::New
         } else if u < self.cut[1] {
@@ -308,12 +312,21 @@ pub fn parts(cfg: &WorkloadConfig, t: u64) -> Parts {
     let h = mix2(t, cfg.seed);
     let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as u32;
     let recipient = (mix(h ^ 2) % u64::from(cfg.recipients)) as u32;
+    Parts {
+        client: client_of(cfg, sender, (h >> 56) as u8),
+        sender,
+        recipient,
+        tag: mix(h ^ 3),
+    }
+}
+
+/// The client address of a triplet of `sender` whose hash picked host `host`.
+fn client_of(cfg: &WorkloadConfig, sender: u32, host: u8) -> IpAddr {
     // A sender sends from one network, on any host of it: hosts of one /24 retry for each
     // other, which is what the /24 masking on the server is for.
     let s = mix2(u64::from(sender), cfg.seed);
-    let host = (h >> 56) as u8;
     let v6 = ((s >> 11) as f64 / (1u64 << 53) as f64) < cfg.ipv6_share;
-    let client = if v6 {
+    if v6 {
         let net = (mix(s) % u64::from(cfg.nets_v6)) as u32;
         IpAddr::V6(Ipv6Addr::new(
             0x2001,
@@ -333,12 +346,6 @@ pub fn parts(cfg: &WorkloadConfig, t: u64) -> Parts {
             net as u8,
             host.clamp(1, 254),
         ))
-    };
-    Parts {
-        client,
-        sender,
-        recipient,
-        tag: mix(h ^ 3),
     }
 }
 
@@ -346,139 +353,415 @@ pub fn parts(cfg: &WorkloadConfig, t: u64) -> Parts {
 /// BATV 3, null sender 2. The VERP, SRS and BATV forms carry a per-message part that the
 /// server's normaliser must reduce, or every message of a list would be a new triplet.
 pub fn write_sender(sender: u32, tag: u64, out: &mut Vec<u8>) {
-    // Written piece by piece rather than with `write!`: formatting was ~15 % of the client's
-    // CPU in a profile of a native TCP run (perf, busy machine). Literal pieces have a length
-    // known at compile time, so each is a few moves, not a `memcpy` call. The text is the
-    // same (a test checks it against the `format!` forms).
-    let d = u64::from(sender % 9973);
-    let n = u64::from(sender);
-    let mut w = Text(out);
-    w.0.reserve(96);
-    match mix(n) % 32 {
-        0..=17 => {
-            w.s(b"user").dec(n).s(b"@mail").dec(d).s(b".example.com");
-        }
-        18..=20 => {
-            w.s(b"user").dec(n).s(b"+").dec(tag % 1000);
-            w.s(b"@example").dec(d).s(b".org");
-        }
-        21..=24 => {
-            w.s(b"list").dec(n).s(b"-bounces+").dec(tag % 100_000);
-            w.s(b"=isp.example@lists").dec(d).s(b".example.net");
-        }
-        25..=26 => {
-            w.s(b"SRS0=").hex(tag & 0xffff, 4).s(b"=");
-            w.digits((tag >> 16) % 100, 2).s(b"=orig").dec(d);
-            w.s(b".example=user").dec(n).s(b"@forwarder").dec(d % 100);
-            w.s(b".example");
-        }
-        27..=29 => {
-            w.s(b"prvs=")
-                .hex(tag & 0xff_ffff_ffff, 10)
-                .s(b"=user")
-                .dec(n);
-            w.s(b"@corp").dec(d).s(b".example");
-        }
-        _ => {
-            w.s(b"<>");
-        }
+    let mut w = Line::new();
+    if !sender_into(&mut w, sender, tag) {
+        w.s(b"<>");
+    }
+    out.extend_from_slice(w.bytes());
+}
+
+/// Writes the sender's address into `w`; writes nothing and returns `false` for the null
+/// sender (whose text depends on the protocol: `<>` as an address, empty in the codecs).
+#[inline]
+fn sender_into(w: &mut Line, sender: u32, tag: u64) -> bool {
+    // Written piece by piece into a stack buffer rather than with `write!` or `Vec` pushes:
+    // formatting was ~15 % of the client's CPU in a profile of a native TCP run (perf), and
+    // per-byte `Vec` pushes with their capacity checks ~480 instructions per request of the
+    // client thread (callgrind, see docs/LOADTEST.md). The text is the same as the `format!`
+    // forms (a test checks). A sender is a part of its own (`sender_head`), the message's
+    // part (`sender_tag`), then another part of its own (`sender_tail`), so the sender's parts
+    // can be written once per run ([`SenderSlot`]).
+    let form = sender_form(sender);
+    if form == Form::Null {
+        return false;
+    }
+    sender_head(w, form, sender);
+    sender_tag(w, form, tag);
+    sender_tail(w, form, sender);
+    true
+}
+
+/// A sender address form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Plain,
+    Extension,
+    Verp,
+    Srs,
+    Batv,
+    Null,
+}
+
+/// Sender `sender`'s form, by share (out of 32): plain 18, `+extension` 3, VERP 4, SRS 2,
+/// BATV 3, null sender 2.
+#[inline]
+fn sender_form(sender: u32) -> Form {
+    match mix(u64::from(sender)) % 32 {
+        0..=17 => Form::Plain,
+        18..=20 => Form::Extension,
+        21..=24 => Form::Verp,
+        25..=26 => Form::Srs,
+        27..=29 => Form::Batv,
+        _ => Form::Null,
     }
 }
 
+/// The sender's text before the message's part (a plain sender's whole address).
+fn sender_head(w: &mut Line, form: Form, sender: u32) {
+    let d = u64::from(sender % 9973);
+    let n = u64::from(sender);
+    match form {
+        Form::Plain => {
+            w.s(b"user").dec(n).s(b"@mail").dec(d).s(b".example.com");
+        }
+        Form::Extension => {
+            w.s(b"user").dec(n).s(b"+");
+        }
+        Form::Verp => {
+            w.s(b"list").dec(n).s(b"-bounces+");
+        }
+        Form::Srs => {
+            w.s(b"SRS0=");
+        }
+        Form::Batv => {
+            w.s(b"prvs=");
+        }
+        Form::Null => {}
+    }
+}
+
+/// The per-message part of a sender of form `form` (bounce id, SRS hash, BATV tag).
+#[inline]
+fn sender_tag(w: &mut Line, form: Form, tag: u64) {
+    match form {
+        Form::Extension => {
+            w.dec(tag % 1000);
+        }
+        Form::Verp => {
+            w.dec(tag % 100_000);
+        }
+        Form::Srs => {
+            w.hex(tag & 0xffff, 4).s(b"=").digits((tag >> 16) % 100, 2);
+        }
+        Form::Batv => {
+            w.hex(tag & 0xff_ffff_ffff, 10);
+        }
+        Form::Plain | Form::Null => {}
+    }
+}
+
+/// The sender's text after the message's part.
+fn sender_tail(w: &mut Line, form: Form, sender: u32) {
+    let d = u64::from(sender % 9973);
+    let n = u64::from(sender);
+    match form {
+        Form::Extension => {
+            w.s(b"@example").dec(d).s(b".org");
+        }
+        Form::Verp => {
+            w.s(b"=isp.example@lists").dec(d).s(b".example.net");
+        }
+        Form::Srs => {
+            w.s(b"=orig").dec(d).s(b".example=user").dec(n);
+            w.s(b"@forwarder").dec(d % 100).s(b".example");
+        }
+        Form::Batv => {
+            w.s(b"=user").dec(n).s(b"@corp").dec(d).s(b".example");
+        }
+        Form::Plain | Form::Null => {}
+    }
+}
+
+/// Text areas of a [`SenderSlot`], each longer than the longest text it holds: a network
+/// (`2001:db8:ffff:ffff::`, 20), a head (`user4294967295@mail9972.example.com`, 35), a tail
+/// (`=orig9972.example=user4294967295@forwarder99.example`, 52).
+const NET_AREA: usize = 24;
+const HEAD_AREA: usize = 40;
+const TAIL_AREA: usize = 56;
+
+/// What a sender always writes the same, written once per run: its client network (all of
+/// the address but the host) and the parts of its address around the message's part. A
+/// request from a cached sender is then three fixed-size copies, the host, the message's
+/// part and the recipient. Fixed-size areas, so each copy is a few moves, not a `memcpy`
+/// call.
+#[derive(Debug, Clone, Copy)]
+struct SenderSlot {
+    net: [u8; NET_AREA],
+    head: [u8; HEAD_AREA],
+    tail: [u8; TAIL_AREA],
+    net_len: u8,
+    head_len: u8,
+    tail_len: u8,
+    v6: bool,
+    form: Form,
+}
+
+impl SenderSlot {
+    fn new(cfg: &WorkloadConfig, sender: u32) -> Self {
+        let form = sender_form(sender);
+        let mut w = Line::new();
+        // The client of a triplet of this sender on host 1, without the host's digit.
+        let client = client_of(cfg, sender, 0);
+        w.ip(client);
+        let net = &w.bytes()[..w.len - 1];
+        let mut slot = Self {
+            net: [0; NET_AREA],
+            head: [0; HEAD_AREA],
+            tail: [0; TAIL_AREA],
+            net_len: net.len() as u8,
+            head_len: 0,
+            tail_len: 0,
+            v6: client.is_ipv6(),
+            form,
+        };
+        slot.net[..net.len()].copy_from_slice(net);
+        let mut w = Line::new();
+        sender_head(&mut w, form, sender);
+        slot.head[..w.len].copy_from_slice(w.bytes());
+        slot.head_len = w.len as u8;
+        let mut w = Line::new();
+        sender_tail(&mut w, form, sender);
+        slot.tail[..w.len].copy_from_slice(w.bytes());
+        slot.tail_len = w.len as u8;
+        slot
+    }
+}
+
+/// Most senders whose parts are written once per run (128 bytes each: 16 MiB); requests of
+/// senders beyond are written from their parts.
+pub const MAX_CACHED_SENDERS: u32 = 1 << 17;
+
 /// Writes recipient `r`.
 pub fn write_recipient(r: u32, out: &mut Vec<u8>) {
-    Text(out)
-        .s(b"user")
+    let mut w = Line::new();
+    recipient_into(&mut w, r);
+    out.extend_from_slice(w.bytes());
+}
+
+#[inline]
+fn recipient_into(w: &mut Line, r: u32) {
+    w.s(b"user")
         .dec(r.into())
         .s(b"@isp")
         .dec((r % 50).into())
         .s(b".example");
 }
 
-/// Appends generated text to a buffer without the `fmt` machinery.
-struct Text<'a>(&'a mut Vec<u8>);
+/// Room for the longest request line the client writes (~170 bytes: a 20-digit ID, `CHECK `,
+/// a 39-byte IPv6 address, a sender of at most 64 bytes and a recipient of at most 28) and
+/// the 20 bytes past the end that a number's fixed-size copy writes.
+const LINE_MAX: usize = 256;
 
-impl Text<'_> {
-    /// A literal piece.
+/// Two decimal digits for each of 0..100, for writing numbers two digits at a time.
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Most decimal digits of a `u64`.
+const DIGITS: usize = 20;
+
+/// The decimal digits of each octet value, then their count.
+const OCTETS: [[u8; 4]; 256] = {
+    let mut t = [[0u8; 4]; 256];
+    let mut i = 0;
+    while i < 256 {
+        let (h, d, u) = ((i / 100) as u8, (i / 10 % 10) as u8, (i % 10) as u8);
+        t[i] = if i >= 100 {
+            [b'0' + h, b'0' + d, b'0' + u, 3]
+        } else if i >= 10 {
+            [b'0' + d, b'0' + u, 0, 2]
+        } else {
+            [b'0' + u, 0, 0, 1]
+        };
+        i += 1;
+    }
+    t
+};
+
+/// A request line (or one field of one) written on the stack without the `fmt` machinery and
+/// without a capacity check per byte, then copied out in one piece.
+pub(crate) struct Line {
+    buf: [u8; LINE_MAX],
+    len: usize,
+}
+
+impl std::fmt::Debug for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Line({:?})", String::from_utf8_lossy(self.bytes()))
+    }
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Line {
+    #[inline(always)]
+    fn new() -> Self {
+        Self {
+            buf: [0; LINE_MAX],
+            len: 0,
+        }
+    }
+
+    /// What was written.
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// A literal piece: its length is known at compile time, so a few moves.
     #[inline(always)]
     fn s(&mut self, piece: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(piece);
+        self.buf[self.len..self.len + piece.len()].copy_from_slice(piece);
+        self.len += piece.len();
+        self
+    }
+
+    /// The first `len` bytes of a fixed-size area: all of it is copied (a few moves), only
+    /// `len` bytes count.
+    #[inline(always)]
+    fn area<const N: usize>(&mut self, area: &[u8; N], len: u8) -> &mut Self {
+        self.buf[self.len..self.len + N].copy_from_slice(area);
+        self.len += usize::from(len);
         self
     }
 
     /// `n` in decimal.
-    #[inline]
+    #[inline(always)]
     fn dec(&mut self, n: u64) -> &mut Self {
         self.digits(n, 1)
     }
 
-    /// `n` in decimal, zero-padded to at least `width` digits (at most 20).
-    #[inline]
-    fn digits(&mut self, n: u64, width: usize) -> &mut Self {
-        let mut buf = [b'0'; 20];
-        // Byte by byte: a number is a few digits, shorter than a `memcpy` call.
-        for &b in digits(n, width, &mut buf) {
-            self.0.push(b);
+    /// `n` in decimal, zero-padded to at least `width` digits (at most 20): two digits at a
+    /// time from the end into a scratch array, then a copy of fixed size (a few vector moves,
+    /// whatever the length), of which only the digits count.
+    #[inline(always)]
+    fn digits(&mut self, mut n: u64, width: usize) -> &mut Self {
+        let mut tmp = [b'0'; 2 * DIGITS];
+        let mut at = DIGITS;
+        // A constant divisor: the compiler multiplies instead of dividing.
+        while n >= 100 {
+            let r = (n % 100) as usize * 2;
+            n /= 100;
+            at -= 2;
+            tmp[at..at + 2].copy_from_slice(&PAIRS[r..r + 2]);
         }
+        if n >= 10 {
+            let r = n as usize * 2;
+            at -= 2;
+            tmp[at..at + 2].copy_from_slice(&PAIRS[r..r + 2]);
+        } else {
+            at -= 1;
+            tmp[at] = b'0' + n as u8;
+        }
+        // Zero padding: `tmp` is all zeros before the digits.
+        let at = at.min(DIGITS - width.min(DIGITS));
+        self.buf[self.len..self.len + DIGITS].copy_from_slice(&tmp[at..at + DIGITS]);
+        self.len += DIGITS - at;
+        self
+    }
+
+    /// An IPv4 octet: its digits from a table, a fixed 4-byte copy.
+    #[inline(always)]
+    fn octet(&mut self, o: u8) -> &mut Self {
+        let [a, b, c, len] = OCTETS[usize::from(o)];
+        self.buf[self.len..self.len + 3].copy_from_slice(&[a, b, c]);
+        self.len += usize::from(len);
         self
     }
 
     /// `n` in lower-case hexadecimal, zero-padded to at least `width` digits (at most 16).
     #[inline]
     fn hex(&mut self, mut n: u64, width: usize) -> &mut Self {
-        let mut buf = [b'0'; 16];
-        let mut at = buf.len();
+        let len = ((64 - (n | 1).leading_zeros() as usize).div_ceil(4)).max(width.min(16));
+        let end = self.len + len;
+        let mut at = end;
         // Shifts and masks: a constant base, no division.
-        while n > 0 || buf.len() - at < width.min(16) {
+        while at > self.len {
             at -= 1;
-            buf[at] = b"0123456789abcdef"[(n & 0xf) as usize];
+            self.buf[at] = b"0123456789abcdef"[(n & 0xf) as usize];
             n >>= 4;
         }
-        for &b in &buf[at..] {
-            self.0.push(b);
+        self.len = end;
+        self
+    }
+
+    /// `ip` as its `Display` writes it (a test checks): IPv4 by hand, and IPv6 by hand for
+    /// the shape the workload makes (`2001:db8:x:y::h`, zeros only in the last 64 bits but
+    /// the host); other IPv6 addresses through `Display`.
+    #[inline]
+    fn ip(&mut self, ip: IpAddr) -> &mut Self {
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                self.octet(a)
+                    .s(b".")
+                    .octet(b)
+                    .s(b".")
+                    .octet(c)
+                    .s(b".")
+                    .octet(d);
+            }
+            IpAddr::V6(v6) => {
+                let g = v6.segments();
+                if g[0] != 0 && g[1] != 0 && g[4..7] == [0, 0, 0] && g[7] != 0 {
+                    // The longest run of zero groups is 4..7 (or 2..7 when x and y are 0).
+                    self.hex(g[0].into(), 1).s(b":").hex(g[1].into(), 1);
+                    match (g[2], g[3]) {
+                        (0, 0) => {}
+                        (x, 0) => {
+                            self.s(b":").hex(x.into(), 1);
+                        }
+                        (x, y) => {
+                            self.s(b":").hex(x.into(), 1).s(b":").hex(y.into(), 1);
+                        }
+                    }
+                    self.s(b"::").hex(g[7].into(), 1);
+                } else {
+                    let mut text = Vec::with_capacity(40);
+                    let _ = write!(text, "{v6}");
+                    self.s(&text);
+                }
+            }
         }
         self
     }
 }
 
-/// The decimal digits of `n`, zero-padded to at least `width` (at most 20), in `buf`.
-fn digits(mut n: u64, width: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    // A constant divisor, so the compiler multiplies instead of dividing.
-    while n > 0 || buf.len() - at < width.min(20) {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    &buf[at..]
-}
-
-/// Appends `ip` as text: IPv4 by hand (the common case, see `write_sender`), IPv6 through
-/// its `Display`.
+/// Appends `ip` as text, as its `Display` does.
 pub fn write_ip(ip: IpAddr, out: &mut Vec<u8>) {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut w = Text(out);
-            for (i, o) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    w.s(b".");
-                }
-                w.dec(o.into());
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
-    }
+    let mut w = Line::new();
+    w.ip(ip);
+    out.extend_from_slice(w.bytes());
 }
 
-/// Writes triplets as request bytes through the protocol codecs (`greyhound::proto`), so the
-/// load generator sends exactly what the server's parser reads. The parts are formatted into
-/// scratch buffers kept between calls: once warm, writing a request allocates nothing.
+/// A triplet [`RequestWriter::touch`] looked at, ready to write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Touched {
+    /// The triplet.
+    pub t: u64,
+    /// Its hash, if computed.
+    h: Option<u64>,
+}
+
+/// Writes triplets as request bytes in the protocols' formats, so the load generator sends
+/// exactly what the server's parser reads: native lines are written in place into a stack
+/// buffer in the form `greyhound::proto::native::encode_request` writes (the codec defines the
+/// format; tests check the bytes are the codec's, and that `native::parse_line` reads them back
+/// as the intended request), policy blocks through `greyhound::proto::policy::encode_request`.
+/// Scratch buffers are kept between calls: once warm, writing a request allocates nothing.
 #[derive(Debug, Default)]
 pub struct RequestWriter {
     /// Known-pool requests written once for the whole run, if given.
     known: Option<Arc<KnownCache>>,
+    /// The native line being written, kept so it is not zeroed again for every request
+    /// (zeroing it was ~70 instructions per request, callgrind).
+    line: Line,
     sender: Vec<u8>,
     recipient: Vec<u8>,
     client: Vec<u8>,
@@ -495,47 +778,111 @@ impl RequestWriter {
         }
     }
 
-    /// Formats triplet `t`'s sender and recipient into the scratch buffers.
-    fn addresses(&mut self, p: &Parts) {
-        self.sender.clear();
-        write_sender(p.sender, p.tag, &mut self.sender);
-        if self.sender == b"<>" {
-            // The codecs take the null sender as an empty address.
-            self.sender.clear();
-        }
-        self.recipient.clear();
-        write_recipient(p.recipient, &mut self.recipient);
-    }
-
     /// Appends the native request line for triplet `t`: `[ID ]CHECK ip <sender> <recipient>\n`.
     pub fn native(&mut self, cfg: &WorkloadConfig, t: u64, id: Option<u64>, out: &mut Vec<u8>) {
-        let mut digits = [0u8; 20];
-        let id = id.map(|id| decimal(id, &mut digits));
+        self.native_touched(cfg, Touched { t, h: None }, id, out);
+    }
+
+    /// [`RequestWriter::native`] for a triplet [`RequestWriter::touch`] looked at.
+    pub fn native_touched(
+        &mut self,
+        cfg: &WorkloadConfig,
+        Touched { t, h }: Touched,
+        id: Option<u64>,
+        out: &mut Vec<u8>,
+    ) {
+        let w = &mut self.line;
+        w.len = 0;
+        if let Some(id) = id {
+            // What `encode_request` writes first: the ID and a space.
+            w.dec(id).s(b" ");
+        }
         if let Some(line) = self.known.as_ref().and_then(|k| k.get(t, false)) {
-            // What `encode_request` writes: the ID and a space, then the rest of the line.
-            if let Some(id) = id {
-                out.extend_from_slice(id.as_bytes());
-                out.push(b' ');
-            }
+            out.extend_from_slice(w.bytes());
             out.extend_from_slice(line);
             return;
         }
+        // Written in place rather than through `encode_request` and scratch strings: with the
+        // digits two at a time and IPv6 by hand, the client thread went from 1,055 to 572
+        // instructions per request (with the reply fast path), with the senders' parts written
+        // once per run and `PASS known` read from its fixed bytes to 408 (callgrind,
+        // docs/LOADTEST.md); ~30 % of requests (new triplets and retries) take this path.
+        let h = h.unwrap_or_else(|| mix2(t, cfg.seed));
+        let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as u32;
+        let slot = self
+            .known
+            .as_ref()
+            .and_then(|k| k.senders.get(sender as usize));
+        if let Some(slot) = slot {
+            // What `parts` derives, from the same hashes.
+            let recipient = (mix(h ^ 2) % u64::from(cfg.recipients)) as u32;
+            let host = (h >> 56) as u8;
+            w.s(b"CHECK ").area(&slot.net, slot.net_len);
+            if slot.v6 {
+                w.hex(u64::from(host) + 1, 1);
+            } else {
+                w.octet(host.clamp(1, 254));
+            }
+            w.s(b" <").area(&slot.head, slot.head_len);
+            if !matches!(slot.form, Form::Plain | Form::Null) {
+                sender_tag(w, slot.form, mix(h ^ 3));
+            }
+            w.area(&slot.tail, slot.tail_len).s(b"> <");
+            recipient_into(w, recipient);
+            w.s(b">\n");
+            out.extend_from_slice(w.bytes());
+            return;
+        }
         let p = parts(cfg, t);
-        self.addresses(&p);
-        native::encode_request(
-            &native::Request {
-                id,
-                command: native::Command::Check(native::Triplet {
-                    client: p.client,
-                    sender: ascii(&self.sender),
-                    recipient: ascii(&self.recipient),
-                    helo: None,
-                    name: None,
-                    auth: None,
-                }),
-            },
-            out,
-        );
+        w.s(b"CHECK ").ip(p.client).s(b" <");
+        // The null sender is an empty address, `<>` on the wire.
+        sender_into(w, p.sender, p.tag);
+        w.s(b"> <");
+        recipient_into(w, p.recipient);
+        w.s(b">\n");
+        out.extend_from_slice(w.bytes());
+    }
+
+    /// Reads a byte at each end of what the request of triplet `t` is copied from (its
+    /// known-pool entry, or its sender's slot) and returns them combined. Called for a batch
+    /// of requests before they are written, the reads are independent of each other, so
+    /// their cache misses overlap instead of coming one after the other while writing (the
+    /// tables are ~20 MiB at the default sizes). It costs ~50 instructions per request
+    /// (callgrind: 408 -> 457) and saves more than that in CPU time (interleaved runs, TCP
+    /// pipeline 16: 553/624/707 ns per request against 722/675/820 without).
+    /// The triplet comes back with the hash it took to find its sender, so writing it does
+    /// not hash again (~30 instructions per request written from its parts, callgrind).
+    #[inline]
+    pub fn touch(&self, cfg: &WorkloadConfig, t: u64, policy: bool) -> (Touched, u8) {
+        let plain = Touched { t, h: None };
+        let Some(k) = &self.known else {
+            return (plain, 0);
+        };
+        if let Some(entry) = k.get(t, policy) {
+            let seen = entry.first().copied().unwrap_or(0) ^ entry.last().copied().unwrap_or(0);
+            return (plain, seen);
+        }
+        if policy {
+            return (plain, 0);
+        }
+        let h = mix2(t, cfg.seed);
+        let sender = (mix(h ^ 1) % u64::from(cfg.senders)) as usize;
+        let seen = k
+            .senders
+            .get(sender)
+            .map_or(0, |s| s.net[0] ^ s.tail[TAIL_AREA - 1]);
+        (Touched { t, h: Some(h) }, seen)
+    }
+
+    /// Formats triplet `t`'s sender and recipient into the scratch buffers.
+    fn addresses(&mut self, p: &Parts) {
+        self.sender.clear();
+        let mut w = Line::new();
+        // The codecs take the null sender as an empty address.
+        sender_into(&mut w, p.sender, p.tag);
+        self.sender.extend_from_slice(w.bytes());
+        self.recipient.clear();
+        write_recipient(p.recipient, &mut self.recipient);
     }
 
     /// Appends the Postfix policy request block for triplet `t`, at the RCPT stage, with the
@@ -551,12 +898,13 @@ impl RequestWriter {
         self.client.clear();
         write_ip(p.client, &mut self.client);
         self.helo.clear();
-        Text(&mut self.helo)
-            .s(b"mx")
-            .dec((p.sender % 9973).into())
-            .s(b".example");
+        let mut w = Line::new();
+        w.s(b"mx").dec((p.sender % 9973).into()).s(b".example");
+        self.helo.extend_from_slice(w.bytes());
         self.instance.clear();
-        Text(&mut self.instance).hex(t & 0xffff_ffff, 1).s(b".1");
+        let mut w = Line::new();
+        w.hex(t & 0xffff_ffff, 1).s(b".1");
+        self.instance.extend_from_slice(w.bytes());
         policy::encode_request(
             &policy::PolicyRequest {
                 request: policy::POLICY_REQUEST,
@@ -588,6 +936,8 @@ impl RequestWriter {
 /// [`RequestWriter`] writes (a test checks), so the server cannot tell the difference.
 #[derive(Debug, Default)]
 pub struct KnownCache {
+    /// The native protocol's senders, by number (not made for policy runs).
+    senders: Vec<SenderSlot>,
     policy: bool,
     bytes: Vec<u8>,
     /// End of entry `i` in `bytes`; entry `i` starts where `i - 1` ends.
@@ -613,7 +963,15 @@ impl KnownCache {
             }
             ends.push(bytes.len());
         }
+        let senders = if policy {
+            Vec::new()
+        } else {
+            (0..cfg.senders.min(MAX_CACHED_SENDERS))
+                .map(|sender| SenderSlot::new(cfg, sender))
+                .collect()
+        };
         Self {
+            senders,
             policy,
             bytes,
             ends,
@@ -632,14 +990,9 @@ impl KnownCache {
     }
 }
 
-/// The scratch buffers hold only what `write!` made of numbers and ASCII literals.
+/// The scratch buffers hold only numbers and ASCII literals.
 fn ascii(b: &[u8]) -> &str {
     std::str::from_utf8(b).unwrap_or_default()
-}
-
-/// `n` in decimal, formatted in `buf` (no allocation).
-pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
-    ascii(digits(n, 1, buf))
 }
 
 #[cfg(test)]
@@ -685,7 +1038,20 @@ mod tests {
             let native::Command::Check(tr) = req.command else {
                 panic!("not a CHECK: {:?}", String::from_utf8_lossy(&line));
             };
-            assert_eq!(tr.client, parts(&cfg, t).client);
+            // The intended request: the triplet's client, sender (the null sender empty) and
+            // recipient.
+            let p = parts(&cfg, t);
+            assert_eq!(tr.client, p.client);
+            let (mut sender, mut recipient) = (Vec::new(), Vec::new());
+            write_sender(p.sender, p.tag, &mut sender);
+            write_recipient(p.recipient, &mut recipient);
+            let sender = if sender == b"<>" {
+                &[][..]
+            } else {
+                &sender[..]
+            };
+            assert_eq!(tr.sender.as_bytes(), sender);
+            assert_eq!(tr.recipient.as_bytes(), &recipient[..]);
             block.clear();
             w.policy(&cfg, t, &mut block);
             match policy::parse(&block, &policy::BlockLimits::default()) {
@@ -696,6 +1062,80 @@ mod tests {
                     assert_eq!(request.sender, tr.sender);
                 }
                 other => panic!("{other:?}: {:?}", String::from_utf8_lossy(&block)),
+            }
+        }
+    }
+
+    /// The line as the codec writes it from the triplet's parts (what `native` wrote
+    /// before it wrote lines in place).
+    fn codec_line(cfg: &WorkloadConfig, t: u64, id: Option<u64>) -> Vec<u8> {
+        use greyhound::proto::native;
+        let p = parts(cfg, t);
+        let (mut sender, mut recipient) = (Vec::new(), Vec::new());
+        write_sender(p.sender, p.tag, &mut sender);
+        if sender == b"<>" {
+            sender.clear();
+        }
+        write_recipient(p.recipient, &mut recipient);
+        let id = id.map(|id| id.to_string());
+        let mut out = Vec::new();
+        native::encode_request(
+            &native::Request {
+                id: id.as_deref(),
+                command: native::Command::Check(native::Triplet {
+                    client: p.client,
+                    sender: ascii(&sender),
+                    recipient: ascii(&recipient),
+                    helo: None,
+                    name: None,
+                    auth: None,
+                }),
+            },
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn lines_written_in_place_are_the_codecs_bytes() {
+        // IPv6 nets below and above 2^16 (the third group zero or not), and the null sender
+        // among the forms; IDs of every length.
+        for (nets_v6, seed) in [(1, 1), (16_384, 2), (1 << 20, 3), (u32::MAX, 4)] {
+            let cfg = WorkloadConfig {
+                ipv6_share: 0.5,
+                nets_v6,
+                seed,
+                ..WorkloadConfig::default()
+            };
+            // Written from parts, and from the senders' parts written once (half the senders
+            // beyond the cached ones in the second run, so both ways are taken).
+            let mut plain = RequestWriter::default();
+            let small = WorkloadConfig {
+                known_pool: 10,
+                senders: MAX_CACHED_SENDERS * 2,
+                ..cfg.clone()
+            };
+            for cfg in [cfg, small] {
+                let mut cached =
+                    RequestWriter::with_cache(Arc::new(KnownCache::build(&cfg, false)));
+                for t in (0..5_000u64).chain([KNOWN_BIT | 7, (5 << 40) | 3]) {
+                    for id in [None, Some(0), Some(t), Some(u64::MAX)] {
+                        let want = codec_line(&cfg, t, id);
+                        for w in [&mut plain, &mut cached] {
+                            let mut line = Vec::new();
+                            w.native(&cfg, t, id, &mut line);
+                            assert_eq!(
+                                String::from_utf8_lossy(&line),
+                                String::from_utf8_lossy(&want)
+                            );
+                            // Touched first, as the client does.
+                            line.clear();
+                            let (touched, _) = w.touch(&cfg, t, false);
+                            w.native_touched(&cfg, touched, id, &mut line);
+                            assert_eq!(line, want);
+                        }
+                    }
+                }
             }
         }
     }
@@ -746,6 +1186,12 @@ mod tests {
             "10.0.9.255",
             "255.255.255.255",
             "2001:db8::1",
+            "2001:db8:0:5::1",
+            "2001:db8:3::ff",
+            "2001:db8:3:4::100",
+            "2001:db8:ffff:ffff::1",
+            "2001:db8:1:2:3::1",
+            "::1",
             "::ffff:1.2.3.4",
         ] {
             out.clear();
