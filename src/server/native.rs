@@ -83,6 +83,16 @@ pub(crate) fn answer(
     });
 }
 
+/// An empty vector of `U`, keeping `v`'s allocation when `U` is `T` with other lifetimes: the
+/// request and reply lists of a read borrow its buffer and are emptied before it changes, so
+/// one allocation serves every read, without any `unsafe`.
+pub(crate) fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    // Collecting the (zero) items of a vector into one of a type of the same size reuses its
+    // allocation (in-place collection).
+    v.into_iter().map(|_| unreachable!()).collect()
+}
+
 /// Appends one datagram's replies within `budget` bytes (the request's size: no
 /// amplification). Each reply is `(line, head)`: the full line, ending in `\n`, and the length
 /// of its head (`proto::native::encode_split`); the head and a `\n` are its shortest form.

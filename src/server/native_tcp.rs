@@ -5,7 +5,7 @@ use crate::proto::native::{self as wire, Framed, LineFramer, Parsed};
 
 use super::conn::{Conn, Read, Stream};
 use super::metrics::{Proto, Tally};
-use super::native::{answer, TextBuf};
+use super::native::{answer, recycle, TextBuf};
 use super::Shared;
 
 /// Serves one connection until the peer is done (after shutting down its sending side, it
@@ -65,12 +65,4 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
     }
     conn.shutdown();
     tracing::debug!(%peer, "native connection closed");
-}
-
-/// An empty vector of requests of any lifetime, keeping `v`'s allocation.
-fn recycle<'b>(mut v: Vec<Parsed<'_>>) -> Vec<Parsed<'b>> {
-    v.clear();
-    // An empty Vec holds no borrow: collecting its (zero) items into another lifetime reuses
-    // the allocation (in-place collection), without any `unsafe`.
-    v.into_iter().map(|_| unreachable!()).collect()
 }

@@ -13,7 +13,7 @@ use crate::net::udp_batch::BatchSocket;
 use crate::proto::native::{self as wire, datagram_lines, Parsed};
 
 use super::metrics::{Proto, RequestError, Tally};
-use super::native::{answer, fit_replies, TextBuf};
+use super::native::{answer, fit_replies, recycle, TextBuf};
 use super::Shared;
 
 /// Datagrams moved per `recvmmsg` / `sendmmsg`.
@@ -34,6 +34,9 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
     // (datagram, number of its lines) for each datagram answered, in order.
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (datagram, start, end) in `out`
+                                                            // Kept empty between batches (their items borrow the batch's buffers), for their allocations.
+    let mut reqs_kept: Vec<Parsed<'static>> = Vec::new();
+    let mut sends_kept: Vec<(SocketAddr, &'static [u8])> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let n = match bs.recv() {
             Ok(0) => continue,
@@ -51,7 +54,7 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
         forms.clear();
         {
             // The lines of all datagrams, in datagram order.
-            let mut reqs: Vec<Parsed<'_>> = Vec::with_capacity(n);
+            let mut reqs: Vec<Parsed<'_>> = recycle(std::mem::take(&mut reqs_kept));
             for d in 0..n {
                 let (data, from) = bs.datagram(d);
                 if !shared.allow.allows(from.ip()) {
@@ -73,6 +76,7 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
                 let head = wire::encode_split(id, reply, &mut full);
                 forms.push((start, full.len(), head));
             });
+            reqs_kept = recycle(reqs);
         }
         let mut first = 0;
         for &(d, count) in &runs {
@@ -88,12 +92,15 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
             first += count;
         }
         shared.metrics.flush(&mut tally);
-        let to_send: Vec<(SocketAddr, &[u8])> = spans
-            .iter()
-            .map(|&(d, s, e)| (bs.datagram(d).1, &out[s..e]))
-            .collect();
+        let mut to_send: Vec<(SocketAddr, &[u8])> = recycle(std::mem::take(&mut sends_kept));
+        to_send.extend(
+            spans
+                .iter()
+                .map(|&(d, s, e)| (bs.datagram(d).1, &out[s..e])),
+        );
         if let Err(e) = bs.send(&to_send) {
             debug!(error = %e, "udp send failed");
         }
+        sends_kept = recycle(to_send);
     }
 }
