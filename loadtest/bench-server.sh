@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The server figures of docs/BENCHMARKS.md, side by side in one run: for each transport,
-# `greyhound-loadtest ceiling` measures the minimal client and the full client against an
-# in-process null responder, the full client against an in-process naive server, then against
+# `greyhound-loadtest ceiling` measures the minimal client and the full client against a null
+# responder, the full client against a naive server (each in a process of its own), then against
 # a real `greyhound serve` started here (release build, loopback, its own data directory).
 #
 #   loadtest/bench-server.sh [SECONDS_PER_MEASUREMENT]   # default 5; prints a Markdown table

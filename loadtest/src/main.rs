@@ -33,7 +33,7 @@ enum Cmd {
     /// Drive a running server with realistic traffic and report throughput and latency.
     Run(RunArgs),
     /// Measure, in one run with the same client settings, the minimal client and this client
-    /// against an in-process null responder, an in-process naive server, then the target if
+    /// against a null responder, a naive server (each in a process of its own), then the target if
     /// given; report each side's CPU, the ratios, and warn when the client saturated.
     Ceiling(RunArgs),
     /// Simulate days or weeks of mail through the engine on a simulated clock.
@@ -377,7 +377,7 @@ fn measured(
 
 fn ceiling(a: &RunArgs) -> anyhow::Result<()> {
     let target = a.target()?;
-    // The in-process servers listen on the same loopback family as the target.
+    // The null and naive servers listen on the same loopback family as the target.
     let ip = match target.map(|t| t.ip()) {
         Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -386,9 +386,12 @@ fn ceiling(a: &RunArgs) -> anyhow::Result<()> {
         Proto::Policy => policy,
         _ => native,
     };
-    let null = NullResponder::start(ip, NullOptions::default())?;
+    // The null responder and the naive server run in processes of their own, like the target:
+    // sharing the client's process would make their thread switches cheaper than the
+    // target's (no address-space switch), which on a ping-pong transport is a large share.
+    let null = ServerProcess::spawn(ip, None)?;
     let null_addr = pick(null.native, null.policy);
-    let null_cpu = || Some(cpu::threads_named(&["null-"]));
+    let null_cpu = || cpu::process(null.pid());
     // The null responder needs no warm-up: it knows no triplet.
     let plain = |addr, label: &str, minimal| RunConfig {
         warmup: false,
@@ -400,9 +403,9 @@ fn ceiling(a: &RunArgs) -> anyhow::Result<()> {
     let null_report = measured(&plain(null_addr, "null responder", false), &null_cpu)
         .context("measuring the null responder")?;
     drop(null);
-    let naive = NaiveServer::start(ip, Duration::from_secs_f64(a.workload.server_delay))?;
+    let naive = ServerProcess::spawn(ip, Some(a.workload.server_delay))?;
     let naive_addr = pick(naive.native, naive.policy);
-    let naive_cpu = || Some(cpu::threads_named(&["naive"]));
+    let naive_cpu = || cpu::process(naive.pid());
     let naive_report = measured(&a.config(naive_addr, "naive server"), &naive_cpu)
         .context("measuring the naive server")?;
     drop(naive);
@@ -432,6 +435,61 @@ fn ceiling(a: &RunArgs) -> anyhow::Result<()> {
         print!("{}", report.text());
     }
     Ok(())
+}
+
+/// A null responder or naive server in a child process (this binary's `serve`), killed when
+/// dropped.
+struct ServerProcess {
+    child: std::process::Child,
+    native: SocketAddr,
+    policy: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts the null responder, or with a delay the naive server, and reads its ports.
+    fn spawn(ip: IpAddr, naive_delay: Option<f64>) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("serve").arg("--ip").arg(ip.to_string());
+        if let Some(d) = naive_delay {
+            cmd.arg("--naive").arg("--delay").arg(d.to_string());
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("start a server process (greyhound-loadtest serve)")?;
+        let mut ports = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            for line in std::io::BufReader::new(out).lines().take(2) {
+                let line = line?;
+                let addr = line.split_whitespace().nth(1).unwrap_or_default();
+                ports.push(addr.parse::<SocketAddr>().with_context(|| {
+                    format!("server process printed {line:?}, not its address")
+                })?);
+            }
+        }
+        let [native, policy] = ports[..] else {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the server process ended without printing its addresses");
+        };
+        Ok(Self {
+            child,
+            native,
+            policy,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn serve(a: &ServeArgs) -> anyhow::Result<()> {
