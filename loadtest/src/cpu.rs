@@ -136,11 +136,6 @@ fn stat_cpu(line: &str) -> Option<Duration> {
     Some(ticks(utime + stime))
 }
 
-/// The command name of a `/proc/.../stat` line.
-fn stat_name(line: &str) -> Option<&str> {
-    Some(&line[line.find('(')? + 1..line.rfind(')')?])
-}
-
 fn ticks(t: u64) -> Duration {
     Duration::from_millis(t * 1000 / TICKS_PER_SEC)
 }
@@ -151,20 +146,6 @@ pub fn this_thread() -> Duration {
         .ok()
         .and_then(|s| stat_cpu(&s))
         .unwrap_or_default()
-}
-
-/// CPU time used so far by this process's live threads whose name starts with one of
-/// `prefixes` (thread names are cut to 15 bytes by the kernel).
-pub fn threads_named(prefixes: &[&str]) -> Duration {
-    let Ok(tasks) = fs::read_dir("/proc/self/task") else {
-        return Duration::ZERO;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
-        .filter(|s| stat_name(s).is_some_and(|n| prefixes.iter().any(|p| n.starts_with(p))))
-        .filter_map(|s| stat_cpu(&s))
-        .sum()
 }
 
 /// CPU time used so far by process `pid`, all its threads (`None` if it cannot be read).
@@ -252,7 +233,6 @@ mod tests {
     #[test]
     fn stat_lines_are_read_past_odd_names() {
         let line = "4242 (load (x) 1) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
-        assert_eq!(stat_name(line), Some("load (x) 1"));
         // utime 250 + stime 50 ticks = 3 s.
         assert_eq!(stat_cpu(line), Some(Duration::from_secs(3)));
         assert_eq!(stat_cpu("1 (x) S 1 2"), None);
