@@ -66,6 +66,9 @@ pub const MAX_DURATION_SECS: u32 = crate::engine::policy::MAX_DURATION;
 /// Checking it here turns an obscure bind failure into a clear start-up error.
 pub const MAX_UNIX_PATH: usize = 107;
 
+/// The most connection worker threads (`workers`) accepted: more than any machine has cores.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The accepted values of `log-level`, from the quietest to the most verbose.
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
@@ -193,6 +196,8 @@ pub struct Config {
     pub whitelist_recipients: Vec<PathBuf>,
     /// One of [`LOG_LEVELS`] (`log-level`).
     pub log_level: String,
+    /// Threads serving TCP and Unix connections (`workers`); 0: half the cores, at least one.
+    pub workers: usize,
     /// Resource limits (`[limits]`).
     pub limits: Limits,
 }
@@ -223,6 +228,7 @@ impl Default for Config {
             whitelist_senders: Vec::new(),
             whitelist_recipients: Vec::new(),
             log_level: "info".to_owned(),
+            workers: 0,
             limits: Limits::default(),
         }
     }
@@ -560,6 +566,11 @@ pub struct Overrides {
     #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(LOG_LEVELS))]
     pub log_level: Option<String>,
 
+    /// Threads serving TCP and Unix connections (native TCP, policy; UDP has one per core);
+    /// 0 means half the cores, at least one [default: 0].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
     /// The `[limits]` table; its keys are plain flags (`--max-line`).
     #[command(flatten)]
     #[serde(default)]
@@ -697,6 +708,7 @@ impl Overrides {
             whitelist_senders,
             whitelist_recipients,
             log_level,
+            workers,
             limits,
         } = self;
         let LimitOverrides {
@@ -768,6 +780,7 @@ impl Overrides {
             Ok,
         )?;
         o.set("log-level", &mut c.log_level, log_level, Ok)?;
+        o.set("workers", &mut c.workers, workers, Ok)?;
         let l = &mut c.limits;
         o.set("limits.max-line", &mut l.max_line, max_line, Ok)?;
         o.set(
@@ -873,6 +886,7 @@ impl Config {
             whitelist_senders,
             whitelist_recipients,
             log_level,
+            workers,
             limits,
         } = self;
         let invalid =
@@ -935,6 +949,12 @@ impl Config {
             return invalid(
                 "log-level",
                 format!("({log_level:?}) must be one of {}", LOG_LEVELS.join(", ")),
+            );
+        }
+        if *workers > MAX_WORKERS {
+            return invalid(
+                "workers",
+                format!("({workers}) must be at most {MAX_WORKERS} (0: half the cores)"),
             );
         }
         if data_dir.as_os_str().is_empty() {
@@ -1177,6 +1197,7 @@ whitelist-clients = ["/etc/greyhound/clients"]
 whitelist-senders = ["/etc/greyhound/senders"]
 whitelist-recipients = ["/etc/greyhound/recipients", "/etc/greyhound/more"]
 log-level = "debug"
+workers = 3
 
 [limits]
 max-line = 512
@@ -1217,6 +1238,7 @@ policy-max-attributes = 64
                 PathBuf::from("/etc/greyhound/more"),
             ],
             log_level: "debug".to_owned(),
+            workers: 3,
             limits: Limits {
                 max_line: 512,
                 max_connections: 100,
@@ -1357,6 +1379,8 @@ policy-max-attributes = 64
             "/c",
             "--log-level",
             "trace",
+            "--workers",
+            "5",
             "--max-line",
             "256",
             "--max-connections",
@@ -1397,6 +1421,7 @@ policy-max-attributes = 64
             whitelist_senders: vec![PathBuf::from("/b")],
             whitelist_recipients: vec![PathBuf::from("/c")],
             log_level: "trace".to_owned(),
+            workers: 5,
             limits: Limits {
                 max_line: 256,
                 max_connections: 10,
@@ -1923,6 +1948,28 @@ policy-max-attributes = 64
     }
 
     #[test]
+    fn workers_bounds() {
+        // 0 is "half the cores"; the largest count is accepted, one more is refused.
+        for ok in [0, 1, MAX_WORKERS] {
+            let c = Config {
+                workers: ok,
+                ..Config::default()
+            };
+            assert!(c.validate().is_ok(), "{ok}");
+        }
+        let c = Config {
+            workers: MAX_WORKERS + 1,
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&c), "workers");
+        let err = load(&["--workers", "1025"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("workers (1025)") && err.contains("1024"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn help_shows_the_true_defaults() {
         use clap::CommandFactory;
         // `--help` states each default in words; given as the flag's value, it must change
@@ -1954,7 +2001,7 @@ policy-max-attributes = 64
         }
         // Every flag with a value but `--hostname` and the three whitelist lists, which have no
         // default to state.
-        assert_eq!(checked.len(), 23, "{checked:?}");
+        assert_eq!(checked.len(), 24, "{checked:?}");
     }
 
     #[test]
@@ -1991,6 +2038,7 @@ policy-max-attributes = 64
             whitelist_senders,
             whitelist_recipients,
             log_level,
+            workers,
             limits,
         } = Overrides::from_toml("greyhound.toml", example).unwrap();
         let LimitOverrides {
@@ -2025,6 +2073,7 @@ policy-max-attributes = 64
             ("whitelist-senders", whitelist_senders.is_some()),
             ("whitelist-recipients", whitelist_recipients.is_some()),
             ("log-level", log_level.is_some()),
+            ("workers", workers.is_some()),
             ("limits.max-line", max_line.is_some()),
             ("limits.max-connections", max_connections.is_some()),
             ("limits.idle-timeout", idle_timeout.is_some()),
