@@ -4,18 +4,22 @@
 # responder, the full client against a naive server (each in a process of its own), then against
 # a real `greyhound serve` started here (release build, loopback, its own data directory).
 #
-#   loadtest/bench-server.sh [SECONDS_PER_MEASUREMENT]   # default 5; prints a Markdown table
+#   loadtest/bench-server.sh [SECONDS_PER_MEASUREMENT [SERVE_FLAGS...]]
+#
+# SECONDS_PER_MEASUREMENT defaults to 5; SERVE_FLAGS go to `greyhound serve` (e.g. --workers 2).
+# Prints a Markdown table.
 #
 # Run it on a quiet machine: every other process takes CPU from the client or the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
+shift $(( $# > 0 ? 1 : 0 ))
 cargo build --release --locked -q -p greyhound -p greyhound-loadtest
 bin=target/release
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 "$bin/greyhound" serve --data-dir "$work/data" --delay 1s --native 127.0.0.1:0 \
-    --policy 127.0.0.1:0 --metrics 127.0.0.1:0 2> "$work/log" &
+    --policy 127.0.0.1:0 --metrics 127.0.0.1:0 "$@" 2> "$work/log" &
 pid=$!
 for _ in $(seq 100); do grep -q ' ready ' "$work/log" && break; sleep 0.1; done
 native=$(grep -o 'native=[0-9.:]*' "$work/log" | head -1 | cut -d= -f2)
