@@ -4,8 +4,8 @@
 //! socket read by one task per core, a datagram at a time), a `DashMap` keyed by the raw
 //! triplet string holding when it was first seen; DEFER until the delay has passed, PASS
 //! after. No normalisation, no exemptions, no metrics, no batching. Greyhound does more per
-//! request; it must still never be slower than this (DESIGN's figures), and `ceiling` shows
-//! whether it is.
+//! request; it must still never be slower than this (one of the project's figures to reach),
+//! and `ceiling` shows whether it is.
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;

@@ -188,13 +188,13 @@ impl RunReport {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ratios {
     /// This client's figure against the null responder over the minimal client's: how close
-    /// the load generator comes to moving bytes only (DESIGN: at least 0.9).
+    /// the load generator comes to moving bytes only (the figure to reach: at least 0.9).
     pub client_vs_minimal: f64,
     /// Naive server over null responder.
     pub naive_vs_null: f64,
     /// Target over null responder.
     pub target_vs_null: Option<f64>,
-    /// Target over naive server (DESIGN: never below 1).
+    /// Target over naive server (the figure to reach: never below 1).
     pub target_vs_naive: Option<f64>,
 }
 
