@@ -10,16 +10,15 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::answer::PASS_REASONS;
 use crate::client::{
-    udp_socket, Proto, RunConfig, Shared, WorkerOut, HOUSEKEEPING, MAX_DATAGRAM, UDP_BATCH,
+    registered_udp_socket, Proto, RunConfig, Shared, WorkerOut, HOUSEKEEPING, MAX_DATAGRAM,
+    UDP_BATCH,
 };
 use crate::workload::{RequestWriter, WorkloadConfig};
 
@@ -241,14 +240,7 @@ fn udp(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
     }
     let mut socks = Vec::new();
     for _ in workers {
-        let s = udp_socket(cfg).and_then(|(bs, ctl)| {
-            poll.registry().register(
-                &mut SourceFd(&ctl.as_raw_fd()),
-                Token(socks.len()),
-                Interest::READABLE,
-            )?;
-            Ok((bs, ctl))
-        });
+        let s = registered_udp_socket(cfg, &poll, socks.len());
         match s {
             Ok((bs, ctl)) => socks.push(Sock {
                 bs,

@@ -946,6 +946,21 @@ pub(crate) const UDP_BATCH: usize = 64;
 
 /// A UDP socket of the client, bound to the loopback (or any) address of the target's family,
 /// non-blocking, with its descriptor for epoll.
+/// [`udp_socket`], its control handle registered with `poll` (readable) under `token`.
+pub(crate) fn registered_udp_socket(
+    cfg: &RunConfig,
+    poll: &Poll,
+    token: usize,
+) -> std::io::Result<(BatchSocket, std::net::UdpSocket)> {
+    let (bs, ctl) = udp_socket(cfg)?;
+    poll.registry().register(
+        &mut SourceFd(&ctl.as_raw_fd()),
+        Token(token),
+        Interest::READABLE,
+    )?;
+    Ok((bs, ctl))
+}
+
 pub(crate) fn udp_socket(cfg: &RunConfig) -> std::io::Result<(BatchSocket, std::net::UdpSocket)> {
     let local = SocketAddr::new(
         match cfg.target.ip() {
@@ -1175,14 +1190,7 @@ fn udp_thread(
     let k = cfg.per_datagram as u64;
     let mut conns: Vec<UdpConn> = Vec::with_capacity(workers.len());
     for &w in workers {
-        let sock = udp_socket(cfg).and_then(|(bs, ctl)| {
-            poll.registry().register(
-                &mut SourceFd(&ctl.as_raw_fd()),
-                Token(conns.len()),
-                Interest::READABLE,
-            )?;
-            Ok((bs, ctl))
-        });
+        let sock = registered_udp_socket(cfg, &poll, conns.len());
         match sock {
             Ok((bs, ctl)) => conns.push(UdpConn {
                 bs,
