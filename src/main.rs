@@ -151,8 +151,9 @@ fn serve(args: &ServeArgs) -> Result<()> {
     // Half the cores by default: the clients of the policy port (Postfix's smtpd processes) and
     // the UDP threads share the machine, and ping-pong traffic on more runtime workers than
     // that spends its time waking and stealing between them. Measured on 2 cores with the
-    // load generator beside it: policy +30 % (8 connections) and +35–60 % (64) with 1 worker
-    // instead of 2, native TCP the same (docs/BENCHMARKS.md).
+    // load generator beside it, 1 worker against 2, alternating runs: policy 71–93 k/s against
+    // 68–78 k/s (8 connections) and 73–74 against 52–57 (64); native TCP ×16 the same, ×128
+    // 1.38–1.51 M/s against 1.11–1.75 (docs/BENCHMARKS.md).
     let workers = if *workers == 0 {
         (cores / 2).max(1)
     } else {
