@@ -45,10 +45,10 @@ pub fn native(line: &[u8]) -> (Option<u64>, Answer) {
     classify_native(&native::parse_reply_line(line))
 }
 
-/// Reads a native reply line (without its `\n`) as [`native`] does, but the two replies a
+/// Reads a native reply line (without its `\n`) as [`native()`] does, but the two replies a
 /// load run is made of, `[ID ]DEFER <secs> <text>` and `[ID ]PASS known|retried`, are
 /// recognised from their first bytes; anything else goes through the codec's
-/// `parse_reply_line`. Same result as [`native`] for every line (a property test checks):
+/// `parse_reply_line`. Same result as [`native()`] for every line (a property test checks):
 /// reading a reply through the codec was ~260 of the client thread's 1,055 instructions per
 /// request (callgrind, docs/LOADTEST.md).
 #[inline]

@@ -2,7 +2,7 @@
 //!
 //! Every counter is created once at start, and the request path never formats a string or
 //! looks up a label set. Connection loops count into a local [`Tally`] while answering a batch
-//! and add it once per batch to the counters of their thread's [`Shard`]: on the policy port a
+//! and add it once per batch to the counters of their thread's shard: on the policy port a
 //! batch is one request, and one set of counters shared by every thread would bounce its
 //! cache lines between the cores on every request. A scrape sums the shards.
 //!
