@@ -13,12 +13,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll};
 
 use crate::answer::PASS_REASONS;
 use crate::client::{
-    registered_udp_socket, Proto, RunConfig, Shared, WorkerOut, HOUSEKEEPING, MAX_DATAGRAM,
-    UDP_BATCH,
+    registered_tcp_stream, registered_udp_socket, Proto, RunConfig, Shared, WorkerOut,
+    HOUSEKEEPING, MAX_DATAGRAM, UDP_BATCH,
 };
 use crate::workload::{RequestWriter, WorkloadConfig};
 
@@ -78,17 +78,7 @@ fn tcp(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
     };
     let mut conns = Vec::new();
     for _ in workers {
-        let s = std::net::TcpStream::connect_timeout(&cfg.target, cfg.timeout).and_then(|s| {
-            s.set_nodelay(true)?;
-            s.set_nonblocking(true)?;
-            let mut s = mio::net::TcpStream::from_std(s);
-            poll.registry().register(
-                &mut s,
-                Token(conns.len()),
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(s)
-        });
+        let s = registered_tcp_stream(cfg, &poll, conns.len());
         match s {
             Ok(stream) => conns.push(Conn {
                 stream,

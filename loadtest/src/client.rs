@@ -811,16 +811,46 @@ impl TcpConn {
 }
 
 /// Connects with a timeout (blocking), then hands the stream to mio.
-fn connect(cfg: &RunConfig) -> std::io::Result<mio::net::TcpStream> {
+/// A connection to the target, registered with `poll` (readable and writable) under `token`.
+pub(crate) fn registered_tcp_stream(
+    cfg: &RunConfig,
+    poll: &Poll,
+    token: usize,
+) -> std::io::Result<mio::net::TcpStream> {
     let s = TcpStream::connect_timeout(&cfg.target, cfg.timeout)?;
     s.set_nodelay(true)?;
     s.set_nonblocking(true)?;
-    Ok(mio::net::TcpStream::from_std(s))
+    let mut s = mio::net::TcpStream::from_std(s);
+    poll.registry().register(
+        &mut s,
+        Token(token),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    Ok(s)
 }
 
 /// Earliest next open-loop send among connections that have room for it.
 fn next_send<'a>(schedules: impl Iterator<Item = &'a Schedule>) -> Option<Instant> {
     schedules.map(Schedule::next_at).min()
+}
+
+/// How long one `epoll_wait` may sleep: at most `cap` (the next housekeeping), and in open
+/// loop no longer than until the earliest send of the schedules `ready` gives (only those of
+/// connections with room to send).
+fn poll_wait<'a>(
+    timer: &mut Option<SendTimer>,
+    now: Instant,
+    cap: Duration,
+    ready: impl Iterator<Item = &'a Schedule>,
+) -> Duration {
+    // Closed loop has no timer: the schedules are not even looked at.
+    let Some(timer) = timer else {
+        return cap;
+    };
+    match next_send(ready) {
+        Some(at) => timer.wait_until(at, now, cap),
+        None => cap,
+    }
 }
 
 /// One client thread's native TCP or policy connections, driven through one epoll set.
@@ -841,14 +871,7 @@ fn tcp_thread(
     let mut timer = SendTimer::new(cfg, &poll);
     let mut conns: Vec<TcpConn> = Vec::with_capacity(workers.len());
     for &w in workers {
-        let stream = connect(cfg).and_then(|mut s| {
-            poll.registry().register(
-                &mut s,
-                Token(conns.len()),
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(s)
-        });
+        let stream = registered_tcp_stream(cfg, &poll, conns.len());
         match stream {
             Ok(stream) => conns.push(TcpConn {
                 stream,
@@ -879,21 +902,11 @@ fn tcp_thread(
     while live > 0 {
         let now = Instant::now();
         let cap = next_check.saturating_duration_since(now);
-        let wait = match &mut timer {
-            Some(timer) => {
-                let due = next_send(
-                    conns
-                        .iter()
-                        .filter(|c| !c.stopping && !c.done && c.inflight.len() < cfg.window())
-                        .filter_map(|c| c.schedule.as_ref()),
-                );
-                match due {
-                    Some(at) => timer.wait_until(at, now, cap),
-                    None => cap,
-                }
-            }
-            None => cap,
-        };
+        let ready = conns
+            .iter()
+            .filter(|c| !c.stopping && !c.done && c.inflight.len() < cfg.window())
+            .filter_map(|c| c.schedule.as_ref());
+        let wait = poll_wait(&mut timer, now, cap, ready);
         if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() == ErrorKind::Interrupted {
                 continue;
@@ -1222,28 +1235,18 @@ fn udp_thread(
     while live > 0 {
         let now = Instant::now();
         let cap = next_check.saturating_duration_since(now);
-        let wait = match &mut timer {
-            Some(timer) => {
-                // Only sockets with room for a datagram: a full window waits for replies,
-                // and waking up for its overdue schedule would spin.
-                let window = cfg.pipeline * cfg.per_datagram;
-                let due = next_send(
-                    conns
-                        .iter()
-                        .filter(|c| {
-                            !c.stopping
-                                && !c.done
-                                && (window - c.outstanding.live().min(window)) >= cfg.per_datagram
-                        })
-                        .filter_map(|c| c.schedule.as_ref()),
-                );
-                match due {
-                    Some(at) => timer.wait_until(at, now, cap),
-                    None => cap,
-                }
-            }
-            None => cap,
-        };
+        // Only sockets with room for a datagram: a full window waits for replies, and waking
+        // up for its overdue schedule would spin.
+        let window = cfg.pipeline * cfg.per_datagram;
+        let ready = conns
+            .iter()
+            .filter(|c| {
+                !c.stopping
+                    && !c.done
+                    && (window - c.outstanding.live().min(window)) >= cfg.per_datagram
+            })
+            .filter_map(|c| c.schedule.as_ref());
+        let wait = poll_wait(&mut timer, now, cap, ready);
         if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() == ErrorKind::Interrupted {
                 continue;
