@@ -47,14 +47,18 @@ pub(crate) fn answer(
     shared.engine.batch(|batch| {
         batch.decide_each(reqs, to_decide, |r, d| match (r, d) {
             (Ok(req), Some(d)) => {
-                let (Command::Check(t) | Command::Peek(t)) = &req.command else {
-                    return;
+                let t = match &req.command {
+                    Command::Check(t) => {
+                        tally.answer(Answer::Decided(d));
+                        t
+                    }
+                    Command::Peek(t) => {
+                        tally.peek();
+                        t
+                    }
+                    // `to_decide` gives a PING no query, so it has no decision.
+                    Command::Ping => return,
                 };
-                if matches!(req.command, Command::Check(_)) {
-                    tally.answer(Answer::Decided(d));
-                } else {
-                    tally.peek();
-                }
                 tracing::debug!(client = %t.client, sender = t.sender, recipient = t.recipient, decision = ?d, "native");
                 match d {
                     Decision::Pass(p) => emit(req.id, &Reply::Pass { reason: p.reason() }),
