@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod engine;
