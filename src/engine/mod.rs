@@ -19,6 +19,7 @@ pub mod normalize;
 pub mod policy;
 mod prefetch;
 pub mod record;
+mod replica;
 mod table;
 mod wheel;
 
@@ -34,6 +35,7 @@ pub use key::{HashSecret, Key, KeyHasher};
 pub use normalize::{ClientNet, Normalizer};
 pub use policy::Policy;
 pub use record::{AwlRecord, TripletRecord};
+pub use replica::{Changes, Digest, MergeStats};
 
 use record::Judgement;
 use table::{Record, Slot, SlotHint, Table};
@@ -189,11 +191,16 @@ pub struct ExpireStats {
 trait Expiring: Record {
     fn alive_until_at(&self, p: &Policy) -> u64;
     fn marked(&self, p: &Policy) -> bool;
+    /// Every change to a record sets this to at least the change's time.
+    fn last_seen_at(&self) -> Secs;
 }
 
 impl Expiring for TripletRecord {
     fn alive_until_at(&self, p: &Policy) -> u64 {
         self.alive_until(p)
+    }
+    fn last_seen_at(&self) -> Secs {
+        self.last_seen()
     }
     fn marked(&self, _: &Policy) -> bool {
         self.is_whitelisted()
@@ -203,6 +210,9 @@ impl Expiring for TripletRecord {
 impl Expiring for AwlRecord {
     fn alive_until_at(&self, p: &Policy) -> u64 {
         self.alive_until(p)
+    }
+    fn last_seen_at(&self) -> Secs {
+        self.last_seen
     }
     fn marked(&self, p: &Policy) -> bool {
         p.awl_clients > 0 && self.count >= p.awl_clients
@@ -216,6 +226,8 @@ struct Shard<R: Record> {
     wheel: Wheel,
     pending: Pending,
     marked: usize,
+    /// Keys changed here since the last [`Engine::take_changes`], for replication.
+    outbox: replica::Outbox,
 }
 
 impl<R: Expiring> Shard<R> {
@@ -225,6 +237,7 @@ impl<R: Expiring> Shard<R> {
             wheel: Wheel::new(now),
             pending: Pending::default(),
             marked: 0,
+            outbox: replica::Outbox::default(),
         }
     }
 
@@ -549,7 +562,11 @@ impl Engine {
             if let Some(r) = sh.table.get_mut(k.key) {
                 if TripletRecord::judge(Some(r), now, p) == Judgement::Known {
                     if mode == Mode::Record {
+                        let before = r.last_seen();
                         r.touch(now);
+                        if replica::refresh_due(before, now) {
+                            sh.outbox.push(k.key);
+                        }
                     }
                     return Decision::Pass(Pass::Known);
                 }
@@ -641,16 +658,29 @@ impl Engine {
         match sh.table.entry(key) {
             Slot::Vacant(i) => {
                 sh.insert_new(i, TripletRecord::new(key, now), p);
+                sh.outbox.push(key);
                 Judgement::New
             }
             Slot::Occupied(i) => {
                 let r = sh.table.at_mut(i);
                 let j = TripletRecord::judge(Some(r), now, p);
-                match j {
-                    Judgement::Known | Judgement::Early(_) => r.touch(now),
+                // What peers are told (docs/OPERATIONS.md, "Running a cluster"): new records and
+                // passes always, a whitelisted record's refresh at most once an hour, an early
+                // retry never (it changes nothing a peer decides by).
+                let publish = match j {
+                    Judgement::Early(_) => {
+                        r.touch(now);
+                        false
+                    }
+                    Judgement::Known => {
+                        let before = r.last_seen();
+                        r.touch(now);
+                        replica::refresh_due(before, now)
+                    }
                     Judgement::Retried(_) => {
                         r.whitelist(now);
                         sh.marked += 1;
+                        true
                     }
                     Judgement::New => {
                         // Starting over in place: the wheel entry stays where it is, and when
@@ -658,7 +688,11 @@ impl Engine {
                         let was = r.is_whitelisted();
                         *r = TripletRecord::new(key, now);
                         sh.marked -= usize::from(was);
+                        true
                     }
+                };
+                if publish {
+                    sh.outbox.push(key);
                 }
                 j
             }
@@ -671,7 +705,11 @@ impl Engine {
         match sh.table.get_mut(ck) {
             Some(r) if r.is_active(now, p) => {
                 if mode == Mode::Record {
+                    let before = r.last_seen;
                     r.last_seen = r.last_seen.max(now);
+                    if replica::refresh_due(before, now) {
+                        sh.outbox.push(ck);
+                    }
                 }
                 true
             }
@@ -692,6 +730,7 @@ impl Engine {
                 sh.marked = sh.marked + usize::from(is) - usize::from(was);
             }
         }
+        sh.outbox.push(ck);
     }
 
     /// Removes every record that has expired by `now`, a few hundred records per lock hold,

@@ -106,6 +106,18 @@ impl TripletRecord {
         self.last_seen = self.last_seen.max(now);
     }
 
+    /// This record combined with a peer's copy of it (same key): first seen the earlier, last
+    /// seen the later, whitelisted if either is. Commutative, associative and idempotent, so
+    /// replicas converge whatever order and however often they hear of changes.
+    pub fn merged(&self, other: &Self) -> Self {
+        Self::from_parts(
+            self.key,
+            self.first_seen().min(other.first_seen()),
+            self.last_seen.max(other.last_seen),
+            self.is_whitelisted() || other.is_whitelisted(),
+        )
+    }
+
     /// Marks the triplet passed at `now`.
     pub(crate) fn whitelist(&mut self, now: Secs) {
         self.first |= WHITELISTED;
@@ -158,6 +170,18 @@ impl AwlRecord {
     /// The last second at which the record is alive.
     pub fn alive_until(&self, p: &Policy) -> u64 {
         u64::from(self.last_seen) + u64::from(p.awl_ttl)
+    }
+
+    /// This record combined with a peer's copy (same key): every field the larger, so two
+    /// nodes counting passes of one client agree on the higher count (not the sum: the same
+    /// pass may have been counted on both). Commutative, associative and idempotent.
+    pub fn merged(&self, other: &Self) -> Self {
+        Self::from_parts(
+            self.key,
+            self.last_seen.max(other.last_seen),
+            self.last_counted.max(other.last_counted),
+            self.count.max(other.count),
+        )
     }
 
     /// Whether the client is auto-whitelisted at `now`.
