@@ -255,14 +255,14 @@ impl std::error::Error for FormatError {}
 /// The bytes of field `f` of `b`; `N` is the field's size (checked in debug builds, and by the
 /// golden-bytes tests in every build).
 #[inline]
-fn get<const N: usize>(b: &[u8], f: Field) -> [u8; N] {
+pub(crate) fn get<const N: usize>(b: &[u8], f: Field) -> [u8; N] {
     debug_assert_eq!(f.size, N, "field at {} is {} bytes", f.at, f.size);
     b[f.at..f.at + N].try_into().expect("N bytes")
 }
 
 /// Writes `v` into field `f` of `b`.
 #[inline]
-fn put<const N: usize>(b: &mut [u8], f: Field, v: [u8; N]) {
+pub(crate) fn put<const N: usize>(b: &mut [u8], f: Field, v: [u8; N]) {
     debug_assert_eq!(f.size, N, "field at {} is {} bytes", f.at, f.size);
     b[f.at..f.at + N].copy_from_slice(&v);
 }
@@ -441,7 +441,9 @@ pub fn encode_triplet(r: &TripletRecord, out: &mut Vec<u8>) {
     out.extend_from_slice(&b);
 }
 
-fn decode_triplet(b: &[u8]) -> TripletRecord {
+/// Decodes one triplet record from its [`TRIPLET_LEN`] bytes (panics if `b` is shorter).
+/// Nothing is checked: callers verify the bytes first ([`verify`], `cluster::wire::decode`).
+pub fn decode_triplet(b: &[u8]) -> TripletRecord {
     use triplet as f;
     let first = u32::from_le_bytes(get(b, f::FIRST_SEEN));
     TripletRecord::from_parts(
@@ -468,7 +470,9 @@ pub fn encode_awl(r: &AwlRecord, out: &mut Vec<u8>) {
     out.extend_from_slice(&b);
 }
 
-fn decode_awl(b: &[u8]) -> AwlRecord {
+/// Decodes one auto-whitelist record from its [`AWL_LEN`] bytes (panics if `b` is shorter).
+/// Nothing is checked, the reserved field included: callers verify the bytes first.
+pub fn decode_awl(b: &[u8]) -> AwlRecord {
     use awl as f;
     AwlRecord::from_parts(
         Key {
