@@ -26,10 +26,11 @@ pub const CRC_LEN: usize = 4;
 /// Most records (triplets and clients together) in one batch; the publisher splits larger
 /// change sets over several entries, and [`decode`] refuses a batch claiming more.
 ///
-/// Why this bound: a batch is then at most 512 KiB (all AWL records; about 384 KiB when it is
-/// mostly triplets), which Redis stores and serves in one go, far from its 512 MB
-/// `proto-max-bulk-len`; and a reader asking `XREAD COUNT n` knows it holds at most
-/// `n` × 512 KiB at once. At 100 k changes/s it is still only a few entries a second per node.
+/// Why this bound: a batch is then at most 524 324 bytes (512 KiB of AWL records, header and
+/// checksum; 384 KiB when it is all triplets), which Redis stores and serves in one go, far
+/// from its 512 MB `proto-max-bulk-len`; and a reader asking `XREAD COUNT n` knows it holds at
+/// most `n` such batches at once. At 100 k changes/s that is still only about six entries a
+/// second per node.
 pub const MAX_RECORDS: usize = 16_384;
 
 /// The header's fields, in batch order (the "Header" table of `docs/CLUSTER_FORMAT.md`).
