@@ -220,8 +220,10 @@ pub(crate) struct Shared {
     pub(crate) failures: AtomicU64,
     /// Set during a warm-up: the pass over the known pool.
     sweep: Option<Arc<Sweep>>,
-    /// Known-pool requests must pass (the pool was whitelisted before the run).
-    check_known: bool,
+    /// Whether a request of each [`Kind`] (by its index) must pass: a retry after the delay
+    /// always, a known-pool request when the pool was whitelisted before the run. A table,
+    /// so the check is one load per request.
+    must_pass: [bool; 4],
 }
 
 impl Shared {
@@ -420,7 +422,15 @@ fn generator(cfg: &RunConfig, sh: &Shared, w: usize) -> Generator {
 /// deferred: in a cluster, the first attempt did not reach the node in time.
 #[inline(always)]
 fn must_pass(sh: &Shared, kind: Kind) -> bool {
-    kind == Kind::Retry || (sh.check_known && kind == Kind::Known)
+    sh.must_pass[kind as usize]
+}
+
+/// [`Shared::must_pass`]: retries after the delay, and known-pool requests if `check_known`.
+fn must_pass_table(check_known: bool) -> [bool; 4] {
+    let mut t = [false; 4];
+    t[Kind::Retry as usize] = true;
+    t[Kind::Known as usize] = check_known;
+    t
 }
 
 /// Runs the load (after the warm-up, if asked) and returns its report.
@@ -517,7 +527,7 @@ pub(crate) fn measure_with(
         remaining,
         decisions: AtomicU64::new(0),
         failures: AtomicU64::new(0),
-        check_known: cfg.known_whitelisted && sweep.is_none(),
+        must_pass: must_pass_table(cfg.known_whitelisted && sweep.is_none()),
         sweep,
     };
     let outs: Vec<WorkerOut> = thread::scope(|s| {
@@ -1553,7 +1563,7 @@ mod tests {
             decisions: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             sweep: None,
-            check_known: false,
+            must_pass: must_pass_table(false),
         };
         assert_eq!(sh.claim(4), 4);
         assert_eq!(sh.claim(4), 4);
