@@ -1013,7 +1013,8 @@ fn tcp_thread(
 ) -> WorkerOut {
     let mut out = WorkerOut::new();
     let Ok(mut poll) = Poll::new() else {
-        for _ in workers {
+        // Every connection (one per worker and node) is lost.
+        for _ in 0..workers.len() * (1 + cfg.cluster.len()) {
             out.failed(sh);
         }
         return out;
@@ -1377,7 +1378,8 @@ fn udp_thread(
 ) -> WorkerOut {
     let mut out = WorkerOut::new();
     let Ok(poll) = Poll::new() else {
-        for _ in workers {
+        // Every connection (one per worker and node) is lost.
+        for _ in 0..workers.len() * (1 + cfg.cluster.len()) {
             out.failed(sh);
         }
         return out;
