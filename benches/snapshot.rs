@@ -100,6 +100,9 @@ fn format_only(c: &mut Criterion) {
         for r in &clients {
             format::encode_awl(r, out);
         }
+        let section = out.len();
+        format::encode_cluster(&Default::default(), out).expect("an empty cluster state");
+        let cluster_len = (out.len() - section) as u32;
         let header = format::Header {
             version: format::VERSION,
             created_unix: 1_795_424_602,
@@ -112,6 +115,7 @@ fn format_only(c: &mut Criterion) {
             clients: clients.len() as u64,
             policy: Default::default(),
             body_crc: crc32c::crc32c(&out[format::HEADER_LEN..]),
+            cluster_len,
         };
         out[..format::HEADER_LEN].copy_from_slice(&header.encode());
     };

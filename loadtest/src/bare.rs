@@ -78,7 +78,7 @@ fn tcp(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
     };
     let mut conns = Vec::new();
     for _ in workers {
-        let s = registered_tcp_stream(cfg, &poll, conns.len());
+        let s = registered_tcp_stream(cfg, cfg.target, &poll, conns.len());
         match s {
             Ok(stream) => conns.push(Conn {
                 stream,
@@ -230,7 +230,7 @@ fn udp(cfg: &RunConfig, sh: &Shared, workers: &[usize]) -> WorkerOut {
     }
     let mut socks = Vec::new();
     for _ in workers {
-        let s = registered_udp_socket(cfg, &poll, socks.len());
+        let s = registered_udp_socket(cfg.target, &poll, socks.len());
         match s {
             Ok((bs, ctl)) => socks.push(Sock {
                 bs,

@@ -39,11 +39,14 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-use crate::answer::{self, Tally};
+use crate::answer::{self, Answer, Tally};
 use crate::cpu::{self, CpuUse, MachineStat};
 use crate::outstanding::Outstanding;
+use crate::report::NodeReport;
 use crate::report::{Latency, RunReport};
-use crate::workload::{Generator, KindCounts, KnownCache, RequestWriter, Touched, WorkloadConfig};
+use crate::workload::{
+    Generator, Kind, KindCounts, KnownCache, RequestWriter, Sweep, Touched, WorkloadConfig,
+};
 
 /// The transport under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,8 +73,12 @@ impl Proto {
 /// What one `run` does.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// Where to send.
+    /// Where to send (node 0 of a cluster run).
     pub target: SocketAddr,
+    /// The other nodes of a cluster run, 1, 2, …; empty against one server. Every worker
+    /// opens a connection (socket) to each node, and sends each triplet's retries to another
+    /// node than its first attempt (see [`Generator`]).
+    pub cluster: Vec<SocketAddr>,
     /// How.
     pub proto: Proto,
     /// TCP connections, or UDP sockets; spread over the client's threads.
@@ -100,6 +107,10 @@ pub struct RunConfig {
     pub warmup: bool,
     /// Client threads; 0 picks half the cores (at least one, at most one per connection).
     pub threads: usize,
+    /// The known pool was whitelisted before this run (a warm-up ran): a known-pool request
+    /// answered DEFER is then counted as wrongly deferred, like a late retry. Set by [`run`]
+    /// when it warms up.
+    pub known_whitelisted: bool,
     /// Run the minimal reference client ([`crate::bare`]) instead: fixed request bytes,
     /// replies counted, not read.
     pub minimal: bool,
@@ -110,6 +121,7 @@ impl RunConfig {
     pub fn new(target: SocketAddr, proto: Proto) -> Self {
         Self {
             target,
+            cluster: Vec::new(),
             proto,
             connections: 8,
             pipeline: 16,
@@ -123,8 +135,16 @@ impl RunConfig {
             label: String::new(),
             warmup: false,
             threads: 0,
+            known_whitelisted: false,
             minimal: false,
         }
+    }
+
+    /// Every target: [`RunConfig::target`], then [`RunConfig::cluster`].
+    pub fn nodes(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.target)
+            .chain(self.cluster.iter().copied())
+            .collect()
     }
 
     /// The client threads this run uses.
@@ -170,6 +190,18 @@ impl RunConfig {
         if self.timeout.is_zero() {
             bail!("--timeout must be above 0");
         }
+        let nodes = self.nodes();
+        if nodes.len() > 64 {
+            bail!("at most 64 targets");
+        }
+        for (i, a) in nodes.iter().enumerate() {
+            if nodes[..i].contains(a) {
+                bail!("--target {a} is given twice: each target must be another node");
+            }
+        }
+        if nodes.len() > 1 && self.minimal {
+            bail!("--minimal drives one target");
+        }
         self.workload.validate().map_err(|e| anyhow::anyhow!(e))
     }
 }
@@ -180,23 +212,37 @@ pub(crate) struct Shared {
     /// End of sending, when the run is bounded by time.
     deadline: Option<Instant>,
     pub(crate) stop: AtomicBool,
-    /// Requests left to send, when the run is bounded by count.
-    remaining: Option<AtomicU64>,
+    /// Requests left to send, when the run is bounded by count: one budget for the run, or
+    /// (a warm-up sweep) one per node.
+    remaining: Option<Vec<AtomicU64>>,
     /// Live counters for the progress line.
     pub(crate) decisions: AtomicU64,
     pub(crate) failures: AtomicU64,
-    /// Set during a warm-up: the next known-pool triplet to send.
-    sweep: Option<Arc<AtomicU64>>,
+    /// Set during a warm-up: the pass over the known pool.
+    sweep: Option<Arc<Sweep>>,
+    /// Whether a request of each [`Kind`] (by its index) must pass: a retry after the delay
+    /// always, a known-pool request when the pool was whitelisted before the run. A table,
+    /// so the check is one load per request.
+    must_pass: [bool; 4],
 }
 
 impl Shared {
     /// Takes up to `want` requests from the run's budget; 0 once the run is over.
     pub(crate) fn claim(&self, want: u64) -> u64 {
+        self.claim_for(0, want)
+    }
+
+    /// Takes up to `want` requests to node `node` from the run's budget (the node's own in a
+    /// warm-up sweep, else the run's); 0 once the run (or the node's share) is over.
+    pub(crate) fn claim_for(&self, node: usize, want: u64) -> u64 {
         if self.stop.load(Ordering::Relaxed) {
             return 0;
         }
-        let Some(r) = &self.remaining else {
+        let Some(budgets) = &self.remaining else {
             return want;
+        };
+        let Some(r) = budgets.get(node).or(budgets.first()) else {
+            return 0;
         };
         let mut cur = r.load(Ordering::Relaxed);
         loop {
@@ -275,6 +321,31 @@ pub(crate) struct WorkerOut {
     pub(crate) sent: u64,
     /// CPU time the thread used.
     pub(crate) cpu: Duration,
+    /// Per node (target) of the run; empty for the minimal client.
+    pub(crate) nodes: Vec<NodeOut>,
+}
+
+/// What one client thread measured of one node (target).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct NodeOut {
+    /// Requests sent to it.
+    sent: u64,
+    /// Decisions it answered.
+    decisions: u64,
+    /// Requests sent to it that must pass: retries sent at least the server's delay after
+    /// their first attempt, and known-pool requests after a warm-up.
+    late_retries: u64,
+    /// Of those, answered DEFER.
+    wrongly_deferred: u64,
+}
+
+impl NodeOut {
+    fn add(&mut self, o: &NodeOut) {
+        self.sent += o.sent;
+        self.decisions += o.decisions;
+        self.late_retries += o.late_retries;
+        self.wrongly_deferred += o.wrongly_deferred;
+    }
 }
 
 /// Latencies are kept in nanoseconds, 3 significant digits, up to an hour (larger values are
@@ -291,6 +362,7 @@ impl WorkerOut {
             kinds: KindCounts::default(),
             sent: 0,
             cpu: Duration::ZERO,
+            nodes: Vec::new(),
         }
     }
 
@@ -340,9 +412,25 @@ impl SameSend {
 
 fn generator(cfg: &RunConfig, sh: &Shared, w: usize) -> Generator {
     match &sh.sweep {
-        Some(next) => Generator::sweep(&cfg.workload, w as u64, next.clone()),
-        None => Generator::new(&cfg.workload, w as u64),
+        Some(sweep) => Generator::sweep(&cfg.workload, w as u64, sweep.clone()),
+        None => Generator::new(&cfg.workload, w as u64).with_nodes(1 + cfg.cluster.len()),
     }
+}
+
+/// Whether a request of `kind` must pass: a retry sent at least the server's delay after its
+/// first attempt, or (after a warm-up) a known-pool request. Answered DEFER, it is wrongly
+/// deferred: in a cluster, the first attempt did not reach the node in time.
+#[inline(always)]
+fn must_pass(sh: &Shared, kind: Kind) -> bool {
+    sh.must_pass[kind as usize]
+}
+
+/// [`Shared::must_pass`]: retries after the delay, and known-pool requests if `check_known`.
+fn must_pass_table(check_known: bool) -> [bool; 4] {
+    let mut t = [false; 4];
+    t[Kind::Retry as usize] = true;
+    t[Kind::Known as usize] = check_known;
+    t
 }
 
 /// Runs the load (after the warm-up, if asked) and returns its report.
@@ -354,11 +442,17 @@ pub fn run(cfg: &RunConfig) -> anyhow::Result<RunReport> {
     if cfg.warmup {
         warmup(cfg)?;
     }
-    measure_with(cfg, None, client_thread)
+    let cfg = RunConfig {
+        known_whitelisted: cfg.known_whitelisted || cfg.warmup,
+        ..cfg.clone()
+    };
+    measure_with(&cfg, None, client_thread)
 }
 
 /// Sends every known-pool triplet, waits the server's delay, sends them again: the second
-/// sight passes `retried` and whitelists each. Closed loop, no report.
+/// sight passes `retried` and whitelists each. Closed loop, no report. Against several nodes
+/// the first pass sends each triplet to its home node and the second to the next node (a
+/// retry through another node, which passes once the cluster has carried the first).
 ///
 /// # Errors
 ///
@@ -373,9 +467,10 @@ pub fn warmup(cfg: &RunConfig) -> anyhow::Result<()> {
         warmup: false,
         ..cfg.clone()
     };
-    let first = measure_with(&sweep, Some(Arc::new(AtomicU64::new(0))), client_thread)?;
+    let nodes = 1 + cfg.cluster.len();
+    let first = measure_with(&sweep, Some(Arc::new(Sweep::new(nodes, 0))), client_thread)?;
     thread::sleep(Duration::from_secs_f64(cfg.workload.server_delay + 0.2));
-    let second = measure_with(&sweep, Some(Arc::new(AtomicU64::new(0))), client_thread)?;
+    let second = measure_with(&sweep, Some(Arc::new(Sweep::new(nodes, 1))), client_thread)?;
     // A few lost UDP datagrams leave a few pool triplets unknown; that shows in the report.
     if first.decisions < pool * 9 / 10 || second.decisions < pool * 9 / 10 {
         bail!(
@@ -405,7 +500,7 @@ fn client_thread(
 /// what they measured into the report.
 pub(crate) fn measure_with(
     cfg: &RunConfig,
-    sweep: Option<Arc<AtomicU64>>,
+    sweep: Option<Arc<Sweep>>,
     body: fn(&RunConfig, &Shared, &[usize], RequestWriter) -> WorkerOut,
 ) -> anyhow::Result<RunReport> {
     let threads = cfg.thread_count();
@@ -415,15 +510,24 @@ pub(crate) fn measure_with(
     } else {
         KnownCache::build(&cfg.workload, cfg.proto == Proto::Policy)
     });
+    let nodes = cfg.nodes();
+    // A sweep gives each node its share of the pool; a run has one budget.
+    let remaining = cfg.requests.map(|n| match &sweep {
+        Some(sw) if nodes.len() > 1 => (0..nodes.len())
+            .map(|j| AtomicU64::new(n.min(sw.share(cfg.workload.known_pool, j))))
+            .collect(),
+        _ => vec![AtomicU64::new(n)],
+    });
     let machine_before = MachineStat::now();
     let start = Instant::now();
     let sh = Shared {
         start,
         deadline: cfg.duration.map(|d| start + d),
         stop: AtomicBool::new(false),
-        remaining: cfg.requests.map(AtomicU64::new),
+        remaining,
         decisions: AtomicU64::new(0),
         failures: AtomicU64::new(0),
+        must_pass: must_pass_table(cfg.known_whitelisted && sweep.is_none()),
         sweep,
     };
     let outs: Vec<WorkerOut> = thread::scope(|s| {
@@ -456,26 +560,55 @@ pub(crate) fn measure_with(
     let mut kinds = KindCounts::default();
     let mut sent = 0;
     let mut client_cpu = Duration::ZERO;
+    let mut per_node = vec![NodeOut::default(); nodes.len()];
     for o in &outs {
         hist.add(&o.hist).expect("same histogram bounds");
         tally.add(&o.tally);
         kinds.add(&o.kinds);
         sent += o.sent;
         client_cpu += o.cpu;
+        for (a, b) in per_node.iter_mut().zip(&o.nodes) {
+            a.add(b);
+        }
     }
-    if tally.connection_errors as usize == cfg.connections && sent == 0 {
+    if tally.connection_errors as usize == cfg.connections * nodes.len() && sent == 0 {
         bail!(
             "could not reach {} over {} (every connection failed)",
-            cfg.target,
+            cfg.nodes()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             cfg.proto.name()
         );
     }
     let decisions = tally.decisions();
     let secs = elapsed.as_secs_f64();
+    if let [only] = &mut per_node[..] {
+        // One target has it all (the minimal client counts no node).
+        only.sent = sent;
+        only.decisions = decisions;
+    }
+    let targets: Vec<NodeReport> = nodes
+        .iter()
+        .zip(&per_node)
+        .map(|(a, n)| NodeReport {
+            target: a.to_string(),
+            requests_sent: n.sent,
+            decisions: n.decisions,
+            decisions_per_sec: n.decisions as f64 / secs.max(1e-9),
+            late_retries: n.late_retries,
+            wrongly_deferred: n.wrongly_deferred,
+        })
+        .collect();
     Ok(RunReport {
         schema: RunReport::SCHEMA.to_string(),
         proto: cfg.proto.name().to_string(),
-        target: cfg.target.to_string(),
+        target: nodes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         client: if cfg.minimal { "minimal" } else { "full" }.to_string(),
         threads,
         connections: cfg.connections,
@@ -500,6 +633,9 @@ pub(crate) fn measure_with(
         answers: tally.to_answers(),
         workload: kinds,
         cpu: CpuUse::new(threads, client_cpu, elapsed, machine_before, machine_after),
+        late_retries: per_node.iter().map(|n| n.late_retries).sum(),
+        wrongly_deferred: per_node.iter().map(|n| n.wrongly_deferred).sum(),
+        targets,
     })
 }
 
@@ -601,10 +737,13 @@ impl SendTimer {
 /// One native TCP or policy connection of a client thread.
 struct TcpConn {
     stream: mio::net::TcpStream,
-    gen: Generator,
+    /// The node (target) it goes to.
+    node: usize,
+    /// Its worker's generator, in the thread's list (a worker has a connection per node).
+    gen: usize,
     schedule: Option<Schedule>,
-    /// (intended, sent) of each request in flight, in order: TCP answers in order.
-    inflight: VecDeque<(Instant, Instant)>,
+    /// (intended, sent, must pass) of each request in flight, in order: TCP answers in order.
+    inflight: VecDeque<(Instant, Instant, bool)>,
     /// Encoded requests not yet written, from `out_at`.
     out: Vec<u8>,
     out_at: usize,
@@ -648,7 +787,7 @@ impl TcpConn {
             }
         }
         let at = Instant::now();
-        let (mut pos, mut decided, mut failed) = (0, 0, 0);
+        let (mut pos, mut decided, mut failed, mut wrong) = (0, 0, 0, 0);
         let mut same = SameSend::default();
         let mut broken = false;
         loop {
@@ -673,8 +812,9 @@ impl TcpConn {
             };
             pos += used;
             match self.inflight.pop_front() {
-                Some((intended, _)) if out.tally.count(a) => {
+                Some((intended, _, must)) if out.tally.count(a) => {
                     decided += 1;
+                    wrong += u64::from(must && a == Answer::Defer);
                     same.add(out, intended, at);
                 }
                 Some(_) => failed += 1,
@@ -691,6 +831,9 @@ impl TcpConn {
         }
         self.inbuf.copy_within(pos..self.in_len, 0);
         self.in_len -= pos;
+        let node = &mut out.nodes[self.node];
+        node.decisions += decided;
+        node.wrongly_deferred += wrong;
         sh.decisions.fetch_add(decided, Ordering::Relaxed);
         if failed > 0 {
             sh.failures.fetch_add(failed, Ordering::Relaxed);
@@ -698,11 +841,13 @@ impl TcpConn {
     }
 
     /// Sends what the window and the schedule allow, in one write.
+    #[allow(clippy::too_many_arguments)]
     fn pump(
         &mut self,
         cfg: &RunConfig,
         sh: &Shared,
         writer: &mut RequestWriter,
+        gen: &mut Generator,
         out: &mut WorkerOut,
         now: Instant,
     ) {
@@ -716,38 +861,43 @@ impl TcpConn {
                 None => room,
             };
             if want > 0 {
-                let n = sh.claim(want);
+                let n = sh.claim_for(self.node, want);
                 if n == 0 {
                     self.stopping = true;
                 } else {
                     let t = sh.secs(now);
                     let policy = cfg.proto == Proto::Policy;
                     let mut left = n as usize;
+                    let mut late = 0;
                     while left > 0 {
                         // Triplets first, then a read of what each is written from, then the
                         // writing: the reads' cache misses overlap (see `touch`).
                         let k = left.min(TOUCH_BATCH);
-                        let mut triplets = [Touched::default(); TOUCH_BATCH];
+                        let mut triplets = [(Touched::default(), false); TOUCH_BATCH];
                         let mut seen = 0;
                         for x in &mut triplets[..k] {
-                            let (touched, byte) =
-                                writer.touch(&cfg.workload, self.gen.next(t).1, policy);
-                            *x = touched;
+                            let (kind, tr) = gen.next_for(t, self.node);
+                            let (touched, byte) = writer.touch(&cfg.workload, tr, policy);
+                            *x = (touched, must_pass(sh, kind));
                             seen ^= byte;
                         }
                         std::hint::black_box(seen);
-                        for &x in &triplets[..k] {
+                        for &(x, must) in &triplets[..k] {
                             if policy {
                                 writer.policy(&cfg.workload, x.t, &mut self.out);
                             } else {
                                 writer.native_touched(&cfg.workload, x, None, &mut self.out);
                             }
                             let intended = self.schedule.as_mut().map_or(now, Schedule::take);
-                            self.inflight.push_back((intended, now));
+                            self.inflight.push_back((intended, now, must));
+                            late += u64::from(must);
                         }
                         left -= k;
                     }
                     out.sent += n;
+                    let node = &mut out.nodes[self.node];
+                    node.sent += n;
+                    node.late_retries += late;
                 }
             } else if sh.stop.load(Ordering::Relaxed) {
                 self.stopping = true;
@@ -776,7 +926,7 @@ impl TcpConn {
 
     /// Housekeeping: notices the end of the run and a connection stuck on an overdue reply.
     fn check(&mut self, cfg: &RunConfig, now: Instant) {
-        if let Some(&(_, oldest_sent)) = self.inflight.front() {
+        if let Some(&(_, oldest_sent, _)) = self.inflight.front() {
             // TCP answers in order: an overdue oldest request means the connection is stuck;
             // give up on it rather than wait forever.
             if now.saturating_duration_since(oldest_sent) >= cfg.timeout {
@@ -805,19 +955,19 @@ impl TcpConn {
         self.inflight.clear();
         out.tally.timeouts += lost;
         sh.failures.fetch_add(lost, Ordering::Relaxed);
-        out.kinds.add(&self.gen.counts);
         true
     }
 }
 
-/// Connects with a timeout (blocking), then hands the stream to mio.
-/// A connection to the target, registered with `poll` (readable and writable) under `token`.
+/// A connection to `target`, registered with `poll` (readable and writable) under `token`:
+/// connected with a timeout (blocking), then handed to mio.
 pub(crate) fn registered_tcp_stream(
     cfg: &RunConfig,
+    target: SocketAddr,
     poll: &Poll,
     token: usize,
 ) -> std::io::Result<mio::net::TcpStream> {
-    let s = TcpStream::connect_timeout(&cfg.target, cfg.timeout)?;
+    let s = TcpStream::connect_timeout(&target, cfg.timeout)?;
     s.set_nodelay(true)?;
     s.set_nonblocking(true)?;
     let mut s = mio::net::TcpStream::from_std(s);
@@ -863,22 +1013,37 @@ fn tcp_thread(
 ) -> WorkerOut {
     let mut out = WorkerOut::new();
     let Ok(mut poll) = Poll::new() else {
-        for _ in workers {
+        // Every connection (one per worker and node) is lost.
+        for _ in 0..workers.len() * (1 + cfg.cluster.len()) {
             out.failed(sh);
         }
         return out;
     };
     let mut timer = SendTimer::new(cfg, &poll);
-    let mut conns: Vec<TcpConn> = Vec::with_capacity(workers.len());
-    for &w in workers {
-        let stream = registered_tcp_stream(cfg, &poll, conns.len());
+    let nodes = cfg.nodes();
+    out.nodes = vec![NodeOut::default(); nodes.len()];
+    let mut gens: Vec<Generator> = workers.iter().map(|&w| generator(cfg, sh, w)).collect();
+    let mut conns: Vec<TcpConn> = Vec::with_capacity(workers.len() * nodes.len());
+    // Worker `w` has a connection to each node; the rate is spread over all of them.
+    let legs = workers
+        .iter()
+        .enumerate()
+        .flat_map(|(g, &w)| nodes.iter().enumerate().map(move |(j, &a)| (g, w, j, a)));
+    for (g, w, node, addr) in legs {
+        let stream = registered_tcp_stream(cfg, addr, &poll, conns.len());
         match stream {
             Ok(stream) => conns.push(TcpConn {
                 stream,
-                gen: generator(cfg, sh, w),
-                schedule: cfg
-                    .rate
-                    .map(|r| Schedule::new(sh.start, r, cfg.connections, w)),
+                node,
+                gen: g,
+                schedule: cfg.rate.map(|r| {
+                    Schedule::new(
+                        sh.start,
+                        r,
+                        cfg.connections * nodes.len(),
+                        w * nodes.len() + node,
+                    )
+                }),
                 inflight: VecDeque::with_capacity(cfg.window()),
                 out: Vec::with_capacity(cfg.window() * 512),
                 out_at: 0,
@@ -895,7 +1060,7 @@ fn tcp_thread(
     let mut live = conns.len();
     let now = Instant::now();
     for c in &mut conns {
-        c.pump(cfg, sh, &mut writer, &mut out, now);
+        c.pump(cfg, sh, &mut writer, &mut gens[c.gen], &mut out, now);
         live -= usize::from(c.retire(sh, &mut out, sh.stop_at()));
     }
     let mut next_check = now + HOUSEKEEPING;
@@ -930,7 +1095,7 @@ fn tcp_thread(
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                 c.read(sh, policy, &mut out);
             }
-            c.pump(cfg, sh, &mut writer, &mut out, now);
+            c.pump(cfg, sh, &mut writer, &mut gens[c.gen], &mut out, now);
             live -= usize::from(c.retire(sh, &mut out, sh.stop_at()));
         }
         // Open loop: sends fall due whether or not a socket spoke.
@@ -940,13 +1105,16 @@ fn tcp_thread(
                 if housekeeping {
                     c.check(cfg, now);
                 }
-                c.pump(cfg, sh, &mut writer, &mut out, now);
+                c.pump(cfg, sh, &mut writer, &mut gens[c.gen], &mut out, now);
                 live -= usize::from(c.retire(sh, &mut out, sh.stop_at()));
             }
             if housekeeping {
                 next_check = now + HOUSEKEEPING;
             }
         }
+    }
+    for g in &gens {
+        out.kinds.add(&g.counts);
     }
     out
 }
@@ -961,11 +1129,11 @@ pub(crate) const UDP_BATCH: usize = 64;
 /// non-blocking, with its descriptor for epoll.
 /// [`udp_socket`], its control handle registered with `poll` (readable) under `token`.
 pub(crate) fn registered_udp_socket(
-    cfg: &RunConfig,
+    target: SocketAddr,
     poll: &Poll,
     token: usize,
 ) -> std::io::Result<(BatchSocket, std::net::UdpSocket)> {
-    let (bs, ctl) = udp_socket(cfg)?;
+    let (bs, ctl) = udp_socket(target)?;
     poll.registry().register(
         &mut SourceFd(&ctl.as_raw_fd()),
         Token(token),
@@ -974,9 +1142,11 @@ pub(crate) fn registered_udp_socket(
     Ok((bs, ctl))
 }
 
-pub(crate) fn udp_socket(cfg: &RunConfig) -> std::io::Result<(BatchSocket, std::net::UdpSocket)> {
+pub(crate) fn udp_socket(
+    target: SocketAddr,
+) -> std::io::Result<(BatchSocket, std::net::UdpSocket)> {
     let local = SocketAddr::new(
-        match cfg.target.ip() {
+        match target.ip() {
             IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(ip) if ip.is_loopback() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -1006,7 +1176,11 @@ struct UdpConn {
     bs: BatchSocket,
     /// Keeps the descriptor epoll watches registered for the socket's life.
     _ctl: std::net::UdpSocket,
-    gen: Generator,
+    /// The node (target) it sends to, and its address.
+    node: usize,
+    target: SocketAddr,
+    /// Its worker's generator, in the thread's list (a worker has a socket per node).
+    gen: usize,
     schedule: Option<Schedule>,
     outstanding: Outstanding,
     /// Request bytes of the batch being sent, and each datagram's span in it.
@@ -1019,11 +1193,13 @@ struct UdpConn {
 
 impl UdpConn {
     /// Sends the datagrams the window and the schedule allow in one `sendmmsg`.
+    #[allow(clippy::too_many_arguments)]
     fn pump(
         &mut self,
         cfg: &RunConfig,
         sh: &Shared,
         writer: &mut RequestWriter,
+        gen: &mut Generator,
         out: &mut WorkerOut,
         now: Instant,
         pairs: &mut Vec<(SocketAddr, &'static [u8])>,
@@ -1041,7 +1217,7 @@ impl UdpConn {
                 None => room,
             };
             if datagrams > 0 {
-                let n = sh.claim(datagrams * k);
+                let n = sh.claim_for(self.node, datagrams * k);
                 if n == 0 {
                     self.stopping = true;
                 } else {
@@ -1049,34 +1225,39 @@ impl UdpConn {
                     self.spans.clear();
                     let t = sh.secs(now);
                     let mut left = n;
+                    let mut late = 0;
                     while left > 0 {
                         let intended = self.schedule.as_mut().map_or(now, Schedule::take);
                         let start = self.req.len();
                         // Triplets first, then a read of what each is written from, then the
                         // writing: the reads' cache misses overlap (see `touch`).
                         let lines = left.min(k) as usize;
-                        let mut triplets = [Touched::default(); 64];
+                        let mut triplets = [(Touched::default(), false); 64];
                         let mut seen = 0;
                         for x in &mut triplets[..lines] {
-                            let (touched, byte) =
-                                writer.touch(&cfg.workload, self.gen.next(t).1, false);
-                            *x = touched;
+                            let (kind, tr) = gen.next_for(t, self.node);
+                            let (touched, byte) = writer.touch(&cfg.workload, tr, false);
+                            *x = (touched, must_pass(sh, kind));
                             seen ^= byte;
                         }
                         std::hint::black_box(seen);
-                        for &x in &triplets[..lines] {
-                            let id = self.outstanding.push(intended, now);
+                        for &(x, must) in &triplets[..lines] {
+                            let id = self.outstanding.push_flagged(intended, now, must);
                             writer.native_touched(&cfg.workload, x, Some(id), &mut self.req);
+                            late += u64::from(must);
                         }
                         left -= left.min(k);
                         self.spans.push((start, self.req.len()));
                     }
                     out.sent += n;
+                    let node = &mut out.nodes[self.node];
+                    node.sent += n;
+                    node.late_retries += late;
                     let mut batch = recycle(std::mem::take(pairs));
                     batch.extend(
                         self.spans
                             .iter()
-                            .map(|&(a, b)| (cfg.target, &self.req[a..b])),
+                            .map(|&(a, b)| (self.target, &self.req[a..b])),
                     );
                     // A datagram the kernel refused is never answered: the timeout counts it
                     // as lost, as it would a datagram lost on the way.
@@ -1098,8 +1279,8 @@ impl UdpConn {
     }
 
     /// Takes every datagram queued (one `recvmmsg` per 64) and matches replies by ID.
-    fn recv(&mut self, cfg: &RunConfig, sh: &Shared, out: &mut WorkerOut) {
-        let (mut decided, mut failed) = (0, 0);
+    fn recv(&mut self, sh: &Shared, out: &mut WorkerOut) {
+        let (mut decided, mut failed, mut wrong) = (0, 0, 0);
         let mut same = SameSend::default();
         loop {
             let n = match self.bs.recv() {
@@ -1113,7 +1294,7 @@ impl UdpConn {
             let at = Instant::now();
             for d in 0..n {
                 let (data, from) = self.bs.datagram(d);
-                if from != cfg.target {
+                if from != self.target {
                     continue;
                 }
                 // Line by line; the last line may lack its `\n`.
@@ -1133,9 +1314,10 @@ impl UdpConn {
                             answer::native_fast(line)
                         }
                     };
-                    match id.and_then(|id| self.outstanding.answer(id)) {
-                        Some(intended) if out.tally.count(a) => {
+                    match id.and_then(|id| self.outstanding.answer_flagged(id)) {
+                        Some((intended, must)) if out.tally.count(a) => {
                             decided += 1;
+                            wrong += u64::from(must && a == Answer::Defer);
                             same.add(out, intended, at);
                         }
                         Some(_) => failed += 1,
@@ -1152,6 +1334,9 @@ impl UdpConn {
                 break;
             }
         }
+        let node = &mut out.nodes[self.node];
+        node.decisions += decided;
+        node.wrongly_deferred += wrong;
         sh.decisions.fetch_add(decided, Ordering::Relaxed);
         if failed > 0 {
             sh.failures.fetch_add(failed, Ordering::Relaxed);
@@ -1178,7 +1363,6 @@ impl UdpConn {
         let lost = self.outstanding.abandon();
         out.tally.timeouts += lost;
         sh.failures.fetch_add(lost, Ordering::Relaxed);
-        out.kinds.add(&self.gen.counts);
         true
     }
 }
@@ -1194,24 +1378,40 @@ fn udp_thread(
 ) -> WorkerOut {
     let mut out = WorkerOut::new();
     let Ok(poll) = Poll::new() else {
-        for _ in workers {
+        // Every connection (one per worker and node) is lost.
+        for _ in 0..workers.len() * (1 + cfg.cluster.len()) {
             out.failed(sh);
         }
         return out;
     };
     let mut timer = SendTimer::new(cfg, &poll);
     let k = cfg.per_datagram as u64;
-    let mut conns: Vec<UdpConn> = Vec::with_capacity(workers.len());
-    for &w in workers {
-        let sock = registered_udp_socket(cfg, &poll, conns.len());
+    let nodes = cfg.nodes();
+    out.nodes = vec![NodeOut::default(); nodes.len()];
+    let mut gens: Vec<Generator> = workers.iter().map(|&w| generator(cfg, sh, w)).collect();
+    let mut conns: Vec<UdpConn> = Vec::with_capacity(workers.len() * nodes.len());
+    // Worker `w` has a socket to each node; the rate is spread over all of them.
+    let legs = workers
+        .iter()
+        .enumerate()
+        .flat_map(|(g, &w)| nodes.iter().enumerate().map(move |(j, &a)| (g, w, j, a)));
+    for (g, w, node, addr) in legs {
+        let sock = registered_udp_socket(addr, &poll, conns.len());
         match sock {
             Ok((bs, ctl)) => conns.push(UdpConn {
                 bs,
                 _ctl: ctl,
-                gen: generator(cfg, sh, w),
-                schedule: cfg
-                    .rate
-                    .map(|r| Schedule::new(sh.start, r / k as f64, cfg.connections, w)),
+                node,
+                target: addr,
+                gen: g,
+                schedule: cfg.rate.map(|r| {
+                    Schedule::new(
+                        sh.start,
+                        r / k as f64,
+                        cfg.connections * nodes.len(),
+                        w * nodes.len() + node,
+                    )
+                }),
                 outstanding: Outstanding::new(1),
                 req: Vec::with_capacity(UDP_BATCH * 200 * cfg.per_datagram),
                 spans: Vec::with_capacity(UDP_BATCH),
@@ -1228,7 +1428,15 @@ fn udp_thread(
     let mut live = conns.len();
     let now = Instant::now();
     for c in &mut conns {
-        c.pump(cfg, sh, &mut writer, &mut out, now, &mut pairs);
+        c.pump(
+            cfg,
+            sh,
+            &mut writer,
+            &mut gens[c.gen],
+            &mut out,
+            now,
+            &mut pairs,
+        );
         live -= usize::from(c.retire(sh, &mut out, sh.stop_at(), k));
     }
     let mut next_check = now + HOUSEKEEPING;
@@ -1268,9 +1476,17 @@ fn udp_thread(
             if c.done {
                 continue;
             }
-            c.recv(cfg, sh, &mut out);
+            c.recv(sh, &mut out);
             c.expire(cfg, sh, &mut out, now);
-            c.pump(cfg, sh, &mut writer, &mut out, now, &mut pairs);
+            c.pump(
+                cfg,
+                sh,
+                &mut writer,
+                &mut gens[c.gen],
+                &mut out,
+                now,
+                &mut pairs,
+            );
             live -= usize::from(c.retire(sh, &mut out, sh.stop_at(), k));
         }
         let housekeeping = now >= next_check;
@@ -1279,13 +1495,24 @@ fn udp_thread(
                 if housekeeping && !c.done {
                     c.expire(cfg, sh, &mut out, now);
                 }
-                c.pump(cfg, sh, &mut writer, &mut out, now, &mut pairs);
+                c.pump(
+                    cfg,
+                    sh,
+                    &mut writer,
+                    &mut gens[c.gen],
+                    &mut out,
+                    now,
+                    &mut pairs,
+                );
                 live -= usize::from(c.retire(sh, &mut out, sh.stop_at(), k));
             }
             if housekeeping {
                 next_check = now + HOUSEKEEPING;
             }
         }
+    }
+    for g in &gens {
+        out.kinds.add(&g.counts);
     }
     out
 }
@@ -1334,10 +1561,11 @@ mod tests {
             start: Instant::now(),
             deadline: None,
             stop: AtomicBool::new(false),
-            remaining: Some(AtomicU64::new(10)),
+            remaining: Some(vec![AtomicU64::new(10)]),
             decisions: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             sweep: None,
+            must_pass: must_pass_table(false),
         };
         assert_eq!(sh.claim(4), 4);
         assert_eq!(sh.claim(4), 4);

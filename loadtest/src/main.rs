@@ -46,9 +46,11 @@ enum Cmd {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Server address (default: 127.0.0.1:10030 for native, 127.0.0.1:10023 for policy).
-    /// Only loopback addresses unless --allow-remote.
+    /// Only loopback addresses unless --allow-remote. `run` takes it several times for the
+    /// nodes of a cluster: every connection is opened to each, and each triplet's retries go
+    /// to another node than its first attempt (use a --server-delay of at least 1 s).
     #[arg(long)]
-    target: Option<String>,
+    target: Vec<String>,
     /// Allow a target that is not a loopback address.
     #[arg(long)]
     allow_remote: bool,
@@ -326,26 +328,43 @@ impl RunArgs {
             warmup: self.warmup,
             threads: self.threads,
             minimal: self.minimal,
+            cluster: Vec::new(),
+            known_whitelisted: false,
         }
     }
 
-    fn target(&self) -> anyhow::Result<Option<SocketAddr>> {
+    /// Every `--target`, resolved.
+    fn targets(&self) -> anyhow::Result<Vec<SocketAddr>> {
         self.target
-            .as_deref()
+            .iter()
             .map(|t| client::resolve_target(t, self.allow_remote))
-            .transpose()
+            .collect()
+    }
+
+    /// The one `--target` of `ceiling`, if any.
+    fn target(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match &self.targets()?[..] {
+            [] => Ok(None),
+            [t] => Ok(Some(*t)),
+            _ => anyhow::bail!("ceiling measures one --target"),
+        }
     }
 }
 
 fn run(a: &RunArgs) -> anyhow::Result<()> {
-    let target = match a.target()? {
-        Some(t) => t,
+    let targets = a.targets()?;
+    let (target, cluster) = match targets.split_first() {
+        Some((t, rest)) => (*t, rest.to_vec()),
         None => match a.proto {
-            Proto::Policy => SocketAddr::from(([127, 0, 0, 1], 10023)),
-            _ => SocketAddr::from(([127, 0, 0, 1], 10030)),
+            Proto::Policy => (SocketAddr::from(([127, 0, 0, 1], 10023)), Vec::new()),
+            _ => (SocketAddr::from(([127, 0, 0, 1], 10030)), Vec::new()),
         },
     };
-    let report = client::run(&a.config(target, a.proto.name()))?;
+    let cfg = RunConfig {
+        cluster,
+        ..a.config(target, a.proto.name())
+    };
+    let report = client::run(&cfg)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -364,6 +383,7 @@ fn measured(
         client::warmup(cfg)?;
     }
     let cfg = RunConfig {
+        known_whitelisted: cfg.warmup,
         warmup: false,
         ..cfg.clone()
     };
@@ -648,5 +668,22 @@ mod tests {
         // Unbounded by count, so bounded by the default 10 s.
         assert_eq!(c.duration, Some(Duration::from_secs(10)));
         assert!(Cli::try_parse_from(["greyhound-loadtest", "run", "--proto", "smtp"]).is_err());
+        // Several targets: a cluster run, in the order given.
+        let cli = Cli::try_parse_from([
+            "greyhound-loadtest",
+            "run",
+            "--target",
+            "127.0.0.1:1",
+            "--target",
+            "127.0.0.1:2",
+        ])
+        .unwrap();
+        let Cmd::Run(a) = cli.cmd else {
+            panic!("not run")
+        };
+        let t = a.targets().unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1], SocketAddr::from(([127, 0, 0, 1], 2)));
+        assert!(a.target().is_err(), "ceiling takes one target");
     }
 }

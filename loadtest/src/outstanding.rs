@@ -16,6 +16,9 @@ struct Pending {
     intended: Instant,
     /// When it was really sent: the timeout runs from here.
     sent: Instant,
+    /// A flag of the caller's, given back with the answer (the client's: the request must
+    /// pass).
+    flag: bool,
 }
 
 /// Requests in flight, by ID.
@@ -42,8 +45,17 @@ impl Outstanding {
 
     /// Records a sent request (it takes [`Outstanding::next_id`]).
     pub fn push(&mut self, intended: Instant, sent: Instant) -> u64 {
+        self.push_flagged(intended, sent, false)
+    }
+
+    /// [`Outstanding::push`] with a flag that [`Outstanding::answer_flagged`] gives back.
+    pub fn push_flagged(&mut self, intended: Instant, sent: Instant, flag: bool) -> u64 {
         let id = self.next_id();
-        self.slots.push_back(Some(Pending { intended, sent }));
+        self.slots.push_back(Some(Pending {
+            intended,
+            sent,
+            flag,
+        }));
         self.live += 1;
         id
     }
@@ -56,11 +68,16 @@ impl Outstanding {
     /// Matches a reply: the request's intended send time, or `None` if the ID is not in
     /// flight (never sent, answered already, or timed out).
     pub fn answer(&mut self, id: u64) -> Option<Instant> {
+        self.answer_flagged(id).map(|(intended, _)| intended)
+    }
+
+    /// [`Outstanding::answer`], with the flag the request was pushed with.
+    pub fn answer_flagged(&mut self, id: u64) -> Option<(Instant, bool)> {
         let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
         let p = self.slots.get_mut(i)?.take()?;
         self.live -= 1;
         self.trim();
-        Some(p.intended)
+        Some((p.intended, p.flag))
     }
 
     /// Retires requests sent more than `timeout` before `now`; returns how many.
@@ -103,6 +120,19 @@ impl Outstanding {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn flags_come_back_with_their_answer() {
+        let t0 = Instant::now();
+        let mut o = Outstanding::new(1);
+        let a = o.push_flagged(t0, t0, true);
+        let b = o.push_flagged(t0, t0, false);
+        let c = o.push(t0, t0);
+        assert_eq!(o.answer_flagged(b), Some((t0, false)));
+        assert_eq!(o.answer_flagged(a), Some((t0, true)));
+        assert_eq!(o.answer_flagged(a), None);
+        assert_eq!(o.answer_flagged(c), Some((t0, false)));
+    }
 
     #[test]
     fn answers_match_once_in_any_order() {

@@ -47,6 +47,27 @@ impl Latency {
     }
 }
 
+/// What one target (node) of a `run` answered. A run against one target has one, with the
+/// run's own figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Its address.
+    pub target: String,
+    /// Requests sent to it.
+    pub requests_sent: u64,
+    /// DEFER and PASS answers it gave.
+    pub decisions: u64,
+    /// `decisions / elapsed_secs` of the run: its share of the throughput.
+    pub decisions_per_sec: f64,
+    /// Requests sent to it that must pass: retries sent at least `--server-delay` after
+    /// their first attempt (which went to another node in a cluster run) and, after a
+    /// warm-up, known-pool requests.
+    pub late_retries: u64,
+    /// Of those, answered DEFER: the first attempt (or the whitelisting) had not reached
+    /// this node.
+    pub wrongly_deferred: u64,
+}
+
 /// What one `run` measured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunReport {
@@ -87,22 +108,32 @@ pub struct RunReport {
     pub workload: KindCounts,
     /// CPU used by the client and (in `ceiling`) the server, and whether the client saturated.
     pub cpu: CpuUse,
+    /// Requests that must pass: retries sent at least `--server-delay` after their first
+    /// attempt and, after a warm-up, known-pool requests (all targets).
+    pub late_retries: u64,
+    /// Of those, answered DEFER (all targets): in a cluster, retries whose first attempt the
+    /// cluster had not carried to the node they reached.
+    pub wrongly_deferred: u64,
+    /// Per target, in `--target` order (one entry against one server).
+    pub targets: Vec<NodeReport>,
 }
 
 impl RunReport {
     /// Schema name and version of the JSON form.
-    pub const SCHEMA: &'static str = "greyhound-loadtest/run/2";
+    pub const SCHEMA: &'static str = "greyhound-loadtest/run/3";
 
     /// The report for people.
     pub fn text(&self) -> String {
         let mut s = String::new();
         let a = &self.answers;
+        let cluster = self.targets.len() > 1;
         let _ = writeln!(
             s,
-            "{} → {}  {} conn × pipeline {}{}  {}{}  ({} client, {} thread{})",
+            "{} → {}  {} conn{} × pipeline {}{}  {}{}  ({} client, {} thread{})",
             self.proto,
-            self.target,
+            self.target.replace(',', ", "),
             self.connections,
+            if cluster { " per target" } else { "" },
             self.pipeline,
             if self.proto == "native-udp" {
                 format!(" × {}/datagram", self.per_datagram)
@@ -120,6 +151,19 @@ impl RunReport {
             "  throughput   {:>12.0} decisions/s  ({} decisions in {:.2} s, {} requests sent)",
             self.decisions_per_sec, self.decisions, self.elapsed_secs, self.requests_sent
         );
+        if cluster {
+            for (i, t) in self.targets.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "  target {:<5} {:>12.0} decisions/s  ({} decisions, {} requests sent)  {}",
+                    i + 1,
+                    t.decisions_per_sec,
+                    t.decisions,
+                    t.requests_sent,
+                    t.target
+                );
+            }
+        }
         let l = &self.latency_us;
         let _ = writeln!(
             s,
@@ -167,6 +211,34 @@ impl RunReport {
             "  sent as      new {}  early retry {}  retry {}  known {}",
             w.new, w.early_retry, w.retry, w.known
         );
+        // Against one server a healthy run has none; the line is shown when it has, or in a
+        // cluster run, where it is the figure the run is for.
+        if cluster || self.wrongly_deferred > 0 {
+            let per: Vec<String> = self
+                .targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    format!(
+                        "target {}: {} of {}",
+                        i + 1,
+                        t.wrongly_deferred,
+                        t.late_retries
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "  late retries {}  wrongly deferred {}{}",
+                self.late_retries,
+                self.wrongly_deferred,
+                if cluster {
+                    format!(" ({})", per.join(", "))
+                } else {
+                    String::new()
+                }
+            );
+        }
         let c = &self.cpu;
         let _ = writeln!(
             s,
@@ -367,6 +439,16 @@ mod tests {
                 machine_idle: 0.25,
                 client_saturated: false,
             },
+            late_retries: 2,
+            wrongly_deferred: 0,
+            targets: vec![NodeReport {
+                target: "127.0.0.1:10030".into(),
+                requests_sent: 6,
+                decisions: 4,
+                decisions_per_sec: 2.0,
+                late_retries: 2,
+                wrongly_deferred: 0,
+            }],
         }
     }
 
@@ -377,7 +459,9 @@ mod tests {
         let back: RunReport = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["schema"], "greyhound-loadtest/run/2");
+        assert_eq!(v["schema"], "greyhound-loadtest/run/3");
+        assert_eq!(v["wrongly_deferred"], 0);
+        assert_eq!(v["targets"][0]["late_retries"], 2);
         assert_eq!(v["answers"]["err"]["bad-ip"], 2);
         assert_eq!(v["answers"]["behind_schedule"], 0);
         assert_eq!(v["latency_us"]["count"], 4);
@@ -394,6 +478,43 @@ mod tests {
         assert!(t.contains("DEFER 3  PASS 1 (known 1)"), "{t}");
         assert!(t.contains("client 0.50 cores  server 1.00 cores"), "{t}");
         assert!(!t.contains("WARNING"), "{t}");
+        // One healthy target: no per-target lines, no late-retry line.
+        assert!(
+            !t.contains("target 1") && !t.contains("late retries"),
+            "{t}"
+        );
+        let mut two = sample();
+        two.target = "127.0.0.1:1,127.0.0.1:2".into();
+        two.late_retries = 5;
+        two.wrongly_deferred = 3;
+        two.targets = vec![
+            NodeReport {
+                target: "127.0.0.1:1".into(),
+                requests_sent: 3,
+                decisions: 2,
+                decisions_per_sec: 1.0,
+                late_retries: 2,
+                wrongly_deferred: 1,
+            },
+            NodeReport {
+                target: "127.0.0.1:2".into(),
+                requests_sent: 3,
+                decisions: 2,
+                decisions_per_sec: 1.0,
+                late_retries: 3,
+                wrongly_deferred: 2,
+            },
+        ];
+        let t = two.text();
+        assert!(
+            t.contains("127.0.0.1:1, 127.0.0.1:2  1 conn per target"),
+            "{t}"
+        );
+        assert!(t.contains("target 2"), "{t}");
+        assert!(
+            t.contains("late retries 5  wrongly deferred 3 (target 1: 1 of 2, target 2: 2 of 3)"),
+            "{t}"
+        );
         let with_rate = |r: f64| RunReport {
             decisions_per_sec: r,
             ..sample()

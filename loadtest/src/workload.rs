@@ -168,13 +168,84 @@ impl KindCounts {
 /// Triplet numbers of the known pool live above this bit; new ones below, with the worker in
 /// bits 40..62, so no two workers ever make the same "new" triplet.
 const KNOWN_BIT: u64 = 1 << 62;
+/// The per-worker part of a new triplet's number (its low 40 bits).
+const NEW_MASK: u64 = (1 << 40) - 1;
 /// First-attempt times remembered for later retries, per worker; the oldest are forgotten
 /// past this (a retry share below the new share would otherwise grow it without end).
 const MAX_WAITING: usize = 1 << 20;
 /// An early retry picks among this many most recent new triplets.
 const EARLY_WINDOW: u64 = 64;
 
+/// The node (index of the target, 0-based) that a triplet's first attempt goes to in a run
+/// against `nodes` targets: a new triplet's home is its per-worker number modulo `nodes`, a
+/// known-pool triplet's its pool index modulo `nodes` (the warm-up's first pass). Derived
+/// from the number alone, so every part of the client agrees on it without keeping it.
+pub fn home(t: u64, nodes: usize) -> usize {
+    let n = nodes.max(1) as u64;
+    let i = if t & KNOWN_BIT != 0 {
+        t & !KNOWN_BIT
+    } else {
+        t & NEW_MASK
+    };
+    (i % n) as usize
+}
+
+/// The warm-up's sweep of the known pool, shared by every worker of one pass: each node has a
+/// counter over the pool triplets it is sent. In the first pass (`shift` 0) node `j` is sent
+/// the triplets whose [`home`] is `j`; in the second (`shift` 1) those whose home is `j - 1`,
+/// so with several nodes every triplet's second sight (its retry) reaches another node than
+/// its first. With one node both passes send the whole pool in order, as before clusters.
+#[derive(Debug)]
+pub struct Sweep {
+    next: Vec<AtomicU64>,
+    shift: usize,
+}
+
+impl Sweep {
+    /// A pass over the pool against `nodes` targets; `shift` 0 for the first pass, 1 for the
+    /// second.
+    pub fn new(nodes: usize, shift: usize) -> Self {
+        Self {
+            next: (0..nodes.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            shift,
+        }
+    }
+
+    /// Nodes of the pass.
+    pub fn nodes(&self) -> usize {
+        self.next.len()
+    }
+
+    /// The home of the triplets node `node` is sent in this pass.
+    fn source(&self, node: usize) -> u64 {
+        let n = self.nodes();
+        ((node % n + n - self.shift % n) % n) as u64
+    }
+
+    /// How many pool triplets node `node` is sent in this pass (its requests budget: the
+    /// shares of all nodes add up to the pool).
+    pub fn share(&self, pool: u32, node: usize) -> u64 {
+        let (n, h) = (self.nodes() as u64, self.source(node));
+        (u64::from(pool) + n - 1 - h) / n
+    }
+
+    /// The next pool triplet for node `node`.
+    fn take(&self, pool: u32, node: usize) -> u64 {
+        let n = self.nodes() as u64;
+        let k = self.next[node % self.nodes()].fetch_add(1, Ordering::Relaxed);
+        // Past its share a node wraps (its budget keeps it from getting there).
+        KNOWN_BIT | ((k * n + self.source(node)) % u64::from(pool))
+    }
+}
+
 /// One worker's request generator.
+///
+/// In a run against several targets (nodes) a worker has a connection to each; the
+/// connection to node `j` asks [`Generator::next_for`] for a request to send to `j`: a new
+/// triplet whose [`home`] is `j`, a retry (early or after the delay) of a triplet whose home
+/// is another node, or any known-pool triplet. Retries therefore never reach the node that
+/// saw the first attempt, as when a sender's MTA retries through another MX host. With one
+/// node this is the generator of single-target runs, draw for draw.
 #[derive(Debug)]
 pub struct Generator {
     cfg: WorkloadConfig,
@@ -184,17 +255,21 @@ pub struct Generator {
     cut: [u64; 3],
     rng: Rng,
     worker: u64,
-    next_new: u64,
-    /// New triplets and when they were first sent (seconds), oldest first.
-    waiting: VecDeque<(u64, f64)>,
+    /// Per home node: the next new triplet's index among that node's (its number's low bits
+    /// are `index * nodes + node`).
+    next_new: Vec<u64>,
+    /// Per home node: new triplets and when they were first sent (seconds), oldest first.
+    waiting: Vec<VecDeque<(u64, f64)>>,
+    /// Most triplets each of `waiting` keeps.
+    cap: usize,
     /// What was sent.
     pub counts: KindCounts,
     /// Set for a warm-up sweep of the known pool.
-    sweep: Option<Arc<AtomicU64>>,
+    sweep: Option<Arc<Sweep>>,
 }
 
 impl Generator {
-    /// A generator for worker `worker` (0-based; below 2^22).
+    /// A generator for worker `worker` (0-based; below 2^22), against one node.
     pub fn new(cfg: &WorkloadConfig, worker: u64) -> Self {
         let m = cfg.mix;
         let sum = m.new + m.early_retry + m.retry + m.known;
@@ -210,29 +285,55 @@ impl Generator {
             cut,
             rng: Rng::new(mix2(cfg.seed, worker)),
             worker: worker & 0x3F_FFFF,
-            next_new: 0,
-            waiting: VecDeque::new(),
+            next_new: vec![0],
+            waiting: vec![VecDeque::new()],
+            cap: MAX_WAITING,
             counts: KindCounts::default(),
             sweep: None,
         }
     }
 
-    /// A generator that sends each triplet of the known pool in turn, sharing `next` with
-    /// the other workers of the sweep (the warm-up that whitelists the pool).
-    pub fn sweep(cfg: &WorkloadConfig, worker: u64, next: Arc<AtomicU64>) -> Self {
+    /// The same generator for a run against `nodes` targets (at least one).
+    pub fn with_nodes(mut self, nodes: usize) -> Self {
+        let n = nodes.max(1);
+        self.next_new = vec![0; n];
+        self.waiting = (0..n).map(|_| VecDeque::new()).collect();
+        self.cap = MAX_WAITING / n;
+        self
+    }
+
+    /// A generator that sends each triplet of the known pool in turn, sharing `sweep` with
+    /// the other workers of the pass (the warm-up that whitelists the pool).
+    pub fn sweep(cfg: &WorkloadConfig, worker: u64, sweep: Arc<Sweep>) -> Self {
+        let nodes = sweep.nodes();
         Self {
-            sweep: Some(next),
-            ..Self::new(cfg, worker)
+            sweep: Some(sweep),
+            ..Self::new(cfg, worker).with_nodes(nodes)
         }
     }
 
-    /// The next triplet to send at time `now` (seconds since the run started).
+    /// Nodes this generator spreads its requests over.
+    pub fn nodes(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The next triplet to send at time `now` (seconds since the run started), against one
+    /// node (node 0 of several).
     pub fn next(&mut self, now: f64) -> (Kind, u64) {
-        if let Some(next) = &self.sweep {
-            let i = next.fetch_add(1, Ordering::Relaxed) % u64::from(self.cfg.known_pool);
+        self.next_for(now, 0)
+    }
+
+    /// The next triplet to send to node `node` (below [`Generator::nodes`]) at time `now`
+    /// (seconds since the run started).
+    #[inline]
+    pub fn next_for(&mut self, now: f64, node: usize) -> (Kind, u64) {
+        if let Some(sweep) = &self.sweep {
             self.counts.known += 1;
-            return (Kind::Known, KNOWN_BIT | i);
+            return (Kind::Known, sweep.take(self.cfg.known_pool, node));
         }
+        // No `% nodes` here: a division on every request (~9 instructions of the ~450 per
+        // request, callgrind); the vectors' bounds checks catch a wrong node.
+        debug_assert!(node < self.nodes());
         let u = self.rng.next_u64() >> 11;
         let wanted = if u < self.cut[0] {
             Kind::New
@@ -249,17 +350,25 @@ impl Generator {
                 Kind::Known,
                 KNOWN_BIT | self.rng.below(self.cfg.known_pool.into()),
             )),
-            Kind::Retry => self.retry(now, delay).or_else(|| self.early(now, delay)),
-            Kind::EarlyRetry => self.early(now, delay).or_else(|| self.retry(now, delay)),
+            Kind::Retry => self
+                .retry(now, delay, node)
+                .or_else(|| self.early(now, delay, node)),
+            Kind::EarlyRetry => self
+                .early(now, delay, node)
+                .or_else(|| self.retry(now, delay, node)),
             Kind::New => None,
         };
         let (kind, t) = picked.unwrap_or_else(|| {
-            let t = (self.worker << 40) | (self.next_new & ((1 << 40) - 1));
-            self.next_new += 1;
-            if self.waiting.len() == MAX_WAITING {
-                self.waiting.pop_front();
+            let n = self.nodes() as u64;
+            let i = self.next_new[node] * n + node as u64;
+            let t = (self.worker << 40) | (i & NEW_MASK);
+            self.next_new[node] += 1;
+            let cap = self.cap;
+            let q = &mut self.waiting[node];
+            if q.len() >= cap {
+                q.pop_front();
             }
-            self.waiting.push_back((t, now));
+            q.push_back((t, now));
             (Kind::New, t)
         });
         match kind {
@@ -271,26 +380,62 @@ impl Generator {
         (kind, t)
     }
 
-    /// The oldest waiting triplet, if its delay is over; it is retried once and forgotten.
-    fn retry(&mut self, now: f64, delay: f64) -> Option<(Kind, u64)> {
-        match self.waiting.front() {
+    /// The oldest waiting triplet whose first attempt went to another node than `node` (any
+    /// node when there is only one), if its delay is over; it is retried once and forgotten.
+    #[inline]
+    fn retry(&mut self, now: f64, delay: f64, node: usize) -> Option<(Kind, u64)> {
+        let from = if self.nodes() == 1 {
+            0
+        } else {
+            self.retry_source(node)?
+        };
+        match self.waiting[from].front() {
             Some(&(t, first)) if now - first >= delay => {
-                self.waiting.pop_front();
+                self.waiting[from].pop_front();
                 Some((Kind::Retry, t))
             }
             _ => None,
         }
     }
 
-    /// One of the most recent waiting triplets, if its delay is not over yet.
-    fn early(&mut self, now: f64, delay: f64) -> Option<(Kind, u64)> {
-        let n = self.waiting.len() as u64;
-        if n == 0 {
+    /// One of the most recent waiting triplets whose first attempt went to another node than
+    /// `node` (any node when there is only one), if its delay is not over yet.
+    #[inline]
+    fn early(&mut self, now: f64, delay: f64, node: usize) -> Option<(Kind, u64)> {
+        let from = if self.nodes() == 1 {
+            0
+        } else {
+            self.early_source(node)
+        };
+        let q = &self.waiting[from];
+        let len = q.len() as u64;
+        if len == 0 {
             return None;
         }
-        let i = n - 1 - self.rng.below(n.min(EARLY_WINDOW));
-        let (t, first) = self.waiting[i as usize];
+        let i = len - 1 - self.rng.below(len.min(EARLY_WINDOW));
+        let (t, first) = q[i as usize];
         (now - first < delay).then_some((Kind::EarlyRetry, t))
+    }
+
+    // The choices of other nodes are kept out of line, so that `retry` and `early` stay
+    // small enough to be inlined: called out of line they cost a single-target run ~10
+    // instructions per request (callgrind).
+
+    /// The home node, other than `node`, whose oldest waiting triplet is the oldest.
+    #[inline(never)]
+    fn retry_source(&self, node: usize) -> Option<usize> {
+        (0..self.nodes())
+            .filter(|&h| h != node)
+            .filter_map(|h| self.waiting[h].front().map(|&(_, first)| (h, first)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(h, _)| h)
+    }
+
+    /// A home node other than `node`, at random.
+    #[inline(never)]
+    fn early_source(&mut self, node: usize) -> usize {
+        let n = self.nodes();
+        (node + 1 + self.rng.below(n as u64 - 1) as usize) % n
     }
 }
 
@@ -1227,6 +1372,152 @@ mod tests {
                     plain.native(&cfg, t, Some(t & 0xffff), &mut b);
                 }
                 assert_eq!(a, b, "{policy} {t}");
+            }
+        }
+    }
+
+    /// Drives `nodes` connections of one worker in turn, one request each, for `secs`
+    /// simulated seconds at `per_sec` requests per second; returns (node, kind, triplet, time).
+    fn route(nodes: usize, secs: f64, per_sec: f64) -> Vec<(usize, Kind, u64, f64)> {
+        let cfg = WorkloadConfig {
+            server_delay: 2.0,
+            known_pool: 1000,
+            ..WorkloadConfig::default()
+        };
+        let mut g = Generator::new(&cfg, 5).with_nodes(nodes);
+        let steps = (secs * per_sec) as u64;
+        (0..steps)
+            .map(|i| {
+                let node = (i % nodes as u64) as usize;
+                let now = i as f64 / per_sec;
+                let (kind, t) = g.next_for(now, node);
+                (node, kind, t, now)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn retries_never_reach_the_node_of_the_first_attempt() {
+        for nodes in [2, 3, 5] {
+            let mut first: std::collections::HashMap<u64, (usize, f64)> = Default::default();
+            let mut counts = [0u64; 4];
+            for (node, kind, t, now) in route(nodes, 20.0, 500.0) {
+                counts[kind as usize] += 1;
+                match kind {
+                    Kind::New => {
+                        // A new triplet goes to its home node, and is new only once.
+                        assert_eq!(home(t, nodes), node, "{nodes} nodes: {t:#x}");
+                        assert!(first.insert(t, (node, now)).is_none());
+                    }
+                    Kind::EarlyRetry | Kind::Retry => {
+                        let (at, when) = first[&t];
+                        assert_eq!(home(t, nodes), at);
+                        assert_ne!(
+                            node, at,
+                            "{nodes} nodes: {kind:?} of {t:#x} to its first node"
+                        );
+                        let age = now - when;
+                        assert_eq!(kind == Kind::Retry, age >= 2.0, "{kind:?} at age {age}");
+                    }
+                    Kind::Known => assert!(t & KNOWN_BIT != 0),
+                }
+            }
+            // Every kind was drawn, so the rule was exercised for each.
+            assert!(counts.iter().all(|&c| c > 100), "{nodes} nodes: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn one_node_is_the_single_target_generator() {
+        // Draw for draw the same triplets as a generator that never heard of nodes.
+        let cfg = WorkloadConfig {
+            server_delay: 1.0,
+            ..WorkloadConfig::default()
+        };
+        let mut plain = Generator::new(&cfg, 2);
+        let mut one = Generator::new(&cfg, 2).with_nodes(1);
+        for i in 0..20_000u64 {
+            let now = i as f64 / 2000.0;
+            let a = plain.next(now);
+            assert_eq!(a, one.next_for(now, 0));
+            assert_eq!(home(a.1, 1), 0);
+        }
+        assert_eq!(plain.counts, one.counts);
+        assert!(plain.counts.retry > 0 && plain.counts.early_retry > 0);
+        // New triplets numbered 0, 1, 2, … per worker, as before clusters.
+        let cfg = WorkloadConfig {
+            mix: Mix {
+                new: 1.0,
+                early_retry: 0.0,
+                retry: 0.0,
+                known: 0.0,
+            },
+            ..cfg
+        };
+        let mut g = Generator::new(&cfg, 3).with_nodes(1);
+        let ts: Vec<u64> = (0..4).map(|_| g.next_for(0.0, 0).1).collect();
+        assert_eq!(ts, (0..4).map(|i| (3 << 40) | i).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn known_pool_requests_spread_evenly_over_the_nodes() {
+        let nodes = 3;
+        let mut per_node = [0u64; 3];
+        let mut nodes_of: std::collections::HashMap<u64, u8> = Default::default();
+        for (node, kind, t, _) in route(nodes, 40.0, 1500.0) {
+            if kind == Kind::Known {
+                per_node[node] += 1;
+                *nodes_of.entry(t).or_default() |= 1 << node;
+            }
+        }
+        let total: u64 = per_node.iter().sum();
+        for n in per_node {
+            // ~14,000 each: within 3 % of a third.
+            assert!(
+                (n as f64 / total as f64 - 1.0 / 3.0).abs() < 0.01,
+                "{per_node:?}"
+            );
+        }
+        // A pool triplet reaches every node, not one fixed node.
+        let everywhere = nodes_of.values().filter(|&&m| m == 0b111).count();
+        assert!(
+            everywhere > nodes_of.len() * 9 / 10,
+            "{everywhere} of {}",
+            nodes_of.len()
+        );
+    }
+
+    #[test]
+    fn warm_up_passes_send_the_pool_once_each_retry_to_another_node() {
+        let cfg = WorkloadConfig {
+            known_pool: 1001,
+            ..WorkloadConfig::default()
+        };
+        for nodes in [1usize, 2, 3, 4] {
+            let mut pass_node = Vec::new();
+            for shift in [0, 1] {
+                let sweep = Arc::new(Sweep::new(nodes, shift));
+                let total: u64 = (0..nodes).map(|j| sweep.share(cfg.known_pool, j)).sum();
+                assert_eq!(total, u64::from(cfg.known_pool));
+                let mut g = Generator::sweep(&cfg, 0, sweep.clone());
+                let mut node_of = vec![usize::MAX; cfg.known_pool as usize];
+                for j in 0..nodes {
+                    for _ in 0..sweep.share(cfg.known_pool, j) {
+                        let (kind, t) = g.next_for(0.0, j);
+                        assert_eq!(kind, Kind::Known);
+                        let i = (t & !KNOWN_BIT) as usize;
+                        assert_eq!(node_of[i], usize::MAX, "{t:#x} sent twice in a pass");
+                        node_of[i] = j;
+                    }
+                }
+                assert!(node_of.iter().all(|&j| j < nodes));
+                pass_node.push(node_of);
+            }
+            for (i, (&first, &second)) in pass_node[0].iter().zip(&pass_node[1]).enumerate() {
+                assert_eq!(first, home(KNOWN_BIT | i as u64, nodes));
+                if nodes > 1 {
+                    assert_ne!(first, second);
+                }
             }
         }
     }

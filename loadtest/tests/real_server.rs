@@ -51,6 +51,10 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
+        Self::with_delay("1s")
+    }
+
+    fn with_delay(delay: &str) -> Self {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -69,7 +73,7 @@ impl Server {
                 "--metrics",
                 "127.0.0.1:0",
                 "--delay",
-                "1s",
+                delay,
                 "--data-dir",
             ])
             .arg(dir.join("data"))
@@ -169,12 +173,34 @@ fn check_run_schema(r: &Value) {
         "answers",
         "workload",
         "cpu",
+        "late_retries",
+        "wrongly_deferred",
+        "targets",
     ];
     let mut got = keys.clone();
     got.sort_unstable();
     want.sort_unstable();
     assert_eq!(got, want);
-    assert_eq!(r["schema"], "greyhound-loadtest/run/2");
+    assert_eq!(r["schema"], "greyhound-loadtest/run/3");
+    // Per target, and the totals are the targets' sums.
+    let targets = r["targets"].as_array().unwrap();
+    assert_eq!(
+        targets.len(),
+        r["target"].as_str().unwrap().split(',').count()
+    );
+    for k in [
+        "requests_sent",
+        "decisions",
+        "late_retries",
+        "wrongly_deferred",
+    ] {
+        let sum: u64 = targets.iter().map(|t| u(t, k)).sum();
+        assert_eq!(sum, u(r, k), "{k}: {r}");
+    }
+    for t in targets {
+        assert!(t["target"].is_string() && t["decisions_per_sec"].is_number());
+        assert!(u(t, "wrongly_deferred") <= u(t, "late_retries"), "{t}");
+    }
     for k in ["count", "mean", "p50", "p90", "p99", "p999", "max"] {
         assert!(r["latency_us"][k].is_number(), "latency_us.{k}");
     }
@@ -325,6 +351,150 @@ fn run_each_protocol_against_the_real_server() {
     assert_eq!(u(&r, "requests_sent"), 2000);
     assert_eq!(u(&r, "decisions"), 2000);
     assert_eq!(u(&r["answers"]["pass"], "known"), 2000, "{r}");
+}
+
+/// The open-loop run of the cluster test: 3000 requests at 1500/s over ~2 s, so retries
+/// after the servers' 1 s delay happen.
+fn cluster_run(targets: &[&str], seed: &str, proto: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["run", "--json", "--proto", proto];
+    for t in targets {
+        args.extend_from_slice(&["--target", t]);
+    }
+    args.extend_from_slice(&[
+        "--requests",
+        "3000",
+        "--rate",
+        "1500",
+        "--duration",
+        "30s",
+        "--server-delay",
+        "1",
+        "--timeout",
+        "5s",
+        "-c",
+        "2",
+        "--seed",
+        seed,
+    ]);
+    args.extend_from_slice(extra);
+    let r = json(&loadtest(&args));
+    check_run_schema(&r);
+    check_clean_run(&r, 3000);
+    r
+}
+
+#[test]
+fn retries_sent_to_another_unclustered_server_are_counted_wrongly_deferred() {
+    // Two servers that share nothing: a retry sent to the other one finds no first attempt
+    // there and is deferred, as in a cluster that does not replicate.
+    let a = Server::start();
+    let b = Server::start();
+    let (a_native, b_native) = (a.native.to_string(), b.native.to_string());
+    // One target: every late retry reaches the server of its first attempt and passes.
+    let one = cluster_run(&[&a_native], "21", "native-tcp", &["-p", "8"]);
+    assert_eq!(one["targets"].as_array().unwrap().len(), 1);
+    assert_eq!(one["target"], a_native.as_str());
+    assert!(u(&one, "late_retries") > 0, "{one}");
+    assert_eq!(u(&one, "wrongly_deferred"), 0, "{one}");
+    assert_eq!(u(&one["targets"][0], "requests_sent"), 3000);
+    // Two targets, over TCP and UDP: retries go to the other server and are deferred there.
+    for (proto, seed, extra) in [
+        ("native-tcp", "22", &["-p", "8"][..]),
+        ("native-udp", "23", &["-p", "4", "--per-datagram", "2"][..]),
+    ] {
+        let r = cluster_run(&[&a_native, &b_native], seed, proto, extra);
+        assert_eq!(r["target"], format!("{a_native},{b_native}").as_str());
+        let wrong = u(&r, "wrongly_deferred");
+        assert!(wrong > 0, "{proto}: no retry counted wrongly deferred: {r}");
+        assert!(wrong <= u(&r, "late_retries"));
+        for t in r["targets"].as_array().unwrap() {
+            // Each node gets about half the load, and wrongly deferred retries.
+            assert!(u(t, "requests_sent") > 1000, "{proto}: {r}");
+            assert!(u(t, "wrongly_deferred") > 0, "{proto}: {r}");
+        }
+    }
+    // Policy, and the report for people.
+    let out = loadtest(&[
+        "run",
+        "--proto",
+        "policy",
+        "--target",
+        &a.policy.to_string(),
+        "--target",
+        &b.policy.to_string(),
+        "--requests",
+        "3000",
+        "--rate",
+        "1500",
+        "--server-delay",
+        "1",
+        "--timeout",
+        "5s",
+        "-c",
+        "2",
+        "--seed",
+        "24",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("conn per target"), "{text}");
+    assert!(
+        text.contains("  target 1 ") && text.contains("  target 2 "),
+        "{text}"
+    );
+    let wrong: u64 = text
+        .lines()
+        .find_map(|l| l.split("wrongly deferred ").nth(1))
+        .and_then(|w| w.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no wrongly deferred count in {text}"));
+    assert!(wrong > 0, "{text}");
+    drop((a, b));
+    // A warm-up against two others: the pool's second pass goes to the other server, so
+    // there the pool is not whitelisted, and known-pool requests it gets are wrongly
+    // deferred; on the server of the first pass they pass. A 3 s delay: the engine counts
+    // whole seconds, so with 1 s a request in the next second after the second pass (the
+    // measured run starts a few hundred ms after it in a debug build) would pass already.
+    let a = Server::with_delay("3s");
+    let b = Server::with_delay("3s");
+    let r = json(&loadtest(&[
+        "run",
+        "--json",
+        "--target",
+        &a.native.to_string(),
+        "--target",
+        &b.native.to_string(),
+        "--requests",
+        "600",
+        "-c",
+        "2",
+        "-p",
+        "4",
+        "--warmup",
+        "--known-pool",
+        "300",
+        "--server-delay",
+        "3",
+        "--new",
+        "0",
+        "--early-retry",
+        "0",
+        "--retry",
+        "0",
+        "--known",
+        "1",
+        "--seed",
+        "25",
+    ]));
+    check_run_schema(&r);
+    assert_eq!(u(&r, "decisions"), 600, "{r}");
+    assert_eq!(
+        u(&r, "late_retries"),
+        600,
+        "known requests after a warm-up must pass: {r}"
+    );
+    let wrong = u(&r, "wrongly_deferred");
+    assert!(wrong > 0 && wrong < 600, "{r}");
+    assert_eq!(u(&r["answers"], "defer"), wrong, "{r}");
 }
 
 #[test]

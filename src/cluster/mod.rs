@@ -6,5 +6,6 @@
 //! ([`crate::engine::Engine::merge_triplets`]); everything that talks to Redis lives here.
 
 pub mod id;
+pub mod wire;
 
 pub use id::StreamId;

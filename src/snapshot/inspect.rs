@@ -3,8 +3,9 @@
 use std::fmt::{self, Write as _};
 
 use super::format::{self, FormatError, Header};
+use super::ClusterState;
 use crate::config::format_duration;
-use crate::engine::clock::from_unix;
+use crate::engine::clock::{from_unix, to_unix};
 use crate::proto::policy::civil_from_days;
 
 /// Records of a snapshot by state, at a given moment, under the snapshot's own settings.
@@ -35,6 +36,9 @@ pub struct Report {
     pub header: Option<Header>,
     /// Counts by state, if the whole file verified.
     pub counts: Option<Counts>,
+    /// The replication state, if the whole file verified and its version has a cluster
+    /// section (2 and later).
+    pub cluster: Option<ClusterState>,
     /// What is wrong, if anything.
     pub problem: Option<FormatError>,
     /// The moment the counts and the age refer to (Unix seconds).
@@ -54,6 +58,7 @@ pub fn inspect(file: &[u8], now_unix: u64) -> Report {
         size: file.len() as u64,
         header: None,
         counts: None,
+        cluster: None,
         problem: None,
         now_unix,
     };
@@ -83,6 +88,7 @@ pub fn inspect(file: &[u8], now_unix: u64) -> Report {
                 }
             }
             r.counts = Some(c);
+            r.cluster = (view.header.version >= 2).then_some(view.cluster);
             r.header = Some(view.header);
         }
         Err(e) => {
@@ -178,7 +184,11 @@ impl fmt::Display for Report {
                     f,
                     "states as of: {} (with the snapshot's settings)",
                     iso_utc(self.now_unix)
-                )
+                )?;
+                match &self.cluster {
+                    Some(c) => write_cluster(f, c),
+                    None => writeln!(f, "cluster:      none (version {} file)", h.version),
+                }
             }
             None => {
                 writeln!(
@@ -194,6 +204,32 @@ impl fmt::Display for Report {
             }
         }
     }
+}
+
+/// The cluster section: what had been published, and per peer the entry to replay from.
+fn write_cluster(f: &mut fmt::Formatter<'_>, c: &ClusterState) -> fmt::Result {
+    if c.published_through == 0 {
+        writeln!(f, "published:    nothing known")?;
+    } else {
+        writeln!(
+            f,
+            "published:    every change through {} (engine second {})",
+            iso_utc(to_unix(c.published_through)),
+            c.published_through
+        )?;
+    }
+    if c.peers.is_empty() {
+        return writeln!(f, "peers:        none");
+    }
+    writeln!(
+        f,
+        "peers:        {} (last stream entry applied)",
+        c.peers.len()
+    )?;
+    for (id, entry) in &c.peers {
+        writeln!(f, "  {id:<24} {entry}")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,6 +8,10 @@
 //! all but the newest two. A crash at any point leaves either the previous snapshots alone or
 //! the new one complete, never a half-written file under a snapshot name.
 //!
+//! With clustering on, the file also holds the node's replication state ([`ClusterState`],
+//! written by [`Writer::write_with`]): after a restart the node answers from the loaded table
+//! at once and replays each peer's stream from the entry recorded here (DESIGN §9).
+//!
 //! Loading ([`load`]) maps the newest snapshot, verifies length and checksums before trusting
 //! a record, and falls back to the previous one if anything is wrong, renaming the bad file
 //! `*.bad` so rotation never counts it as one of the two kept. A snapshot whose keys were made
@@ -27,10 +31,26 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::cluster::StreamId;
 use crate::engine::clock::to_unix;
-use crate::engine::{AwlRecord, Engine, TripletRecord};
-pub use format::{FormatError, Header};
+use crate::engine::{AwlRecord, Engine, Secs, TripletRecord};
+pub use format::{valid_node_id, ClusterError, FormatError, Header};
 pub use store::{DirStore, Store, StoreFile};
+
+/// Replication state saved with a snapshot (empty when clustering is off or the file is
+/// version 1).
+///
+/// Saved in the file's cluster section (`docs/SNAPSHOT_FORMAT.md`); [`ClusterState::check`]
+/// states the limits the writer and the reader enforce.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// Every change this node made at or before this engine second (engine::Secs) had been
+    /// published when the snapshot started; 0 = nothing known.
+    pub published_through: Secs,
+    /// Per peer node id ([A-Za-z0-9_.-]{1,64}), the last stream entry applied
+    /// (crate::cluster::StreamId).
+    pub peers: Vec<(String, StreamId)>,
+}
 
 /// How many complete snapshots are kept.
 pub const KEEP: usize = 2;
@@ -88,6 +108,10 @@ pub enum SnapshotError {
         /// The cause.
         source: io::Error,
     },
+    /// The replication state handed to [`Writer::write_with`] breaks a limit of the format;
+    /// nothing was written (a file the loader would refuse is never produced).
+    #[error("snapshot not written: cannot save the cluster state: {0}")]
+    Cluster(#[source] ClusterError),
     /// The snapshot's keys were made differently from this server's.
     #[error("snapshot {file} {problem}; its records would never match. {remedy}")]
     Mismatch {
@@ -147,14 +171,38 @@ impl<S: Store> Writer<S> {
         })
     }
 
-    /// Writes a snapshot of `engine` as it is now. On error the temporary file is removed
-    /// (if it can be) and the previous snapshots are untouched.
+    /// Writes a snapshot of `engine` as it is now, with an empty [`ClusterState`] (clustering
+    /// off): [`Writer::write_with`] with the default state.
     pub fn write(&mut self, engine: &Engine) -> Result<Written, SnapshotError> {
+        self.write_with(engine, &ClusterState::default())
+    }
+
+    /// Writes a snapshot of `engine` as it is now, with the replication state `cluster`. On
+    /// error the temporary file is removed (if it can be) and the previous snapshots are
+    /// untouched.
+    ///
+    /// The caller reads `cluster` (what has been published, the last entry applied per peer)
+    /// **before** calling: the table walk starts after it, so every change those positions
+    /// cover is already in the table when its shard is copied. A replay from the saved
+    /// positions after a restart then never misses a change; at worst it applies again some
+    /// the file already holds, which the CRDT merge makes harmless. Positions read after the
+    /// walk could cover changes applied behind the walk's back and lose them.
+    ///
+    /// A state that breaks a limit of the format (more than [`format::MAX_PEERS`] peers, an
+    /// invalid or repeated node id) is refused with [`SnapshotError::Cluster`] before any file
+    /// is created.
+    pub fn write_with(
+        &mut self,
+        engine: &Engine,
+        cluster: &ClusterState,
+    ) -> Result<Written, SnapshotError> {
+        let mut section = Vec::with_capacity(format::cluster_len(cluster));
+        format::encode_cluster(cluster, &mut section).map_err(SnapshotError::Cluster)?;
         let generation = self.next_generation;
         // A failed attempt's generation is not reused: its temporary file may linger.
         self.next_generation += 1;
         let tmp = temp_name(generation);
-        match self.write_inner(engine, generation, &tmp) {
+        match self.write_inner(engine, generation, &tmp, &section) {
             Ok(w) => Ok(w),
             Err(e) => {
                 let _ = self.store.remove(&tmp);
@@ -168,6 +216,7 @@ impl<S: Store> Writer<S> {
         engine: &Engine,
         generation: u64,
         tmp: &str,
+        section: &[u8],
     ) -> Result<Written, SnapshotError> {
         let start = Instant::now();
         let now = engine.now();
@@ -213,6 +262,7 @@ impl<S: Store> Writer<S> {
             }
             clients += recs.len() as u64;
         }
+        buf.extend_from_slice(section);
         append(&mut buf, &mut f, &mut crc).map_err(io("write", tmp))?;
 
         let header = Header {
@@ -227,6 +277,8 @@ impl<S: Store> Writer<S> {
             clients,
             policy: *engine.policy(),
             body_crc: crc,
+            // At most format::MAX_CLUSTER_LEN (encode_cluster checked the state).
+            cluster_len: section.len() as u32,
         };
         f.write_at(0, &header.encode()).map_err(io("write", tmp))?;
         f.sync().map_err(io("fsync", tmp))?;
@@ -308,6 +360,9 @@ pub struct Loaded {
     pub skipped: Vec<(String, String)>,
     /// Unfinished temporary files removed.
     pub removed_temp: Vec<String>,
+    /// The loaded snapshot's replication state: where to replay each peer from (empty when
+    /// none was loaded, or it came from a version 1 file or a node with clustering off).
+    pub cluster: ClusterState,
 }
 
 /// Loads the newest usable snapshot of `store` into `engine` on up to `threads` threads.
@@ -380,6 +435,7 @@ where
         out.clients = engine.load_clients(view.clients(), now);
         out.clients_expired = view.header.clients as usize - out.clients;
         out.name = Some(name.clone());
+        out.cluster = view.cluster;
         return Ok(out);
     }
     Ok(out)

@@ -2,6 +2,7 @@
 //! write sequence under a crash model, rotation, refusal of foreign snapshots.
 
 use super::*;
+use crate::cluster::StreamId;
 use crate::engine::{
     Clock, EngineConfig, HashSecret, ManualClock, Mode, Normalizer, Policy, Query, Secs,
 };
@@ -446,18 +447,95 @@ proptest! {
     }
 }
 
+/// A replication state with a few peers, the longest id among them.
+fn cluster_state(tag: u64) -> ClusterState {
+    ClusterState {
+        published_through: T0 + tag as Secs,
+        peers: vec![
+            ("b".into(), StreamId::new(1_795_000_000_000 + tag, 3)),
+            (
+                "mx-2.eu.example".into(),
+                StreamId::new(1_795_000_000_123, tag),
+            ),
+            ("x".repeat(64), StreamId::ZERO),
+        ],
+    }
+}
+
+/// A snapshot with a non-empty cluster section.
 fn one_snapshot() -> (MemStore, String, Vec<u8>) {
     let (e, _) = populated(300);
     let store = MemStore::default();
-    let w = Writer::new(store.clone()).unwrap().write(&e).unwrap();
+    let w = Writer::new(store.clone())
+        .unwrap()
+        .write_with(&e, &cluster_state(1))
+        .unwrap();
     let bytes = store.get(&w.name).unwrap();
     (store, w.name, bytes)
+}
+
+/// Puts `section` in place of a file's cluster section and seals the file again (cluster
+/// length, body and header checksums), as a writer with a bug would: only the section's own
+/// checks can catch what is wrong with it.
+fn with_section(file: &[u8], section: &[u8]) -> Vec<u8> {
+    let mut h = Header::decode(file).unwrap();
+    let start = file.len() - h.cluster_len as usize;
+    let mut out = file[..start].to_vec();
+    out.extend_from_slice(section);
+    h.cluster_len = section.len() as u32;
+    h.body_crc = crc32c::crc32c(&out[format::HEADER_LEN..]);
+    out[..format::HEADER_LEN].copy_from_slice(&h.encode());
+    out
+}
+
+/// A version 1 file as Greyhound wrote it before replication: built from the version 1
+/// header table with literal offsets (not through `format::header`, so a change to the
+/// current layout cannot change it), with the record layouts, which version 2 kept.
+fn v1_file(e: &Engine, generation: u64) -> Vec<u8> {
+    let (t, c) = contents(e);
+    let mut body = Vec::new();
+    t.iter().for_each(|r| format::encode_triplet(r, &mut body));
+    c.iter().for_each(|r| format::encode_awl(r, &mut body));
+    let mut h = [0u8; 128];
+    let mut put = |at: usize, b: &[u8]| h[at..at + b.len()].copy_from_slice(b);
+    let p = e.policy();
+    put(0, b"GREYHSNP");
+    put(8, &1u32.to_le_bytes());
+    put(12, &128u32.to_le_bytes());
+    put(16, &crate::engine::clock::to_unix(e.now()).to_le_bytes());
+    put(24, &generation.to_le_bytes());
+    put(32, &e.key_id().to_le_bytes());
+    put(40, &[e.normalizer().ipv4_prefix()]);
+    put(41, &[e.normalizer().ipv6_prefix()]);
+    put(42, &1u16.to_le_bytes());
+    put(44, &24u32.to_le_bytes());
+    put(48, &32u32.to_le_bytes());
+    put(56, &(t.len() as u64).to_le_bytes());
+    put(64, &(c.len() as u64).to_le_bytes());
+    put(72, &p.delay.to_le_bytes());
+    put(76, &p.retry_window.to_le_bytes());
+    put(80, &p.whitelist_ttl.to_le_bytes());
+    put(84, &p.awl_clients.to_le_bytes());
+    put(88, &p.awl_interval.to_le_bytes());
+    put(92, &p.awl_ttl.to_le_bytes());
+    put(96, &crc32c::crc32c(&body).to_le_bytes());
+    let crc = crc32c::crc32c(&h[..124]);
+    h[124..].copy_from_slice(&crc.to_le_bytes());
+    let mut file = h.to_vec();
+    file.extend_from_slice(&body);
+    file
 }
 
 #[test]
 fn every_flipped_byte_and_every_truncation_is_detected() {
     let (_, _, good) = one_snapshot();
-    assert!(format::verify(&good).is_ok());
+    // The file ends with a cluster section of several peers: it is flipped and cut too.
+    let view = format::verify(&good).unwrap();
+    assert_eq!(view.cluster, cluster_state(1));
+    assert_eq!(
+        view.header.cluster_len as usize,
+        format::cluster_len(&cluster_state(1))
+    );
     for at in 0..good.len() {
         for bit in [0x01u8, 0x80] {
             let mut bad = good.clone();
@@ -497,10 +575,10 @@ fn damage_is_named_precisely() {
     );
     // A newer version with a consistent header: named as a version, not as damage.
     let mut h = Header::decode(&good).unwrap();
-    h.version = 2;
+    h.version = 3;
     let mut newer = good.clone();
     newer[..format::HEADER_LEN].copy_from_slice(&h.encode());
-    assert_eq!(format::verify(&newer).unwrap_err(), FormatError::Version(2));
+    assert_eq!(format::verify(&newer).unwrap_err(), FormatError::Version(3));
     // A version field damaged in place: the header checksum no longer holds.
     let mut damaged = good.clone();
     damaged[format::header::VERSION.at] = 7;
@@ -526,19 +604,20 @@ fn damage_is_named_precisely() {
     ));
 }
 
-/// Two snapshots, the newer damaged in the given way: the older one is loaded, the newer
-/// renamed `.bad`, and nothing panics.
-fn falls_back(damage: impl Fn(&mut Vec<u8>)) {
+/// Two snapshots, the newer damaged in the given way: the older one is loaded (its records
+/// and its cluster state), the newer renamed `.bad`, and nothing panics. Returns the reason
+/// the newer one was skipped.
+fn falls_back(damage: impl Fn(&mut Vec<u8>)) -> String {
     let (e, clock) = populated(300);
     let first = contents(&e);
     let store = MemStore::default();
     let mut w = Writer::new(store.clone()).unwrap();
-    let w1 = w.write(&e).unwrap();
+    let w1 = w.write_with(&e, &cluster_state(1)).unwrap();
     clock.advance(1);
     for i in 1000..1100 {
         check(&e, i, Mode::Record);
     }
-    let w2 = w.write(&e).unwrap();
+    let w2 = w.write_with(&e, &cluster_state(2)).unwrap();
     let mut bytes = store.get(&w2.name).unwrap();
     damage(&mut bytes);
     store.put(&w2.name, bytes);
@@ -548,6 +627,7 @@ fn falls_back(damage: impl Fn(&mut Vec<u8>)) {
     assert_eq!(l.name.as_deref(), Some(w1.name.as_str()));
     assert_eq!(l.skipped.len(), 1, "{:?}", l.skipped);
     assert_eq!(contents(&e2), first);
+    assert_eq!(l.cluster, cluster_state(1));
     assert!(store.get(&format!("{}.bad", w2.name)).is_some());
     assert!(store.get(&w2.name).is_none());
     // The bad file never counts among the two kept: two more writes keep two good ones.
@@ -564,6 +644,7 @@ fn falls_back(damage: impl Fn(&mut Vec<u8>)) {
         "{names:?}"
     );
     assert!(!names.contains(&w1.name), "{names:?}");
+    l.skipped[0].1.clone()
 }
 
 #[test]
@@ -577,6 +658,225 @@ fn fallback_on_flipped_byte_in_body() {
 #[test]
 fn fallback_on_truncation() {
     falls_back(|b| b.truncate(b.len() / 2));
+}
+
+#[test]
+fn fallback_on_damage_in_the_cluster_section() {
+    // The last byte of the last peer's id: caught by the body checksum.
+    let why = falls_back(|b| *b.last_mut().unwrap() ^= 0x01);
+    assert!(why.starts_with("body checksum mismatch"), "{why}");
+    // One byte of the section cut off.
+    let why = falls_back(|b| {
+        b.pop();
+    });
+    assert!(why.starts_with("truncated or padded"), "{why}");
+}
+
+#[test]
+fn fallback_on_a_bad_peer_id_sealed_with_good_checksums() {
+    let why = falls_back(|b| {
+        let mut section = Vec::new();
+        format::encode_cluster(&cluster_state(2), &mut section).unwrap();
+        // The first peer's one-byte id "b" becomes "/".
+        let at = format::CLUSTER_HEAD_LEN + format::PEER_FIXED_LEN;
+        assert_eq!(section[at], b'b');
+        section[at] = b'/';
+        *b = with_section(b, &section);
+    });
+    assert_eq!(
+        why,
+        "cluster section: peer entry 0 has an invalid node id \"/\" (not [A-Za-z0-9_.-]{1,64})"
+    );
+}
+
+#[test]
+fn fallback_on_an_over_long_cluster_section() {
+    // Longer than any valid section: refused from the header alone.
+    let why = falls_back(|b| {
+        let mut h = Header::decode(b).unwrap();
+        h.cluster_len = format::MAX_CLUSTER_LEN as u32 + 1;
+        b[..format::HEADER_LEN].copy_from_slice(&h.encode());
+    });
+    assert!(
+        why.starts_with("cluster section of 331785 bytes, longer than the largest valid one"),
+        "{why}"
+    );
+    // A valid section with one byte too many, sealed: the entries must end the section.
+    let why = falls_back(|b| {
+        let mut section = Vec::new();
+        format::encode_cluster(&cluster_state(2), &mut section).unwrap();
+        section.push(0);
+        *b = with_section(b, &section);
+    });
+    assert_eq!(why, "cluster section has 1 bytes after its last peer entry");
+    // A peer count beyond the limit.
+    let why = falls_back(|b| {
+        let mut section = vec![0u8; format::CLUSTER_HEAD_LEN];
+        section[format::cluster::PEERS.range()].copy_from_slice(&4097u32.to_le_bytes());
+        *b = with_section(b, &section);
+    });
+    assert_eq!(
+        why,
+        "cluster section lists 4097 peers, more than the 4096 allowed"
+    );
+}
+
+#[test]
+fn cluster_state_round_trips_through_a_real_write_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, clock) = populated(300);
+    let mut w = Writer::new(DirStore::new(dir.path())).unwrap();
+    let state = cluster_state(7);
+    let written = w.write_with(&e, &state).unwrap();
+    assert_eq!(
+        written.bytes,
+        (format::HEADER_LEN
+            + format::TRIPLET_LEN * written.triplets as usize
+            + format::AWL_LEN * written.clients as usize
+            + format::cluster_len(&state)) as u64
+    );
+    let (e2, _) = engine(clock.now());
+    let l = load(&DirStore::new(dir.path()), &e2, 2).unwrap();
+    assert_eq!(l.name.as_deref(), Some(written.name.as_str()));
+    assert_eq!(l.cluster, state);
+    assert_eq!(contents(&e2), contents(&e));
+
+    // `write` saves an empty state, which loads as the default.
+    let plain = w.write(&e).unwrap();
+    let (e3, _) = engine(clock.now());
+    let l = load(&DirStore::new(dir.path()), &e3, 2).unwrap();
+    assert_eq!(l.name.as_deref(), Some(plain.name.as_str()));
+    assert_eq!(l.cluster, ClusterState::default());
+    assert_eq!(contents(&e3), contents(&e));
+}
+
+#[test]
+fn a_cluster_state_the_reader_would_refuse_is_never_written() {
+    let (e, _) = populated(20);
+    let store = MemStore::default();
+    let mut w = Writer::new(store.clone()).unwrap();
+    let mut bad_id = cluster_state(1);
+    bad_id.peers[1].0 = "mx 2".into();
+    let mut twice = cluster_state(1);
+    twice.peers[2].0 = "b".into();
+    let too_many = ClusterState {
+        published_through: 0,
+        peers: (0..=format::MAX_PEERS)
+            .map(|i| (format!("n{i}"), StreamId::ZERO))
+            .collect(),
+    };
+    for (state, expected) in [
+        (
+            bad_id,
+            ClusterError::BadPeerId {
+                index: 1,
+                id: "mx 2".into(),
+            },
+        ),
+        (twice, ClusterError::DuplicatePeer { id: "b".into() }),
+        (
+            too_many,
+            ClusterError::TooManyPeers {
+                count: format::MAX_PEERS as u64 + 1,
+            },
+        ),
+    ] {
+        match w.write_with(&e, &state) {
+            Err(SnapshotError::Cluster(got)) => assert_eq!(got, expected),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(store.names().is_empty(), "{:?}", store.names());
+    let err = w.write_with(
+        &e,
+        &ClusterState {
+            published_through: 0,
+            peers: vec![(String::new(), StreamId::ZERO)],
+        },
+    );
+    assert!(
+        err.unwrap_err()
+            .to_string()
+            .starts_with("snapshot not written: cannot save the cluster state: cluster section: peer entry 0 has an invalid node id \"\""),
+    );
+    // The writer still works afterwards.
+    assert!(w.write_with(&e, &cluster_state(1)).is_ok());
+}
+
+#[test]
+fn version_1_files_still_load_with_an_empty_cluster_state() {
+    let (e, clock) = populated(300);
+    let store = MemStore::default();
+    store.put(&file_name(5), v1_file(&e, 5));
+    let view = format::verify(store.get(&file_name(5)).as_deref().unwrap())
+        .map(|v| (v.header.version, v.header.cluster_len, v.cluster))
+        .unwrap();
+    assert_eq!(view, (1, 0, ClusterState::default()));
+    let (e2, _) = engine(clock.now());
+    let l = load(&store, &e2, 2).unwrap();
+    assert_eq!(l.name.as_deref(), Some(file_name(5).as_str()));
+    assert!(l.skipped.is_empty(), "{:?}", l.skipped);
+    assert_eq!(l.cluster, ClusterState::default());
+    let (t, c) = contents(&e);
+    assert!(!t.is_empty() && !c.is_empty());
+    assert_eq!((l.triplets, l.clients), (t.len(), c.len()));
+    assert_eq!(contents(&e2), (t, c));
+
+    // The next snapshot is version 2 and is preferred; the version 1 file is kept in the
+    // rotation until two newer ones exist.
+    let mut w = Writer::new(store.clone()).unwrap();
+    let w6 = w.write_with(&e2, &cluster_state(3)).unwrap();
+    assert_eq!(w6.generation, 6);
+    let bytes = store.get(&w6.name).unwrap();
+    assert_eq!(Header::decode(&bytes).unwrap().version, format::VERSION);
+    let (e3, _) = engine(clock.now());
+    assert_eq!(load(&store, &e3, 1).unwrap().cluster, cluster_state(3));
+    assert!(store.get(&file_name(5)).is_some());
+}
+
+#[test]
+fn a_version_1_file_with_a_cluster_section_is_refused() {
+    // Version 1 has no cluster section: a version 1 header with a cluster length, or with
+    // bytes after the last record, is not a file any Greyhound wrote.
+    let (e, _) = populated(50);
+    let good = v1_file(&e, 1);
+    let mut h = good[..format::HEADER_LEN].to_vec();
+    h[format::header::CLUSTER_LEN.at] = 8;
+    let crc = crc32c::crc32c(&h[..format::header::HEADER_CRC.at]);
+    h[format::header::HEADER_CRC.range()].copy_from_slice(&crc.to_le_bytes());
+    let mut with_len = h.clone();
+    with_len.extend_from_slice(&good[format::HEADER_LEN..]);
+    with_len.extend_from_slice(&[0; 8]);
+    assert_eq!(
+        format::verify(&with_len).unwrap_err(),
+        FormatError::Reserved {
+            at: format::header::CLUSTER_LEN.at
+        }
+    );
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(&[0; 8]);
+    assert!(matches!(
+        format::verify(&trailing),
+        Err(FormatError::Length { .. })
+    ));
+}
+
+#[test]
+fn every_flipped_byte_and_every_truncation_of_a_version_1_file_is_detected() {
+    let (e, _) = populated(40);
+    let good = v1_file(&e, 1);
+    assert!(format::verify(&good).is_ok());
+    for at in 0..good.len() {
+        let mut bad = good.clone();
+        bad[at] ^= 0x01;
+        assert!(
+            format::verify(&bad).is_err(),
+            "flip at byte {at} not detected"
+        );
+    }
+    for len in 0..good.len() {
+        assert!(format::verify(&good[..len]).is_err(), "truncation to {len}");
+    }
 }
 
 #[test]
@@ -667,20 +967,24 @@ fn torn_writes_at_every_step_lose_nothing_of_the_last_complete_snapshot() {
     let (e, clock) = populated(200);
     let base = MemStore::default();
     let mut w = Writer::new(base.clone()).unwrap();
-    w.write(&e).unwrap();
-    w.write(&e).unwrap(); // two complete snapshots: the next write also removes one
-    let old = contents(&e);
+    w.write_with(&e, &cluster_state(1)).unwrap();
+    // Two complete snapshots: the next write also removes one.
+    w.write_with(&e, &cluster_state(1)).unwrap();
+    let old = (contents(&e), cluster_state(1));
     clock.advance(1);
     for i in 500..600 {
         check(&e, i, Mode::Record);
     }
-    let new = contents(&e);
-    assert_ne!(old, new);
+    let new = (contents(&e), cluster_state(2));
+    assert_ne!(old.0, new.0);
 
     // How many operations a full write takes.
     let probe = base.after(Crash::Process);
     let start = probe.ops();
-    Writer::new(probe.clone()).unwrap().write(&e).unwrap();
+    Writer::new(probe.clone())
+        .unwrap()
+        .write_with(&e, &new.1)
+        .unwrap();
     let steps = probe.ops() - start;
     assert!(
         steps >= 8,
@@ -692,14 +996,14 @@ fn torn_writes_at_every_step_lose_nothing_of_the_last_complete_snapshot() {
         let mut w = Writer::new(store.clone()).unwrap();
         store.fail_after(fail);
         // Success means the directory fsync returned: the new snapshot is durable.
-        let durable = w.write(&e).is_ok();
+        let durable = w.write_with(&e, &new.1).is_ok();
         for crash in [Crash::Process, Crash::Power, Crash::PowerKeepingRenames] {
             let after = store.after(crash);
             let (e2, _) = engine(clock.now());
             let l =
                 load(&after, &e2, 2).unwrap_or_else(|err| panic!("step {fail}, {crash:?}: {err}"));
             assert!(l.name.is_some(), "step {fail}, {crash:?}: nothing loaded");
-            let got = contents(&e2);
+            let got = (contents(&e2), l.cluster.clone());
             assert!(
                 got == old || got == new,
                 "step {fail}, {crash:?}: loaded neither snapshot"
@@ -751,7 +1055,10 @@ fn inspect_counts_states_and_reports_damage() {
     let (t, c) = contents(&e);
     let (_, name, bytes) = {
         let store = MemStore::default();
-        let w = Writer::new(store.clone()).unwrap().write(&e).unwrap();
+        let w = Writer::new(store.clone())
+            .unwrap()
+            .write_with(&e, &cluster_state(1))
+            .unwrap();
         let b = store.get(&w.name).unwrap();
         (store, w.name, b)
     };
@@ -779,6 +1086,51 @@ fn inspect_counts_states_and_reports_damage() {
     assert!(text.contains("checksum:     ok"), "{text}");
     assert!(
         text.contains(&format!("triplets:     {}", t.len())),
+        "{text}"
+    );
+    assert_eq!(r.cluster, Some(cluster_state(1)));
+    assert!(text.contains("version:      2\n"), "{text}");
+    // T0 + 1 engine seconds = Unix 1 794 067 201 = 2026-11-07T16:00:01Z.
+    assert!(
+        text.contains(
+            "published:    every change through 2026-11-07T16:00:01Z (engine second 90000001)\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("peers:        3 (last stream entry applied)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  b                        1795000000001-3\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  mx-2.eu.example          1795000000123-1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\n  {} 0-0\n", "x".repeat(64))),
+        "{text}"
+    );
+
+    // A version 1 file has no cluster section; a version 2 one written with clustering off
+    // has an empty one.
+    let v1 = inspect::inspect(&v1_file(&e, 1), now_unix);
+    assert!(v1.ok() && v1.cluster.is_none());
+    let text = v1.to_string();
+    assert!(text.contains("version:      1\n"), "{text}");
+    assert!(
+        text.contains("cluster:      none (version 1 file)\n"),
+        "{text}"
+    );
+    let store = MemStore::default();
+    let w = Writer::new(store.clone()).unwrap().write(&e).unwrap();
+    let off = inspect::inspect(&store.get(&w.name).unwrap(), now_unix);
+    assert_eq!(off.cluster, Some(ClusterState::default()));
+    let text = off.to_string();
+    assert!(
+        text.contains("published:    nothing known\npeers:        none\n"),
         "{text}"
     );
 

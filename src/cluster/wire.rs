@@ -1,0 +1,890 @@
+//! The batch record format of stream entries, as specified in `docs/CLUSTER_FORMAT.md`.
+//!
+//! A node publishes its changed records in batches: each entry of its stream has one field `r`
+//! whose value is one batch. A batch is a 32-byte header, the triplet records (24 bytes each),
+//! the auto-whitelist records (32 bytes each), and a CRC-32C of every preceding byte; its exact
+//! length follows from the header's counts. The records are laid out exactly as in a snapshot:
+//! they are written and read by [`format::encode_triplet`], [`format::decode_triplet`] and
+//! their AWL twins, so the two formats cannot drift apart.
+//!
+//! [`decode`] checks everything — length, magic, version, counts, checksum and every record —
+//! before it returns, so a reader never merges part of a damaged batch.
+
+use crate::engine::clock::MAX_SECS;
+use crate::engine::{AwlRecord, TripletRecord};
+use crate::snapshot::format::{self, get, put, Field, AWL_LEN, TRIPLET_LEN};
+use std::fmt;
+
+/// First four bytes of every batch.
+pub const MAGIC: [u8; 4] = *b"GHEV";
+/// The format version this code writes and reads.
+pub const VERSION: u16 = 1;
+/// Bytes in the header.
+pub const HEADER_LEN: usize = 32;
+/// Bytes in the trailing checksum.
+pub const CRC_LEN: usize = 4;
+/// Most records (triplets and clients together) in one batch; the publisher splits larger
+/// change sets over several entries, and [`decode`] refuses a batch claiming more.
+///
+/// Why this bound: a batch is then at most 524 324 bytes (512 KiB of AWL records, header and
+/// checksum; 384 KiB when it is all triplets), which Redis stores and serves in one go, far
+/// from its 512 MB `proto-max-bulk-len`; and a reader asking `XREAD COUNT n` knows it holds at
+/// most `n` such batches at once. At 100 k changes/s that is still only about six entries a
+/// second per node.
+pub const MAX_RECORDS: usize = 16_384;
+
+/// The header's fields, in batch order (the "Header" table of `docs/CLUSTER_FORMAT.md`).
+pub mod header {
+    use super::Field;
+
+    /// ASCII `GHEV` ([`super::MAGIC`]).
+    pub const MAGIC: Field = Field { at: 0, size: 4 };
+    /// Format version ([`super::VERSION`]).
+    pub const VERSION: Field = Field { at: 4, size: 2 };
+    /// Header length ([`super::HEADER_LEN`]).
+    pub const LENGTH: Field = Field { at: 6, size: 2 };
+    /// Public hash of the publisher's hash key (as a snapshot header's key id).
+    pub const KEY_ID: Field = Field { at: 8, size: 8 };
+    /// Unix milliseconds when the publisher assembled the batch.
+    pub const CREATED_MS: Field = Field { at: 16, size: 8 };
+    /// Number of triplet records.
+    pub const TRIPLETS: Field = Field { at: 24, size: 4 };
+    /// Number of auto-whitelist records.
+    pub const CLIENTS: Field = Field { at: 28, size: 4 };
+}
+
+const _: () = assert!(header::CLIENTS.end() == HEADER_LEN);
+
+/// What a batch says about itself besides its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// The publisher's hash-key id ([`crate::engine::HashSecret::id`], the value a snapshot
+    /// header stores as its key id). A reader refuses records made under another key: their
+    /// keys would match nothing of its own.
+    pub key_id: u64,
+    /// The publisher's Unix milliseconds when it assembled the batch; a reader subtracts it
+    /// from its own clock to tell its replication lag.
+    pub created_ms: u64,
+}
+
+/// The exact length in bytes of a batch of `triplets` and `clients` records.
+pub const fn encoded_len(triplets: usize, clients: usize) -> usize {
+    HEADER_LEN + triplets * TRIPLET_LEN + clients * AWL_LEN + CRC_LEN
+}
+
+/// Appends one batch of these records to `out` (whatever `out` already holds is kept and not
+/// covered by the checksum).
+///
+/// The caller keeps to [`MAX_RECORDS`] records in all and hands over only live table records
+/// (never the vacant key, times within the engine's clock): a debug build panics otherwise; a
+/// release build writes the batch as given, and every reader refuses it.
+pub fn encode(meta: &Meta, triplets: &[TripletRecord], clients: &[AwlRecord], out: &mut Vec<u8>) {
+    use header as f;
+    debug_assert!(
+        triplets.len() + clients.len() <= MAX_RECORDS,
+        "{} + {} records exceed MAX_RECORDS",
+        triplets.len(),
+        clients.len()
+    );
+    let start = out.len();
+    out.reserve(encoded_len(triplets.len(), clients.len()));
+    let mut h = [0u8; HEADER_LEN];
+    put(&mut h, f::MAGIC, MAGIC);
+    put(&mut h, f::VERSION, VERSION.to_le_bytes());
+    put(&mut h, f::LENGTH, (HEADER_LEN as u16).to_le_bytes());
+    put(&mut h, f::KEY_ID, meta.key_id.to_le_bytes());
+    put(&mut h, f::CREATED_MS, meta.created_ms.to_le_bytes());
+    put(&mut h, f::TRIPLETS, (triplets.len() as u32).to_le_bytes());
+    put(&mut h, f::CLIENTS, (clients.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    for r in triplets {
+        debug_assert!(
+            !r.key.is_vacant() && r.last_seen() <= MAX_SECS,
+            "not a table record: {r:?}"
+        );
+        format::encode_triplet(r, out);
+    }
+    for r in clients {
+        debug_assert!(
+            !r.key.is_vacant() && r.last_seen <= MAX_SECS && r.last_counted <= MAX_SECS,
+            "not a table record: {r:?}"
+        );
+        format::encode_awl(r, out);
+    }
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Which part of a batch a record is in, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A triplet record.
+    Triplet,
+    /// An auto-whitelist record.
+    Client,
+}
+
+impl fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Triplet => "triplet",
+            Self::Client => "AWL",
+        })
+    }
+}
+
+/// Why a batch was refused. Each variant names what is wrong, for one log line; the checks run
+/// in the order of the variants (see `docs/CLUSTER_FORMAT.md`, "Reading").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The first bytes are not [`MAGIC`]: not a batch at all.
+    #[error("not a greyhound batch (bad magic)")]
+    Magic,
+    /// Shorter than a header and a checksum.
+    #[error(
+        "truncated: {len} bytes, shorter than a {}-byte header and its {}-byte checksum",
+        HEADER_LEN,
+        CRC_LEN
+    )]
+    Short {
+        /// Bytes in the batch.
+        len: usize,
+    },
+    /// A version other than [`VERSION`], in a batch whose checksum holds: written by a newer
+    /// (or older) Greyhound, not damaged.
+    #[error(
+        "format version {0}, this greyhound reads version {ours} (a node of another release is publishing)",
+        ours = VERSION
+    )]
+    Version(u16),
+    /// A header length other than [`HEADER_LEN`].
+    #[error("header length {0}, version {v} has {len}", v = VERSION, len = HEADER_LEN)]
+    HeaderLength(u16),
+    /// The header counts more than [`MAX_RECORDS`] records.
+    #[error(
+        "{triplets} triplet and {clients} AWL records, more than the {} a batch may hold",
+        MAX_RECORDS
+    )]
+    TooManyRecords {
+        /// Triplet records counted.
+        triplets: u32,
+        /// AWL records counted.
+        clients: u32,
+    },
+    /// The batch is not as long as the header's counts say.
+    #[error("truncated or padded: {actual} bytes, the header's counts say {expected}")]
+    Length {
+        /// Bytes the counts imply.
+        expected: usize,
+        /// Bytes in the batch.
+        actual: usize,
+    },
+    /// The trailing checksum does not match the bytes.
+    #[error("checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    Checksum {
+        /// The batch's last four bytes.
+        stored: u32,
+        /// Computed over the bytes before them.
+        computed: u32,
+    },
+    /// A record carries the all-zero key, which marks a vacant table slot.
+    #[error("{kind} record {index} has the vacant key")]
+    VacantKey {
+        /// Which records.
+        kind: RecordKind,
+        /// Position among them, from 0.
+        index: usize,
+    },
+    /// A time past the engine's last second (bit 31 set where it is not a flag).
+    #[error(
+        "{kind} record {index}: {field} {value} is past the engine's last second {}",
+        MAX_SECS
+    )]
+    Time {
+        /// Which records.
+        kind: RecordKind,
+        /// Position among them, from 0.
+        index: usize,
+        /// Which time, as the document names it.
+        field: &'static str,
+        /// The value stored.
+        value: u32,
+    },
+    /// An AWL record's reserved field is not zero.
+    #[error("AWL record {index}: reserved field is {value:#010x}, not 0")]
+    Reserved {
+        /// Position among the AWL records, from 0.
+        index: usize,
+        /// The value stored.
+        value: u32,
+    },
+}
+
+/// A verified batch: its meta data and its records, borrowed from the entry's bytes.
+#[derive(Debug, Clone)]
+pub struct Decoded<'a> {
+    /// Key id and creation time.
+    pub meta: Meta,
+    triplets: &'a [u8],
+    clients: &'a [u8],
+}
+
+impl<'a> Decoded<'a> {
+    /// The triplet records, decoded as they are iterated.
+    pub fn triplets(&self) -> impl ExactSizeIterator<Item = TripletRecord> + Clone + 'a {
+        self.triplets
+            .chunks_exact(TRIPLET_LEN)
+            .map(format::decode_triplet)
+    }
+
+    /// The auto-whitelist records, decoded as they are iterated.
+    pub fn clients(&self) -> impl ExactSizeIterator<Item = AwlRecord> + Clone + 'a {
+        self.clients.chunks_exact(AWL_LEN).map(format::decode_awl)
+    }
+}
+
+/// Checks a whole batch, then returns a view of it. The checks, in order: magic, minimum
+/// length, version (a batch of another version is named as such only if its checksum holds —
+/// the one thing every version keeps in place — so damage is never mistaken for a newer
+/// node), header length, counts ≤ [`MAX_RECORDS`], exact length, checksum, and then every
+/// record: no vacant key, no time past [`MAX_SECS`] where bit 31 is not a flag, AWL reserved
+/// field zero. The key id is not checked here: the caller compares it with its own.
+pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, WireError> {
+    use header as f;
+    let present = bytes.len().min(MAGIC.len());
+    if bytes[..present] != MAGIC[..present] {
+        return Err(WireError::Magic);
+    }
+    if bytes.len() < HEADER_LEN + CRC_LEN {
+        return Err(WireError::Short { len: bytes.len() });
+    }
+    let (covered, crc) = bytes.split_at(bytes.len() - CRC_LEN);
+    let checksum = || {
+        let stored = u32::from_le_bytes(crc.try_into().expect("CRC_LEN bytes"));
+        let computed = crc32c::crc32c(covered);
+        if stored == computed {
+            Ok(())
+        } else {
+            Err(WireError::Checksum { stored, computed })
+        }
+    };
+    let h = &bytes[..HEADER_LEN];
+    let version = u16::from_le_bytes(get(h, f::VERSION));
+    if version != VERSION {
+        checksum()?;
+        return Err(WireError::Version(version));
+    }
+    let length = u16::from_le_bytes(get(h, f::LENGTH));
+    if usize::from(length) != HEADER_LEN {
+        return Err(WireError::HeaderLength(length));
+    }
+    let triplets = u32::from_le_bytes(get(h, f::TRIPLETS));
+    let clients = u32::from_le_bytes(get(h, f::CLIENTS));
+    // Summed in u64: two u32 counts cannot overflow it, whatever the bytes say.
+    if u64::from(triplets) + u64::from(clients) > MAX_RECORDS as u64 {
+        return Err(WireError::TooManyRecords { triplets, clients });
+    }
+    let (t, c) = (triplets as usize, clients as usize);
+    let expected = encoded_len(t, c);
+    if bytes.len() != expected {
+        return Err(WireError::Length {
+            expected,
+            actual: bytes.len(),
+        });
+    }
+    checksum()?;
+    let body = &covered[HEADER_LEN..];
+    let (triplets, clients) = body.split_at(t * TRIPLET_LEN);
+    check_records(triplets, clients)?;
+    Ok(Decoded {
+        meta: Meta {
+            key_id: u64::from_le_bytes(get(h, f::KEY_ID)),
+            created_ms: u64::from_le_bytes(get(h, f::CREATED_MS)),
+        },
+        triplets,
+        clients,
+    })
+}
+
+/// The record checks of [`decode`]: what the engine would never hold, refused before any
+/// record is merged.
+fn check_records(triplets: &[u8], clients: &[u8]) -> Result<(), WireError> {
+    let time = |kind, index, field, value: u32| {
+        if value > MAX_SECS {
+            Err(WireError::Time {
+                kind,
+                index,
+                field,
+                value,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    for (index, b) in triplets.chunks_exact(TRIPLET_LEN).enumerate() {
+        let kind = RecordKind::Triplet;
+        let r = format::decode_triplet(b);
+        if r.key.is_vacant() {
+            return Err(WireError::VacantKey { kind, index });
+        }
+        // First seen shares its field with the whitelisted flag (bit 31), so it always fits.
+        time(kind, index, "last seen", r.last_seen())?;
+    }
+    for (index, b) in clients.chunks_exact(AWL_LEN).enumerate() {
+        let kind = RecordKind::Client;
+        let r = format::decode_awl(b);
+        if r.key.is_vacant() {
+            return Err(WireError::VacantKey { kind, index });
+        }
+        time(kind, index, "last seen", r.last_seen)?;
+        time(kind, index, "last counted pass", r.last_counted)?;
+        let reserved = u32::from_le_bytes(get(b, format::awl::RESERVED));
+        if reserved != 0 {
+            return Err(WireError::Reserved {
+                index,
+                value: reserved,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{
+        Engine, EngineConfig, HashSecret, Key, ManualClock, Mode, Normalizer, Policy, Query,
+    };
+    use proptest::prelude::*;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+
+    /// Recomputes a batch's trailing checksum after a test changed its bytes on purpose, so
+    /// that the check under test is the one that fires.
+    fn seal(batch: &mut [u8]) {
+        let at = batch.len() - CRC_LEN;
+        let crc = crc32c::crc32c(&batch[..at]);
+        batch[at..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    fn encoded(meta: &Meta, t: &[TripletRecord], c: &[AwlRecord]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(meta, t, c, &mut out);
+        out
+    }
+
+    fn decoded(bytes: &[u8]) -> (Meta, Vec<TripletRecord>, Vec<AwlRecord>) {
+        let d = decode(bytes).expect("a valid batch");
+        (d.meta, d.triplets().collect(), d.clients().collect())
+    }
+
+    const META: Meta = Meta {
+        key_id: 0x5eed_0000_0000_0042,
+        created_ms: 1_795_424_602_123,
+    };
+
+    /// A batch of what an engine really holds: greylisted and whitelisted triplets, counted
+    /// and auto-whitelisted clients.
+    fn real_batch() -> (Vec<TripletRecord>, Vec<AwlRecord>, Vec<u8>) {
+        let clock = Arc::new(ManualClock::new(90_000_000));
+        let policy = Policy {
+            delay: 10,
+            retry_window: 100,
+            whitelist_ttl: 200,
+            awl_clients: 2,
+            awl_interval: 5,
+            awl_ttl: 300,
+            dry_run: false,
+        };
+        let e = Engine::new(
+            EngineConfig {
+                policy,
+                normalizer: Normalizer::default(),
+                secret: HashSecret(*b"wire-test-secret"),
+            },
+            clock.clone(),
+        );
+        let check = |i: u32, to: &str| {
+            let client = IpAddr::V4(Ipv4Addr::new(198, 51, (i % 7) as u8, 9));
+            e.check(
+                &Query::new(client, "s@sender.example", &format!("{to}{i}@rcpt.example")),
+                Mode::Record,
+            );
+        };
+        for i in 0..30 {
+            check(i, "r");
+            check(i, "other");
+        }
+        clock.advance(11);
+        for i in (0..30).step_by(2) {
+            check(i, "r"); // passes: whitelisted, one counted pass for the client
+        }
+        clock.advance(6);
+        for i in (0..30).step_by(3) {
+            check(i, "other"); // a second counted pass: the client is auto-whitelisted
+            check(i, "new"); // greylisted
+        }
+        let mut t = Vec::new();
+        e.for_each_triplet_shard(|it| t.extend(it.copied()));
+        let mut c = Vec::new();
+        e.for_each_client_shard(|it| c.extend(it.copied()));
+        assert!(t.iter().any(|r| r.is_whitelisted()) && t.iter().any(|r| !r.is_whitelisted()));
+        assert!(c.iter().any(|r| r.count >= 2));
+        let bytes = encoded(&META, &t, &c);
+        (t, c, bytes)
+    }
+
+    #[test]
+    fn a_real_batch_round_trips() {
+        let (t, c, bytes) = real_batch();
+        assert_eq!(bytes.len(), encoded_len(t.len(), c.len()));
+        assert_eq!(decoded(&bytes), (META, t, c));
+    }
+
+    #[test]
+    fn an_empty_batch_is_a_header_and_a_checksum() {
+        let bytes = encoded(&META, &[], &[]);
+        assert_eq!(bytes.len(), HEADER_LEN + CRC_LEN);
+        assert_eq!(decoded(&bytes), (META, vec![], vec![]));
+    }
+
+    #[test]
+    fn encode_appends_and_checksums_only_its_own_bytes() {
+        let (t, c, alone) = real_batch();
+        let mut out = b"earlier".to_vec();
+        encode(&META, &t, &c, &mut out);
+        assert_eq!(&out[..7], b"earlier");
+        assert_eq!(&out[7..], alone);
+    }
+
+    fn key() -> impl Strategy<Value = Key> {
+        (any::<u64>(), any::<u64>())
+            .prop_filter("not vacant", |&(lo, hi)| lo != 0 || hi != 0)
+            .prop_map(|(lo, hi)| Key { lo, hi })
+    }
+
+    fn triplet() -> impl Strategy<Value = TripletRecord> {
+        (key(), 0..=MAX_SECS, 0..=MAX_SECS, any::<bool>())
+            .prop_map(|(k, first, last, w)| TripletRecord::from_parts(k, first, last, w))
+    }
+
+    fn client() -> impl Strategy<Value = AwlRecord> {
+        (key(), 0..=MAX_SECS, 0..=MAX_SECS, any::<u32>())
+            .prop_map(|(k, seen, counted, n)| AwlRecord::from_parts(k, seen, counted, n))
+    }
+
+    proptest! {
+        #[test]
+        fn any_batch_round_trips(
+            key_id in any::<u64>(),
+            created_ms in any::<u64>(),
+            t in prop::collection::vec(triplet(), 0..40),
+            c in prop::collection::vec(client(), 0..40),
+        ) {
+            let meta = Meta { key_id, created_ms };
+            let bytes = encoded(&meta, &t, &c);
+            prop_assert_eq!(bytes.len(), encoded_len(t.len(), c.len()));
+            let d = decode(&bytes).expect("valid");
+            prop_assert_eq!(d.triplets().len(), t.len());
+            prop_assert_eq!(d.clients().len(), c.len());
+            prop_assert_eq!(decoded(&bytes), (meta, t, c));
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        let (_, _, good) = real_batch();
+        for at in 0..good.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[at] ^= flip;
+                assert!(
+                    decode(&bad).is_err(),
+                    "flip {flip:#04x} at byte {at} not detected"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_padding_is_refused() {
+        let (_, _, good) = real_batch();
+        for len in 0..good.len() {
+            assert!(
+                decode(&good[..len]).is_err(),
+                "truncation to {len} not detected"
+            );
+        }
+        for extra in [1, 4, AWL_LEN] {
+            let mut longer = good.clone();
+            longer.resize(good.len() + extra, 0);
+            assert_eq!(
+                decode(&longer).unwrap_err(),
+                WireError::Length {
+                    expected: good.len(),
+                    actual: good.len() + extra
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn damage_is_named_precisely() {
+        let (_, _, good) = real_batch();
+        assert_eq!(decode(b"").unwrap_err(), WireError::Short { len: 0 });
+        assert_eq!(decode(b"GH").unwrap_err(), WireError::Short { len: 2 });
+        assert_eq!(decode(b"GX").unwrap_err(), WireError::Magic);
+        assert_eq!(
+            decode(&good[..HEADER_LEN]).unwrap_err(),
+            WireError::Short { len: HEADER_LEN }
+        );
+        let mut magic = good.clone();
+        magic[3] = b'S';
+        assert_eq!(decode(&magic).unwrap_err(), WireError::Magic);
+        assert!(matches!(
+            decode(&good[..good.len() - 1]),
+            Err(WireError::Length { .. })
+        ));
+        let mut body = good.clone();
+        body[HEADER_LEN + 3] ^= 4;
+        assert!(matches!(decode(&body), Err(WireError::Checksum { .. })));
+        let mut header_len = good.clone();
+        header_len[header::LENGTH.at] = 40;
+        seal(&mut header_len);
+        assert_eq!(
+            decode(&header_len).unwrap_err(),
+            WireError::HeaderLength(40)
+        );
+    }
+
+    #[test]
+    fn another_version_is_named_only_when_its_checksum_holds() {
+        let (_, _, good) = real_batch();
+        let mut newer = good.clone();
+        newer[header::VERSION.range()].copy_from_slice(&2u16.to_le_bytes());
+        seal(&mut newer);
+        assert_eq!(decode(&newer).unwrap_err(), WireError::Version(2));
+        // Another version may lay out everything after the version differently: a longer
+        // header, other counts. Only the magic, the version and the trailing checksum count.
+        let mut longer = newer.clone();
+        longer.splice(HEADER_LEN..HEADER_LEN, [0xab; 17]);
+        seal(&mut longer);
+        assert_eq!(decode(&longer).unwrap_err(), WireError::Version(2));
+        assert!(decode(&longer)
+            .unwrap_err()
+            .to_string()
+            .contains("version 2"));
+        // A version field damaged in place is damage, not a newer node.
+        let mut damaged = good.clone();
+        damaged[header::VERSION.at] = 2;
+        assert!(matches!(decode(&damaged), Err(WireError::Checksum { .. })));
+    }
+
+    #[test]
+    fn counts_are_bounded_by_max_records() {
+        let k = |i: usize| Key::from_u128(i as u128 + 1);
+        let t: Vec<TripletRecord> = (0..MAX_RECORDS - 10)
+            .map(|i| TripletRecord::from_parts(k(i), 5, 6, i % 2 == 0))
+            .collect();
+        let c: Vec<AwlRecord> = (0..10)
+            .map(|i| AwlRecord::from_parts(k(i), 7, 8, 9))
+            .collect();
+        let full = encoded(&META, &t, &c);
+        assert_eq!(decode(&full).unwrap().triplets().len(), MAX_RECORDS - 10);
+        // One record more, with a consistent length and checksum: refused by its count.
+        let mut over = full.clone();
+        over.truncate(over.len() - CRC_LEN);
+        over[header::CLIENTS.range()].copy_from_slice(&11u32.to_le_bytes());
+        format::encode_awl(&c[0], &mut over);
+        over.extend_from_slice(&[0; CRC_LEN]);
+        seal(&mut over);
+        assert_eq!(
+            decode(&over).unwrap_err(),
+            WireError::TooManyRecords {
+                triplets: (MAX_RECORDS - 10) as u32,
+                clients: 11
+            }
+        );
+        // Counts whose sum overflows 32 bits are refused the same way.
+        let mut huge = encoded(&META, &[], &[]);
+        huge[header::TRIPLETS.range()].fill(0xff);
+        huge[header::CLIENTS.range()].fill(0xff);
+        seal(&mut huge);
+        assert!(matches!(
+            decode(&huge),
+            Err(WireError::TooManyRecords { .. })
+        ));
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "exceed MAX_RECORDS")]
+    fn encoding_too_many_records_panics_in_debug_builds() {
+        let t = vec![TripletRecord::from_parts(Key { lo: 1, hi: 1 }, 1, 1, false); MAX_RECORDS + 1];
+        encoded(&META, &t, &[]);
+    }
+
+    #[test]
+    fn records_the_engine_would_never_hold_are_refused() {
+        let (t, c, good) = real_batch();
+        let t_at = |i: usize| HEADER_LEN + i * TRIPLET_LEN;
+        let c_at = |i: usize| HEADER_LEN + t.len() * TRIPLET_LEN + i * AWL_LEN;
+        let refused = |change: &dyn Fn(&mut [u8])| {
+            let mut bad = good.clone();
+            change(&mut bad);
+            seal(&mut bad);
+            decode(&bad).unwrap_err()
+        };
+        let tk = format::triplet::KEY_LO.at..format::triplet::KEY_HI.end();
+        assert_eq!(
+            refused(&|b| b[t_at(3) + tk.start..t_at(3) + tk.end].fill(0)),
+            WireError::VacantKey {
+                kind: RecordKind::Triplet,
+                index: 3
+            }
+        );
+        let ck = format::awl::KEY_LO.at..format::awl::KEY_HI.end();
+        assert_eq!(
+            refused(&|b| b[c_at(1) + ck.start..c_at(1) + ck.end].fill(0)),
+            WireError::VacantKey {
+                kind: RecordKind::Client,
+                index: 1
+            }
+        );
+        // Bit 31 of a time: the top bit of the field's last byte.
+        let top = |f: Field| f.end() - 1;
+        let last = t[2].last_seen();
+        assert_eq!(
+            refused(&|b| b[t_at(2) + top(format::triplet::LAST_SEEN)] |= 0x80),
+            WireError::Time {
+                kind: RecordKind::Triplet,
+                index: 2,
+                field: "last seen",
+                value: last | 1 << 31
+            }
+        );
+        assert!(matches!(
+            refused(&|b| b[c_at(0) + top(format::awl::LAST_SEEN)] |= 0x80),
+            WireError::Time {
+                kind: RecordKind::Client,
+                index: 0,
+                field: "last seen",
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused(&|b| b[c_at(0) + top(format::awl::LAST_COUNTED)] |= 0x80),
+            WireError::Time {
+                kind: RecordKind::Client,
+                index: 0,
+                field: "last counted pass",
+                ..
+            }
+        ));
+        assert_eq!(
+            refused(&|b| b[c_at(1) + format::awl::RESERVED.at] = 7),
+            WireError::Reserved { index: 1, value: 7 }
+        );
+        // …while bit 31 of first seen is the whitelisted flag, and both values are fine.
+        let flag = t_at(0) + top(format::triplet::FIRST_SEEN);
+        let mut flipped = good.clone();
+        flipped[flag] ^= 0x80;
+        seal(&mut flipped);
+        let (_, t2, c2) = decoded(&flipped);
+        assert_eq!(t2[0].is_whitelisted(), !t[0].is_whitelisted());
+        assert_eq!(
+            (t2[0].first_seen(), &t2[1..], c2),
+            (t[0].first_seen(), &t[1..], c)
+        );
+        assert_eq!(Key::VACANT, Key { lo: 0, hi: 0 });
+    }
+
+    #[test]
+    fn errors_read_as_one_log_line() {
+        let e = WireError::Time {
+            kind: RecordKind::Client,
+            index: 4,
+            field: "last counted pass",
+            value: 1 << 31,
+        };
+        assert_eq!(
+            e.to_string(),
+            "AWL record 4: last counted pass 2147483648 is past the engine's last second 2147483647"
+        );
+        assert_eq!(
+            WireError::Version(2).to_string(),
+            "format version 2, this greyhound reads version 1 (a node of another release is publishing)"
+        );
+        assert_eq!(
+            WireError::Short { len: 3 }.to_string(),
+            "truncated: 3 bytes, shorter than a 32-byte header and its 4-byte checksum"
+        );
+    }
+
+    /// CRC-32C bit by bit (reflected polynomial 0x82F63B78), independent of the `crc32c`
+    /// crate, to show the trailer is the checksum the document names.
+    fn crc32c_reference(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn crc_reference_matches_the_published_check_value() {
+        assert_eq!(crc32c_reference(b"123456789"), 0xE306_9283);
+    }
+
+    /// A batch of one triplet and one client, written out by hand from the document's tables
+    /// (little-endian); every value byte equals its own offset in the batch, so a field
+    /// written at the wrong offset or with the wrong width cannot go unnoticed.
+    #[rustfmt::skip]
+    const GOLDEN: [u8; encoded_len(1, 1)] = [
+        b'G', b'H', b'E', b'V',                         //  0 magic
+        0x01, 0x00,                                     //  4 version 1
+        0x20, 0x00,                                     //  6 header length 32
+        0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, //  8 key id
+        0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, // 16 created ms
+        0x01, 0x00, 0x00, 0x00,                         // 24 triplets 1
+        0x01, 0x00, 0x00, 0x00,                         // 28 clients 1
+        // triplet record 0
+        0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x27, // 32 key, low 64 bits
+        0x28, 0x29, 0x2a, 0x2b, 0x2c, 0x2d, 0x2e, 0x2f, // 40 key, high 64 bits
+        0x30, 0x31, 0x32, 0xb3,                         // 48 first seen | whitelisted (bit 31)
+        0x34, 0x35, 0x36, 0x37,                         // 52 last seen
+        // AWL record 0
+        0x38, 0x39, 0x3a, 0x3b, 0x3c, 0x3d, 0x3e, 0x3f, // 56 key, low 64 bits
+        0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47, // 64 key, high 64 bits
+        0x48, 0x49, 0x4a, 0x4b,                         // 72 last seen
+        0x4c, 0x4d, 0x4e, 0x4f,                         // 76 last counted pass
+        0x50, 0x51, 0x52, 0x53,                         // 80 passes counted
+        0x00, 0x00, 0x00, 0x00,                         // 84 reserved
+        CRC[0], CRC[1], CRC[2], CRC[3],                 // 88 CRC-32C of bytes 0..88
+    ];
+    /// The one value not worked out by hand; checked against [`crc32c_reference`] below.
+    const CRC: [u8; 4] = [0xdb, 0xf8, 0x96, 0xab];
+
+    #[test]
+    fn a_small_batch_encodes_to_the_bytes_written_by_hand() {
+        let meta = Meta {
+            key_id: 0x0f0e_0d0c_0b0a_0908,
+            created_ms: 0x1716_1514_1312_1110,
+        };
+        let t = TripletRecord::from_parts(
+            Key {
+                lo: 0x2726_2524_2322_2120,
+                hi: 0x2f2e_2d2c_2b2a_2928,
+            },
+            0x3332_3130,
+            0x3736_3534,
+            true,
+        );
+        let c = AwlRecord::from_parts(
+            Key {
+                lo: 0x3f3e_3d3c_3b3a_3938,
+                hi: 0x4746_4544_4342_4140,
+            },
+            0x4b4a_4948,
+            0x4f4e_4d4c,
+            0x5352_5150,
+        );
+        assert_eq!(
+            u32::from_le_bytes(CRC),
+            crc32c_reference(&GOLDEN[..GOLDEN.len() - CRC_LEN])
+        );
+        assert_eq!(encoded(&meta, &[t], &[c]), GOLDEN);
+        assert_eq!(decoded(&GOLDEN), (meta, vec![t], vec![c]));
+    }
+
+    /// Every field constant, by the name the document's tables give it.
+    const FIELDS: [(&str, Field); 17] = [
+        ("header::MAGIC", header::MAGIC),
+        ("header::VERSION", header::VERSION),
+        ("header::LENGTH", header::LENGTH),
+        ("header::KEY_ID", header::KEY_ID),
+        ("header::CREATED_MS", header::CREATED_MS),
+        ("header::TRIPLETS", header::TRIPLETS),
+        ("header::CLIENTS", header::CLIENTS),
+        ("triplet::KEY_LO", format::triplet::KEY_LO),
+        ("triplet::KEY_HI", format::triplet::KEY_HI),
+        ("triplet::FIRST_SEEN", format::triplet::FIRST_SEEN),
+        ("triplet::LAST_SEEN", format::triplet::LAST_SEEN),
+        ("awl::KEY_LO", format::awl::KEY_LO),
+        ("awl::KEY_HI", format::awl::KEY_HI),
+        ("awl::LAST_SEEN", format::awl::LAST_SEEN),
+        ("awl::LAST_COUNTED", format::awl::LAST_COUNTED),
+        ("awl::PASSES", format::awl::PASSES),
+        ("awl::RESERVED", format::awl::RESERVED),
+    ];
+
+    #[test]
+    fn header_fields_tile_the_header() {
+        let mut end = 0;
+        for (name, f) in FIELDS.iter().filter(|(n, _)| n.starts_with("header::")) {
+            assert_eq!(
+                f.at, end,
+                "{name} should start where the previous field ends"
+            );
+            assert!(f.size > 0, "{name} is empty");
+            end = f.end();
+        }
+        assert_eq!(end, HEADER_LEN);
+    }
+
+    /// The document's layout tables name each field's constant (column "name in code"); every
+    /// named row's offset and size must be the constant's, and every constant must have its
+    /// row, so the document and the code cannot drift apart.
+    #[test]
+    fn document_tables_match_the_constants() {
+        let doc = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/CLUSTER_FORMAT.md"
+        ));
+        let mut rows = Vec::new();
+        for line in doc.lines().filter(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // ["", offset, size, `name`, field, ...]
+            let Some(name) = cells
+                .get(3)
+                .and_then(|c| c.strip_prefix('`'))
+                .and_then(|c| c.strip_suffix('`'))
+                .filter(|c| c.contains("::"))
+            else {
+                continue;
+            };
+            let at: usize = cells[1]
+                .parse()
+                .unwrap_or_else(|_| panic!("offset of {name}"));
+            let size: usize = cells[2]
+                .parse()
+                .unwrap_or_else(|_| panic!("size of {name}"));
+            rows.push((name, Field { at, size }));
+        }
+        assert_eq!(
+            rows,
+            FIELDS.to_vec(),
+            "docs/CLUSTER_FORMAT.md tables vs the code"
+        );
+        for text in [
+            format!("### Header ({HEADER_LEN} bytes)"),
+            format!("### Triplet record ({TRIPLET_LEN} bytes)"),
+            format!("### AWL record ({AWL_LEN} bytes)"),
+            format!("### Checksum ({CRC_LEN} bytes)"),
+            format!("`{HEADER_LEN} + {TRIPLET_LEN} × triplets + {AWL_LEN} × clients + {CRC_LEN}`"),
+            format!("ASCII `{}`", std::str::from_utf8(&MAGIC).unwrap()),
+            format!("| `{VERSION}` |"),
+            format!("| `{HEADER_LEN}` |"),
+            format!("at most {MAX_RECORDS} records"),
+        ] {
+            assert!(doc.contains(&text), "the document should say {text}");
+        }
+    }
+}
