@@ -312,24 +312,26 @@ impl Engine {
     /// may have changed since then, also records merged from peers. For a republish: after a
     /// restart (changes made before the crash may not have left) or when Redis lost its data.
     pub fn changed_since(&self, since: Secs, now: Secs, out: &mut Changes) {
-        let p = &self.policy;
-        let mut scratch = Vec::new();
-        for shard in self.triplets.iter() {
-            scratch.clear();
-            scratch.extend(lock(shard).table.iter().copied());
-            out.triplets.extend(
-                scratch
-                    .iter()
-                    .filter(|r| changed_since(*r, since) && r.alive_until(p) >= u64::from(now)),
-            );
+        let (t, c) = self.shard_counts();
+        for shard in 0..t + c {
+            self.changed_since_shard(shard, since, now, out);
         }
-        for shard in self.clients.iter() {
-            let sh = lock(shard);
-            out.clients.extend(
-                sh.table
-                    .iter()
-                    .filter(|r| changed_since(*r, since) && r.alive_until(p) >= u64::from(now)),
-            );
+    }
+
+    /// [`Engine::changed_since`] for one shard: triplet shards are numbered first, then the
+    /// auto-whitelist shards (see [`Engine::shard_counts`]); a larger number does nothing.
+    /// One shard's lock is held for one pass over its records.
+    pub fn changed_since_shard(&self, shard: usize, since: Secs, now: Secs, out: &mut Changes) {
+        fn live<R: Expiring>(r: &R, since: Secs, now: Secs, p: &Policy) -> bool {
+            changed_since(r, since) && r.alive_until_at(p) >= u64::from(now)
+        }
+        let p = &self.policy;
+        if let Some(sh) = self.triplets.get(shard) {
+            let sh = lock(sh);
+            out.triplets.extend(sh.table.iter().filter(|r| live(*r, since, now, p)));
+        } else if let Some(sh) = self.clients.get(shard - self.triplets.len()) {
+            let sh = lock(sh);
+            out.clients.extend(sh.table.iter().filter(|r| live(*r, since, now, p)));
         }
     }
 

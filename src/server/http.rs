@@ -1,5 +1,6 @@
-//! The metrics endpoint: `GET /metrics` answers the OpenMetrics text, anything else 404. One
-//! request per connection, five seconds at most.
+//! The metrics listener: `GET /metrics` answers the OpenMetrics text, `GET /status` a JSON
+//! summary (table counts and digest, the cluster as seen from this node), anything else 404.
+//! One request per connection, five seconds at most.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,18 +36,27 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Can
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-                let (status, ctype, body) = if is_scrape(&buf) {
-                    (
+                let (status, ctype, body) = match route(&buf) {
+                    Route::Metrics => (
                         "200 OK",
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         shared.metrics.render(&shared.engine),
-                    )
-                } else {
-                    (
+                    ),
+                    Route::Status => {
+                        // The digest walks the whole table: off the runtime's workers.
+                        let s = shared.clone();
+                        let json = tokio::task::spawn_blocking(move || {
+                            serde_json::to_string_pretty(&s.status()).unwrap_or_default() + "\n"
+                        })
+                        .await
+                        .unwrap_or_default();
+                        ("200 OK", "application/json", json)
+                    }
+                    Route::NotFound => (
                         "404 Not Found",
                         "text/plain; charset=utf-8",
-                        "not found: try GET /metrics\n".to_string(),
-                    )
+                        "not found: try GET /metrics or GET /status\n".to_string(),
+                    ),
                 };
                 let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
                 let _ = stream.write_all(head.as_bytes()).await;
@@ -59,19 +69,45 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Can
 }
 
 /// Whether a request head asks for `GET /metrics` (with or without a query string).
-fn is_scrape(head: &[u8]) -> bool {
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    Status,
+    NotFound,
+}
+
+fn route(head: &[u8]) -> Route {
     let line = head
         .split(|&b| b == b'\r' || b == b'\n')
         .next()
         .unwrap_or(&[]);
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next().unwrap_or(&[]), parts.next().unwrap_or(&[]));
-    method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?"))
+    let path = path.split(|&b| b == b'?').next().unwrap_or(&[]);
+    match (method, path) {
+        (b"GET", b"/metrics") => Route::Metrics,
+        (b"GET", b"/status") => Route::Status,
+        _ => Route::NotFound,
+    }
 }
+
+
 
 #[cfg(test)]
 mod tests {
-    use super::is_scrape;
+    use super::{route, Route};
+
+    fn is_scrape(head: &[u8]) -> bool {
+        route(head) == Route::Metrics
+    }
+
+    #[test]
+    fn only_get_status_is_a_status_request() {
+        assert_eq!(route(b"GET /status HTTP/1.1\r\n\r\n"), Route::Status);
+        assert_eq!(route(b"GET /status?x HTTP/1.1\r\n\r\n"), Route::Status);
+        assert_eq!(route(b"GET /statusx HTTP/1.1\r\n\r\n"), Route::NotFound);
+        assert_eq!(route(b"PUT /status HTTP/1.1\r\n\r\n"), Route::NotFound);
+    }
 
     #[test]
     fn only_get_metrics_is_a_scrape() {

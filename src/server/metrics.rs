@@ -577,6 +577,12 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition, with table gauges read from the engine now.
+    /// Adds a collector of more series (the cluster's), rendered after the others.
+    pub fn register_collector(&mut self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry.register_collector(collector);
+    }
+
+    /// Renders every metric in the OpenMetrics text format.
     pub fn render(&self, engine: &Engine) -> String {
         let s = engine.stats();
         self.counts.triplets[0].set((s.triplets - s.whitelisted) as i64);

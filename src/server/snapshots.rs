@@ -72,7 +72,13 @@ pub fn write_one(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let m = &shared.metrics.snapshots;
-    match writer.write(&shared.engine) {
+    // Read before the table walk (see `Cluster::positions`).
+    let positions = shared
+        .cluster
+        .as_ref()
+        .map(|c| c.positions())
+        .unwrap_or_default();
+    match writer.write_with(&shared.engine, &positions) {
         Ok(w) => {
             m.written.inc();
             m.last_time.set(started as i64);
