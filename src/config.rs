@@ -15,11 +15,13 @@
 //!
 //! The compiler walks you through it, because each step destructures in full:
 //! 1. a field in [`Config`] (or in [`Limits`], or in `engine::Policy` if the engine decides with
-//!    it) and its value in `Default`;
+//!    it), its value in `Default`, and its line in `Config`'s `Debug` (written out, so that it
+//!    can hide the Redis password);
 //! 2. a field in [`Overrides`] (or [`LimitOverrides`]): `Option<T>` with `#[arg(long, ...)]` and a
 //!    doc comment, which is the `--help` text. `T` is the type as written: a number, `bool`,
 //!    `String` for what [`Overrides`] parses itself (addresses), [`DurationValue`] for a duration,
-//!    `Vec<_>` for a repeatable flag. The TOML key and the flag follow from the field's name;
+//!    `Vec<_>` for a repeatable flag, a type of its own whose `Debug` hides a secret
+//!    ([`RedisUrlValue`]). The TOML key and the flag follow from the field's name;
 //! 3. one line in `Overrides::apply`, which names the key and how its text is parsed;
 //! 4. its check, if it has a range, in [`Config::validate`] (or `Limits::validate`,
 //!    `Policy::validate`), which also lists it;
@@ -57,6 +59,7 @@ use serde::Deserialize;
 pub use crate::engine::policy::format_duration;
 use crate::engine::policy::{check_duration, InvalidPolicy};
 use crate::engine::{Normalizer, Policy};
+use crate::snapshot::valid_node_id;
 
 /// The longest accepted duration: 10 years of 366 days. It matches the engine's limit, so that a
 /// configuration accepted here is never refused later by the engine's own validation.
@@ -78,6 +81,18 @@ pub const MAX_GREYLIST_TEXT: usize = 512;
 
 /// The hint appended to every malformed duration, listing the accepted forms.
 const DURATION_HINT: &str = "(use 300, 300s, 5m, 2h, 2d, 1w)";
+
+/// The shortest accepted `cluster-retention`: a peer that stalls or restarts for longer than the
+/// retention loses records (counted as gaps), and a restart alone takes seconds.
+pub const MIN_CLUSTER_RETENTION_SECS: u32 = 60;
+
+/// The longest accepted `cluster-retention`: a stream holds every change made in it, so Redis
+/// memory grows with the retention, and a node down for longer is better rebuilt from a snapshot.
+pub const MAX_CLUSTER_RETENTION_SECS: u32 = 30 * 86_400;
+
+/// The hint appended to every refused `cluster-redis`, listing the accepted forms (DESIGN §9).
+const REDIS_URL_HINT: &str = "(use redis://[user:password@]host:port[/db], rediss://... for TLS, \
+     or unix:///path/to/redis.sock; empty: no cluster)";
 
 /// Where the Postfix policy service listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,8 +175,9 @@ impl Default for Limits {
     }
 }
 
-/// The effective configuration of `greyhound serve`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The effective configuration of `greyhound serve`. Its `Debug` output hides the password of
+/// `cluster_redis`, so it may be logged.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Config {
     /// Native protocol listener, TCP and UDP on the same address (`native`).
     pub native: SocketAddr,
@@ -198,8 +214,73 @@ pub struct Config {
     pub log_level: String,
     /// Threads serving TCP and Unix connections (`workers`); 0: half the cores, at least one.
     pub workers: usize,
+    /// Redis URL of the cluster (`cluster-redis`): `redis://`, `rediss://` (TLS) or `unix://`;
+    /// `None` (or an empty value given) means clustering is off. Checked, never resolved here.
+    pub cluster_redis: Option<String>,
+    /// Name of this node in the cluster (`node-id`); empty means the host name.
+    pub node_id: String,
+    /// Name of the cluster, the prefix of every Redis key (`cluster-name`).
+    pub cluster_name: String,
+    /// Seconds a node's stream keeps its records (`cluster-retention`).
+    pub cluster_retention_secs: u32,
     /// Resource limits (`[limits]`).
     pub limits: Limits,
+}
+
+impl fmt::Debug for Config {
+    /// As derived, except that a password in `cluster_redis` is written `***` (see
+    /// [`redact_url`]), so that logging the configuration does not log the Redis password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured in full so that a new setting cannot be left out of the output.
+        let Config {
+            native,
+            policy_addr,
+            metrics,
+            data_dir,
+            snapshot_interval_secs,
+            policy,
+            ipv4_prefix,
+            ipv6_prefix,
+            allow,
+            greylist_text,
+            x_greylist_header,
+            hostname,
+            whitelist_clients,
+            whitelist_senders,
+            whitelist_recipients,
+            log_level,
+            workers,
+            cluster_redis,
+            node_id,
+            cluster_name,
+            cluster_retention_secs,
+            limits,
+        } = self;
+        f.debug_struct("Config")
+            .field("native", native)
+            .field("policy_addr", policy_addr)
+            .field("metrics", metrics)
+            .field("data_dir", data_dir)
+            .field("snapshot_interval_secs", snapshot_interval_secs)
+            .field("policy", policy)
+            .field("ipv4_prefix", ipv4_prefix)
+            .field("ipv6_prefix", ipv6_prefix)
+            .field("allow", allow)
+            .field("greylist_text", greylist_text)
+            .field("x_greylist_header", x_greylist_header)
+            .field("hostname", hostname)
+            .field("whitelist_clients", whitelist_clients)
+            .field("whitelist_senders", whitelist_senders)
+            .field("whitelist_recipients", whitelist_recipients)
+            .field("log_level", log_level)
+            .field("workers", workers)
+            .field("cluster_redis", &cluster_redis.as_deref().map(redact_url))
+            .field("node_id", node_id)
+            .field("cluster_name", cluster_name)
+            .field("cluster_retention_secs", cluster_retention_secs)
+            .field("limits", limits)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -229,6 +310,10 @@ impl Default for Config {
             whitelist_recipients: Vec::new(),
             log_level: "info".to_owned(),
             workers: 0,
+            cluster_redis: None,
+            node_id: String::new(),
+            cluster_name: "greyhound".to_owned(),
+            cluster_retention_secs: 3600,
             limits: Limits::default(),
         }
     }
@@ -382,6 +467,70 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     ))
 }
 
+/// Parses `cluster-redis`: empty means no cluster (`None`); otherwise the URL must be one of the
+/// forms of DESIGN §9, checked by its syntax only (nothing is resolved or connected to here). The
+/// error quotes the value with its password hidden.
+pub fn parse_cluster_redis(s: &str) -> Result<Option<String>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    check_redis_url(s)?;
+    Ok(Some(s.to_owned()))
+}
+
+/// Checks a Redis URL: `redis://[user:password@]host[:port][/db]`, `rediss://` (the same over
+/// TLS) or `unix:///absolute/path[?db=N]`. What follows the host is left to the Redis client.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{shown:?} must not contain spaces or control characters"
+        ));
+    }
+    if let Some(rest) = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+    {
+        // The host follows the user information (which may itself hold '/' or '?' when a
+        // password is not percent-encoded, hence the last '@').
+        let after_user = rest.rfind('@').map_or(rest, |at| &rest[at + 1..]);
+        let host_end = after_user.find(['/', '?', '#']).unwrap_or(after_user.len());
+        let host = &after_user[..host_end];
+        if host.is_empty() || host.starts_with(':') {
+            return Err(format!("{shown:?} names no host {REDIS_URL_HINT}"));
+        }
+        return Ok(());
+    }
+    if let Some(rest) = url.strip_prefix("unix://") {
+        let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+        if !path.starts_with('/') {
+            return Err(format!(
+                "{shown:?} must name an absolute socket path, as in unix:///run/redis/redis.sock"
+            ));
+        }
+        return check_unix_path(Path::new(path)).map_err(|problem| format!("{shown:?} {problem}"));
+    }
+    Err(format!("{shown:?} is not a Redis URL {REDIS_URL_HINT}"))
+}
+
+/// Hides the password of a URL's user information for logs and messages:
+/// `redis://user:secret@h:1/0` gives `redis://user:***@h:1/0`, `redis://:secret@h` gives
+/// `redis://:***@h`; a URL without a password is returned as it is. The user information is taken
+/// to end at the last `@`, so a password holding `/`, `?` or `@` unencoded is hidden whole; an `@`
+/// later in the URL (rare in a Redis URL) hides more than needed rather than leaking anything.
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return url.to_owned();
+    };
+    let password_start = start + colon + 1;
+    format!("{}***{}", &url[..password_start], &url[start + at..])
+}
+
 /// Checks what makes a Unix socket path unusable, so it fails at start rather than at bind.
 fn check_unix_path(path: &Path) -> Result<(), String> {
     let len = path.as_os_str().len();
@@ -449,6 +598,35 @@ impl<'de> Deserialize<'de> for DurationValue {
             }
         }
         deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A `cluster-redis` URL as given, before it is checked. A type of its own so that the `Debug`
+/// output of [`Overrides`] hides the password, as that of [`Config`] does.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrlValue(String);
+
+impl RedisUrlValue {
+    /// The URL as written, password included.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for RedisUrlValue {
+    /// Takes a flag's text as it is (clap's value parser for this type).
+    fn from(text: String) -> Self {
+        RedisUrlValue(text)
+    }
+}
+
+impl fmt::Debug for RedisUrlValue {
+    /// The URL with its password written `***` (see [`redact_url`]).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RedisUrlValue")
+            .field(&redact_url(&self.0))
+            .finish()
     }
 }
 
@@ -570,6 +748,24 @@ pub struct Overrides {
     /// 0 means half the cores, at least one [default: 0].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+
+    /// Redis URL that turns clustering on: redis://[user:password@]host:port[/db], rediss://...
+    /// for TLS, or unix:///path; off when not given or empty.
+    // The brackets mark optional parts of the URL, as written in --help, not links to make.
+    #[allow(rustdoc::broken_intra_doc_links)]
+    #[arg(long, value_name = "URL", help_heading = "Cluster")]
+    pub cluster_redis: Option<RedisUrlValue>,
+    /// Name of this node in the cluster: 1 to 64 of A-Z a-z 0-9 _ . -
+    /// [default: the OS's host name].
+    #[arg(long, value_name = "NAME", help_heading = "Cluster")]
+    pub node_id: Option<String>,
+    /// Name of the cluster, the prefix of every Redis key: 1 to 64 of A-Z a-z 0-9 _ . -
+    /// [default: greyhound].
+    #[arg(long, value_name = "NAME", help_heading = "Cluster")]
+    pub cluster_name: Option<String>,
+    /// Time a node's stream keeps its records, 1m to 30d [default: 1h].
+    #[arg(long, value_name = "DURATION", help_heading = "Cluster")]
+    pub cluster_retention: Option<DurationValue>,
 
     /// The `[limits]` table; its keys are plain flags (`--max-line`).
     #[command(flatten)]
@@ -709,6 +905,10 @@ impl Overrides {
             whitelist_recipients,
             log_level,
             workers,
+            cluster_redis,
+            node_id,
+            cluster_name,
+            cluster_retention,
             limits,
         } = self;
         let LimitOverrides {
@@ -781,6 +981,17 @@ impl Overrides {
         )?;
         o.set("log-level", &mut c.log_level, log_level, Ok)?;
         o.set("workers", &mut c.workers, workers, Ok)?;
+        o.set("cluster-redis", &mut c.cluster_redis, cluster_redis, |u| {
+            parse_cluster_redis(u.as_str())
+        })?;
+        o.set("node-id", &mut c.node_id, node_id, Ok)?;
+        o.set("cluster-name", &mut c.cluster_name, cluster_name, Ok)?;
+        o.set(
+            "cluster-retention",
+            &mut c.cluster_retention_secs,
+            cluster_retention,
+            dur,
+        )?;
         let l = &mut c.limits;
         o.set("limits.max-line", &mut l.max_line, max_line, Ok)?;
         o.set(
@@ -866,7 +1077,11 @@ impl Config {
     /// [`Policy::validate`] (retry-window >= delay, TTLs >= 1s, durations <= 10 years,
     /// awl-clients <= 65535), prefixes 0..=32 and 0..=128 as the [`Normalizer`] takes them, the
     /// limits' ranges, a non-empty `allow`, a printable `greylist-text` and `hostname`, a known
-    /// `log-level`, usable socket paths and no two listeners on the same TCP port.
+    /// `log-level`, usable socket paths, no two listeners on the same TCP port, and the cluster
+    /// settings: a Redis URL of an accepted form, node id and cluster name of
+    /// `[A-Za-z0-9_.-]{1,64}` (an empty node id stands for the host name), a retention of 1m to
+    /// 30d. The cluster settings are checked even when clustering is off, so that a typo shows
+    /// the day they are set, not the day clustering is turned on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Destructured in full so that a new setting cannot be added without a thought here.
         let Config {
@@ -887,6 +1102,10 @@ impl Config {
             whitelist_recipients,
             log_level,
             workers,
+            cluster_redis,
+            node_id,
+            cluster_name,
+            cluster_retention_secs,
             limits,
         } = self;
         let invalid =
@@ -959,6 +1178,33 @@ impl Config {
         }
         if data_dir.as_os_str().is_empty() {
             return invalid("data-dir", "is empty".to_owned());
+        }
+        if let Some(url) = cluster_redis {
+            check_redis_url(url).or_else(|problem| invalid("cluster-redis", problem))?;
+        }
+        // Both names are parts of Redis keys (`<cluster-name>:ev:<node-id>`) and the node id is
+        // also written into snapshots, whose reader applies the same rule.
+        const NAME_RULE: &str = "must be 1 to 64 characters among A-Z a-z 0-9 _ . -";
+        if !node_id.is_empty() && !valid_node_id(node_id.as_bytes()) {
+            return invalid(
+                "node-id",
+                format!("({node_id:?}) {NAME_RULE} (leave it empty for the host name)"),
+            );
+        }
+        if !valid_node_id(cluster_name.as_bytes()) {
+            return invalid("cluster-name", format!("({cluster_name:?}) {NAME_RULE}"));
+        }
+        let retention = MIN_CLUSTER_RETENTION_SECS..=MAX_CLUSTER_RETENTION_SECS;
+        if !retention.contains(cluster_retention_secs) {
+            return invalid(
+                "cluster-retention",
+                format!(
+                    "({}) must be between {} and {}",
+                    format_duration(*cluster_retention_secs),
+                    format_duration(MIN_CLUSTER_RETENTION_SECS),
+                    format_duration(MAX_CLUSTER_RETENTION_SECS)
+                ),
+            );
         }
         let lists = [
             ("whitelist-clients", whitelist_clients),
@@ -1198,6 +1444,10 @@ whitelist-senders = ["/etc/greyhound/senders"]
 whitelist-recipients = ["/etc/greyhound/recipients", "/etc/greyhound/more"]
 log-level = "debug"
 workers = 3
+cluster-redis = "redis://greyhound:s3cret@10.0.0.5:6379/2"
+node-id = "mx1.example.net"
+cluster-name = "prod_eu-1"
+cluster-retention = "2h"
 
 [limits]
 max-line = 512
@@ -1239,6 +1489,10 @@ policy-max-attributes = 64
             ],
             log_level: "debug".to_owned(),
             workers: 3,
+            cluster_redis: Some("redis://greyhound:s3cret@10.0.0.5:6379/2".to_owned()),
+            node_id: "mx1.example.net".to_owned(),
+            cluster_name: "prod_eu-1".to_owned(),
+            cluster_retention_secs: 7200,
             limits: Limits {
                 max_line: 512,
                 max_connections: 100,
@@ -1278,6 +1532,11 @@ policy-max-attributes = 64
         assert!(c.whitelist_senders.is_empty());
         assert!(c.whitelist_recipients.is_empty());
         assert_eq!(c.log_level, "info");
+        assert_eq!(c.workers, 0);
+        assert_eq!(c.cluster_redis, None);
+        assert_eq!(c.node_id, "");
+        assert_eq!(c.cluster_name, "greyhound");
+        assert_eq!(c.cluster_retention_secs, 3600);
         assert_eq!(
             c.limits,
             Limits {
@@ -1381,6 +1640,14 @@ policy-max-attributes = 64
             "trace",
             "--workers",
             "5",
+            "--cluster-redis",
+            "unix:///run/redis/redis.sock",
+            "--node-id",
+            "mx2",
+            "--cluster-name",
+            "staging",
+            "--cluster-retention",
+            "1d",
             "--max-line",
             "256",
             "--max-connections",
@@ -1422,6 +1689,10 @@ policy-max-attributes = 64
             whitelist_recipients: vec![PathBuf::from("/c")],
             log_level: "trace".to_owned(),
             workers: 5,
+            cluster_redis: Some("unix:///run/redis/redis.sock".to_owned()),
+            node_id: "mx2".to_owned(),
+            cluster_name: "staging".to_owned(),
+            cluster_retention_secs: 86_400,
             limits: Limits {
                 max_line: 256,
                 max_connections: 10,
@@ -1939,6 +2210,9 @@ policy-max-attributes = 64
             load(&["--policy", "unix:/a\0b"]).unwrap_err(),
             load(&["--greylist-text", nasty]).unwrap_err(),
             load(&["--config", "/nonexistent/\n.toml"]).unwrap_err(),
+            load(&["--cluster-redis", "redis://a\nb"]).unwrap_err(),
+            load(&["--node-id", nasty]).unwrap_err(),
+            file_error("cluster-name = \"a\\nb\""),
         ];
         for err in errors {
             let text = err.to_string();
@@ -1970,6 +2244,186 @@ policy-max-attributes = 64
     }
 
     #[test]
+    fn redact_url_hides_only_the_password() {
+        let cases = [
+            ("redis://user:secret@h:1/0", "redis://user:***@h:1/0"),
+            ("redis://:secret@h", "redis://:***@h"),
+            ("rediss://u:p@[::1]:6380", "rediss://u:***@[::1]:6380"),
+            // A password with unencoded '/', '@' or ':' is hidden whole.
+            ("redis://u:a/b@c:d@h:1/0", "redis://u:***@h:1/0"),
+            // Nothing to hide.
+            ("redis://user@h:1/0", "redis://user@h:1/0"),
+            ("redis://h:6379/0", "redis://h:6379/0"),
+            ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+            ("localhost:6379", "localhost:6379"),
+            ("", ""),
+            // Without a scheme the user information is still recognised.
+            ("u:p@h", "u:***@h"),
+        ];
+        for (url, redacted) in cases {
+            assert_eq!(redact_url(url), redacted, "{url}");
+        }
+    }
+
+    #[test]
+    fn cluster_redis_forms() {
+        let accepted = [
+            "redis://127.0.0.1:6379",
+            "redis://redis.example.net",
+            "redis://user:secret@10.0.0.5:6379/3",
+            "redis://:secret@[::1]:6379",
+            "rediss://node-a:pw@redis.example.net:6380/0",
+            "unix:///run/redis/redis.sock",
+            "unix:///run/redis/redis.sock?db=2",
+        ];
+        for url in accepted {
+            let c = load(&["--cluster-redis", url]).unwrap();
+            assert_eq!(c.cluster_redis.as_deref(), Some(url));
+            let c = Config::from_toml("g.toml", &format!("cluster-redis = {url:?}")).unwrap();
+            assert_eq!(c.cluster_redis.as_deref(), Some(url));
+        }
+        // Empty is off, from the file and from the flag, which also turns off the file's.
+        let c = Config::from_toml("g.toml", "cluster-redis = \"\"").unwrap();
+        assert_eq!(c.cluster_redis, None);
+        let file = TempFile::new("redis", "cluster-redis = \"redis://h:1\"\n");
+        let c = load(&["--config", file.path()]).unwrap();
+        assert_eq!(c.cluster_redis.as_deref(), Some("redis://h:1"));
+        let c = load(&["--config", file.path(), "--cluster-redis", ""]).unwrap();
+        assert_eq!(c.cluster_redis, None);
+    }
+
+    #[test]
+    fn bad_cluster_redis_names_the_flag_or_key_and_hides_the_password() {
+        let refused = [
+            "http://u:secret@h:6379",
+            "localhost:6379",
+            "REDIS://h:6379",
+            "redis+unix:///run/r.sock",
+            "redis://",
+            "redis://u:secret@",
+            "redis://:6379",
+            "unix://run/redis.sock",
+            "unix://",
+            "redis://h:6379 ",
+        ];
+        for url in refused {
+            let err = load(&["--cluster-redis", url]).unwrap_err().to_string();
+            assert!(err.starts_with("--cluster-redis: "), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+            let err = file_error(&format!("cluster-redis = {url:?}")).to_string();
+            assert!(
+                err.starts_with("config file g.toml: cluster-redis: "),
+                "{err}"
+            );
+            assert!(!err.contains("secret"), "{err}");
+        }
+        assert_eq!(
+            load(&["--cluster-redis", "http://u:secret@h"])
+                .unwrap_err()
+                .to_string(),
+            "--cluster-redis: \"http://u:***@h\" is not a Redis URL (use \
+             redis://[user:password@]host:port[/db], rediss://... for TLS, or \
+             unix:///path/to/redis.sock; empty: no cluster)"
+        );
+        // A Config built in code is held to the same forms.
+        let c = Config {
+            cluster_redis: Some("tcp://h:6379".to_owned()),
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&c), "cluster-redis");
+        let c = Config {
+            cluster_redis: Some(String::new()),
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&c), "cluster-redis");
+    }
+
+    #[test]
+    fn debug_output_hides_the_redis_password() {
+        let c = Config {
+            cluster_redis: Some("redis://node:secret@h:6379/0".to_owned()),
+            ..Config::default()
+        };
+        let text = format!("{c:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("redis://node:***@h:6379/0"), "{text}");
+        let args = Serve::try_parse_from(["serve", "--cluster-redis", "redis://:secret@h"])
+            .expect("command line parses");
+        let text = format!("{args:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("redis://:***@h"), "{text}");
+        let o = Overrides::from_toml("g.toml", "cluster-redis = \"rediss://u:secret@h\"").unwrap();
+        assert!(!format!("{o:?}").contains("secret"));
+    }
+
+    #[test]
+    fn node_id_and_cluster_name_syntax() {
+        let longest = "a".repeat(64);
+        for name in ["a", "mx1.example.net", "node_2-b", longest.as_str()] {
+            let c = load(&["--node-id", name, "--cluster-name", name]).unwrap();
+            assert_eq!((c.node_id.as_str(), c.cluster_name.as_str()), (name, name));
+        }
+        // An empty node id is the host name; an empty cluster name is refused.
+        assert_eq!(load(&["--node-id", ""]).unwrap().node_id, "");
+        let too_long = "a".repeat(65);
+        for bad in [
+            "mx 1",
+            "mx:1",
+            "mx/1",
+            "n\u{e9}ud",
+            "a\nb",
+            too_long.as_str(),
+        ] {
+            let err = load(&["--node-id", bad]).unwrap_err().to_string();
+            assert!(err.starts_with("node-id ("), "{err}");
+            assert!(err.contains("A-Z a-z 0-9 _ . -"), "{err}");
+            let err = file_error(&format!("cluster-name = {bad:?}")).to_string();
+            assert!(err.starts_with("cluster-name ("), "{err}");
+        }
+        let err = load(&["--cluster-name", ""]).unwrap_err().to_string();
+        assert!(err.starts_with("cluster-name (\"\")"), "{err}");
+        assert_eq!(
+            load(&["--node-id", "mx 1"]).unwrap_err().to_string(),
+            "node-id (\"mx 1\") must be 1 to 64 characters among A-Z a-z 0-9 _ . - \
+             (leave it empty for the host name)"
+        );
+    }
+
+    #[test]
+    fn cluster_retention_bounds() {
+        for (text, secs) in [("60", 60), ("1m", 60), ("1h", 3600), ("30d", 30 * 86_400)] {
+            let c = load(&["--cluster-retention", text]).unwrap();
+            assert_eq!(c.cluster_retention_secs, secs, "{text}");
+            let toml = format!("cluster-retention = {text:?}");
+            let c = Config::from_toml("g.toml", &toml).unwrap();
+            assert_eq!(c.cluster_retention_secs, secs, "{text}");
+        }
+        assert_eq!(
+            load(&["--cluster-retention", "59s"])
+                .unwrap_err()
+                .to_string(),
+            "cluster-retention (59s) must be between 1m and 30d"
+        );
+        let c = Config {
+            cluster_retention_secs: MAX_CLUSTER_RETENTION_SECS + 1,
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&c), "cluster-retention");
+        let err = file_error("cluster-retention = \"5w\"").to_string();
+        assert_eq!(err, "cluster-retention (5w) must be between 1m and 30d");
+        // A malformed duration names the flag or the key, as every duration does.
+        let err = load(&["--cluster-retention", "1y"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--cluster-retention: \"1y\""), "{err}");
+        let err = file_error("cluster-retention = \"-1h\"").to_string();
+        assert!(
+            err.starts_with("config file g.toml: cluster-retention: "),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn help_shows_the_true_defaults() {
         use clap::CommandFactory;
         // `--help` states each default in words; given as the flag's value, it must change
@@ -1988,7 +2442,13 @@ policy-max-attributes = 64
                 .strip_suffix(']')
                 .expect("[default: ...] ends the help");
             if default == "the OS's host name" {
-                assert_eq!(Config::default().hostname, "", "--{long}");
+                let c = Config::default();
+                let value = if long == "node-id" {
+                    c.node_id
+                } else {
+                    c.hostname
+                };
+                assert_eq!(value, "", "--{long}");
                 continue;
             }
             let flag = format!("--{long}");
@@ -1999,9 +2459,9 @@ policy-max-attributes = 64
             assert_eq!(load(&argv).unwrap(), Config::default(), "{flag}");
             checked.push(long);
         }
-        // Every flag with a value but `--hostname` and the three whitelist lists, which have no
-        // default to state.
-        assert_eq!(checked.len(), 24, "{checked:?}");
+        // Every flag with a value but `--hostname`, `--node-id`, `--cluster-redis` and the three
+        // whitelist lists, which have no default to state.
+        assert_eq!(checked.len(), 26, "{checked:?}");
     }
 
     #[test]
@@ -2039,6 +2499,10 @@ policy-max-attributes = 64
             whitelist_recipients,
             log_level,
             workers,
+            cluster_redis,
+            node_id,
+            cluster_name,
+            cluster_retention,
             limits,
         } = Overrides::from_toml("greyhound.toml", example).unwrap();
         let LimitOverrides {
@@ -2074,6 +2538,10 @@ policy-max-attributes = 64
             ("whitelist-recipients", whitelist_recipients.is_some()),
             ("log-level", log_level.is_some()),
             ("workers", workers.is_some()),
+            ("cluster-redis", cluster_redis.is_some()),
+            ("node-id", node_id.is_some()),
+            ("cluster-name", cluster_name.is_some()),
+            ("cluster-retention", cluster_retention.is_some()),
             ("limits.max-line", max_line.is_some()),
             ("limits.max-connections", max_connections.is_some()),
             ("limits.idle-timeout", idle_timeout.is_some()),

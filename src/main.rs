@@ -129,6 +129,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
         whitelist_recipients: _,
         log_level,
         workers,
+        // Wired by the cluster module.
+        cluster_redis: _,
+        node_id: _,
+        cluster_name: _,
+        cluster_retention_secs: _,
         limits,
     } = &cfg;
     init_logging(log_level);
