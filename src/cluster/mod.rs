@@ -216,7 +216,9 @@ impl Cluster {
     ) -> Result<(Arc<Self>, Joined), ClusterError> {
         let client = replicator::client(&cfg)?;
         let state = Arc::new(State::default());
-        state.published_through.store(saved.published_through, Relaxed);
+        state
+            .published_through
+            .store(saved.published_through, Relaxed);
         {
             let mut peers = state.peers();
             for (node, id) in &saved.peers {

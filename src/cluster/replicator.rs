@@ -130,10 +130,9 @@ pub(super) fn run(
                 return;
             }
             Ok(Err(Fail::Redis(e))) => Joined::Unreachable(e.to_string()),
-            Err(_) => Joined::Unreachable(format!(
-                "no answer within {} s",
-                FIRST_CONTACT.as_secs()
-            )),
+            Err(_) => {
+                Joined::Unreachable(format!("no answer within {} s", FIRST_CONTACT.as_secs()))
+            }
         };
         if let Joined::Unreachable(why) = &joined {
             r.lost(why);
@@ -328,7 +327,8 @@ impl Replicator {
             // in memory at once.
             let (t, c) = self.engine.shard_counts();
             if shard < t + c {
-                self.engine.changed_since_shard(shard, since, now, &mut pending);
+                self.engine
+                    .changed_since_shard(shard, since, now, &mut pending);
                 self.republish.set(Some((since, shard + 1)));
             } else {
                 info!(since = clock::to_unix(since), "cluster: republish done");
@@ -541,7 +541,12 @@ impl Replicator {
             let deleted = match info {
                 Ok(v) => max_deleted_id(&v),
                 // No such stream (not written yet, or Redis lost it): nothing trimmed.
-                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => None,
+                Err(e)
+                    if e.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+                {
+                    None
+                }
                 Err(e) => return Err(e),
             };
             let Some(deleted) = deleted else { continue };
@@ -549,7 +554,9 @@ impl Replicator {
                 continue;
             }
             let mut peers = self.state.peers();
-            let Some(p) = peers.get_mut(&node) else { continue };
+            let Some(p) = peers.get_mut(&node) else {
+                continue;
+            };
             // Each trimmed range is counted once, however often it is looked at; reading goes
             // on from the first entry still there.
             if deleted > p.position && deleted > p.gap_seen {
@@ -708,7 +715,10 @@ fn max_deleted_id(v: &Value) -> Option<StreamId> {
         _ => None,
     };
     let pairs: Vec<(&Value, &Value)> = match v {
-        Value::Array(items) => items.chunks(2).filter_map(|p| Some((p.first()?, p.get(1)?))).collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|p| Some((p.first()?, p.get(1)?)))
+            .collect(),
         Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
         _ => return None,
     };
@@ -754,7 +764,10 @@ mod tests {
             s("max-deleted-entry-id"),
             s("1700000000000-3"),
         ]);
-        assert_eq!(max_deleted_id(&flat), Some(StreamId::new(1_700_000_000_000, 3)));
+        assert_eq!(
+            max_deleted_id(&flat),
+            Some(StreamId::new(1_700_000_000_000, 3))
+        );
         let map = Value::Map(vec![(s("max-deleted-entry-id"), s("0-0"))]);
         assert_eq!(max_deleted_id(&map), None);
         assert_eq!(max_deleted_id(&Value::Nil), None);

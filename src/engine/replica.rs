@@ -328,10 +328,12 @@ impl Engine {
         let p = &self.policy;
         if let Some(sh) = self.triplets.get(shard) {
             let sh = lock(sh);
-            out.triplets.extend(sh.table.iter().filter(|r| live(*r, since, now, p)));
+            out.triplets
+                .extend(sh.table.iter().filter(|r| live(*r, since, now, p)));
         } else if let Some(sh) = self.clients.get(shard - self.triplets.len()) {
             let sh = lock(sh);
-            out.clients.extend(sh.table.iter().filter(|r| live(*r, since, now, p)));
+            out.clients
+                .extend(sh.table.iter().filter(|r| live(*r, since, now, p)));
         }
     }
 

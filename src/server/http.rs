@@ -91,8 +91,6 @@ fn route(head: &[u8]) -> Route {
     }
 }
 
-
-
 #[cfg(test)]
 mod tests {
     use super::{route, Route};

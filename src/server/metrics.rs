@@ -578,7 +578,10 @@ impl Metrics {
 
     /// The OpenMetrics text exposition, with table gauges read from the engine now.
     /// Adds a collector of more series (the cluster's), rendered after the others.
-    pub fn register_collector(&mut self, collector: Box<dyn prometheus_client::collector::Collector>) {
+    pub fn register_collector(
+        &mut self,
+        collector: Box<dyn prometheus_client::collector::Collector>,
+    ) {
         self.registry.register_collector(collector);
     }
 
