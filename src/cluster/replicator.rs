@@ -117,6 +117,8 @@ pub(super) fn run(
         stop,
         manager: RefCell::new(None),
         pending: RefCell::new(Changes::default()),
+        oldest_ms: Cell::new(None),
+        collected_ms: Cell::new(unix_ms()),
         republish: Cell::new(None),
         joined_once: Cell::new(false),
         told: Cell::new(false),
@@ -162,6 +164,12 @@ struct Replicator {
     manager: RefCell<Option<ConnectionManager>>,
     /// Collected, not yet published; coalesced by key.
     pending: RefCell<Changes>,
+    /// When the oldest change waiting in `pending` may have been made: the collection before
+    /// the one that found it (a batch's `created_ms`, so lag is measured from the change, not
+    /// from the batch).
+    oldest_ms: Cell<Option<u64>>,
+    /// When the engine's outboxes were last collected.
+    collected_ms: Cell<u64>,
     /// A republish in progress: records changed since this second, from this shard on.
     republish: Cell<Option<(Secs, usize)>>,
     joined_once: Cell<bool>,
@@ -318,6 +326,7 @@ impl Replicator {
         }
         let now = self.engine.now();
         let before = pending.rescanned_shards;
+        let was_empty = pending.is_empty();
         self.engine.take_changes(now, &mut pending);
         self.state
             .rescanned
@@ -336,6 +345,10 @@ impl Replicator {
             }
         }
         coalesce(&mut pending);
+        let window_start = self.collected_ms.replace(unix_ms());
+        if was_empty && !pending.is_empty() {
+            self.oldest_ms.set(Some(window_start));
+        }
         self.state.pending.store(
             (pending.triplets.len() + pending.clients.len()) as u64,
             Relaxed,
@@ -410,7 +423,7 @@ impl Replicator {
                 blob.clear();
                 let meta = wire::Meta {
                     key_id: self.engine.key_id(),
-                    created_ms: unix_ms(),
+                    created_ms: self.oldest_ms.get().unwrap_or_else(unix_ms),
                 };
                 wire::encode(&meta, &p.triplets[..t], &p.clients[..c], &mut blob);
                 (t, c)
@@ -430,6 +443,9 @@ impl Replicator {
             p.triplets.drain(..t);
             p.clients.drain(..c);
             self.state.published.fetch_add((t + c) as u64, Relaxed);
+            if p.is_empty() {
+                self.oldest_ms.set(None);
+            }
             self.state
                 .pending
                 .store((p.triplets.len() + p.clients.len()) as u64, Relaxed);
@@ -665,7 +681,9 @@ impl Replicator {
         match outcome {
             Ok((records, created_ms)) => {
                 p.status.applied_records += records as u64;
-                p.status.lag_seconds = unix_ms().saturating_sub(created_ms) as f64 / 1000.0;
+                let lag = unix_ms().saturating_sub(created_ms);
+                p.status.lag_seconds = lag as f64 / 1000.0;
+                self.state.record_lag(lag);
             }
             Err(why) => {
                 if p.status.refused_batches == 0 {

@@ -62,8 +62,9 @@ pub struct Meta {
     /// header stores as its key id). A reader refuses records made under another key: their
     /// keys would match nothing of its own.
     pub key_id: u64,
-    /// The publisher's Unix milliseconds when it assembled the batch; a reader subtracts it
-    /// from its own clock to tell its replication lag.
+    /// Unix milliseconds (publisher's clock) from which the batch's changes may have been
+    /// made: the start of the collection window that found the oldest of them. A reader
+    /// subtracts it from its own clock to tell its replication lag.
     pub created_ms: u64,
 }
 
