@@ -755,14 +755,16 @@ mod tests {
     #[test]
     fn coalescing_keeps_the_latest_state_of_each_key() {
         let k = |n| Key { lo: n, hi: 1 };
-        let mut c = Changes::default();
-        c.triplets = vec![
-            TripletRecord::from_parts(k(2), 10, 10, false),
-            TripletRecord::from_parts(k(1), 10, 10, false),
-            TripletRecord::from_parts(k(2), 10, 20, true),
-            // A restart after expiry: the later, younger life wins, not a merge of the two.
-            TripletRecord::from_parts(k(1), 5000, 5000, false),
-        ];
+        let mut c = Changes {
+            triplets: vec![
+                TripletRecord::from_parts(k(2), 10, 10, false),
+                TripletRecord::from_parts(k(1), 10, 10, false),
+                TripletRecord::from_parts(k(2), 10, 20, true),
+                // A restart after expiry: the later, younger life wins, not a merge of the two.
+                TripletRecord::from_parts(k(1), 5000, 5000, false),
+            ],
+            ..Changes::default()
+        };
         coalesce(&mut c);
         assert_eq!(
             c.triplets,
