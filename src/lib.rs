@@ -19,7 +19,9 @@
 //! ```
 //!
 //! [`engine`] holds all of it and needs no runtime: the server ([`server`]) drives it on the
-//! system clock, the capacity planner (`greyhound-loadtest plan`) on a simulated one.
+//! system clock, the capacity planner (`greyhound-loadtest plan`) on a simulated one. On a
+//! cluster of MX hosts, [`cluster`] carries each node's changes to the others through Redis
+//! Streams, beside the request path, and merges theirs into the engine.
 
 // `unsafe` is denied everywhere but `snapshot::mmap`, which maps snapshot files read-only, and
 // `engine::prefetch`, which issues cache prefetch hints; each explains why that is sound.
