@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 #   postfix  tests/postfix.rs runs a private Postfix (own config and queue in a temp dir).
 #   systemd  tests/systemd.rs checks contrib/greyhound.service with systemd-analyze (offline:
 #            no running systemd is needed).
+#   redis-server  tests/cluster.rs starts private Redis servers (own port and temp dir each).
 need_pkgs=()
-for pkg in postfix systemd; do
+for pkg in postfix systemd redis-server; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' \
         || need_pkgs+=("$pkg")
 done
@@ -28,6 +29,16 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     # is nobody's business on a test machine. Our private instances use their own -c DIR.
     if $sudo postfix status >/dev/null 2>&1; then
         $sudo postfix stop || true
+    fi
+    # Likewise the package's own Redis on port 6379 (started by its postinst where services
+    # may start): stopped and not started at boot; the cluster tests run their own.
+    if [[ " ${need_pkgs[*]} " == *" redis-server "* ]]; then
+        if [ -d /run/systemd/system ]; then
+            $sudo systemctl disable --now redis-server.service >/dev/null 2>&1 || true
+        else
+            $sudo service redis-server stop >/dev/null 2>&1 || true
+            $sudo update-rc.d redis-server disable >/dev/null 2>&1 || true
+        fi
     fi
 fi
 

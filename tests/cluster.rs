@@ -1,0 +1,714 @@
+//! Multi-node replication (DESIGN §9) against a real `redis-server` (Debian's package; the
+//! test command installs it when missing): every test starts its own Redis on a free
+//! loopback port and two or three `greyhound serve` nodes sharing one hash key, then compares
+//! the nodes' tables through the digest of `GET /status`.
+//!
+//! Failures are made for real: `kill -9` of a node under load, Redis killed by its PID and
+//! started again on the same port with its data or empty. Every wait is a bounded polling
+//! loop ([`CONVERGE_TIMEOUT`]); no test asserts how long anything took, only what was
+//! answered and that the tables end up equal.
+
+mod common;
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::redis::{
+    applied_from, connected_of, describe, peer_of, status, wait_connected, wait_converged,
+    wait_status, Cluster, Redis, Resp, RespConn, CONVERGE_TIMEOUT,
+};
+use common::{poll, run_bin, sleep_past, Conn, Server, IO_TIMEOUT};
+
+/// The greylisting delay of the load tests: short, so that the load's own retries pass and
+/// the tables hold whitelisted records too, not only greylisted ones.
+const LOAD_DELAY_SECS: u64 = 1;
+
+// ---------------------------------------------------------------------------------------
+// A small load: one thread per node, CHECKs of new triplets and retries of its own older ones
+// ---------------------------------------------------------------------------------------
+
+/// A native-protocol client that reports errors instead of panicking.
+struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let w = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        w.set_read_timeout(Some(IO_TIMEOUT))?;
+        w.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Self {
+            r: BufReader::new(w.try_clone()?),
+            w,
+        })
+    }
+
+    /// Sends every line at once, then reads one reply per line.
+    fn pipeline(&mut self, lines: &[String]) -> io::Result<Vec<String>> {
+        let mut out = String::new();
+        for l in lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+        self.w.write_all(out.as_bytes())?;
+        let mut replies = Vec::with_capacity(lines.len());
+        for _ in lines {
+            let mut line = String::new();
+            if self.r.read_line(&mut line)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            replies.push(line.trim_end().to_owned());
+        }
+        Ok(replies)
+    }
+}
+
+/// What one load thread saw.
+#[derive(Debug, Default)]
+struct LoadReport {
+    node: String,
+    /// Requests answered with DEFER or PASS.
+    answered: u64,
+    /// Failures (connect, write, read timeout, EOF, a reply that is neither DEFER nor PASS),
+    /// the first few in full.
+    errors: u64,
+    first_errors: Vec<String>,
+}
+
+/// Load threads, one per node, until [`Load::stop`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    answered: Vec<Arc<AtomicU64>>,
+    threads: Vec<thread::JoinHandle<LoadReport>>,
+}
+
+/// A triplet of the load: `tag` keeps tests apart, `node` and `i` keep triplets apart.
+fn load_triplet(tag: &str, node: usize, i: u64) -> String {
+    format!(
+        "10.{node}.{}.{} s{i}@{tag}.example r{i}@rcpt.example",
+        (i >> 8) & 255,
+        i & 255
+    )
+}
+
+impl Load {
+    /// Starts one thread per node: every 20 ms a pipelined batch of 10 CHECKs of new triplets
+    /// plus up to 5 retries of that thread's own triplets first seen more than the delay ago
+    /// (which pass and so whitelist). About 500 new triplets per second per node: enough to
+    /// keep replication busy, small enough for a shared 2-core machine.
+    fn start(tag: &str, nodes: &[(&str, &Server)]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut answered = Vec::new();
+        let mut threads = Vec::new();
+        for (n, (name, node)) in nodes.iter().enumerate() {
+            let (stop, count) = (stop.clone(), Arc::new(AtomicU64::new(0)));
+            answered.push(count.clone());
+            let (tag, name, addr) = (tag.to_string(), name.to_string(), node.native);
+            threads.push(thread::spawn(move || {
+                let mut report = LoadReport {
+                    node: name,
+                    ..LoadReport::default()
+                };
+                let mut client: Option<Client> = None;
+                let mut next = 0u64;
+                let mut waiting = std::collections::VecDeque::new();
+                let delay = Duration::from_secs(LOAD_DELAY_SECS) + Duration::from_millis(500);
+                while !stop.load(Ordering::Relaxed) {
+                    let mut lines: Vec<String> = (next..next + 10)
+                        .map(|i| format!("CHECK {}", load_triplet(&tag, n, i)))
+                        .collect();
+                    while lines.len() < 15 {
+                        match waiting.front() {
+                            Some(&(at, i)) if Instant::now().duration_since(at) > delay => {
+                                waiting.pop_front();
+                                lines.push(format!("CHECK {}", load_triplet(&tag, n, i)));
+                            }
+                            _ => break,
+                        }
+                    }
+                    let result = match client.as_mut() {
+                        Some(c) => c.pipeline(&lines),
+                        None => Client::connect(addr).and_then(|mut c| {
+                            let r = c.pipeline(&lines);
+                            client = Some(c);
+                            r
+                        }),
+                    };
+                    let mut fail = |what: String| {
+                        report.errors += 1;
+                        if report.first_errors.len() < 5 {
+                            report.first_errors.push(what);
+                        }
+                    };
+                    match result {
+                        Ok(replies) => {
+                            for (l, r) in lines.iter().zip(&replies) {
+                                if r.starts_with("DEFER ") || r.starts_with("PASS ") {
+                                    report.answered += 1;
+                                    count.fetch_add(1, Ordering::Relaxed);
+                                } else {
+                                    fail(format!("{l:?} answered {r:?}"));
+                                }
+                            }
+                            let now = Instant::now();
+                            // Every third new triplet is retried later (and whitelisted).
+                            waiting
+                                .extend((next..next + 10).filter(|i| i % 3 == 0).map(|i| (now, i)));
+                            next += 10;
+                        }
+                        Err(e) => {
+                            fail(format!("{e}"));
+                            client = None;
+                            thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+                report
+            }));
+        }
+        Self {
+            stop,
+            answered,
+            threads,
+        }
+    }
+
+    /// Requests answered so far by each node's thread.
+    fn answered(&self) -> Vec<u64> {
+        self.answered
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Waits (bounded) until every thread has had at least `more` further answers: proof that
+    /// every node is answering now.
+    fn wait_answers(&self, more: u64, what: &str) {
+        let base = self.answered();
+        let ok = poll(CONVERGE_TIMEOUT, || {
+            self.answered()
+                .iter()
+                .zip(&base)
+                .all(|(now, was)| now - was >= more)
+                .then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "{what}: not every node answered {more} more requests within {CONVERGE_TIMEOUT:?} \
+             (answered before {base:?}, now {:?})",
+            self.answered()
+        );
+    }
+
+    /// Stops every thread and returns their reports.
+    fn stop(self) -> Vec<LoadReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().expect("load thread"))
+            .collect()
+    }
+}
+
+/// Fails unless every load thread had answers and no error.
+fn assert_no_errors(reports: &[LoadReport]) {
+    for r in reports {
+        assert!(r.answered > 0, "node {}: nothing answered: {r:?}", r.node);
+        assert_eq!(r.errors, 0, "node {}: requests failed: {r:?}", r.node);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+/// One request on a new connection.
+fn ask(node: &Server, line: &str) -> String {
+    Conn::connect(node.native).ask(line)
+}
+
+/// Polls `PEEK triplet` on `node` until it answers `want` (bounded).
+fn wait_peek(node: &Server, name: &str, triplet: &str, want: &str) {
+    let mut last = String::new();
+    let ok = poll(CONVERGE_TIMEOUT, || {
+        last = ask(node, &format!("PEEK {triplet}"));
+        (last == want).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "node {name}: PEEK {triplet} still answers {last:?}, expected {want:?}\n{}",
+        describe(&[(name, node)])
+    );
+}
+
+/// Waits (bounded) until `dir` holds a complete snapshot.
+fn wait_snapshot(dir: &Path, name: &str) {
+    let found = poll(CONVERGE_TIMEOUT, || {
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with("snapshot-") && n.ends_with(".snap")
+            })
+            .then_some(())
+    });
+    assert!(found.is_some(), "node {name} wrote no snapshot in {dir:?}");
+}
+
+/// SIGKILL and reap, keeping the directory and ports for [`Server::restart`].
+fn kill_9(node: &mut Server) {
+    node.signal("KILL");
+    assert!(
+        node.wait_exit(IO_TIMEOUT).is_some(),
+        "node did not die of SIGKILL"
+    );
+}
+
+/// The id of the newest entry of `stream`.
+fn newest_id(redis: &Redis, stream: &str) -> String {
+    let reply = redis.cmd(&["XREVRANGE", stream, "+", "-", "COUNT", "1"]);
+    if let Resp::Array(Some(items)) = &reply {
+        if let Some(Resp::Array(Some(entry))) = items.first() {
+            if let Some(Resp::Bulk(Some(id))) = entry.first() {
+                return String::from_utf8_lossy(id).into_owned();
+            }
+        }
+    }
+    panic!("XREVRANGE {stream} answered {reply:?}")
+}
+
+/// Fails unless `err` (a refused start's stderr) ends with one line holding every `word`.
+fn assert_refused(status: std::process::ExitStatus, err: &str, words: &[&str]) {
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "expected a refusal with exit status 1, got {status}; stderr:\n{err}"
+    );
+    assert!(
+        !err.contains(" ready "),
+        "it reported ready before refusing:\n{err}"
+    );
+    let last = err
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("refused with nothing on stderr"));
+    for w in words {
+        assert!(
+            last.contains(w),
+            "the last stderr line does not name {w:?}: {last:?}\nstderr:\n{err}"
+        );
+    }
+    let naming = err.lines().filter(|l| l.contains(words[0])).count();
+    assert_eq!(naming, 1, "the reason is given more than once:\n{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 0. The harness: Redis stopped and started again on its port, with or without its data
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn redis_harness_restarts_on_the_same_port_with_or_without_its_data() {
+    let get = |r: &Redis| r.cmd(&["GET", "k"]);
+    let mut kept = Redis::start_persistent();
+    let port = kept.port;
+    assert_eq!(kept.cmd(&["SET", "k", "v"]), Resp::Simple("OK".into()));
+    kept.stop();
+    assert!(!kept.is_running());
+    assert!(
+        RespConn::connect(kept.addr()).is_err(),
+        "something still answers on port {port} after the stop"
+    );
+    kept.restart();
+    assert_eq!(kept.port, port);
+    assert_eq!(
+        get(&kept),
+        Resp::Bulk(Some(b"v".to_vec())),
+        "{}",
+        kept.log()
+    );
+    kept.restart_empty();
+    assert_eq!(get(&kept), Resp::Bulk(None));
+
+    let mut lost = Redis::start();
+    lost.cmd(&["SET", "k", "v"]);
+    lost.restart();
+    assert_eq!(
+        get(&lost),
+        Resp::Bulk(None),
+        "a Redis without persistence kept data"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. A retry on another node passes
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn retry_on_another_node_passes_and_a_third_knows_it() {
+    let redis = Redis::start();
+    let cluster = Cluster::new(&redis, "retry", &["--delay", "2s"]);
+    let a = cluster.node("a", &[]);
+    let b = cluster.node("b", &[]);
+    let c = cluster.node("c", &[]);
+    let nodes = [("a", &a), ("b", &b), ("c", &c)];
+    let empty = wait_converged(&nodes);
+
+    let t = "192.0.2.10 alice@sender.example bob@rcpt.example";
+    let first = ask(&a, &format!("CHECK {t}"));
+    assert!(first.starts_with("DEFER "), "first attempt on a: {first:?}");
+    // The first attempt reaches b and c: their tables equal a's, which changed.
+    let seen = wait_converged(&nodes);
+    assert_ne!(seen, empty, "the first attempt did not change the digest");
+    sleep_past(2);
+    assert_eq!(ask(&b, &format!("CHECK {t}")), "PASS retried", "retry on b");
+    // The pass reaches c (and a): c now knows the triplet as whitelisted.
+    wait_peek(&c, "c", t, "PASS known");
+    wait_converged(&nodes);
+    // A remote change is applied, never re-published: c has applied both changes and decided
+    // nothing, so it has published nothing.
+    assert_eq!(
+        redis.xlen(&cluster.stream("c")),
+        0,
+        "c re-published what it applied"
+    );
+    assert_eq!(ask(&c, &format!("CHECK {t}")), "PASS known", "on c");
+    assert_eq!(ask(&a, &format!("CHECK {t}")), "PASS known", "on a");
+
+    // Each stream holds what its node published, under the cluster's name.
+    assert!(redis.xlen(&cluster.stream("a")) > 0, "a's stream is empty");
+    assert!(redis.xlen(&cluster.stream("b")) > 0, "b's stream is empty");
+    for s in [status(&a), status(&b), status(&c)] {
+        assert!(connected_of(&s), "{s}");
+        assert_eq!(s["table"]["triplets"], 1, "{s}");
+        assert_eq!(s["table"]["whitelisted"], 1, "{s}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. kill -9 of a node under load
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_node_killed_under_load_restarts_at_once_and_catches_up() {
+    let redis = Redis::start();
+    let cluster = Cluster::new(
+        &redis,
+        "kill9",
+        &["--delay", "1s", "--snapshot-interval", "1s"],
+    );
+    let a = cluster.node("a", &[]);
+    let mut b = cluster.node("b", &[]);
+    let c = cluster.node("c", &[]);
+
+    let load = Load::start("kill9", &[("a", &a), ("b", &b)]);
+    wait_status(&b, "b applied records from a", |s| applied_from(s, "a") > 0);
+    wait_status(&a, "a applied records from b", |s| applied_from(s, "b") > 0);
+    // b's snapshot holds some of the table and where it was in a's stream; what b decided
+    // and published after it is lost locally by the kill and must come back from Redis.
+    wait_snapshot(&b.data_dir(), "b");
+    load.wait_answers(100, "before the kill");
+    kill_9(&mut b);
+    // a goes on deciding while b is down: b must catch up on that too.
+    let load_answers = load.answered()[0];
+    assert!(
+        poll(CONVERGE_TIMEOUT, || (load.answered()[0]
+            >= load_answers + 200)
+            .then_some(()))
+        .is_some(),
+        "a stopped answering while b was down"
+    );
+    // Its own data dir, the same node id, seconds after the kill: not a duplicate.
+    b.restart();
+    load.wait_answers(200, "after b's restart");
+    let reports = load.stop();
+    for r in &reports {
+        assert!(r.answered > 0, "{r:?}");
+    }
+    assert_eq!(reports[0].errors, 0, "a failed requests: {:?}", reports[0]);
+
+    let nodes = [("a", &a), ("b", &b), ("c", &c)];
+    wait_converged(&nodes);
+    let sb = status(&b);
+    assert!(connected_of(&sb), "{sb}");
+    assert!(applied_from(&sb, "a") > 0, "b after restart: {sb}");
+    let sc = status(&c);
+    assert!(
+        applied_from(&sc, "a") > 0 && applied_from(&sc, "b") > 0,
+        "{sc}"
+    );
+    let sa = status(&a);
+    assert!(applied_from(&sa, "b") > 0, "{sa}");
+    let triplets = sa["table"]["triplets"].as_u64().unwrap_or(0);
+    assert!(triplets > 0, "{sa}");
+    // Nothing was trimmed (retention 1h): no gap anywhere.
+    for (name, s) in [("a", &sa), ("b", &sb), ("c", &sc)] {
+        for peer in ["a", "b", "c"] {
+            if let Some(p) = peer_of(s, peer) {
+                assert_eq!(p["gaps"], 0, "node {name}, peer {peer}: {s}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. and 4. Redis down under load, back with its data or empty
+// ---------------------------------------------------------------------------------------
+
+/// Three nodes under load; Redis is killed; every node goes on answering and says it is
+/// disconnected; a triplet is greylisted and whitelisted on a meanwhile; Redis comes back on
+/// the same port (`empty`: with no data at all) and the nodes converge, c knowing the triplet.
+fn redis_outage(tag: &str, empty: bool) {
+    let mut redis = if empty {
+        Redis::start()
+    } else {
+        Redis::start_persistent()
+    };
+    let delay = LOAD_DELAY_SECS.to_string();
+    let cluster = Cluster::new(&redis, tag, &["--delay", &delay]);
+    let a = cluster.node("a", &[]);
+    let b = cluster.node("b", &[]);
+    let c = cluster.node("c", &[]);
+    let nodes = [("a", &a), ("b", &b), ("c", &c)];
+
+    let load = Load::start(tag, &nodes);
+    wait_status(&c, "c applied records from a", |s| applied_from(s, "a") > 0);
+    load.wait_answers(100, "before the outage");
+
+    redis.stop();
+    for (_, n) in nodes {
+        wait_connected(n, false);
+    }
+    // Decisions go on without Redis, on every node: each load thread gets answers (any
+    // request left unanswered would fail it with a read timeout).
+    load.wait_answers(200, "while Redis is down");
+    let t = "192.0.2.20 carol@sender.example dave@rcpt.example";
+    let first = ask(&a, &format!("CHECK {t}"));
+    assert!(first.starts_with("DEFER "), "{first:?}");
+    sleep_past(LOAD_DELAY_SECS);
+    assert_eq!(ask(&a, &format!("CHECK {t}")), "PASS retried");
+    load.wait_answers(100, "while Redis is down, later");
+    for (name, n) in nodes {
+        let s = status(n);
+        assert!(
+            !connected_of(&s),
+            "node {name} connected with Redis down: {s}"
+        );
+    }
+
+    if empty {
+        redis.restart_empty();
+    } else {
+        redis.restart();
+    }
+    for (_, n) in nodes {
+        wait_connected(n, true);
+    }
+    load.wait_answers(200, "after Redis returned");
+    let reports = load.stop();
+    assert_no_errors(&reports);
+
+    wait_converged(&nodes);
+    // What a decided while Redis was down reached c.
+    assert_eq!(ask(&c, &format!("PEEK {t}")), "PASS known", "on c");
+    // Published again: a's stream exists (even in a Redis that came back empty).
+    assert!(redis.xlen(&cluster.stream("a")) > 0, "a's stream is empty");
+    for (name, n) in nodes {
+        let s = status(n);
+        assert!(connected_of(&s), "node {name}: {s}");
+        assert!(
+            n.logs().iter().any(|l| l.contains("cluster: lost redis")),
+            "node {name} logged no loss of Redis:\n{}",
+            n.logs().join("\n")
+        );
+    }
+}
+
+#[test]
+fn redis_down_under_load_decisions_go_on_and_nodes_converge_after() {
+    redis_outage("outage", false);
+}
+
+#[test]
+fn redis_back_empty_nodes_still_converge() {
+    redis_outage("empty", true);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. A node started later
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_node_started_later_learns_the_table_from_the_streams() {
+    let redis = Redis::start();
+    let delay = LOAD_DELAY_SECS.to_string();
+    let cluster = Cluster::new(&redis, "later", &["--delay", &delay]);
+    let a = cluster.node("a", &[]);
+    let b = cluster.node("b", &[]);
+    let load = Load::start("later", &[("a", &a), ("b", &b)]);
+    load.wait_answers(300, "a and b");
+    let reports = load.stop();
+    assert_no_errors(&reports);
+    // One whitelisted triplet, decided on a before c exists.
+    let t = "192.0.2.30 erin@sender.example frank@rcpt.example";
+    assert!(ask(&a, &format!("CHECK {t}")).starts_with("DEFER "));
+    sleep_past(LOAD_DELAY_SECS);
+    assert_eq!(ask(&a, &format!("CHECK {t}")), "PASS retried");
+    let before = wait_converged(&[("a", &a), ("b", &b)]);
+
+    let c = cluster.node("c", &[]);
+    let after = wait_converged(&[("a", &a), ("b", &b), ("c", &c)]);
+    assert_eq!(
+        before, after,
+        "a and b changed although the load had stopped"
+    );
+    assert_eq!(ask(&c, &format!("PEEK {t}")), "PASS known");
+    let sc = status(&c);
+    assert!(
+        applied_from(&sc, "a") > 0 && applied_from(&sc, "b") > 0,
+        "{sc}"
+    );
+    assert_eq!(sc["table"]["triplets"], status(&a)["table"]["triplets"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. and 7. Start-up refusals
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_duplicate_node_id_is_refused_but_a_restart_after_a_crash_is_not() {
+    let redis = Redis::start();
+    let cluster = Cluster::new(&redis, "dup", &["--delay", "2s"]);
+    let mut a = cluster.node("a", &[]);
+    let b = cluster.node("b", &[]);
+    wait_connected(&a, true);
+
+    // Another machine (its own data dir, the same key) configured with a's node id.
+    let other = Cluster::dir_with_key(&cluster.key);
+    let args = cluster.serve_args(&other.file("data"), "a", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run_bin(&args);
+    assert_refused(code, &err, &["node id \"a\"", "already in use"]);
+
+    // The first one goes on serving and replicating.
+    let t = "192.0.2.40 grace@sender.example heidi@rcpt.example";
+    assert!(ask(&a, &format!("CHECK {t}")).starts_with("DEFER "));
+    wait_converged(&[("a", &a), ("b", &b)]);
+    assert!(connected_of(&status(&a)));
+
+    // kill -9 and an immediate restart on its own data dir: the same node, not a duplicate.
+    kill_9(&mut a);
+    a.restart();
+    wait_connected(&a, true);
+    let u = "192.0.2.41 ivan@sender.example judy@rcpt.example";
+    assert!(ask(&a, &format!("CHECK {u}")).starts_with("DEFER "));
+    wait_converged(&[("a", &a), ("b", &b)]);
+
+    // The restarted node holds the id again: a second one is still refused.
+    let (code, _, err) = run_bin(&args);
+    assert_refused(code, &err, &["node id \"a\"", "already in use"]);
+    assert!(connected_of(&status(&a)));
+}
+
+#[test]
+fn a_node_with_another_hash_key_is_refused() {
+    let redis = Redis::start();
+    let cluster = Cluster::new(&redis, "key", &["--delay", "2s"]);
+    let a = cluster.node("a", &[]);
+    wait_connected(&a, true);
+    let other_key = common::redis::random_key();
+    assert_ne!(other_key, cluster.key);
+    let dir = Cluster::dir_with_key(&other_key);
+    let args = cluster.serve_args(&dir.file("data"), "b", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run_bin(&args);
+    assert_refused(code, &err, &["hash key", "differs"]);
+    // a is untouched; a node with the right key still joins.
+    let b = cluster.node("b", &[]);
+    assert!(ask(&a, "CHECK 192.0.2.50 kim@sender.example lee@rcpt.example").starts_with("DEFER "));
+    wait_converged(&[("a", &a), ("b", &b)]);
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Metrics and status
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn cluster_metrics_and_status_count_what_was_published_and_applied() {
+    let redis = Redis::start();
+    let cluster = Cluster::new(&redis, "metrics", &["--delay", "2s"]);
+    let a = cluster.node("a", &[]);
+    let b = cluster.node("b", &[]);
+    wait_connected(&a, true);
+    wait_connected(&b, true);
+
+    const N: usize = 50;
+    let lines: Vec<String> = (0..N)
+        .map(|i| format!("CHECK 198.51.100.{i} m{i}@sender.example n{i}@rcpt.example"))
+        .collect();
+    let mut conn = Client::connect(a.native).expect("connect to a");
+    for r in conn.pipeline(&lines).expect("CHECKs on a") {
+        assert!(r.starts_with("DEFER "), "{r:?}");
+    }
+    wait_converged(&[("a", &a), ("b", &b)]);
+    let n = N as f64;
+
+    let ma = a.metrics();
+    let mb = b.metrics();
+    let m = |text: &str, name: &str| -> f64 {
+        common::metric_value(text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(m(&ma, "greyhound_cluster_connected"), 1.0);
+    assert_eq!(m(&mb, "greyhound_cluster_connected"), 1.0);
+    assert!(
+        m(&ma, "greyhound_cluster_published_records_total") >= n,
+        "{ma}"
+    );
+    assert!(
+        m(&mb, r#"greyhound_cluster_applied_records_total{peer="a"}"#) >= n,
+        "{mb}"
+    );
+    assert_eq!(m(&mb, r#"greyhound_cluster_gaps_total{peer="a"}"#), 0.0);
+    assert!(m(&mb, r#"greyhound_cluster_lag_seconds{peer="a"}"#) >= 0.0);
+    // b decided nothing: it published nothing.
+    assert_eq!(m(&mb, "greyhound_cluster_published_records_total"), 0.0);
+
+    let sa = status(&a);
+    let sb = status(&b);
+    assert_eq!(sa["node_id"], "a", "{sa}");
+    assert_eq!(sb["node_id"], "b", "{sb}");
+    assert_eq!(sa["table"]["triplets"], N, "{sa}");
+    assert_eq!(sb["table"]["triplets"], N, "{sb}");
+    assert!(
+        sa["cluster"]["published_records"].as_u64() >= Some(N as u64),
+        "{sa}"
+    );
+    let peer = peer_of(&sb, "a").unwrap_or_else(|| panic!("no peer a in {sb}"));
+    assert!(peer["applied_records"].as_u64() >= Some(N as u64), "{sb}");
+    assert_eq!(peer["gaps"], 0, "{sb}");
+    assert!(peer["lag_seconds"].as_f64().is_some(), "{sb}");
+    let last_id = peer["last_id"].as_str().unwrap_or_else(|| panic!("{sb}"));
+    let (ms, seq) = last_id
+        .split_once('-')
+        .unwrap_or_else(|| panic!("last_id {last_id:?} is not ms-seq"));
+    assert!(
+        ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok(),
+        "{last_id:?}"
+    );
+    // b gets to a's stream's newest entry: it applied all of it.
+    let newest = newest_id(&redis, &cluster.stream("a"));
+    wait_status(&b, "b at the end of a's stream", |s| {
+        peer_of(s, "a").is_some_and(|p| p["last_id"] == newest.as_str())
+    });
+
+    // Clustering off: "cluster" is null.
+    let single = Server::start(&[]);
+    assert_eq!(status(&single)["cluster"], serde_json::Value::Null);
+}
