@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::{
     applied_from, connected_of, describe, peer_of, status, wait_connected, wait_converged,
-    wait_status, Cluster, Redis, Resp, RespConn, CONVERGE_TIMEOUT,
+    wait_status, Cluster, Redis, Relay, Resp, RespConn, CONVERGE_TIMEOUT,
 };
 use common::{poll, run_bin, sleep_past, Conn, Server, IO_TIMEOUT};
 
@@ -272,6 +272,11 @@ fn kill_9(node: &mut Server) {
     );
 }
 
+/// The relay's address.
+fn relay_addr(relay: &Relay) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], relay.port))
+}
+
 /// The id of the newest entry of `stream`.
 fn newest_id(redis: &Redis, stream: &str) -> String {
     let reply = redis.cmd(&["XREVRANGE", stream, "+", "-", "COUNT", "1"]);
@@ -336,6 +341,39 @@ fn redis_harness_restarts_on_the_same_port_with_or_without_its_data() {
     );
     kept.restart_empty();
     assert_eq!(get(&kept), Resp::Bulk(None));
+
+    // The relay passes commands, goes silent when cut (nothing closed), and after the heal
+    // closes what it held and relays new connections.
+    let relay = Relay::start(kept.addr());
+    let pong = Resp::Simple("PONG".into());
+    let mut before = RespConn::connect(relay_addr(&relay)).expect("connect via relay");
+    assert_eq!(before.cmd(&["PING"]).expect("PING via relay"), pong);
+    relay.cut();
+    before.set_read_timeout(Duration::from_millis(300));
+    let e = before
+        .cmd(&["PING"])
+        .expect_err("PING answered through a cut relay");
+    assert!(
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    let mut during = RespConn::connect(relay_addr(&relay)).expect("connect to a cut relay");
+    during.set_read_timeout(Duration::from_millis(300));
+    assert!(during.cmd(&["PING"]).is_err(), "a cut relay answered");
+    relay.heal();
+    for mut old in [before, during] {
+        old.set_read_timeout(IO_TIMEOUT);
+        let r = old.cmd(&["PING"]);
+        assert!(
+            !matches!(r, Ok(Resp::Simple(_))),
+            "a connection from before the heal still works: {r:?}"
+        );
+    }
+    let mut after = RespConn::connect(relay_addr(&relay)).expect("connect via relay");
+    assert_eq!(after.cmd(&["PING"]).expect("PING after heal"), pong);
 
     let mut lost = Redis::start();
     lost.cmd(&["SET", "k", "v"]);
@@ -539,6 +577,50 @@ fn redis_down_under_load_decisions_go_on_and_nodes_converge_after() {
 #[test]
 fn redis_back_empty_nodes_still_converge() {
     redis_outage("empty", true);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4b. A partition: one node's link to Redis cut without a word (no reset, no error)
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_node_cut_off_by_a_silent_partition_goes_on_and_converges_after() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.addr());
+    let delay = LOAD_DELAY_SECS.to_string();
+    let cluster = Cluster::new(&redis, "partition", &["--delay", &delay]);
+    let a = cluster.node_at(&relay.url(), "a", &[]);
+    let b = cluster.node("b", &[]);
+    let c = cluster.node("c", &[]);
+    let nodes = [("a", &a), ("b", &b), ("c", &c)];
+    let load = Load::start("partition", &nodes);
+    wait_status(&b, "b applied records from a", |s| applied_from(s, "a") > 0);
+    wait_status(&a, "a applied records from b", |s| applied_from(s, "b") > 0);
+
+    relay.cut();
+    // Only a's own timeouts can tell it: the relay closes nothing.
+    wait_connected(&a, false);
+    load.wait_answers(200, "during the partition");
+    // Each side whitelists a triplet the other cannot hear of.
+    let x = "192.0.2.60 mallory@sender.example nick@rcpt.example";
+    let y = "192.0.2.61 olivia@sender.example peggy@rcpt.example";
+    for (node, t) in [(&a, x), (&b, y)] {
+        assert!(ask(node, &format!("CHECK {t}")).starts_with("DEFER "));
+    }
+    sleep_past(LOAD_DELAY_SECS);
+    for (node, t) in [(&a, x), (&b, y)] {
+        assert_eq!(ask(node, &format!("CHECK {t}")), "PASS retried");
+    }
+    assert!(connected_of(&status(&b)) && connected_of(&status(&c)));
+
+    relay.heal();
+    wait_connected(&a, true);
+    load.wait_answers(200, "after the heal");
+    let reports = load.stop();
+    assert_no_errors(&reports);
+    wait_converged(&nodes);
+    assert_eq!(ask(&c, &format!("PEEK {x}")), "PASS known", "x on c");
+    assert_eq!(ask(&a, &format!("PEEK {y}")), "PASS known", "y on a");
 }
 
 // ---------------------------------------------------------------------------------------

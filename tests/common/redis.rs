@@ -262,6 +262,11 @@ impl RespConn {
         })
     }
 
+    /// Changes the read timeout (default [`IO_TIMEOUT`]).
+    pub fn set_read_timeout(&self, t: Duration) {
+        self.w.set_read_timeout(Some(t)).expect("set read timeout");
+    }
+
     /// Sends one command as an array of bulk strings and reads its reply.
     pub fn cmd(&mut self, args: &[&str]) -> std::io::Result<Resp> {
         let mut out = format!("*{}\r\n", args.len()).into_bytes();
@@ -399,6 +404,15 @@ impl Cluster {
         Server::start_in(dir, &args)
     }
 
+    /// Starts node `id` on a fresh data dir, reaching Redis at `url` (a [`Relay`]'s) instead
+    /// of the cluster's.
+    pub fn node_at(&self, url: &str, id: &str, extra: &[&str]) -> Server {
+        let mut args = self.args(id, extra);
+        args[1] = url.to_string(); // the value of --cluster-redis
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start_in(Self::dir_with_key(&self.key), &args)
+    }
+
     /// The full `serve` command line of node `id` on `data_dir`, with free ports, for a start
     /// that is expected to fail (`run_bin`).
     pub fn serve_args(&self, data_dir: &str, id: &str, extra: &[&str]) -> Vec<String> {
@@ -529,4 +543,161 @@ pub fn wait_connected(node: &Server, want: bool) -> Value {
     wait_status(node, &format!("cluster.connected {want}"), |s| {
         connected_of(s) == want
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// A link that can be cut
+// ---------------------------------------------------------------------------------------
+
+/// A TCP relay on a free loopback port in front of Redis, for one node: [`Relay::cut`] makes
+/// it a partitioned link (bytes stop flowing both ways, nothing is closed or reset, new
+/// connections are accepted and then hear nothing), [`Relay::heal`] ends every connection
+/// made before (as TCP would after its timeouts) and relays new ones again. Unlike a stopped
+/// Redis, the node sees no error: only its own timeouts can tell it the link is gone.
+pub struct Relay {
+    /// The port the node connects to.
+    pub port: u16,
+    state: Arc<RelayState>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    cut: std::sync::atomic::AtomicBool,
+    /// Bumped by every heal: pumps of an older epoch close their connection.
+    epoch: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+    /// Connections accepted while cut, held open without a word until the heal.
+    held: Mutex<Vec<TcpStream>>,
+}
+
+impl Relay {
+    /// Relays a free loopback port to `upstream`.
+    pub fn start(upstream: SocketAddr) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        listener.set_nonblocking(true).expect("nonblocking relay");
+        let state = Arc::new(RelayState::default());
+        let st = state.clone();
+        let accept = thread::spawn(move || {
+            while !st.stop.load(SeqCst) {
+                let down = match listener.accept() {
+                    Ok((down, _)) => down,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                let _ = down.set_nonblocking(false);
+                if st.cut.load(SeqCst) {
+                    st.held.lock().unwrap().push(down);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect_timeout(&upstream, Duration::from_secs(1)) else {
+                    continue; // Redis down: the node sees its connection closed
+                };
+                let epoch = st.epoch.load(SeqCst);
+                for (from, to) in [(&down, &up), (&up, &down)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    let st = st.clone();
+                    thread::spawn(move || pump(from, to, &st, epoch));
+                }
+            }
+        });
+        Self {
+            port,
+            state,
+            accept: Some(accept),
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT` of the relay.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts the link: nothing flows any more, nothing is closed.
+    pub fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Restores the link: every connection from before is closed, new ones are relayed.
+    pub fn heal(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state.epoch.fetch_add(1, SeqCst);
+        for s in self.state.held.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.state.cut.store(false, SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.state
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies `from` to `to` until EOF, an error, or a heal after which this connection is stale;
+/// while the link is cut it reads nothing, so the sender's bytes wait in the kernel.
+fn pump(mut from: TcpStream, mut to: TcpStream, st: &RelayState, epoch: u64) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    // A write never blocks a pump past a heal for long.
+    let _ = to.set_write_timeout(Some(Duration::from_secs(1)));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if st.epoch.load(SeqCst) != epoch || st.stop.load(SeqCst) {
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if st.cut.load(SeqCst) {
+            thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                // Bytes that arrive after the cut wait for the heal, which drops them with
+                // their connection.
+                while st.cut.load(SeqCst) && st.epoch.load(SeqCst) == epoch {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                if st.epoch.load(SeqCst) != epoch {
+                    continue;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+    }
 }
