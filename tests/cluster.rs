@@ -19,8 +19,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::redis::{
-    applied_from, connected_of, describe, peer_of, status, wait_connected, wait_converged,
-    wait_status, Cluster, Redis, Relay, Resp, RespConn, CONVERGE_TIMEOUT,
+    applied_from, connected_of, describe, peer_of, status, try_converged, wait_connected,
+    wait_converged, wait_status, Cluster, Redis, Relay, Resp, RespConn, CONVERGE_TIMEOUT,
 };
 use common::{poll, run_bin, sleep_past, Conn, Server, IO_TIMEOUT};
 
@@ -73,6 +73,8 @@ impl Client {
 #[derive(Debug, Default)]
 struct LoadReport {
     node: String,
+    /// New triplets sent: `load_triplet(tag, n, 0..sent_new)`.
+    sent_new: u64,
     /// Requests answered with DEFER or PASS.
     answered: u64,
     /// Failures (connect, write, read timeout, EOF, a reply that is neither DEFER nor PASS),
@@ -161,6 +163,7 @@ impl Load {
                             waiting
                                 .extend((next..next + 10).filter(|i| i % 3 == 0).map(|i| (now, i)));
                             next += 10;
+                            report.sent_new = next;
                         }
                         Err(e) => {
                             fail(format!("{e}"));
@@ -215,6 +218,53 @@ impl Load {
             .map(|t| t.join().expect("load thread"))
             .collect()
     }
+}
+
+/// Waits for the nodes to converge; if they do not, PEEKs every triplet the load sent on
+/// every node and panics naming those the nodes disagree on (with the statuses and logs).
+fn wait_converged_after(nodes: &[(&str, &Server)], tag: &str, reports: &[LoadReport]) {
+    let Err(digests) = try_converged(nodes) else {
+        return;
+    };
+    let mut differ = Vec::new();
+    let mut conns: Vec<Client> = nodes
+        .iter()
+        .map(|(_, n)| Client::connect(n.native).expect("connect to a node"))
+        .collect();
+    for (t, r) in reports.iter().enumerate() {
+        for chunk in (0..r.sent_new).collect::<Vec<_>>().chunks(500) {
+            let lines: Vec<String> = chunk
+                .iter()
+                .map(|&i| format!("PEEK {}", load_triplet(tag, t, i)))
+                .collect();
+            let answers: Vec<Vec<String>> = conns
+                .iter_mut()
+                .map(|c| c.pipeline(&lines).expect("PEEK"))
+                .collect();
+            for (k, &i) in chunk.iter().enumerate() {
+                let per_node: Vec<&str> = answers.iter().map(|a| a[k].as_str()).collect();
+                if per_node.windows(2).any(|w| w[0] != w[1]) {
+                    differ.push(format!(
+                        "{} #{i} (sent to {}): {per_node:?}",
+                        r.node, r.node
+                    ));
+                }
+            }
+        }
+    }
+    let names: Vec<&str> = nodes.iter().map(|(n, _)| *n).collect();
+    panic!(
+        "nodes {names:?} did not converge within {CONVERGE_TIMEOUT:?}: digests {digests:?}\n\
+         {} load triplets answered differently (PEEK on {names:?}), the first ones:\n  {}\n{}",
+        differ.len(),
+        differ
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  "),
+        describe(nodes)
+    );
 }
 
 /// Fails unless every load thread had answers and no error.
@@ -476,7 +526,7 @@ fn a_node_killed_under_load_restarts_at_once_and_catches_up() {
     assert_eq!(reports[0].errors, 0, "a failed requests: {:?}", reports[0]);
 
     let nodes = [("a", &a), ("b", &b), ("c", &c)];
-    wait_converged(&nodes);
+    wait_converged_after(&nodes, "kill9", &reports);
     let sb = status(&b);
     assert!(connected_of(&sb), "{sb}");
     assert!(applied_from(&sb, "a") > 0, "b after restart: {sb}");
@@ -485,6 +535,8 @@ fn a_node_killed_under_load_restarts_at_once_and_catches_up() {
         applied_from(&sc, "a") > 0 && applied_from(&sc, "b") > 0,
         "{sc}"
     );
+    // c had no load: it decided nothing and must not re-publish what it applied.
+    assert_eq!(sc["cluster"]["published_records"], 0, "{sc}");
     let sa = status(&a);
     assert!(applied_from(&sa, "b") > 0, "{sa}");
     let triplets = sa["table"]["triplets"].as_u64().unwrap_or(0);
@@ -672,6 +724,10 @@ fn a_node_started_later_learns_the_table_from_the_streams() {
         "{sc}"
     );
     assert_eq!(sc["table"]["triplets"], status(&a)["table"]["triplets"]);
+    // What c learnt it applied; it decided nothing, so it published nothing (a remote change
+    // is never re-published: with n nodes that would multiply the traffic by n).
+    assert_eq!(sc["cluster"]["published_records"], 0, "{sc}");
+    assert_eq!(redis.xlen(&cluster.stream("c")), 0, "c's stream");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -496,7 +496,12 @@ pub fn describe(nodes: &[(&str, &Server)]) -> String {
                 .chars()
                 .take(4000)
                 .collect::<String>();
-            let logs = n.logs();
+            // The periodic snapshot lines would hide the rest.
+            let logs: Vec<String> = n
+                .logs()
+                .into_iter()
+                .filter(|l| !l.contains("periodic snapshot written"))
+                .collect();
             let tail = logs[logs.len().saturating_sub(30)..].join("\n    ");
             format!("--- node {name}: {s}\n  last log lines:\n    {tail}")
         })
@@ -505,8 +510,8 @@ pub fn describe(nodes: &[(&str, &Server)]) -> String {
 }
 
 /// Waits (bounded by [`CONVERGE_TIMEOUT`]) until every node's digest is the same, and
-/// returns it; panics with every node's status and log tail if they never agree.
-pub fn wait_converged(nodes: &[(&str, &Server)]) -> String {
+/// returns it; or the last digests seen if they never agree.
+pub fn try_converged(nodes: &[(&str, &Server)]) -> Result<String, Vec<String>> {
     let mut last = Vec::new();
     let agreed = poll(CONVERGE_TIMEOUT, || {
         last = nodes.iter().map(|(_, n)| digest(n)).collect::<Vec<_>>();
@@ -514,7 +519,12 @@ pub fn wait_converged(nodes: &[(&str, &Server)]) -> String {
             .all(|w| w[0] == w[1])
             .then(|| last[0].clone())
     });
-    agreed.unwrap_or_else(|| {
+    agreed.ok_or(last)
+}
+
+/// Like [`try_converged`]; panics with every node's status and log tail if they never agree.
+pub fn wait_converged(nodes: &[(&str, &Server)]) -> String {
+    try_converged(nodes).unwrap_or_else(|last| {
         panic!(
             "nodes did not converge within {CONVERGE_TIMEOUT:?}: digests {last:?}\n{}",
             describe(nodes)
