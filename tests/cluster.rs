@@ -624,10 +624,17 @@ fn redis_outage(tag: &str, empty: bool) {
     for (name, n) in nodes {
         let s = status(n);
         assert!(connected_of(&s), "node {name}: {s}");
-        assert!(
-            n.logs().iter().any(|l| l.contains("cluster: lost redis")),
-            "node {name} logged no loss of Redis:\n{}",
-            n.logs().join("\n")
+        // One line per state change: connected, lost, connected again.
+        let logs = n.logs();
+        let count = |what: &str| logs.iter().filter(|l| l.contains(what)).count();
+        assert_eq!(
+            (
+                count("cluster: connected to redis"),
+                count("cluster: lost redis")
+            ),
+            (2, 1),
+            "node {name}: not one line per state change:\n{}",
+            logs.join("\n")
         );
     }
 }
