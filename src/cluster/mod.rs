@@ -195,6 +195,10 @@ struct State {
     pending: AtomicU64,
     rescanned: AtomicU64,
     peers: Mutex<BTreeMap<String, Peer>>,
+    /// The last entry of this node's own stream that Redis acknowledged: every record in it was
+    /// in the table before. Saved with snapshots, so a restart replays its own stream from there
+    /// (what it decided and published after the snapshot was taken).
+    own_position: Mutex<StreamId>,
     /// Replication lag per applied batch, in milliseconds.
     lag_ms: Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -301,13 +305,21 @@ impl Cluster {
     /// entry it names as applied is then in the snapshot, and replaying from it after a
     /// restart can only repeat changes (harmless), never miss one.
     pub fn positions(&self) -> ClusterState {
-        let peers = self
+        let mut peers: Vec<(String, StreamId)> = self
             .state
             .peers()
             .iter()
             .filter(|(_, p)| p.position != StreamId::ZERO)
             .map(|(n, p)| (n.clone(), p.position))
             .collect();
+        let own = *self
+            .state
+            .own_position
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if own != StreamId::ZERO {
+            peers.push((self.cfg.node_id.clone(), own));
+        }
         ClusterState {
             published_through: self.state.published_through.load(Relaxed),
             peers,

@@ -35,6 +35,8 @@ const FLUSH: Duration = Duration::from_millis(20);
 /// Records kept waiting for Redis before the engine's outboxes are left to fill (24 MB of
 /// triplets at most; the outboxes then hold keys, and a full one is rescanned instead).
 const PENDING_LIMIT: usize = 1_000_000;
+/// A republish sweep stops adding shards to what is pending past this many records.
+const SWEEP_BATCH: usize = 65_536;
 /// How long a read waits for a peer's entries.
 const BLOCK: Duration = Duration::from_millis(500);
 /// Entries per peer per read (each up to [`wire::MAX_RECORDS`] records).
@@ -109,6 +111,10 @@ pub(super) fn run(
             return;
         }
     };
+    let replay_from = *state
+        .own_position
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let r = Replicator {
         client,
         cfg,
@@ -121,6 +127,9 @@ pub(super) fn run(
         collected_ms: Cell::new(unix_ms()),
         republish: Cell::new(None),
         joined_once: Cell::new(false),
+        reading: Cell::new(false),
+        replay_own: Cell::new(Some(replay_from)),
+        replayed: Cell::new(0),
         told: Cell::new(false),
         refused: Cell::new(false),
     };
@@ -173,6 +182,14 @@ struct Replicator {
     /// A republish in progress: records changed since this second, from this shard on.
     republish: Cell<Option<(Secs, usize)>>,
     joined_once: Cell<bool>,
+    /// Whether peers' entries may be merged yet: not before the first join's sweep of this
+    /// node's own table is done, or that sweep would publish again what it merged.
+    reading: Cell<bool>,
+    /// This node's own stream still to be read back after a restart, from this entry on
+    /// (what it published after its snapshot was taken is in no snapshot).
+    replay_own: Cell<Option<StreamId>>,
+    /// Records of its own stream read back so far.
+    replayed: Cell<u64>,
     /// Whether the connection state was logged yet.
     told: Cell<bool>,
     /// Another live node holds our id (found after start): replication stopped.
@@ -291,6 +308,8 @@ impl Replicator {
                 }
                 let start = self.republish.get().map_or(since, |(s, _)| s.min(since));
                 self.republish.set(Some((start, 0)));
+            } else if first {
+                self.reading.set(true);
             }
         }
         self.ok();
@@ -331,17 +350,25 @@ impl Replicator {
         self.state
             .rescanned
             .fetch_add((pending.rescanned_shards - before) as u64, Relaxed);
-        if let Some((since, shard)) = self.republish.get() {
-            // A shard at a time, so a republish of millions of records never needs them all
-            // in memory at once.
+        if let Some((since, mut shard)) = self.republish.get() {
+            // Shard by shard while what waits stays small: a republish of millions of records
+            // never needs them all in memory at once, and a small table is swept at once.
             let (t, c) = self.engine.shard_counts();
-            if shard < t + c {
+            while shard < t + c && pending.triplets.len() + pending.clients.len() < SWEEP_BATCH {
                 self.engine
                     .changed_since_shard(shard, since, now, &mut pending);
-                self.republish.set(Some((since, shard + 1)));
+                shard += 1;
+            }
+            if shard < t + c {
+                self.republish.set(Some((since, shard)));
             } else {
-                info!(since = clock::to_unix(since), "cluster: republish done");
+                info!(
+                    since = clock::to_unix(since),
+                    "cluster: every record changed since then is queued for publishing"
+                );
                 self.republish.set(None);
+                // The first sweep saw only this node's own table: peers may be read now.
+                self.reading.set(true);
             }
         }
         coalesce(&mut pending);
@@ -429,7 +456,7 @@ impl Replicator {
                 (t, c)
             };
             let min_id = unix_ms().saturating_sub(self.cfg.retention.as_millis() as u64);
-            let _: Value = redis::cmd("XADD")
+            let id: String = redis::cmd("XADD")
                 .arg(&stream)
                 .arg("MINID")
                 .arg("~")
@@ -439,6 +466,14 @@ impl Replicator {
                 .arg(&blob[..])
                 .query_async(&mut con)
                 .await?;
+            if let Ok(id) = id.parse::<StreamId>() {
+                let mut own = self
+                    .state
+                    .own_position
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *own = (*own).max(id);
+            }
             let mut p = self.pending.borrow_mut();
             p.triplets.drain(..t);
             p.clients.drain(..c);
@@ -469,8 +504,8 @@ impl Replicator {
         let mut listed = Instant::now() - LEASE_EVERY;
         let mut gaps_checked = Instant::now() - GAP_CHECK_EVERY;
         while !self.stop.is_cancelled() {
-            if self.refused.get() {
-                self.pause().await;
+            if self.refused.get() || !self.reading.get() {
+                self.pause_briefly().await;
                 continue;
             }
             let c = match &mut con {
@@ -489,6 +524,11 @@ impl Replicator {
                 },
             };
             let step = async {
+                if let Some(from) = self.replay_own.get() {
+                    let next = self.replay_own_stream(c, from).await?;
+                    self.replay_own.set(next);
+                    return Ok(true);
+                }
                 if listed.elapsed() >= LEASE_EVERY {
                     self.list_peers(c).await?;
                     listed = Instant::now();
@@ -514,6 +554,66 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    async fn pause_briefly(&self) {
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = tokio::time::sleep(FLUSH) => {}
+        }
+    }
+
+    /// Reads back a batch of this node's own stream after `from` and merges it (what it
+    /// decided and published after its last snapshot). Returns where to go on, or `None` at
+    /// the end.
+    async fn replay_own_stream(
+        &self,
+        con: &mut MultiplexedConnection,
+        from: StreamId,
+    ) -> Result<Option<StreamId>, redis::RedisError> {
+        let start = if from == StreamId::ZERO {
+            "-".to_string()
+        } else {
+            format!("({from}")
+        };
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.cfg.stream_of(&self.cfg.node_id))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(READ_COUNT)
+            .query_async(con)
+            .await?;
+        let mut last = from;
+        let mut records = 0;
+        for entry in &reply.ids {
+            let Ok(id) = entry.id.parse::<StreamId>() else {
+                continue;
+            };
+            if let Some(Value::BulkString(b)) = entry.map.get("r") {
+                match wire::decode(b) {
+                    Ok(d) if d.meta.key_id == self.engine.key_id() => {
+                        let now = self.engine.now();
+                        records += self.engine.merge_triplets(d.triplets(), now).received;
+                        records += self.engine.merge_clients(d.clients(), now).received;
+                    }
+                    _ => {}
+                }
+            }
+            last = last.max(id);
+        }
+        self.replayed.set(self.replayed.get() + records as u64);
+        if reply.ids.len() < READ_COUNT {
+            if self.replayed.get() > 0 {
+                info!(
+                    records = self.replayed.get(),
+                    up_to = %last,
+                    "cluster: read back this node's own records published after its last snapshot"
+                );
+            }
+            return Ok(None);
+        }
+        Ok(Some(last))
     }
 
     async fn pause(&self) {
