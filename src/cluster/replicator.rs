@@ -130,6 +130,7 @@ pub(super) fn run(
         reading: Cell::new(false),
         replay_own: Cell::new(Some(replay_from)),
         replayed: Cell::new(0),
+        rejoin: Cell::new(true),
         told: Cell::new(false),
         refused: Cell::new(false),
     };
@@ -188,6 +189,8 @@ struct Replicator {
     /// This node's own stream still to be read back after a restart, from this entry on
     /// (what it published after its snapshot was taken is in no snapshot).
     replay_own: Cell<Option<StreamId>>,
+    /// Redis was lost since the last join: join again before publishing.
+    rejoin: Cell<bool>,
     /// Records of its own stream read back so far.
     replayed: Cell<u64>,
     /// Whether the connection state was logged yet.
@@ -228,6 +231,9 @@ impl Replicator {
     }
 
     fn lost(&self, why: &str) {
+        // Redis may come back empty: join again (and look for this node's stream) before the
+        // next XADD would create the stream afresh and hide that it was lost.
+        self.rejoin.set(true);
         // Once per loss (and once if Redis is away from the start).
         if self.state.connected.swap(false, Relaxed) || !self.told.replace(true) {
             warn!(
@@ -312,6 +318,9 @@ impl Replicator {
                 self.reading.set(true);
             }
         }
+        // Only now: a publish waiting for this join must not create the stream before the
+        // look above.
+        self.rejoin.set(false);
         self.ok();
         Ok(())
     }
@@ -325,14 +334,23 @@ impl Replicator {
             if self.refused.get() {
                 continue;
             }
-            match self.join().await {
-                Ok(()) => {}
-                Err(Fail::Redis(e)) => self.lost(&e.to_string()),
-                Err(Fail::Refused(e)) => {
-                    error!("cluster: replication stopped: {e}");
-                    self.refused.set(true);
-                    self.state.connected.store(false, Relaxed);
-                }
+            if let Err(e) = self.join_or_stop().await {
+                self.lost(&e.to_string());
+            }
+        }
+    }
+
+    /// [`Replicator::join`]; a refusal found now (Redis was away at the start, or another node
+    /// took this id meanwhile) stops the replication, the node goes on alone.
+    async fn join_or_stop(&self) -> Result<(), redis::RedisError> {
+        match self.join().await {
+            Ok(()) => Ok(()),
+            Err(Fail::Redis(e)) => Err(e),
+            Err(Fail::Refused(e)) => {
+                error!("cluster: replication stopped: {e}");
+                self.refused.set(true);
+                self.state.connected.store(false, Relaxed);
+                Ok(())
             }
         }
     }
@@ -435,6 +453,12 @@ impl Replicator {
     async fn publish(&self) -> Result<(), redis::RedisError> {
         if self.pending.borrow().is_empty() {
             return Ok(());
+        }
+        if self.rejoin.get() {
+            self.join_or_stop().await?;
+            if self.refused.get() {
+                return Ok(());
+            }
         }
         let mut con = self.manager().await?;
         let stream = self.cfg.stream_of(&self.cfg.node_id);

@@ -59,7 +59,7 @@ impl Redis {
     fn launch(persistent: bool) -> Self {
         let mut r = Self {
             child: None,
-            port: free_port(),
+            port: stable_port(),
             dir: TempDir::new("redis"),
             persistent,
             log: Lines::default(),
@@ -710,4 +710,24 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: &RelayState, epoch: u64) {
             }
         }
     }
+}
+
+/// A free loopback port *below* the kernel's ephemeral range (32768 and up by default), for a
+/// Redis that is stopped and started again on the same port: while it is down, the nodes keep
+/// reconnecting, and an ephemeral port (`free_port`) can be taken meanwhile by one of those
+/// connections' own source ports (a connect to a closed loopback port may even connect to
+/// itself), so the restart would find its port in use.
+fn stable_port() -> u16 {
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let mut rng = XorShift::new(seed);
+    for _ in 0..1000 {
+        let port = rng.range(20_000, 32_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
 }
