@@ -875,3 +875,146 @@ fn cluster_metrics_and_status_count_what_was_published_and_applied() {
     let single = Server::start(&[]);
     assert_eq!(status(&single)["cluster"], serde_json::Value::Null);
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. A restart replays each peer from the entry its snapshot names; a trimmed gap is counted
+// ---------------------------------------------------------------------------------------
+
+/// Sends `n` CHECKs of new triplets tagged `round` to `node`, as one pipelined batch.
+fn check_round(node: &Server, round: &str, n: usize) {
+    let lines: Vec<String> = (0..n)
+        .map(|i| format!("CHECK 203.0.113.{i} {round}{i}@sender.example r{i}@rcpt.example"))
+        .collect();
+    let mut conn = Client::connect(node.native).expect("connect");
+    for r in conn.pipeline(&lines).expect("CHECKs") {
+        assert!(r.starts_with("DEFER "), "{r:?}");
+    }
+}
+
+#[test]
+fn a_restart_replays_from_its_snapshot_and_counts_a_trimmed_gap() {
+    let redis = Redis::start();
+    let cluster = Cluster::new(&redis, "gap", &["--delay", "1h"]);
+    let a = cluster.node("a", &[]);
+    let mut b = cluster.node("b", &[]);
+    check_round(&a, "before", 10);
+    wait_converged(&[("a", &a), ("b", &b)]);
+    // A graceful stop: the final snapshot holds b's position in a's stream.
+    b.terminate();
+
+    // While b is down, a publishes three rounds (three entries at least, 20 ms apart)...
+    for round in ["lost1", "lost2", "kept"] {
+        check_round(&a, round, 10);
+        thread::sleep(Duration::from_millis(200));
+    }
+    // ...and everything but the newest entry is trimmed before b reads it.
+    let stream = cluster.stream("a");
+    let newest = newest_id(&redis, &stream);
+    let before = redis.xlen(&stream);
+    redis.cmd(&["XTRIM", &stream, "MINID", &newest]);
+    assert_eq!(
+        redis.xlen(&stream),
+        1,
+        "XTRIM left more than the newest of {before} entries"
+    );
+
+    b.restart();
+    b.wait_log("b counts the gap", |l| {
+        l.contains("trimmed before this node read them")
+    });
+    let s = wait_status(&b, "b at the end of a's stream", |s| {
+        peer_of(s, "a").and_then(|p| p["last_id"].as_str()) == Some(newest.as_str())
+    });
+    let peer = peer_of(&s, "a").expect("peer a");
+    assert_eq!(peer["gaps"], 1, "{s}");
+    // b went on from its snapshot's position: what it read after the restart is the newest
+    // entry only (the 10 "kept" records), not a's stream from the start (which would also
+    // have counted the 10 "before" records, still in the stream had they not been trimmed).
+    assert_eq!(applied_from(&s, "a"), 10, "{s}");
+    for i in [0, 9] {
+        let t = format!("203.0.113.{i} kept{i}@sender.example r{i}@rcpt.example");
+        assert!(
+            ask(&b, &format!("PEEK {t}")).starts_with("DEFER "),
+            "kept {i}"
+        );
+        let before = format!("203.0.113.{i} before{i}@sender.example r{i}@rcpt.example");
+        assert!(ask(&b, &format!("PEEK {before}")).starts_with("DEFER "));
+    }
+    // The cost of the gap: the trimmed records are missing on b (20 of them), nothing else.
+    let (ta, tb) = (
+        status(&a)["table"]["triplets"].as_u64().unwrap_or(0),
+        s["table"]["triplets"].as_u64().unwrap_or(0),
+    );
+    assert_eq!(ta - tb, 20, "a {ta}, b {tb}");
+    let m = b.metrics();
+    assert_eq!(
+        common::metric_value(&m, r#"greyhound_cluster_gaps_total{peer="a"}"#),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. The Redis ACL of docs/OPERATIONS.md: a node may write only its own stream
+// ---------------------------------------------------------------------------------------
+
+/// The `ACL SETUSER mx1 …` command of docs/OPERATIONS.md, for `user` with `password` on
+/// cluster `name`, as words.
+fn documented_acl(user: &str, password: &str, name: &str) -> Vec<String> {
+    let doc = common::operations_md();
+    let start = doc
+        .find("ACL SETUSER mx1")
+        .expect("docs/OPERATIONS.md shows an ACL SETUSER mx1 command");
+    let block = &doc[start..doc[start..].find("```").map_or(doc.len(), |e| start + e)];
+    block
+        .split_whitespace()
+        .map(|w| {
+            w.replace("mx1", user)
+                .replace(">long-random-password", &format!(">{password}"))
+                .replace("greyhound:", &format!("{name}:"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_documented_acl_lets_a_node_write_only_its_own_stream() {
+    let redis = Redis::start();
+    let cluster = Cluster::new(&redis, "acl", &["--delay", "1s"]);
+    for node in ["a", "b"] {
+        let words = documented_acl(node, &format!("pw-{node}"), &cluster.name);
+        let args: Vec<&str> = words.iter().map(String::as_str).collect();
+        let reply = redis.cmd(&args);
+        assert!(
+            matches!(reply, Resp::Simple(ref s) if s == "OK"),
+            "{args:?}: {reply:?}"
+        );
+    }
+    let url = |node: &str| {
+        let addr = redis.addr();
+        format!("redis://{node}:pw-{node}@{addr}")
+    };
+    let a = cluster.node_at(&url("a"), "a", &[]);
+    let b = cluster.node_at(&url("b"), "b", &[]);
+    wait_connected(&a, true);
+    wait_connected(&b, true);
+    let t = "192.0.2.77 acl@sender.example acl@rcpt.example";
+    assert!(ask(&a, &format!("CHECK {t}")).starts_with("DEFER "));
+    sleep_past(1);
+    assert_eq!(ask(&b, &format!("CHECK {t}")), "PASS retried");
+    wait_converged(&[("a", &a), ("b", &b)]);
+
+    // As a, writing b's stream or taking b's lease is refused by Redis.
+    let mut conn = RespConn::connect(redis.addr()).expect("connect to redis");
+    let auth = conn.cmd(&["AUTH", "a", "pw-a"]).expect("AUTH");
+    assert!(matches!(auth, Resp::Simple(ref s) if s == "OK"), "{auth:?}");
+    for cmd in [
+        vec!["XADD", &cluster.stream("b"), "*", "r", "x"],
+        vec!["SET", &format!("{}:node:b", cluster.name), "x"],
+    ] {
+        let reply = conn.cmd(&cmd).expect("command");
+        assert!(
+            matches!(&reply, Resp::Error(e) if e.starts_with("NOPERM")),
+            "{cmd:?} as a: {reply:?}"
+        );
+    }
+}

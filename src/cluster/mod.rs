@@ -182,8 +182,6 @@ struct Peer {
     status: PeerStatus,
     /// The last entry applied: reading goes on after it.
     position: StreamId,
-    /// The largest trimmed id already counted as a gap.
-    gap_seen: StreamId,
 }
 
 /// State shared between the replication thread and the rest of the server.

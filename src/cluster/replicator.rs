@@ -8,7 +8,9 @@
 //!   rescanned when Redis is back — memory stays bounded and nothing is lost.
 //! - **read**: `XREAD BLOCK` over every peer's stream on a connection of its own (a blocking
 //!   read would hold up the publisher's commands on a shared one), with a response timeout
-//!   longer than the block; each batch is checked ([`wire::decode`], key id) and merged.
+//!   longer than the block; each batch is checked ([`wire::decode`], key id) and merged. Each
+//!   entry also names the entry before it in its stream (field `p`): a reader that never read
+//!   that one missed entries (trimmed, or lost with Redis's data) and counts a gap.
 //! - **lease** (every [`LEASE_EVERY`]): holds this node's id (`node:<id>`, expires after
 //!   [`LEASE_TTL`]), checks the cluster's key and masking, registers the id in `nodes`, and
 //!   notices a Redis that came back empty (the lease is gone): then every record changed within
@@ -46,8 +48,6 @@ const LEASE_EVERY: Duration = Duration::from_secs(2);
 /// How long a lease outlives its last renewal: how long the id of a node that died stays
 /// refused to a *different* node (its own restart takes it over at once).
 const LEASE_TTL: Duration = Duration::from_secs(15);
-/// How often each peer's stream is checked for entries trimmed before this node read them.
-const GAP_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// Connecting, and any command but the blocking read.
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// The first contact at start: longer than this and the node starts alone.
@@ -88,7 +88,6 @@ pub(super) fn peer_at(node: &str, id: StreamId) -> Peer {
             ..PeerStatus::default()
         },
         position: id,
-        gap_seen: StreamId::ZERO,
     }
 }
 
@@ -480,6 +479,11 @@ impl Replicator {
                 (t, c)
             };
             let min_id = unix_ms().saturating_sub(self.cfg.retention.as_millis() as u64);
+            let previous = *self
+                .state
+                .own_position
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let id: String = redis::cmd("XADD")
                 .arg(&stream)
                 .arg("MINID")
@@ -488,6 +492,9 @@ impl Replicator {
                 .arg("*")
                 .arg("r")
                 .arg(&blob[..])
+                // The entry this one follows: a reader that has not seen it missed some.
+                .arg("p")
+                .arg(previous.to_string())
                 .query_async(&mut con)
                 .await?;
             if let Ok(id) = id.parse::<StreamId>() {
@@ -526,7 +533,6 @@ impl Replicator {
     async fn read_loop(&self) {
         let mut con: Option<MultiplexedConnection> = None;
         let mut listed = Instant::now() - LEASE_EVERY;
-        let mut gaps_checked = Instant::now() - GAP_CHECK_EVERY;
         while !self.stop.is_cancelled() {
             if self.refused.get() || !self.reading.get() {
                 self.pause_briefly().await;
@@ -535,11 +541,7 @@ impl Replicator {
             let c = match &mut con {
                 Some(c) => c,
                 None => match self.reader().await {
-                    Ok(c) => {
-                        // After a reconnect, look for trimmed entries at once.
-                        gaps_checked = Instant::now() - GAP_CHECK_EVERY;
-                        con.insert(c)
-                    }
+                    Ok(c) => con.insert(c),
                     Err(e) => {
                         self.lost(&e.to_string());
                         self.pause().await;
@@ -556,10 +558,6 @@ impl Replicator {
                 if listed.elapsed() >= LEASE_EVERY {
                     self.list_peers(c).await?;
                     listed = Instant::now();
-                }
-                if gaps_checked.elapsed() >= GAP_CHECK_EVERY {
-                    self.check_gaps(c).await?;
-                    gaps_checked = Instant::now();
                 }
                 self.read_once(c).await
             };
@@ -627,6 +625,15 @@ impl Replicator {
             last = last.max(id);
         }
         self.replayed.set(self.replayed.get() + records as u64);
+        {
+            // What this node publishes next follows the newest entry of its stream.
+            let mut own = self
+                .state
+                .own_position
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *own = (*own).max(last);
+        }
         if reply.ids.len() < READ_COUNT {
             if self.replayed.get() > 0 {
                 info!(
@@ -658,56 +665,6 @@ impl Replicator {
             if n != self.cfg.node_id && !peers.contains_key(&n) {
                 info!(peer = %n, "cluster: found peer");
                 peers.insert(n.clone(), peer_at(&n, StreamId::ZERO));
-            }
-        }
-        Ok(())
-    }
-
-    /// Counts, per peer, entries trimmed from its stream before this node read them (Redis
-    /// records the largest id it ever deleted from a stream).
-    async fn check_gaps(&self, con: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
-        let peers: Vec<(String, StreamId)> = self
-            .state
-            .peers()
-            .iter()
-            .map(|(n, p)| (n.clone(), p.position))
-            .collect();
-        for (node, position) in peers {
-            let info: Result<Value, _> = redis::cmd("XINFO")
-                .arg("STREAM")
-                .arg(self.cfg.stream_of(&node))
-                .query_async(con)
-                .await;
-            let deleted = match info {
-                Ok(v) => max_deleted_id(&v),
-                // No such stream (not written yet, or Redis lost it): nothing trimmed.
-                Err(e)
-                    if e.kind()
-                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
-                {
-                    None
-                }
-                Err(e) => return Err(e),
-            };
-            let Some(deleted) = deleted else { continue };
-            if position == StreamId::ZERO || deleted <= position {
-                continue;
-            }
-            let mut peers = self.state.peers();
-            let Some(p) = peers.get_mut(&node) else {
-                continue;
-            };
-            // Each trimmed range is counted once, however often it is looked at; reading goes
-            // on from the first entry still there.
-            if deleted > p.position && deleted > p.gap_seen {
-                p.status.gaps += 1;
-                p.gap_seen = deleted;
-                warn!(
-                    peer = %node,
-                    applied_up_to = %p.position,
-                    trimmed_up_to = %deleted,
-                    "cluster: entries of a peer were trimmed before this node read them (a gap); each lost record costs at most one extra deferral"
-                );
             }
         }
         Ok(())
@@ -798,10 +755,30 @@ impl Replicator {
                 Ok((t.received + c.received, d.meta.created_ms))
             }
         };
+        let previous = match entry.map.get("p") {
+            Some(Value::BulkString(b)) => std::str::from_utf8(b)
+                .ok()
+                .and_then(|t| t.parse::<StreamId>().ok()),
+            _ => None,
+        };
         let mut peers = self.state.peers();
         let p = peers
             .entry(node.to_string())
             .or_insert_with(|| peer_at(node, StreamId::ZERO));
+        // The entry names the one before it: if this node never read that one, the entries in
+        // between were trimmed (or lost with Redis's data) before it could. A node reading a
+        // stream from its start learns what the retention still holds; that is no gap.
+        if let Some(previous) = previous {
+            if p.position != StreamId::ZERO && previous > p.position {
+                p.status.gaps += 1;
+                warn!(
+                    peer = %node,
+                    applied_up_to = %p.position,
+                    missed_up_to = %previous,
+                    "cluster: entries of a peer were trimmed before this node read them (a gap); each lost record costs at most one extra deferral"
+                );
+            }
+        }
         match outcome {
             Ok((records, created_ms)) => {
                 p.status.applied_records += records as u64;
@@ -849,28 +826,6 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `max-deleted-entry-id` of an `XINFO STREAM` reply (RESP2 flat list or RESP3 map).
-fn max_deleted_id(v: &Value) -> Option<StreamId> {
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    };
-    let pairs: Vec<(&Value, &Value)> = match v {
-        Value::Array(items) => items
-            .chunks(2)
-            .filter_map(|p| Some((p.first()?, p.get(1)?)))
-            .collect(),
-        Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
-        _ => return None,
-    };
-    pairs
-        .into_iter()
-        .find(|(k, _)| text(k).as_deref() == Some("max-deleted-entry-id"))
-        .and_then(|(_, v)| text(v)?.parse().ok())
-        .filter(|id| *id != StreamId::ZERO)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -897,23 +852,5 @@ mod tests {
                 TripletRecord::from_parts(k(2), 10, 20, true),
             ]
         );
-    }
-
-    #[test]
-    fn reads_the_largest_deleted_id_from_either_reply_shape() {
-        let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
-        let flat = Value::Array(vec![
-            s("length"),
-            Value::Int(3),
-            s("max-deleted-entry-id"),
-            s("1700000000000-3"),
-        ]);
-        assert_eq!(
-            max_deleted_id(&flat),
-            Some(StreamId::new(1_700_000_000_000, 3))
-        );
-        let map = Value::Map(vec![(s("max-deleted-entry-id"), s("0-0"))]);
-        assert_eq!(max_deleted_id(&map), None);
-        assert_eq!(max_deleted_id(&Value::Nil), None);
     }
 }
