@@ -290,7 +290,8 @@ impl Replicator {
             .arg(&self.cfg.node_id)
             .query_async(&mut con)
             .await?;
-        let first = !self.joined_once.replace(true);
+        // Marked joined only at the end: a join that fails halfway is still the first.
+        let first = !self.joined_once.get();
         if fresh || first {
             let exists: bool = redis::cmd("EXISTS")
                 .arg(self.cfg.stream_of(&self.cfg.node_id))
@@ -299,13 +300,20 @@ impl Replicator {
             let now = self.engine.now();
             let within_retention = now.saturating_sub(self.cfg.retention.as_secs() as Secs);
             let through = self.state.published_through.load(Relaxed);
-            let since = if !exists || through == 0 {
-                within_retention
-            } else if first {
-                through + 1
-            } else {
+            let since = match (first, exists) {
+                // A node that never published (new in the cluster, or a single node joining
+                // one) shares its whole table: the others know none of it.
+                (true, _) if through == 0 => 0,
+                // A restart: what changed since its last confirmed publish (what it published
+                // after its snapshot is read back from its stream instead).
+                (true, true) => through + 1,
+                // Its stream is gone although it published (Redis came back empty): what a
+                // node joining now could have learnt from it (and, after a restart, whatever
+                // it changed since its last confirmed publish).
+                (true, false) => within_retention.min(through + 1),
+                (false, false) => within_retention,
                 // The lease had lapsed but the stream is there: nothing was lost.
-                Secs::MAX
+                (false, true) => Secs::MAX,
             };
             if since != Secs::MAX {
                 if !first && !exists {
@@ -319,6 +327,7 @@ impl Replicator {
         }
         // Only now: a publish waiting for this join must not create the stream before the
         // look above.
+        self.joined_once.set(true);
         self.rejoin.set(false);
         self.ok();
         Ok(())
