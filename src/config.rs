@@ -90,7 +90,7 @@ pub const MIN_CLUSTER_RETENTION_SECS: u32 = 60;
 /// memory grows with the retention, and a node down for longer is better rebuilt from a snapshot.
 pub const MAX_CLUSTER_RETENTION_SECS: u32 = 30 * 86_400;
 
-/// The hint appended to every refused `cluster-redis`, listing the accepted forms (DESIGN §9).
+/// The hint appended to every refused `cluster-redis`, listing the accepted forms (docs/OPERATIONS.md, "Running a cluster").
 const REDIS_URL_HINT: &str = "(use redis://[user:password@]host:port[/db], rediss://... for TLS, \
      or unix:///path/to/redis.sock; empty: no cluster)";
 
@@ -468,7 +468,7 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
 }
 
 /// Parses `cluster-redis`: empty means no cluster (`None`); otherwise the URL must be one of the
-/// forms of DESIGN §9, checked by its syntax only (nothing is resolved or connected to here). The
+/// forms of docs/OPERATIONS.md section 16, checked by its syntax only (nothing is resolved or connected to here). The
 /// error quotes the value with its password hidden.
 pub fn parse_cluster_redis(s: &str) -> Result<Option<String>, String> {
     if s.is_empty() {

@@ -1,4 +1,4 @@
-//! Multi-node replication (DESIGN §9) against a real `redis-server` (Debian's package; the
+//! Multi-node replication (docs/OPERATIONS.md, "Running a cluster") against a real `redis-server` (Debian's package; the
 //! test command installs it when missing): every test starts its own Redis on a free
 //! loopback port and two or three `greyhound serve` nodes sharing one hash key, then compares
 //! the nodes' tables through the digest of `GET /status`.
@@ -576,7 +576,7 @@ fn redis_outage(tag: &str, empty: bool) {
     load.wait_answers(100, "before the outage");
     if empty {
         // What Redis loses with its data and a peer had not read yet is lost for that peer
-        // (DESIGN §9: at most one extra deferral each); so the table is made whole before.
+        // (at most one extra deferral each); so the table is made whole before.
         assert_no_errors(&load.stop());
         wait_converged(&nodes);
         load = Load::start(&format!("{tag}2"), &nodes);

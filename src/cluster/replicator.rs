@@ -1,9 +1,10 @@
 //! The replication thread: three loops on one single-threaded runtime.
 //!
 //! - **publish** (every [`FLUSH`]): collects the engine's changes, coalesces them by key (the
-//!   latest state wins: a record's state only moves forward here), and `XADD`s them to this
-//!   node's stream in batches of at most [`wire::MAX_RECORDS`], trimming entries older than
-//!   the retention (`MINID ~`). While Redis is away the changes wait here, up to
+//!   latest state wins: a record's state only moves forward here), and once [`PUBLISH_AT`]
+//!   records wait or the oldest has waited [`MAX_WAIT`], `XADD`s them to this node's stream in
+//!   batches of at most [`wire::MAX_RECORDS`], trimming entries older than the retention
+//!   (`MINID ~`). While Redis is away the changes wait here, up to
 //!   [`PENDING_LIMIT`]; past that the engine's bounded outboxes fill and the shards are
 //!   rescanned when Redis is back — memory stays bounded and nothing is lost.
 //! - **read**: `XREAD BLOCK` over every peer's stream on a connection of its own (a blocking
@@ -34,11 +35,18 @@ use crate::engine::{clock, AwlRecord, Changes, Engine, Secs, TripletRecord};
 
 /// How often changes are collected and published: the bulk of the replication lag.
 const FLUSH: Duration = Duration::from_millis(20);
+/// Pending records that make an entry worth writing at once (see `Replicator::due`).
+const PUBLISH_AT: usize = 1024;
+/// The longest a change waits for more to share its entry (see `Replicator::due`).
+const MAX_WAIT: Duration = Duration::from_millis(100);
 /// Records kept waiting for Redis before the engine's outboxes are left to fill (24 MB of
 /// triplets at most; the outboxes then hold keys, and a full one is rescanned instead).
 const PENDING_LIMIT: usize = 1_000_000;
 /// A republish sweep stops adding shards to what is pending past this many records.
 const SWEEP_BATCH: usize = 65_536;
+/// Reads of peers' streams start at most this often (see `read_loop`); adds at most this much
+/// to the replication lag.
+const READ_EVERY: Duration = Duration::from_millis(20);
 /// How long a read waits for a peer's entries.
 const BLOCK: Duration = Duration::from_millis(500);
 /// Entries per peer per read (each up to [`wire::MAX_RECORDS`] records).
@@ -430,8 +438,10 @@ impl Replicator {
                 tokio::time::timeout(TIMEOUT, self.publish())
                     .await
                     .unwrap_or(Ok(()))
-            } else {
+            } else if self.due() {
                 self.publish().await
+            } else {
+                Ok(())
             };
             match result {
                 Ok(()) => {
@@ -455,6 +465,19 @@ impl Replicator {
                 return;
             }
         }
+    }
+
+    /// Whether what is pending should leave now: enough of it for a well-filled entry, or its
+    /// oldest change has waited [`MAX_WAIT`]. A busy node publishes every [`FLUSH`]; a quiet
+    /// one writes fewer, fuller entries, and Redis keeps ~360 bytes per entry besides the
+    /// records (docs/SCALING.md).
+    fn due(&self) -> bool {
+        let p = self.pending.borrow();
+        p.triplets.len() + p.clients.len() >= PUBLISH_AT
+            || self
+                .oldest_ms
+                .get()
+                .is_some_and(|t| unix_ms().saturating_sub(t) >= MAX_WAIT.as_millis() as u64)
     }
 
     /// XADDs what is pending, a batch at a time; a batch leaves `pending` only once Redis took it.
@@ -570,12 +593,25 @@ impl Replicator {
                 }
                 self.read_once(c).await
             };
+            let started = Instant::now();
             let result = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 r = step => r,
             };
             match result {
-                Ok(true) => {}
+                Ok(true) => {
+                    // At most one read per READ_EVERY: a blocked read returns as soon as any
+                    // one peer publishes, so without this each node would read once per entry
+                    // of every peer — N × (N − 1) reads of N − 1 keys per publishing interval
+                    // for Redis (docs/SCALING.md). Entries arriving meanwhile come together.
+                    let left = READ_EVERY.saturating_sub(started.elapsed());
+                    if !left.is_zero() {
+                        tokio::select! {
+                            _ = self.stop.cancelled() => return,
+                            _ = tokio::time::sleep(left) => {}
+                        }
+                    }
+                }
                 // No peer yet.
                 Ok(false) => self.pause().await,
                 Err(e) => {

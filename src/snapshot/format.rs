@@ -37,10 +37,10 @@ pub const AWL_LEN: usize = 32;
 pub const CLUSTER_HEAD_LEN: usize = 8;
 /// Bytes of a peer entry before its node id (which is 1 to [`MAX_NODE_ID_LEN`] bytes).
 pub const PEER_FIXED_LEN: usize = 17;
-/// Most peers a cluster section may list. Far above any real cluster (DESIGN §9 plans for
+/// Most peers a cluster section may list. Far above any real cluster (the design plans for
 /// 2–50 nodes), low enough that a damaged count cannot make the reader allocate much.
 pub const MAX_PEERS: usize = 4096;
-/// Longest node id, in bytes (DESIGN §9: `[A-Za-z0-9_.-]{1,64}`).
+/// Longest node id, in bytes (`[A-Za-z0-9_.-]{1,64}`).
 pub const MAX_NODE_ID_LEN: usize = 64;
 /// Longest possible cluster section: [`MAX_PEERS`] entries with the longest ids (331 784
 /// bytes). A header announcing more is refused before the file's length is even compared.
@@ -104,10 +104,10 @@ pub mod header {
     pub const CLUSTER_HEAD_LEN: usize = 8;
     /// Bytes of a peer entry before its node id (which is 1 to [`MAX_NODE_ID_LEN`] bytes).
     pub const PEER_FIXED_LEN: usize = 17;
-    /// Most peers a cluster section may list. Far above any real cluster (DESIGN §9 plans for
+    /// Most peers a cluster section may list. Far above any real cluster (the design plans for
     /// 2–50 nodes), low enough that a damaged count cannot make the reader allocate much.
     pub const MAX_PEERS: usize = 4096;
-    /// Longest node id, in bytes (DESIGN §9: `[A-Za-z0-9_.-]{1,64}`).
+    /// Longest node id, in bytes (`[A-Za-z0-9_.-]{1,64}`).
     pub const MAX_NODE_ID_LEN: usize = 64;
     /// Longest possible cluster section: [`MAX_PEERS`] entries with the longest ids (331 784
     /// bytes). A header announcing more is refused before the file's length is even compared.
@@ -593,7 +593,7 @@ pub fn verify(file: &[u8]) -> Result<View<'_>, FormatError> {
     })
 }
 
-/// Whether `id` is a valid node id: `[A-Za-z0-9_.-]{1,64}` (DESIGN §9).
+/// Whether `id` is a valid node id: `[A-Za-z0-9_.-]{1,64}`.
 pub fn valid_node_id(id: &[u8]) -> bool {
     (1..=MAX_NODE_ID_LEN).contains(&id.len())
         && id

@@ -10,7 +10,8 @@
 //!
 //! With clustering on, the file also holds the node's replication state ([`ClusterState`],
 //! written by [`Writer::write_with`]): after a restart the node answers from the loaded table
-//! at once and replays each peer's stream from the entry recorded here (DESIGN §9).
+//! at once and replays each peer's stream, and its own, from the entry recorded here
+//! (docs/OPERATIONS.md, "Running a cluster").
 //!
 //! Loading ([`load`]) maps the newest snapshot, verifies length and checksums before trusting
 //! a record, and falls back to the previous one if anything is wrong, renaming the bad file
