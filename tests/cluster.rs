@@ -1018,3 +1018,137 @@ fn the_documented_acl_lets_a_node_write_only_its_own_stream() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 11. rediss://: two nodes replicate through Redis over TLS
+// ---------------------------------------------------------------------------------------
+
+/// A `redis-server` listening only on a TLS port, with a certificate from a CA made here.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: common::TempDir,
+}
+
+impl TlsRedis {
+    fn start() -> Self {
+        let dir = common::TempDir::new("tls");
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.join(""))
+                .output()
+                .expect("run openssl (tests/run.sh installs it)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=greyhound test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("write ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        let port = common::free_port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--tls-cert-file", "srv.pem", "--tls-key-file", "srv.key"])
+            .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+            .args(["--save", "", "--appendonly", "no", "--dir", "."])
+            .current_dir(dir.join(""))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let up = poll(IO_TIMEOUT, || {
+            TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        });
+        assert!(
+            up.is_some(),
+            "redis-server with TLS did not listen on {port}"
+        );
+        Self { child, port, dir }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_nodes_replicate_through_redis_over_tls() {
+    let redis = Redis::start(); // only names the cluster; the nodes use the TLS one
+    let tls = TlsRedis::start();
+    let cluster = Cluster::new(&redis, "tls", &["--delay", "1s"]);
+    let url = format!("rediss://127.0.0.1:{}", tls.port);
+    let ca = tls.dir.file("ca.pem");
+    let env = [("SSL_CERT_FILE", ca.as_str())];
+    let a = cluster.node_at_env(&url, "a", &env);
+    let b = cluster.node_at_env(&url, "b", &env);
+    wait_connected(&a, true);
+    wait_connected(&b, true);
+    let t = "192.0.2.88 tls@sender.example tls@rcpt.example";
+    assert!(ask(&a, &format!("CHECK {t}")).starts_with("DEFER "));
+    sleep_past(1);
+    assert_eq!(ask(&b, &format!("CHECK {t}")), "PASS retried");
+    wait_converged(&[("a", &a), ("b", &b)]);
+
+    // Without the CA, the certificate is not trusted: the node says so and goes on alone.
+    let c = cluster.node_at_env(&url, "c", &[]);
+    c.wait_log("c refuses the certificate", |l| {
+        l.contains("lost redis") && l.contains("certificate")
+    });
+    assert!(!connected_of(&status(&c)));
+    assert!(ask(&c, &format!("CHECK {t}")).starts_with("DEFER "));
+}

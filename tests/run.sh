@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 #   systemd  tests/systemd.rs checks contrib/greyhound.service with systemd-analyze (offline:
 #            no running systemd is needed).
 #   redis-server  tests/cluster.rs starts private Redis servers (own port and temp dir each).
+#   openssl  tests/cluster.rs makes a private CA and certificate for Redis over TLS.
 need_pkgs=()
-for pkg in postfix systemd redis-server; do
+for pkg in postfix systemd redis-server openssl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' \
         || need_pkgs+=("$pkg")
 done

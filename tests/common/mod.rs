@@ -108,11 +108,13 @@ const DEFAULTS: [(&str, &str); 4] = [
     ("--delay", "2s"),
 ];
 
-/// Spawns `greyhound ARGS` with the default log level, no stdin, stderr piped.
-fn spawn(args: &[&str], stdout: Stdio) -> Child {
+/// Spawns `greyhound ARGS` with the default log level, no stdin, stderr piped, and `env` added
+/// to the environment.
+fn spawn(args: &[&str], stdout: Stdio, env: &[(&str, &str)]) -> Child {
     Command::new(BIN)
         .args(args)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::piped())
@@ -147,6 +149,12 @@ impl Server {
     /// Starts a server whose data dir is `dir/data`; `dir` may already hold list files.
     /// Panics (with the server's log) unless it reports ready within [`IO_TIMEOUT`].
     pub fn start_in(dir: TempDir, extra: &[&str]) -> Self {
+        Self::start_in_env(dir, extra, &[])
+    }
+
+    /// [`Server::start_in`] with `env` added to the server's environment (not kept by
+    /// [`Server::restart`]).
+    pub fn start_in_env(dir: TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let data = dir.file("data");
         let mut args: Vec<&str> = vec!["serve", "--data-dir", &data];
         for (flag, value) in DEFAULTS {
@@ -155,7 +163,7 @@ impl Server {
             }
         }
         args.extend_from_slice(extra);
-        let mut child = spawn(&args, Stdio::null());
+        let mut child = spawn(&args, Stdio::null(), env);
         let logs: Logs = Arc::default();
         collect_lines(child.stderr.take().expect("piped stderr"), logs.clone());
         let deadline = Instant::now() + IO_TIMEOUT;
@@ -758,7 +766,7 @@ impl XorShift {
 
 /// Runs `greyhound ARGS` to completion (bounded): (exit status, stdout, stderr).
 pub fn run_bin(args: &[&str]) -> (ExitStatus, String, String) {
-    let mut child = spawn(args, Stdio::piped());
+    let mut child = spawn(args, Stdio::piped(), &[]);
     let out: Logs = Arc::default();
     let err: Logs = Arc::default();
     let readers = [

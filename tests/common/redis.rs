@@ -413,6 +413,15 @@ impl Cluster {
         Server::start_in(Self::dir_with_key(&self.key), &args)
     }
 
+    /// [`Cluster::node_at`] with `env` added to the node's environment (e.g. `SSL_CERT_FILE`,
+    /// the CA a `rediss://` connection trusts).
+    pub fn node_at_env(&self, url: &str, id: &str, env: &[(&str, &str)]) -> Server {
+        let mut args = self.args(id, &[]);
+        args[1] = url.to_string(); // the value of --cluster-redis
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start_in_env(Self::dir_with_key(&self.key), &args, env)
+    }
+
     /// The full `serve` command line of node `id` on `data_dir`, with free ports, for a start
     /// that is expected to fail (`run_bin`).
     pub fn serve_args(&self, data_dir: &str, id: &str, extra: &[&str]) -> Vec<String> {
