@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,42 +32,7 @@ const LOAD_DELAY_SECS: u64 = 1;
 // A small load: one thread per node, CHECKs of new triplets and retries of its own older ones
 // ---------------------------------------------------------------------------------------
 
-/// A native-protocol client that reports errors instead of panicking.
-struct Client {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> io::Result<Self> {
-        let w = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        w.set_read_timeout(Some(IO_TIMEOUT))?;
-        w.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(Self {
-            r: BufReader::new(w.try_clone()?),
-            w,
-        })
-    }
-
-    /// Sends every line at once, then reads one reply per line.
-    fn pipeline(&mut self, lines: &[String]) -> io::Result<Vec<String>> {
-        let mut out = String::new();
-        for l in lines {
-            out.push_str(l);
-            out.push('\n');
-        }
-        self.w.write_all(out.as_bytes())?;
-        let mut replies = Vec::with_capacity(lines.len());
-        for _ in lines {
-            let mut line = String::new();
-            if self.r.read_line(&mut line)? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            replies.push(line.trim_end().to_owned());
-        }
-        Ok(replies)
-    }
-}
+use common::PipeClient as Client;
 
 /// What one load thread saw.
 #[derive(Debug, Default)]

@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,44 +32,15 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A pipelining native-protocol client that reports errors instead of panicking, because the
-/// server it talks to may be killed under it.
-struct Client {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
+use common::PipeClient as Client;
+
+/// What the snapshot tests ask of a [`Client`] beyond a pipeline.
+trait Whitelisting {
+    fn whitelist(&mut self, ids: std::ops::Range<u64>) -> io::Result<Vec<(u64, u64)>>;
+    fn peek(&mut self, ids: &[u64]) -> Vec<String>;
 }
 
-impl Client {
-    fn connect(addr: SocketAddr) -> io::Result<Self> {
-        let w = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        w.set_read_timeout(Some(IO_TIMEOUT))?;
-        w.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(Self {
-            r: BufReader::new(w.try_clone()?),
-            w,
-        })
-    }
-
-    /// Sends every line at once, then reads one reply per line.
-    fn pipeline(&mut self, lines: &[String]) -> io::Result<Vec<String>> {
-        let mut out = String::new();
-        for l in lines {
-            out.push_str(l);
-            out.push('\n');
-        }
-        self.w.write_all(out.as_bytes())?;
-        let mut replies = Vec::with_capacity(lines.len());
-        let mut line = String::new();
-        for _ in lines {
-            line.clear();
-            if self.r.read_line(&mut line)? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            replies.push(line.trim_end().to_owned());
-        }
-        Ok(replies)
-    }
-
+impl Whitelisting for Client {
     /// With `--delay 0`: two CHECKs whitelist a new triplet. Returns the triplets whitelisted
     /// and, for each, a Unix second no earlier than the moment the server recorded it.
     fn whitelist(&mut self, ids: std::ops::Range<u64>) -> io::Result<Vec<(u64, u64)>> {

@@ -722,27 +722,8 @@ mod tests {
         );
     }
 
-    /// CRC-32C bit by bit (reflected polynomial 0x82F63B78), independent of the `crc32c`
-    /// crate, to show the trailer is the checksum the document names.
-    fn crc32c_reference(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
-    #[test]
-    fn crc_reference_matches_the_published_check_value() {
-        assert_eq!(crc32c_reference(b"123456789"), 0xE306_9283);
-    }
+    // Checked against the published check value in `snapshot::format`'s tests.
+    use crate::snapshot::format::crc32c_reference;
 
     /// A batch of one triplet and one client, written out by hand from the document's tables
     /// (little-endian); every value byte equals its own offset in the batch, so a field
@@ -849,26 +830,7 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/docs/CLUSTER_FORMAT.md"
         ));
-        let mut rows = Vec::new();
-        for line in doc.lines().filter(|l| l.starts_with('|')) {
-            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            // ["", offset, size, `name`, field, ...]
-            let Some(name) = cells
-                .get(3)
-                .and_then(|c| c.strip_prefix('`'))
-                .and_then(|c| c.strip_suffix('`'))
-                .filter(|c| c.contains("::"))
-            else {
-                continue;
-            };
-            let at: usize = cells[1]
-                .parse()
-                .unwrap_or_else(|_| panic!("offset of {name}"));
-            let size: usize = cells[2]
-                .parse()
-                .unwrap_or_else(|_| panic!("size of {name}"));
-            rows.push((name, Field { at, size }));
-        }
+        let rows = crate::snapshot::format::doc_table_fields(doc);
         assert_eq!(
             rows,
             FIELDS.to_vec(),

@@ -792,6 +792,53 @@ pub fn decode_awl(b: &[u8]) -> AwlRecord {
     )
 }
 
+/// CRC-32C bit by bit (reflected polynomial 0x82F63B78), independent of the `crc32c` crate,
+/// to show the checksums of this format and of the cluster's entry format are the CRC their
+/// documents name.
+#[cfg(test)]
+pub(crate) fn crc32c_reference(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The rows of a format document's layout tables that name a field constant (`| offset | size
+/// | `module::NAME` | ...`), as (name, field): what the doc-table tests of this format and of
+/// the cluster's entry format (`crate::cluster::wire`) compare with the constants.
+#[cfg(test)]
+pub(crate) fn doc_table_fields(doc: &str) -> Vec<(&str, Field)> {
+    let mut rows = Vec::new();
+    for line in doc.lines().filter(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // ["", offset, size, `name`, field, ...]
+        let Some(name) = cells
+            .get(3)
+            .and_then(|c| c.strip_prefix('`'))
+            .and_then(|c| c.strip_suffix('`'))
+            .filter(|c| c.contains("::"))
+        else {
+            continue;
+        };
+        let at: usize = cells[1]
+            .parse()
+            .unwrap_or_else(|_| panic!("offset of {name}"));
+        let size: usize = cells[2]
+            .parse()
+            .unwrap_or_else(|_| panic!("size of {name}"));
+        rows.push((name, Field { at, size }));
+    }
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -889,22 +936,7 @@ mod tests {
         0x5b, 0xf2, 0x0a, 0x68,                         // 124 header CRC of bytes 0..124
     ];
 
-    /// CRC-32C bit by bit (reflected polynomial 0x82F63B78), independent of the `crc32c`
-    /// crate, to show the header checksum is the CRC the document names.
-    fn crc32c_reference(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
+    use super::crc32c_reference;
 
     #[test]
     fn crc_reference_matches_the_published_check_value() {
@@ -1217,26 +1249,7 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/docs/SNAPSHOT_FORMAT.md"
         ));
-        let mut rows = Vec::new();
-        for line in doc.lines().filter(|l| l.starts_with('|')) {
-            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            // ["", offset, size, `name`, field, ...]
-            let Some(name) = cells
-                .get(3)
-                .and_then(|c| c.strip_prefix('`'))
-                .and_then(|c| c.strip_suffix('`'))
-                .filter(|c| c.contains("::"))
-            else {
-                continue;
-            };
-            let at: usize = cells[1]
-                .parse()
-                .unwrap_or_else(|_| panic!("offset of {name}"));
-            let size: usize = cells[2]
-                .parse()
-                .unwrap_or_else(|_| panic!("size of {name}"));
-            rows.push((name, Field { at, size }));
-        }
+        let rows = doc_table_fields(doc);
         let expected: Vec<(&str, Field)> = FIELDS.to_vec();
         assert_eq!(
             rows, expected,

@@ -795,3 +795,47 @@ pub fn run_bin(args: &[&str]) -> (ExitStatus, String, String) {
     let join = |l: &Logs| l.lock().unwrap().join("\n");
     (status, join(&out), join(&err))
 }
+
+/// A TCP connection to `addr` with [`IO_TIMEOUT`] on the connect, every read and every write,
+/// as a buffered reading half and a writing half.
+pub fn timed_stream(addr: SocketAddr) -> std::io::Result<(BufReader<TcpStream>, TcpStream)> {
+    let w = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    w.set_read_timeout(Some(IO_TIMEOUT))?;
+    w.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok((BufReader::new(w.try_clone()?), w))
+}
+
+/// A pipelining native-protocol client that reports errors instead of panicking, because the
+/// server it talks to may be killed under it (snapshot crash loops, cluster nodes).
+pub struct PipeClient {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl PipeClient {
+    /// Connects with [`IO_TIMEOUT`] on the connect, every read and every write.
+    pub fn connect(addr: SocketAddr) -> std::io::Result<Self> {
+        let (r, w) = timed_stream(addr)?;
+        Ok(Self { r, w })
+    }
+
+    /// Sends every line at once, then reads one reply per line.
+    pub fn pipeline(&mut self, lines: &[String]) -> std::io::Result<Vec<String>> {
+        let mut out = String::new();
+        for l in lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+        self.w.write_all(out.as_bytes())?;
+        let mut replies = Vec::with_capacity(lines.len());
+        let mut line = String::new();
+        for _ in lines {
+            line.clear();
+            if self.r.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            replies.push(line.trim_end().to_owned());
+        }
+        Ok(replies)
+    }
+}

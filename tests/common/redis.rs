@@ -253,13 +253,8 @@ pub struct RespConn {
 impl RespConn {
     /// Connects, failing within [`IO_TIMEOUT`].
     pub fn connect(addr: SocketAddr) -> std::io::Result<Self> {
-        let w = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        w.set_read_timeout(Some(IO_TIMEOUT))?;
-        w.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(Self {
-            r: BufReader::new(w.try_clone()?),
-            w,
-        })
+        let (r, w) = super::timed_stream(addr)?;
+        Ok(Self { r, w })
     }
 
     /// Changes the read timeout (default [`IO_TIMEOUT`]).
