@@ -446,7 +446,12 @@ impl Replicator {
             match result {
                 Ok(()) => {
                     let empty = self.pending.borrow().is_empty();
-                    if let (true, Some(t), None) = (empty, collected_at, self.republish.get()) {
+                    // Not before the first join: until then nothing has been published, and
+                    // the join decides from this what a node that never published must send.
+                    let joined = self.joined_once.get();
+                    if let (true, true, Some(t), None) =
+                        (joined, empty, collected_at, self.republish.get())
+                    {
                         self.state
                             .published_through
                             .store(t.saturating_sub(1), Relaxed);
