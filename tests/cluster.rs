@@ -1117,3 +1117,27 @@ fn two_nodes_replicate_through_redis_over_tls() {
     assert!(!connected_of(&status(&c)));
     assert!(ask(&c, &format!("CHECK {t}")).starts_with("DEFER "));
 }
+
+// ---------------------------------------------------------------------------------------
+// 12. Redis away at the start: the node starts alone and joins when Redis comes
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_node_started_while_redis_is_away_starts_alone_and_joins_later() {
+    let mut redis = Redis::start();
+    let cluster = Cluster::new(&redis, "away", &["--delay", "1s"]);
+    redis.stop();
+    let a = cluster.node("a", &[]);
+    a.wait_log("a says it starts alone", |l| l.contains("starting alone"));
+    let t = "192.0.2.99 early@sender.example early@rcpt.example";
+    assert!(ask(&a, &format!("CHECK {t}")).starts_with("DEFER "));
+    assert!(!connected_of(&status(&a)));
+
+    redis.restart_empty();
+    wait_connected(&a, true);
+    // What a decided alone reaches a node that joins now.
+    let b = cluster.node("b", &[]);
+    wait_converged(&[("a", &a), ("b", &b)]);
+    sleep_past(1);
+    assert_eq!(ask(&b, &format!("CHECK {t}")), "PASS retried");
+}
