@@ -6,6 +6,13 @@
 //! sender's schedule until it passes or its sender gives up (5 days, Postfix's
 //! `maximal_queue_lifetime`).
 //!
+//! ## Pool identities
+//! Provider pools retry from another address of the pool. `pool_identity` runs the
+//! simulation with each address its own client network (the engine today), with every address
+//! of a pool keyed as one client (what an `spf:`/`name:` identity does to the key; the engine
+//! has none yet, so it is simulated here), or both, on the same arrivals, and compares the
+//! delays by sender type.
+//!
 //! ## Sampling
 //! A week at 1,000 messages/s is ~600 M messages; the engine decides a few million per
 //! second per core, so the full stream cannot be simulated in a minute. The planner therefore
@@ -694,12 +701,12 @@ fn retry_gap(class: Class, tries: u16, elapsed: u32, rng: &mut Rng) -> Option<u3
             }
         }
         // Sendmail retries at every queue run; the interval is the `-q` flag of the daemon,
-        // `-q15m` in DESIGN §11 and sendmail's own cf/README examples (distributions ship
-        // 30 min to 1 h). Queue runs are modelled as starting at the first attempt.
+        // 15 min as in DESIGN §11 (distributions ship 30 min to 1 h). Queue runs are
+        // modelled as starting at the first attempt.
         Class::Sendmail => 15 * MIN,
         // qmail-send (qmail-send.c, `nextretry`): a remote delivery is retried at
-        // birth + (20·n)² s, i.e. 0, 400 (6:40), 1600 (26:40), 3600, 6400 s …; the gap
-        // after n failed tries is 400·(n² − (n−1)²) = 400·(2n − 1).
+        // birth + (⌊√age⌋ + 20)² s, i.e. at (20·n)²: 0, 400 (6:40), 1600 (26:40), 3600,
+        // 6400 s …; the gap after n failed tries is 400·(n² − (n−1)²) = 400·(2n − 1).
         Class::Qmail => 400 * (2 * u32::from(tries) - 1),
         // Courier's courierd (courier(8), control files retryalpha 5 min, retrybeta 3,
         // retrygamma 15 min, retrymaxdelta 3): retrybeta tries retryalpha apart, then a wait
