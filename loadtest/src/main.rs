@@ -13,7 +13,7 @@ use greyhound_loadtest::client::{self, Proto, RunConfig};
 use greyhound_loadtest::cpu;
 use greyhound_loadtest::naive::NaiveServer;
 use greyhound_loadtest::null::{NullOptions, NullResponder};
-use greyhound_loadtest::plan::{self, PlanConfig, SenderMix};
+use greyhound_loadtest::plan::{self, PlanConfig, PoolIdentity, SenderMix};
 use greyhound_loadtest::report::{CeilingReport, RunReport};
 use greyhound_loadtest::workload::{Mix, WorkloadConfig};
 
@@ -191,12 +191,30 @@ struct PlanArgs {
     /// Share running Exchange (1 min ×4, then 5 min).
     #[arg(long, default_value_t = SenderMix::default().exchange)]
     exchange: f64,
+    /// Share running Sendmail (every 15 min, its queue-run interval).
+    #[arg(long, default_value_t = SenderMix::default().sendmail)]
+    sendmail: f64,
+    /// Share running qmail (attempts at 400·n² s: 0, 6:40, 26:40, 1 h …).
+    #[arg(long, default_value_t = SenderMix::default().qmail)]
+    qmail: f64,
+    /// Share running Courier (5, 10, 15, 30, 35, 40, 70 … min).
+    #[arg(long, default_value_t = SenderMix::default().courier)]
+    courier: f64,
+    /// Share running Momentum (20, 60, 100, 180 … min).
+    #[arg(long, default_value_t = SenderMix::default().momentum)]
+    momentum: f64,
+    /// Share running MailEnable (15, 30, 60 min, then every 4 h).
+    #[arg(long, default_value_t = SenderMix::default().mailenable)]
+    mailenable: f64,
     /// Share of provider pools retrying from another address every 5–15 min.
     #[arg(long, default_value_t = SenderMix::default().pool)]
     pool: f64,
-    /// Client networks in a provider pool.
+    /// Client networks (one sending address each) of a provider pool.
     #[arg(long, default_value_t = PlanConfig::default().pool_nets)]
     pool_nets: u32,
+    /// Pool identity (spf:/name:, simulated): off, on, or both (two runs, compared).
+    #[arg(long, default_value = "both")]
+    pool_identity: PoolIdentity,
     /// Share of spam that retries once within seconds (the rest of the botnet never does).
     #[arg(long, default_value_t = PlanConfig::default().spam_retry_once)]
     spam_retry_once: f64,
@@ -547,9 +565,15 @@ fn plan_cmd(a: &PlanArgs) -> anyhow::Result<()> {
             postfix: a.postfix,
             exim: a.exim,
             exchange: a.exchange,
+            sendmail: a.sendmail,
+            qmail: a.qmail,
+            courier: a.courier,
+            momentum: a.momentum,
+            mailenable: a.mailenable,
             pool: a.pool,
         },
         pool_nets: a.pool_nets,
+        pool_identity: a.pool_identity,
         spam_retry_once: a.spam_retry_once,
         spam_mta: a.spam_mta,
         spam_mta_nets: a.spam_mta_nets,

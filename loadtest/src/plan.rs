@@ -6,6 +6,13 @@
 //! sender's schedule until it passes or its sender gives up (5 days, Postfix's
 //! `maximal_queue_lifetime`).
 //!
+//! ## Pool identities
+//! Provider pools retry from another address of the pool. `pool_identity` runs the
+//! simulation with each address its own client network (the engine today), with every address
+//! of a pool keyed as one client (what an `spf:`/`name:` identity does to the key; the engine
+//! has none yet, so it is simulated here), or both, on the same arrivals, and compares the
+//! delays by sender type.
+//!
 //! ## Sampling
 //! A week at 1,000 messages/s is ~600 M messages; the engine decides a few million per
 //! second per core, so the full stream cannot be simulated in a minute. The planner therefore
@@ -42,30 +49,128 @@ const RING: usize = 1 << 16;
 /// Decisions the automatic sample size aims at: ~10–20 s of simulation on one core.
 const AUTO_DECISIONS: f64 = 30e6;
 
-/// Legitimate sender types, in report order.
-pub const SENDER_TYPES: [&str; 4] = ["postfix", "exim", "exchange", "pool"];
+/// Legitimate sender types, in report order (the order of [`Class`]).
+pub const SENDER_TYPES: [&str; LEGIT] = [
+    "postfix",
+    "exim",
+    "exchange",
+    "sendmail",
+    "qmail",
+    "courier",
+    "momentum",
+    "mailenable",
+    "pool",
+];
 
-/// Shares of the legitimate sender types.
+/// Number of legitimate sender types.
+const LEGIT: usize = 9;
+
+/// Shares of the legitimate sender types (any scale: they are divided by their sum). The
+/// types added with the pool study default to 0 when an older JSON configuration lacks them.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SenderMix {
     /// Postfix: retries after 300 s, doubling to 4000 s.
     pub postfix: f64,
-    /// Exim: every 15 min for 2 h, then from 1 h growing ×1.5 up to 16 h, then every 6 h.
+    /// Exim: every 15 min for 2 h, then from 1 h growing ×1.5 until 16 h, then every 6 h.
     pub exim: f64,
     /// Exchange: every minute 4 times, then every 5 min.
     pub exchange: f64,
-    /// Provider pools: retry after 5–15 min, each time from a random network of the pool.
+    /// Sendmail: every 15 min (its queue-run interval).
+    #[serde(default)]
+    pub sendmail: f64,
+    /// Qmail: attempts at 400·n² s (0, 6:40, 26:40, 1:00:00, …).
+    #[serde(default)]
+    pub qmail: f64,
+    /// Courier: 5, 10, 15, 30, 35, 40, 70, 75, 80 … min.
+    #[serde(default)]
+    pub courier: f64,
+    /// Momentum: 20, 60, 100, 180 … min.
+    #[serde(default)]
+    pub momentum: f64,
+    /// MailEnable: retries after 15, 30, 60, then every 240 min.
+    #[serde(default)]
+    pub mailenable: f64,
+    /// Provider pools: retry after 5–15 min, each time from a random address of the pool.
     pub pool: f64,
+}
+
+impl SenderMix {
+    /// The shares in [`SENDER_TYPES`] order.
+    pub fn shares(&self) -> [f64; LEGIT] {
+        [
+            self.postfix,
+            self.exim,
+            self.exchange,
+            self.sendmail,
+            self.qmail,
+            self.courier,
+            self.momentum,
+            self.mailenable,
+            self.pool,
+        ]
+    }
 }
 
 impl Default for SenderMix {
     fn default() -> Self {
         Self {
-            postfix: 0.4,
-            exim: 0.2,
-            exchange: 0.2,
-            pool: 0.2,
+            postfix: 0.3,
+            exim: 0.15,
+            exchange: 0.15,
+            sendmail: 0.05,
+            qmail: 0.03,
+            courier: 0.02,
+            momentum: 0.05,
+            mailenable: 0.02,
+            pool: 0.23,
         }
+    }
+}
+
+/// Which pool model `plan` simulates: the engine keyed on each pool address's own network
+/// (`off`, today's engine), on one client identity per pool (`on`, what an `spf:`/`name:`
+/// identity does to the key), or both, one run each on the same arrivals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolIdentity {
+    /// Every pool address is its own client network.
+    Off,
+    /// Every address of one pool is the same client.
+    On,
+    /// Two runs, `off` then `on`.
+    #[default]
+    Both,
+}
+
+impl PoolIdentity {
+    /// The runs this setting asks for, as `identity on?` flags.
+    fn runs(self) -> &'static [bool] {
+        match self {
+            Self::Off => &[false],
+            Self::On => &[true],
+            Self::Both => &[false, true],
+        }
+    }
+}
+
+impl std::str::FromStr for PoolIdentity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "on" => Ok(Self::On),
+            "both" => Ok(Self::Both),
+            _ => Err(format!("{s}: expected on, off or both")),
+        }
+    }
+}
+
+/// Name of a run in the report.
+fn run_name(identity: bool) -> &'static str {
+    if identity {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -88,8 +193,11 @@ pub struct PlanConfig {
     pub fanout: u32,
     /// Legitimate sender types.
     pub mix: SenderMix,
-    /// Client networks in a provider's pool.
+    /// Client networks in a provider's pool (one sending address in each).
     pub pool_nets: u32,
+    /// Pool identity off, on or both (one simulation each).
+    #[serde(default)]
+    pub pool_identity: PoolIdentity,
     /// Share of spam that retries once, a few seconds later (5–60 s).
     pub spam_retry_once: f64,
     /// Share of spam sent through real MTAs that retry like Postfix (snowshoe spam).
@@ -128,6 +236,7 @@ impl Default for PlanConfig {
             fanout: 200,
             mix: SenderMix::default(),
             pool_nets: 8,
+            pool_identity: PoolIdentity::Both,
             spam_retry_once: 0.2,
             spam_mta: 0.05,
             spam_mta_nets: 2_000,
@@ -184,12 +293,60 @@ pub struct Delays {
     pub median_secs: f64,
     /// 90th percentile of all delivered messages, seconds.
     pub p90_secs: f64,
+    /// 95th percentile of all delivered messages, seconds.
+    pub p95_secs: f64,
     /// Median delay of the delayed messages only, seconds.
     pub delayed_median_secs: f64,
     /// 90th percentile of the delayed messages only, seconds.
     pub delayed_p90_secs: f64,
+    /// 95th percentile of the delayed messages only, seconds.
+    pub delayed_p95_secs: f64,
     /// Longest delay, seconds.
     pub max_secs: f64,
+}
+
+/// What pool identities change for one sender type: the same arrivals simulated with the
+/// identity off and on. Delays are of the delayed messages only (most mail is not delayed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct IdentityEffect {
+    /// Share of delivered messages delayed at all, identity off.
+    pub delayed_share_off: f64,
+    /// Share of delivered messages delayed at all, identity on.
+    pub delayed_share_on: f64,
+    /// Median delay of the delayed messages, identity off, seconds.
+    pub delayed_median_off_secs: f64,
+    /// Median delay of the delayed messages, identity on, seconds.
+    pub delayed_median_on_secs: f64,
+    /// 95th percentile delay of the delayed messages, identity off, seconds.
+    pub delayed_p95_off_secs: f64,
+    /// 95th percentile delay of the delayed messages, identity on, seconds.
+    pub delayed_p95_on_secs: f64,
+    /// Longest delay, identity off, seconds.
+    pub max_off_secs: f64,
+    /// Longest delay, identity on, seconds.
+    pub max_on_secs: f64,
+    /// `delayed_median_off_secs - delayed_median_on_secs`: what the identity saves.
+    pub median_saved_secs: f64,
+    /// `delayed_p95_off_secs - delayed_p95_on_secs`.
+    pub p95_saved_secs: f64,
+}
+
+impl IdentityEffect {
+    fn new(off: &Delays, on: &Delays) -> Self {
+        let share = |d: &Delays| d.delayed as f64 / d.delivered.max(1) as f64;
+        Self {
+            delayed_share_off: share(off),
+            delayed_share_on: share(on),
+            delayed_median_off_secs: off.delayed_median_secs,
+            delayed_median_on_secs: on.delayed_median_secs,
+            delayed_p95_off_secs: off.delayed_p95_secs,
+            delayed_p95_on_secs: on.delayed_p95_secs,
+            max_off_secs: off.max_secs,
+            max_on_secs: on.max_secs,
+            median_saved_secs: off.delayed_median_secs - on.delayed_median_secs,
+            p95_saved_secs: off.delayed_p95_secs - on.delayed_p95_secs,
+        }
+    }
 }
 
 /// What happened to spam.
@@ -233,16 +390,24 @@ pub struct PlanReport {
     pub sample: u32,
     /// Legitimate senders in the sample (few means noisy per-sender figures).
     pub sampled_senders: u64,
-    /// Simulated seconds.
+    /// Simulated seconds (of each run).
     pub simulated_secs: u64,
-    /// Wall time of the simulation (without the headroom benchmark).
+    /// Wall time of the simulation runs together (without the headroom benchmark).
     pub wall_secs: f64,
-    /// Decisions the simulation made (not scaled).
+    /// Decisions the simulation runs made together (not scaled).
     pub decisions_simulated: u64,
+    /// The runs made: `["off"]`, `["on"]` or `["off", "on"]` (pool identity); the timeline,
+    /// `legit`, `spam`, `headroom` and `delay_cdf` are those of the first.
+    pub runs: Vec<String>,
     /// The table over time.
     pub timeline: Vec<Point>,
     /// Delay of legitimate mail by sender type (and `all`).
     pub legit: BTreeMap<String, Delays>,
+    /// `legit` of every run, by run name (`off`, `on`).
+    pub legit_by_pool_identity: BTreeMap<String, BTreeMap<String, Delays>>,
+    /// With both runs: by sender type (and `all`), the delay with the identity off and on and
+    /// the difference. Empty with one run.
+    pub pool_identity_effect: BTreeMap<String, IdentityEffect>,
     /// Share of delivered legitimate mail delayed more than 15 minutes.
     pub legit_delayed_over_15min_share: f64,
     /// What happened to spam.
@@ -256,7 +421,7 @@ pub struct PlanReport {
 
 impl PlanReport {
     /// Schema name and version of the JSON form.
-    pub const SCHEMA: &'static str = "greyhound-loadtest/plan/1";
+    pub const SCHEMA: &'static str = "greyhound-loadtest/plan/2";
 
     /// The report for people: a timeline every few hours, then the results.
     pub fn text(&self) -> String {
@@ -280,6 +445,17 @@ impl PlanReport {
              scaled up by {}",
             self.sample, self.decisions_simulated, self.wall_secs, self.sample
         );
+        if self.runs.len() > 1 {
+            let _ = writeln!(
+                s,
+                "      {} runs on the same arrivals, pool identity {}; the timeline, delays and \
+                 spam below are of the first",
+                self.runs.len(),
+                self.runs.join(", then ")
+            );
+        } else if let Some(r) = self.runs.first() {
+            let _ = writeln!(s, "      pool identity {r}");
+        }
         if self.sampled_senders < 1000 {
             let _ = writeln!(
                 s,
@@ -351,6 +527,46 @@ impl PlanReport {
             "  delayed more than 15 min: {:.2} % of delivered legitimate mail",
             100.0 * self.legit_delayed_over_15min_share
         );
+        if !self.pool_identity_effect.is_empty() {
+            let _ = writeln!(
+                s,
+                "\npool identity (simulated: on = one client per pool, as spf:/name: key it; \
+                 off = each pool address its own network; delayed mail only)"
+            );
+            let _ = writeln!(
+                s,
+                "  {:<12} {:>15}  {:>17}  {:>17}  {:>17}  {:>9} {:>9}",
+                "sender",
+                "delayed off/on",
+                "median off → on",
+                "p95 off → on",
+                "max off → on",
+                "saved p50",
+                "saved p95"
+            );
+            let mut names: Vec<&str> = SENDER_TYPES.to_vec();
+            names.push("all");
+            for name in names {
+                let Some(e) = self.pool_identity_effect.get(name) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<12} {:>6.1}%/{:>6.1}%  {:>7} → {:>7}  {:>7} → {:>7}  {:>7} → {:>7}  {:>9} {:>9}",
+                    name,
+                    100.0 * e.delayed_share_off,
+                    100.0 * e.delayed_share_on,
+                    secs(e.delayed_median_off_secs),
+                    secs(e.delayed_median_on_secs),
+                    secs(e.delayed_p95_off_secs),
+                    secs(e.delayed_p95_on_secs),
+                    secs(e.max_off_secs),
+                    secs(e.max_on_secs),
+                    signed_secs(e.median_saved_secs),
+                    signed_secs(e.p95_saved_secs)
+                );
+            }
+        }
         let sp = &self.spam;
         let _ = writeln!(
             s,
@@ -388,22 +604,51 @@ fn secs(s: f64) -> String {
     }
 }
 
-/// What sends a message.
+/// [`secs`] with a sign for negative values.
+fn signed_secs(s: f64) -> String {
+    if s < 0.0 {
+        format!("-{}", secs(-s))
+    } else {
+        secs(s)
+    }
+}
+
+/// What sends a message: the legitimate types in [`SENDER_TYPES`] order, then spam.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum Class {
     Postfix = 0,
     Exim = 1,
     Exchange = 2,
-    Pool = 3,
-    SpamNever = 4,
-    SpamOnce = 5,
-    SpamMta = 6,
+    Sendmail = 3,
+    Qmail = 4,
+    Courier = 5,
+    Momentum = 6,
+    MailEnable = 7,
+    Pool = 8,
+    SpamNever = 9,
+    SpamOnce = 10,
+    SpamMta = 11,
 }
 
+/// Number of classes.
+const CLASSES: usize = 12;
+
 impl Class {
+    const LEGIT: [Class; LEGIT] = [
+        Class::Postfix,
+        Class::Exim,
+        Class::Exchange,
+        Class::Sendmail,
+        Class::Qmail,
+        Class::Courier,
+        Class::Momentum,
+        Class::MailEnable,
+        Class::Pool,
+    ];
+
     fn is_spam(self) -> bool {
-        self as u8 >= 4
+        self as usize >= LEGIT
     }
 }
 
@@ -418,32 +663,78 @@ struct Attempt {
     class: Class,
 }
 
-/// Seconds until the next try after `tries` failed ones, `elapsed` after the first.
+/// Seconds until the next try after `tries` failed ones (the first attempt counts), `elapsed`
+/// after the first. Each schedule is its MTA's documented default; where it has a random part
+/// (Postfix's queue scan, pools) that is said.
 fn retry_gap(class: Class, tries: u16, elapsed: u32, rng: &mut Rng) -> Option<u32> {
+    const MIN: u32 = 60;
     let gap = match class {
-        // minimal_backoff_time 300 s doubling to maximal_backoff_time 4000 s; the queue
-        // manager's scan adds up to a minute.
+        // Postfix: minimal_backoff_time 300 s doubling to maximal_backoff_time 4000 s
+        // (postconf(5) defaults); the queue manager's scan (queue_run_delay 300 s, but a
+        // deferred message is picked up as soon as its backoff ends within a scan) adds up
+        // to a minute here.
         Class::Postfix | Class::SpamMta => {
             (300u32 << (tries - 1).min(4)).min(4000) + rng.below(60) as u32
         }
-        // Exim's default rule: F,2h,15m; G,16h,1h,1.5; F,4d,6h.
+        // Exim's default retry rule, from the default configure file (spec chapter "Retry
+        // configuration"): `* * F,2h,15m; G,16h,1h,1.5; F,4d,6h`. In the G phase the gap
+        // is max(1 h, previous gap × 1.5) (retry.c), so 1 h, 1.5 h, 2.25 h … after the
+        // 9 attempts of the first 2 h.
         Class::Exim => {
             if elapsed < 2 * 3600 {
-                900
+                15 * MIN
             } else if elapsed < 16 * 3600 {
-                let n = (tries as i32 - 8).max(0);
-                (3600.0 * 1.5f64.powi(n)).min(6.0 * 3600.0) as u32
+                let n = (i32::from(tries) - 9).max(0);
+                (3600.0 * 1.5f64.powi(n)) as u32
             } else {
                 6 * 3600
             }
         }
+        // Exchange: the earlier model of this planner, kept: every minute 4 times,
+        // then every 5 min. Not checked against Exchange's transport
+        // settings (Set-TransportService retry intervals), which an operator can change.
         Class::Exchange => {
             if tries <= 4 {
-                60
+                MIN
             } else {
-                300
+                5 * MIN
             }
         }
+        // Sendmail retries at every queue run; the interval is the `-q` flag of the daemon,
+        // 15 min as in DESIGN §11 (distributions ship 30 min to 1 h). Queue runs are
+        // modelled as starting at the first attempt.
+        Class::Sendmail => 15 * MIN,
+        // qmail-send (qmail-send.c, `nextretry`): a remote delivery is retried at
+        // birth + (⌊√age⌋ + 20)² s, i.e. at (20·n)²: 0, 400 (6:40), 1600 (26:40), 3600,
+        // 6400 s …; the gap after n failed tries is 400·(n² − (n−1)²) = 400·(2n − 1).
+        Class::Qmail => 400 * (2 * u32::from(tries) - 1),
+        // Courier's courierd (courier(8), control files retryalpha 5 min, retrybeta 3,
+        // retrygamma 15 min, retrymaxdelta 3): retrybeta tries retryalpha apart, then a wait
+        // of retrygamma doubling each round up to retrygamma·2^retrymaxdelta:
+        // 5, 10, 15, 30, 35, 40, 70, 75, 80, 140, 145, 150, 270 … min.
+        Class::Courier => {
+            let i = u32::from(tries);
+            if i <= 3 || (i - 1) % 3 != 0 {
+                5 * MIN
+            } else {
+                (15 * MIN) << ((i - 1) / 3 - 1).min(3)
+            }
+        }
+        // Momentum (Message Systems): Retry_Interval default 1200 s; DESIGN §11 lists its
+        // attempts as 20, 60, 100, 180 … min, gaps 20, 40, 40, 80: the interval doubles
+        // every second retry (the continuation 260, 420 … min is that rule carried on).
+        Class::Momentum => (20 * MIN) << (u32::from(tries) / 2).min(10),
+        // MailEnable's SMTP connector defaults (mailenable.com Help "SMTP delivery
+        // options"): first retry after 15 min, second after 30, third after 60, then every
+        // 240 min.
+        Class::MailEnable => match tries {
+            1 => 15 * MIN,
+            2 => 30 * MIN,
+            3 => 60 * MIN,
+            _ => 240 * MIN,
+        },
+        // Provider pools (large webmail providers): no published schedule; observed retries
+        // come 5–15 min apart, each from another address of the pool.
         Class::Pool => 300 + rng.below(600) as u32,
         Class::SpamOnce => {
             if tries > 1 {
@@ -471,8 +762,8 @@ fn client_of(net: u64) -> ClientNet {
 /// Per-class results.
 struct Outcome {
     delays: Vec<Histogram<u64>>,
-    over_15: [u64; 4],
-    not_delivered: [u64; 4],
+    over_15: [u64; LEGIT],
+    not_delivered: [u64; LEGIT],
     spam_messages: u64,
     spam_passed: u64,
 }
@@ -480,18 +771,32 @@ struct Outcome {
 struct Sim<'a> {
     cfg: &'a PlanConfig,
     engine: Engine,
-    rng: Rng,
+    /// Draws of the retries (Postfix's jitter, pool gaps and addresses), one generator per
+    /// class so that a class's retries draw the same numbers in both pool-identity runs
+    /// whatever the pools do; arrivals have their own generator for the same reason.
+    rngs: Vec<Rng>,
     ring: Vec<Vec<Attempt>>,
     out: Outcome,
     decisions: u64,
+    /// Pool identity on: every address of a pool is keyed as the pool's one client.
+    identity: bool,
 }
 
 impl Sim<'_> {
     fn attempt(&mut self, mut a: Attempt, t: u32) {
         self.decisions += 1;
+        let pool_nets = u64::from(self.cfg.pool_nets);
+        // What an `spf:`/`name:` identity does to the key: the client part of the triplet
+        // and the auto-whitelist's client become the pool's, whichever address sent. The
+        // engine has no such identity yet, so the simulation keys the pool's first network.
+        let net = if self.identity && a.class == Class::Pool {
+            a.net - a.net % pool_nets
+        } else {
+            a.net
+        };
         let k = Keyed {
-            key: key_of(a.net, a.who, a.rcpt),
-            client: client_of(a.net),
+            key: key_of(net, a.who, a.rcpt),
+            client: client_of(net),
         };
         let d = self.engine.decide(&k, T0 + t, Mode::Record);
         if let Decision::Pass(_) = d {
@@ -506,7 +811,8 @@ impl Sim<'_> {
             return;
         }
         a.tries += 1;
-        let Some(gap) = retry_gap(a.class, a.tries, t - a.first, &mut self.rng) else {
+        let rng = &mut self.rngs[a.class as usize];
+        let Some(gap) = retry_gap(a.class, a.tries, t - a.first, rng) else {
             return;
         };
         if t + gap - a.first > self.cfg.give_up {
@@ -516,10 +822,8 @@ impl Sim<'_> {
             return;
         }
         if a.class == Class::Pool {
-            // The next try comes from another server of the pool, maybe another network.
-            let entity = a.net / u64::from(self.cfg.pool_nets);
-            a.net =
-                entity * u64::from(self.cfg.pool_nets) + self.rng.below(self.cfg.pool_nets.into());
+            // The next try comes from another address of the pool, in one of its networks.
+            a.net = a.net - a.net % pool_nets + rng.below(pool_nets);
         }
         self.ring[(t + gap) as usize % RING].push(a);
     }
@@ -612,13 +916,13 @@ impl PlanConfig {
         if self.spam_retry_once + self.spam_mta > 1.0 {
             bail!("--spam-retry-once plus --spam-mta must not exceed 1");
         }
-        let m = self.mix;
-        if [m.postfix, m.exim, m.exchange, m.pool]
-            .iter()
-            .any(|v| !(*v >= 0.0 && v.is_finite()))
-            || m.postfix + m.exim + m.exchange + m.pool <= 0.0
+        let shares = self.mix.shares();
+        if shares.iter().any(|v| !(*v >= 0.0 && v.is_finite())) || shares.iter().sum::<f64>() <= 0.0
         {
-            bail!("--postfix/--exim/--exchange/--pool shares must be >= 0 and not all 0");
+            bail!(
+                "--postfix/--exim/--exchange/--sendmail/--qmail/--courier/--momentum/--mailenable/--pool \
+                 shares must be >= 0 and not all 0"
+            );
         }
         if self.senders == 0
             || self.recipients == 0
@@ -655,12 +959,103 @@ impl PlanConfig {
     }
 }
 
-/// Runs the simulation, then the headroom benchmark. `progress` is called with the share
-/// done (0–1) now and then.
+/// Runs the simulation (once per pool-identity setting asked for, on the same arrivals), then
+/// the headroom benchmark. `progress` is called with the share done (0–1) now and then.
 pub fn plan(cfg: &PlanConfig, mut progress: impl FnMut(f64)) -> anyhow::Result<PlanReport> {
     cfg.validate()?;
     let wall = Instant::now();
     let k = cfg.sample_size();
+    let senders = SampledSenders::new(cfg, k);
+    if senders.ids.is_empty() {
+        bail!(
+            "no legitimate sender is in a 1-in-{k} sample of {}: lower --sample or raise --senders",
+            cfg.senders
+        );
+    }
+    let modes = cfg.pool_identity.runs();
+    let mut runs = Vec::new();
+    for (i, &identity) in modes.iter().enumerate() {
+        let n = modes.len() as f64;
+        runs.push(simulate(cfg, k, &senders, identity, &mut |done| {
+            progress((i as f64 + done) / n)
+        }));
+    }
+    let wall_secs = wall.elapsed().as_secs_f64();
+    let decisions: u64 = runs.iter().map(|r| r.decisions).sum();
+    let legit_by_pool_identity: BTreeMap<String, BTreeMap<String, Delays>> = modes
+        .iter()
+        .zip(&runs)
+        .map(|(&id, r)| (run_name(id).to_string(), r.legit.clone()))
+        .collect();
+    let mut pool_identity_effect = BTreeMap::new();
+    if let (Some(off), Some(on)) = (
+        legit_by_pool_identity.get("off"),
+        legit_by_pool_identity.get("on"),
+    ) {
+        for (name, d) in off {
+            if let Some(e) = on.get(name) {
+                pool_identity_effect.insert(name.clone(), IdentityEffect::new(d, e));
+            }
+        }
+    }
+    let first = runs.swap_remove(0);
+    drop(runs);
+    let peak_live = first
+        .timeline
+        .iter()
+        .map(|p| p.greylisted + p.whitelisted)
+        .max()
+        .unwrap_or(0);
+    let peak_needed = first
+        .timeline
+        .iter()
+        .map(|p| p.decisions_per_sec)
+        .fold(0.0, f64::max);
+    let mut headroom = headroom(
+        peak_live.min(cfg.headroom_max_triplets),
+        Duration::from_secs_f64(cfg.headroom_secs),
+    );
+    headroom.peak_needed_per_sec = peak_needed;
+    headroom.factor = headroom.decisions_per_sec / peak_needed.max(1e-9);
+    Ok(PlanReport {
+        schema: PlanReport::SCHEMA.to_string(),
+        config: cfg.clone(),
+        sample: k,
+        sampled_senders: senders.ids.len() as u64,
+        simulated_secs: first.simulated_secs,
+        wall_secs,
+        decisions_simulated: decisions,
+        runs: modes.iter().map(|&id| run_name(id).to_string()).collect(),
+        timeline: first.timeline,
+        legit_delayed_over_15min_share: first.over_15_share,
+        legit: first.legit,
+        legit_by_pool_identity,
+        pool_identity_effect,
+        spam: first.spam,
+        headroom,
+        delay_cdf: first.delay_cdf,
+    })
+}
+
+/// What one simulation run found.
+struct Run {
+    simulated_secs: u64,
+    decisions: u64,
+    timeline: Vec<Point>,
+    legit: BTreeMap<String, Delays>,
+    over_15_share: f64,
+    spam: SpamOutcome,
+    delay_cdf: BTreeMap<String, Vec<(f64, f64)>>,
+}
+
+/// One simulation on a fresh engine; `identity` keys every pool address as its pool.
+fn simulate(
+    cfg: &PlanConfig,
+    k: u32,
+    senders: &SampledSenders,
+    identity: bool,
+    progress: &mut dyn FnMut(f64),
+) -> Run {
     let kf = u64::from(k);
     let clock = Arc::new(ManualClock::new(T0));
     let engine = Engine::new(
@@ -675,42 +1070,34 @@ pub fn plan(cfg: &PlanConfig, mut progress: impl FnMut(f64)) -> anyhow::Result<P
     let mut sim = Sim {
         cfg,
         engine,
-        rng: Rng::new(cfg.seed),
+        rngs: (0..CLASSES as u64)
+            .map(|c| Rng::new(mix2(cfg.seed, c + 1)))
+            .collect(),
         ring: (0..RING).map(|_| Vec::new()).collect(),
         out: Outcome {
-            delays: (0..4).map(|_| hist()).collect(),
-            over_15: [0; 4],
-            not_delivered: [0; 4],
+            delays: (0..LEGIT).map(|_| hist()).collect(),
+            over_15: [0; LEGIT],
+            not_delivered: [0; LEGIT],
             spam_messages: 0,
             spam_passed: 0,
         },
         decisions: 0,
+        identity,
     };
-    let m = cfg.mix;
-    let msum = m.postfix + m.exim + m.exchange + m.pool;
-    let cuts = [
-        m.postfix / msum,
-        (m.postfix + m.exim) / msum,
-        (m.postfix + m.exim + m.exchange) / msum,
-    ];
-    let senders = SampledSenders::new(cfg, k);
-    if senders.ids.is_empty() {
-        bail!(
-            "no legitimate sender is in a 1-in-{k} sample of {}: lower --sample or raise --senders",
-            cfg.senders
-        );
+    // Arrivals: their own generator, the same in every run.
+    let mut arrive = Rng::new(cfg.seed);
+    let shares = cfg.mix.shares();
+    let sum: f64 = shares.iter().sum();
+    let mut cuts = [0.0; LEGIT];
+    let mut acc = 0.0;
+    for (c, s) in cuts.iter_mut().zip(shares) {
+        acc += s / sum;
+        *c = acc;
     }
     let class_of = |e: u64| {
         let u = (mix(e ^ 0x5EED) >> 11) as f64 / (1u64 << 53) as f64;
-        if u < cuts[0] {
-            Class::Postfix
-        } else if u < cuts[1] {
-            Class::Exim
-        } else if u < cuts[2] {
-            Class::Exchange
-        } else {
-            Class::Pool
-        }
+        let i = cuts.partition_point(|&c| c <= u).min(LEGIT - 1);
+        Class::LEGIT[i]
     };
     let total = (cfg.days * 86_400.0).round() as u32;
     let every = cfg
@@ -733,15 +1120,17 @@ pub fn plan(cfg: &PlanConfig, mut progress: impl FnMut(f64)) -> anyhow::Result<P
         // Legitimate mail: 1/k of the arrivals, each from a sampled sender drawn by its
         // popularity, so the cost per simulated second does not grow with the full rate.
         for _ in 0..legit_carry.take(rate * (1.0 - cfg.spam_share) / f64::from(k)) {
-            let e = senders.draw(&mut sim.rng);
+            let e = senders.draw(&mut arrive);
             arrivals += 1;
             let class = class_of(e);
-            let j = sim.rng.skewed(cfg.fanout.into());
+            let j = arrive.skewed(cfg.fanout.into());
             let rcpt = (mix2(e, j) % u64::from(cfg.recipients)) as u32;
             let pool = u64::from(cfg.pool_nets);
+            // Every sender owns `pool_nets` consecutive network numbers; a single MTA uses
+            // the first, a pool all of them.
             let net = e * pool
                 + if class == Class::Pool {
-                    sim.rng.below(pool)
+                    arrive.below(pool)
                 } else {
                     0
                 };
@@ -758,21 +1147,21 @@ pub fn plan(cfg: &PlanConfig, mut progress: impl FnMut(f64)) -> anyhow::Result<P
         for _ in 0..spam_carry.take(rate * cfg.spam_share / f64::from(k)) {
             arrivals += 1;
             sim.out.spam_messages += 1;
-            let u = sim.rng.unit();
+            let u = arrive.unit();
             let (class, net) = if u < cfg.spam_mta {
                 (
                     Class::SpamMta,
-                    (1 << 62) + sim.rng.below(cfg.spam_mta_nets.into()),
+                    (1 << 62) + arrive.below(cfg.spam_mta_nets.into()),
                 )
             } else if u < cfg.spam_mta + cfg.spam_retry_once {
-                (Class::SpamOnce, (1 << 61) + sim.rng.below(cfg.spam_nets))
+                (Class::SpamOnce, (1 << 61) + arrive.below(cfg.spam_nets))
             } else {
-                (Class::SpamNever, (1 << 61) + sim.rng.below(cfg.spam_nets))
+                (Class::SpamNever, (1 << 61) + arrive.below(cfg.spam_nets))
             };
             let a = Attempt {
                 net,
-                who: sim.rng.next_u64(),
-                rcpt: sim.rng.below(cfg.recipients.into()) as u32,
+                who: arrive.next_u64(),
+                rcpt: arrive.below(cfg.recipients.into()) as u32,
                 first: t,
                 tries: 0,
                 class,
@@ -804,10 +1193,8 @@ pub fn plan(cfg: &PlanConfig, mut progress: impl FnMut(f64)) -> anyhow::Result<P
             progress(f64::from(t + 1) / f64::from(total));
         }
     }
-    let wall_secs = wall.elapsed().as_secs_f64();
-    let sampled_senders = senders.ids.len();
     // Messages still in the calendar are neither delivered nor given up.
-    let mut pending = [0u64; 7];
+    let mut pending = [0u64; CLASSES];
     for slot in &sim.ring {
         for a in slot {
             pending[a.class as usize] += 1;
@@ -837,7 +1224,7 @@ pub fn plan(cfg: &PlanConfig, mut progress: impl FnMut(f64)) -> anyhow::Result<P
     d.not_delivered = all_d.not_delivered;
     d.pending_at_end = all_d.pending_at_end;
     legit.insert("all".to_string(), d);
-    let spam_pending = (pending[4] + pending[5] + pending[6]) * kf;
+    let spam_pending = pending[LEGIT..].iter().sum::<u64>() * kf;
     let spam_messages = sim.out.spam_messages * kf;
     let spam_passed = sim.out.spam_passed * kf;
     let stopped = spam_messages - spam_passed - spam_pending;
@@ -848,38 +1235,15 @@ pub fn plan(cfg: &PlanConfig, mut progress: impl FnMut(f64)) -> anyhow::Result<P
         pending_at_end: spam_pending,
         stopped_share: stopped as f64 / (spam_messages - spam_pending).max(1) as f64,
     };
-    let peak_live = timeline
-        .iter()
-        .map(|p| p.greylisted + p.whitelisted)
-        .max()
-        .unwrap_or(0);
-    let peak_needed = timeline
-        .iter()
-        .map(|p| p.decisions_per_sec)
-        .fold(0.0, f64::max);
-    drop(sim.ring);
-    drop(sim.engine);
-    let mut headroom = headroom(
-        peak_live.min(cfg.headroom_max_triplets),
-        Duration::from_secs_f64(cfg.headroom_secs),
-    );
-    headroom.peak_needed_per_sec = peak_needed;
-    headroom.factor = headroom.decisions_per_sec / peak_needed.max(1e-9);
-    Ok(PlanReport {
-        schema: PlanReport::SCHEMA.to_string(),
-        config: cfg.clone(),
-        sample: k,
-        sampled_senders: sampled_senders as u64,
+    Run {
         simulated_secs: total.into(),
-        wall_secs,
-        decisions_simulated: sim.decisions,
+        decisions: sim.decisions,
         timeline,
-        legit_delayed_over_15min_share: over_15 as f64 / all.len().max(1) as f64,
         legit,
+        over_15_share: over_15 as f64 / all.len().max(1) as f64,
         spam,
-        headroom,
         delay_cdf,
-    })
+    }
 }
 
 fn delays(h: &Histogram<u64>, over_15: u64, not_delivered: u64, pending: u64, k: u64) -> Delays {
@@ -910,8 +1274,10 @@ fn delays(h: &Histogram<u64>, over_15: u64, not_delivered: u64, pending: u64, k:
         pending_at_end: pending * k,
         median_secs: q(0.5),
         p90_secs: q(0.9),
+        p95_secs: q(0.95),
         delayed_median_secs: dq(0.5),
         delayed_p90_secs: dq(0.9),
+        delayed_p95_secs: dq(0.95),
         max_secs: if n == 0 { 0.0 } else { h.max() as f64 },
     }
 }
@@ -1069,7 +1435,7 @@ mod tests {
         assert_eq!(ex, [60, 60, 60, 60, 300, 300]);
         assert_eq!(retry_gap(Class::Exim, 1, 0, &mut rng), Some(900));
         assert_eq!(retry_gap(Class::Exim, 8, 2 * 3600, &mut rng), Some(3600));
-        assert_eq!(retry_gap(Class::Exim, 9, 3 * 3600, &mut rng), Some(5400));
+        assert_eq!(retry_gap(Class::Exim, 10, 3 * 3600, &mut rng), Some(5400));
         assert_eq!(
             retry_gap(Class::Exim, 30, 20 * 3600, &mut rng),
             Some(6 * 3600)
@@ -1078,6 +1444,150 @@ mod tests {
         let once = retry_gap(Class::SpamOnce, 1, 0, &mut rng).unwrap();
         assert!((5..=60).contains(&once));
         assert_eq!(retry_gap(Class::SpamOnce, 2, 30, &mut rng), None);
+    }
+
+    /// Minutes after the first attempt of the next `n` attempts of `class`.
+    fn attempt_minutes(class: Class, n: u16) -> Vec<f64> {
+        let mut rng = Rng::new(1);
+        let mut at = 0u32;
+        (1..=n)
+            .map(|tries| {
+                at += retry_gap(class, tries, at, &mut rng).unwrap();
+                f64::from(at) / 60.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_mta_retries_at_its_documented_times() {
+        // Sendmail: every queue run, 15 min.
+        assert_eq!(
+            attempt_minutes(Class::Sendmail, 4),
+            [15.0, 30.0, 45.0, 60.0]
+        );
+        // qmail: 400·n² s: 6:40, 26:40, 1:00:00, 1:46:40, 2:46:40.
+        let q: Vec<u32> = attempt_minutes(Class::Qmail, 5)
+            .iter()
+            .map(|m| (m * 60.0).round() as u32)
+            .collect();
+        assert_eq!(q, [400, 1600, 3600, 6400, 10_000]);
+        // Courier: 5, 10, 15, 30, 35, 40, 70, 75, 80, 140, 145, 150, 270, 275, 280, 400 min.
+        assert_eq!(
+            attempt_minutes(Class::Courier, 16),
+            [
+                5.0, 10.0, 15.0, 30.0, 35.0, 40.0, 70.0, 75.0, 80.0, 140.0, 145.0, 150.0, 270.0,
+                275.0, 280.0, 400.0
+            ]
+        );
+        // Momentum: 20, 60, 100, 180, then the same rule: 260, 420 min.
+        assert_eq!(
+            attempt_minutes(Class::Momentum, 6),
+            [20.0, 60.0, 100.0, 180.0, 260.0, 420.0]
+        );
+        // MailEnable: retries 15, 30 and 60 min apart, then every 240 min.
+        assert_eq!(
+            attempt_minutes(Class::MailEnable, 5),
+            [15.0, 45.0, 105.0, 345.0, 585.0]
+        );
+        // Exim: every 15 min for 2 h, then 1 h, 1.5 h, 2.25 h apart.
+        assert_eq!(
+            attempt_minutes(Class::Exim, 11),
+            [15.0, 30.0, 45.0, 60.0, 75.0, 90.0, 105.0, 120.0, 180.0, 270.0, 405.0]
+        );
+        // Exchange: every minute 4 times, then every 5 min.
+        assert_eq!(
+            attempt_minutes(Class::Exchange, 6),
+            [1.0, 2.0, 3.0, 4.0, 9.0, 14.0]
+        );
+    }
+
+    #[test]
+    fn every_sender_type_has_a_share_and_a_class() {
+        let sum = SenderMix::default().shares().iter().sum::<f64>();
+        assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+        for (i, c) in Class::LEGIT.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?} out of SENDER_TYPES order");
+            assert!(!c.is_spam());
+        }
+        assert!(Class::SpamNever.is_spam());
+        assert_eq!("both".parse(), Ok(PoolIdentity::Both));
+        assert_eq!("on".parse(), Ok(PoolIdentity::On));
+        assert!("yes".parse::<PoolIdentity>().is_err());
+        // A configuration from before the new sender types still reads.
+        let mut v = serde_json::to_value(PlanConfig::default()).unwrap();
+        let mix = v["mix"].as_object_mut().unwrap();
+        for k in ["sendmail", "qmail", "courier", "momentum", "mailenable"] {
+            mix.remove(k);
+        }
+        v.as_object_mut().unwrap().remove("pool_identity");
+        let back: PlanConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back.mix.qmail, 0.0);
+        assert_eq!(back.pool_identity, PoolIdentity::Both);
+    }
+
+    #[test]
+    fn a_pool_waits_longer_without_an_identity() {
+        let cfg = PlanConfig {
+            days: 0.25,
+            rate: 10.0,
+            spam_share: 0.0,
+            senders: 100,
+            recipients: 1000,
+            fanout: 5,
+            mix: SenderMix {
+                postfix: 0.5,
+                exim: 0.0,
+                exchange: 0.0,
+                sendmail: 0.0,
+                qmail: 0.0,
+                courier: 0.0,
+                momentum: 0.0,
+                mailenable: 0.0,
+                pool: 0.5,
+            },
+            sample: Some(1),
+            headroom_secs: 0.01,
+            headroom_max_triplets: 100,
+            ..PlanConfig::default()
+        };
+        let r = plan(&cfg, |_| {}).unwrap();
+        assert_eq!(r.runs, ["off", "on"]);
+        let off = r.legit_by_pool_identity["off"]["pool"];
+        let on = r.legit_by_pool_identity["on"]["pool"];
+        assert_eq!(r.legit["pool"], off, "the first run is the report's");
+        assert!(off.delayed > 0 && on.delayed > 0, "{off:?} {on:?}");
+        // Without the identity each new address starts its own greylisting.
+        assert!(off.delayed > on.delayed, "{off:?} {on:?}");
+        assert!(
+            off.delayed_median_secs > on.delayed_median_secs,
+            "{off:?} {on:?}"
+        );
+        assert!(off.delayed_p95_secs > on.delayed_p95_secs, "{off:?} {on:?}");
+        // With it, the first retry after the delay passes: 5–15 min.
+        assert!(on.max_secs <= 900.0, "{on:?}");
+        let e = r.pool_identity_effect["pool"];
+        assert_eq!(
+            e.median_saved_secs,
+            off.delayed_median_secs - on.delayed_median_secs
+        );
+        assert!(e.p95_saved_secs > 0.0);
+        // Single MTAs are keyed the same either way, on the same arrivals and draws.
+        assert_eq!(
+            r.legit_by_pool_identity["off"]["postfix"],
+            r.legit_by_pool_identity["on"]["postfix"]
+        );
+        // One run only when asked.
+        let one = plan(
+            &PlanConfig {
+                pool_identity: PoolIdentity::On,
+                ..cfg.clone()
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(one.runs, ["on"]);
+        assert!(one.pool_identity_effect.is_empty());
+        assert_eq!(one.legit["pool"], on);
     }
 
     #[test]

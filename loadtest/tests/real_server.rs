@@ -593,7 +593,7 @@ fn short_plan_reports_and_draws() {
         chart.to_str().unwrap(),
     ]);
     let r = json(&out);
-    assert_eq!(r["schema"], "greyhound-loadtest/plan/1");
+    assert_eq!(r["schema"], "greyhound-loadtest/plan/2");
     for k in [
         "config",
         "sample",
@@ -606,8 +606,35 @@ fn short_plan_reports_and_draws() {
         "spam",
         "headroom",
         "delay_cdf",
+        "runs",
+        "legit_by_pool_identity",
+        "pool_identity_effect",
     ] {
         assert!(r.get(k).is_some(), "no {k} in the plan report");
+    }
+    // Both pool-identity runs by default, compared per sender type.
+    assert_eq!(r["runs"], serde_json::json!(["off", "on"]));
+    for t in [
+        "sendmail",
+        "qmail",
+        "courier",
+        "momentum",
+        "mailenable",
+        "pool",
+        "all",
+    ] {
+        let e = &r["pool_identity_effect"][t];
+        for k in [
+            "delayed_median_off_secs",
+            "delayed_median_on_secs",
+            "delayed_p95_off_secs",
+            "delayed_p95_on_secs",
+            "median_saved_secs",
+            "p95_saved_secs",
+        ] {
+            assert!(e[k].is_number(), "pool_identity_effect.{t}.{k}: {e}");
+        }
+        assert!(r["legit_by_pool_identity"]["on"][t].is_object());
     }
     assert_eq!(u(&r, "simulated_secs"), 17_280);
     // 0.2 days = 4.8 h: points at 1, 2, 3, 4 h and the end.
@@ -632,7 +659,14 @@ fn short_plan_reports_and_draws() {
     assert!(u(&tl[4], "table_bytes") > 0);
     for t in ["postfix", "exim", "exchange", "pool", "all"] {
         let d = &r["legit"][t];
-        for k in ["median_secs", "p90_secs", "max_secs", "delayed_median_secs"] {
+        for k in [
+            "median_secs",
+            "p90_secs",
+            "p95_secs",
+            "max_secs",
+            "delayed_median_secs",
+            "delayed_p95_secs",
+        ] {
             assert!(d[k].is_number(), "legit.{t}.{k}");
         }
     }
