@@ -251,6 +251,45 @@ mod tests {
         assert!(!TrustedCerts::default().matches(&cert(MD5, MD5, "x")));
     }
 
+    /// Through the engine: after `auth`, before the exemption lists and the table; nothing
+    /// recorded; PEEK the same.
+    #[test]
+    fn engine_passes_trusted_clients_as_tls() {
+        use crate::engine::{
+            Decision, Engine, EngineConfig, Exemptions, HashSecret, ManualClock, Mode, Normalizer,
+            Pass, Policy, Query,
+        };
+        use std::sync::Arc;
+        let e = Engine::new(
+            EngineConfig {
+                policy: Policy::default(),
+                normalizer: Normalizer::default(),
+                secret: HashSecret(*b"test-secret-0001"),
+            },
+            Arc::new(ManualClock::new(1_000_000)),
+        );
+        let mut b = Exemptions::builder();
+        b.add_clients("clients", "192.0.2.0/24\n").unwrap();
+        b.add_trusted_certs("trusted", &format!("{MD5}\nsubject=mx.example\n"))
+            .unwrap();
+        e.set_exemptions(b.build());
+        let client = "192.0.2.1".parse().unwrap();
+        let other = "198.51.100.1".parse().unwrap();
+        let mut q = Query::new(client, "a@x.org", "b@y.net");
+        q.cert = cert("", MD5, "");
+        assert_eq!(e.check(&q, Mode::Record), Decision::Pass(Pass::Tls));
+        q.auth = Some("alice");
+        assert_eq!(e.check(&q, Mode::Record), Decision::Pass(Pass::Auth));
+        let mut q = Query::new(other, "a@x.org", "b@y.net");
+        q.cert = cert("", "", "MX.example");
+        assert_eq!(e.check(&q, Mode::Peek), Decision::Pass(Pass::Tls));
+        assert_eq!(e.check(&q, Mode::Record), Decision::Pass(Pass::Tls));
+        assert_eq!(e.stats().triplets, 0, "a trusted client is never recorded");
+        q.cert = cert("", "", "mx2.example");
+        assert!(matches!(e.check(&q, Mode::Record), Decision::Defer { .. }));
+        assert_eq!(Pass::Tls.reason(), "tls");
+    }
+
     #[test]
     fn longest_and_shortest_fingerprints() {
         let sha512 = "ab".repeat(MAX_FINGERPRINT);
