@@ -45,7 +45,7 @@ use metrics::{Metrics, Proto};
 /// What the connection loops need besides the engine.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Greylist text template (`%s %r %c %h %d`).
+    /// Greylist text template (`%s %r %c %h %d %p`).
     pub greylist_text: String,
     /// Whether `%c` occurs in the template (so the address is formatted only then).
     pub template_uses_client: bool,
