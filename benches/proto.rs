@@ -89,6 +89,7 @@ fn native_encode(c: &mut Criterion) {
                     client: "198.51.100.7",
                     helo: "mail.sender1.example.org",
                     seconds: 300 - i as u32,
+                    protocol: "",
                 };
                 policy::expand_template(DEFAULT_GREYLIST_TEXT, &vars, &mut text);
                 let text = std::str::from_utf8(&text).expect("expansion is UTF-8");
@@ -197,6 +198,7 @@ fn policy_encode(c: &mut Criterion) {
                 client: "209.85.218.53",
                 helo: "mail-ej1-f53.google.com",
                 seconds: black_box(287),
+                protocol: "ESMTP",
             };
             policy::expand_template(DEFAULT_GREYLIST_TEXT, &vars, &mut text);
             action.clear();

@@ -59,6 +59,7 @@ use serde::Deserialize;
 pub use crate::engine::policy::format_duration;
 use crate::engine::policy::{check_duration, InvalidPolicy};
 use crate::engine::{Normalizer, Policy};
+pub use crate::proto::policy::DeferAction;
 use crate::snapshot::valid_node_id;
 
 /// The longest accepted duration: 10 years of 366 days. It matches the engine's limit, so that a
@@ -200,6 +201,8 @@ pub struct Config {
     pub allow: Vec<IpNet>,
     /// Text of a DEFER; `%s` stands for the sender, `%r` for the recipient (`greylist-text`).
     pub greylist_text: String,
+    /// The action of a DEFER answered to Postfix (`defer-action`).
+    pub defer_action: DeferAction,
     /// Add an `X-Greylist:` header on the first pass of a triplet (`x-greylist-header`).
     pub x_greylist_header: bool,
     /// Host name written in the `X-Greylist:` header; empty means ask the OS (`hostname`).
@@ -210,6 +213,9 @@ pub struct Config {
     pub whitelist_senders: Vec<PathBuf>,
     /// Files of exempt recipients (`whitelist-recipients`).
     pub whitelist_recipients: Vec<PathBuf>,
+    /// Files of trusted TLS client certificates (`trusted-certs`): fingerprints and
+    /// `subject=` names whose clients pass as `tls`.
+    pub trusted_certs: Vec<PathBuf>,
     /// One of [`LOG_LEVELS`] (`log-level`).
     pub log_level: String,
     /// Threads serving TCP and Unix connections (`workers`); 0: half the cores, at least one.
@@ -243,11 +249,13 @@ impl fmt::Debug for Config {
             ipv6_prefix,
             allow,
             greylist_text,
+            defer_action,
             x_greylist_header,
             hostname,
             whitelist_clients,
             whitelist_senders,
             whitelist_recipients,
+            trusted_certs,
             log_level,
             workers,
             cluster_redis,
@@ -267,11 +275,13 @@ impl fmt::Debug for Config {
             .field("ipv6_prefix", ipv6_prefix)
             .field("allow", allow)
             .field("greylist_text", greylist_text)
+            .field("defer_action", defer_action)
             .field("x_greylist_header", x_greylist_header)
             .field("hostname", hostname)
             .field("whitelist_clients", whitelist_clients)
             .field("whitelist_senders", whitelist_senders)
             .field("whitelist_recipients", whitelist_recipients)
+            .field("trusted_certs", trusted_certs)
             .field("log_level", log_level)
             .field("workers", workers)
             .field("cluster_redis", &cluster_redis.as_deref().map(redact_url))
@@ -303,11 +313,13 @@ impl Default for Config {
                 IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128).expect("128 <= 128"),
             ],
             greylist_text: "Greylisted, see https://greylisting.org/; from=%s to=%r".to_owned(),
+            defer_action: DeferAction::DeferIfPermit,
             x_greylist_header: true,
             hostname: String::new(),
             whitelist_clients: Vec::new(),
             whitelist_senders: Vec::new(),
             whitelist_recipients: Vec::new(),
+            trusted_certs: Vec::new(),
             log_level: "info".to_owned(),
             workers: 0,
             cluster_redis: None,
@@ -709,6 +721,10 @@ pub struct Overrides {
     #[allow(rustdoc::bare_urls)]
     #[arg(long, value_name = "TEXT", help_heading = "Greylisting")]
     pub greylist_text: Option<String>,
+    /// Action of a DEFER answered to Postfix: DEFER_IF_PERMIT, DEFER, 450 or 451 (the last two
+    /// answer "450 4.7.1 <text>" / "451 4.7.1 <text>") [default: DEFER_IF_PERMIT].
+    #[arg(long, value_name = "ACTION", help_heading = "Greylisting")]
+    pub defer_action: Option<String>,
     /// Do not add an X-Greylist: header on the first pass of a triplet.
     #[arg(
         long,
@@ -739,6 +755,9 @@ pub struct Overrides {
     /// File of exempt recipients; repeatable.
     #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
     pub whitelist_recipients: Option<Vec<PathBuf>>,
+    /// File of trusted TLS client certificates (fingerprints, subject=<name>); repeatable.
+    #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
+    pub trusted_certs: Option<Vec<PathBuf>>,
 
     /// Least severe log messages shown [default: info].
     #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(LOG_LEVELS))]
@@ -897,12 +916,14 @@ impl Overrides {
             dry_run,
             no_dry_run,
             greylist_text,
+            defer_action,
             no_x_greylist_header,
             x_greylist_header,
             hostname,
             whitelist_clients,
             whitelist_senders,
             whitelist_recipients,
+            trusted_certs,
             log_level,
             workers,
             cluster_redis,
@@ -954,6 +975,9 @@ impl Overrides {
         o.set("ipv4-prefix", &mut c.ipv4_prefix, ipv4_prefix, Ok)?;
         o.set("ipv6-prefix", &mut c.ipv6_prefix, ipv6_prefix, Ok)?;
         o.set("greylist-text", &mut c.greylist_text, greylist_text, Ok)?;
+        o.set("defer-action", &mut c.defer_action, defer_action, |s| {
+            s.parse()
+        })?;
         o.set(
             "x-greylist-header",
             &mut c.x_greylist_header,
@@ -979,6 +1003,7 @@ impl Overrides {
             whitelist_recipients,
             Ok,
         )?;
+        o.set("trusted-certs", &mut c.trusted_certs, trusted_certs, Ok)?;
         o.set("log-level", &mut c.log_level, log_level, Ok)?;
         o.set("workers", &mut c.workers, workers, Ok)?;
         o.set("cluster-redis", &mut c.cluster_redis, cluster_redis, |u| {
@@ -1095,11 +1120,14 @@ impl Config {
             ipv6_prefix,
             allow,
             greylist_text,
+            // Every value of its type is valid.
+            defer_action: _,
             x_greylist_header: _,
             hostname,
             whitelist_clients,
             whitelist_senders,
             whitelist_recipients,
+            trusted_certs,
             log_level,
             workers,
             cluster_redis,
@@ -1210,6 +1238,7 @@ impl Config {
             ("whitelist-clients", whitelist_clients),
             ("whitelist-senders", whitelist_senders),
             ("whitelist-recipients", whitelist_recipients),
+            ("trusted-certs", trusted_certs),
         ];
         for (key, paths) in lists {
             if paths.iter().any(|p| p.as_os_str().is_empty()) {
@@ -1437,11 +1466,13 @@ ipv6-prefix = 48
 allow = ["10.0.0.0/8", "192.0.2.7"]
 dry-run = true
 greylist-text = "Try later"
+defer-action = "451"
 x-greylist-header = false
 hostname = "mx.example.net"
 whitelist-clients = ["/etc/greyhound/clients"]
 whitelist-senders = ["/etc/greyhound/senders"]
 whitelist-recipients = ["/etc/greyhound/recipients", "/etc/greyhound/more"]
+trusted-certs = ["/etc/greyhound/trusted_certs"]
 log-level = "debug"
 workers = 3
 cluster-redis = "redis://greyhound:s3cret@10.0.0.5:6379/2"
@@ -1479,6 +1510,7 @@ policy-max-attributes = 64
             ipv6_prefix: 48,
             allow: vec![net("10.0.0.0/8"), net("192.0.2.7/32")],
             greylist_text: "Try later".to_owned(),
+            defer_action: DeferAction::Code451,
             x_greylist_header: false,
             hostname: "mx.example.net".to_owned(),
             whitelist_clients: vec![PathBuf::from("/etc/greyhound/clients")],
@@ -1487,6 +1519,7 @@ policy-max-attributes = 64
                 PathBuf::from("/etc/greyhound/recipients"),
                 PathBuf::from("/etc/greyhound/more"),
             ],
+            trusted_certs: vec![PathBuf::from("/etc/greyhound/trusted_certs")],
             log_level: "debug".to_owned(),
             workers: 3,
             cluster_redis: Some("redis://greyhound:s3cret@10.0.0.5:6379/2".to_owned()),
@@ -1627,6 +1660,8 @@ policy-max-attributes = 64
             "--dry-run",
             "--greylist-text",
             "Later, %s",
+            "--defer-action",
+            "DEFER",
             "--no-x-greylist-header",
             "--hostname",
             "mx2.example.net",
@@ -1636,6 +1671,8 @@ policy-max-attributes = 64
             "/b",
             "--whitelist-recipients",
             "/c",
+            "--trusted-certs",
+            "/d",
             "--log-level",
             "trace",
             "--workers",
@@ -1682,11 +1719,13 @@ policy-max-attributes = 64
             ipv6_prefix: 56,
             allow: vec![net("198.51.100.0/24")],
             greylist_text: "Later, %s".to_owned(),
+            defer_action: DeferAction::Defer,
             x_greylist_header: false,
             hostname: "mx2.example.net".to_owned(),
             whitelist_clients: vec![PathBuf::from("/a")],
             whitelist_senders: vec![PathBuf::from("/b")],
             whitelist_recipients: vec![PathBuf::from("/c")],
+            trusted_certs: vec![PathBuf::from("/d")],
             log_level: "trace".to_owned(),
             workers: 5,
             cluster_redis: Some("unix:///run/redis/redis.sock".to_owned()),
@@ -1829,6 +1868,28 @@ policy-max-attributes = 64
         assert_eq!(
             file_error("delay = 1.5").to_string(),
             "config file g.toml: delay: invalid type: floating point `1.5`, expected a duration (a number of seconds, or a string such as \"5m\")"
+        );
+    }
+
+    #[test]
+    fn bad_defer_action_names_the_flag_or_the_key() {
+        assert_eq!(
+            load(&["--defer-action", "REJECT"]).unwrap_err().to_string(),
+            "--defer-action: \"REJECT\" is not one of DEFER_IF_PERMIT, DEFER, 450, 451"
+        );
+        assert_eq!(
+            file_error("defer-action = \"452\"").to_string(),
+            "config file g.toml: defer-action: \"452\" is not one of DEFER_IF_PERMIT, DEFER, 450, 451"
+        );
+        assert_eq!(
+            load(&["--defer-action", "defer_if_permit"])
+                .unwrap()
+                .defer_action,
+            DeferAction::DeferIfPermit
+        );
+        assert_eq!(
+            load(&["--defer-action", "450"]).unwrap().defer_action,
+            DeferAction::Code450
         );
     }
 
@@ -2459,9 +2520,9 @@ policy-max-attributes = 64
             assert_eq!(load(&argv).unwrap(), Config::default(), "{flag}");
             checked.push(long);
         }
-        // Every flag with a value but `--hostname`, `--node-id`, `--cluster-redis` and the three
-        // whitelist lists, which have no default to state.
-        assert_eq!(checked.len(), 26, "{checked:?}");
+        // Every flag with a value but `--hostname`, `--node-id`, `--cluster-redis`, the three
+        // whitelist lists and `--trusted-certs`, which have no default to state.
+        assert_eq!(checked.len(), 27, "{checked:?}");
     }
 
     #[test]
@@ -2491,12 +2552,14 @@ policy-max-attributes = 64
             // Flags only: not keys of the file.
             no_dry_run: _,
             greylist_text,
+            defer_action,
             no_x_greylist_header: _,
             x_greylist_header,
             hostname,
             whitelist_clients,
             whitelist_senders,
             whitelist_recipients,
+            trusted_certs,
             log_level,
             workers,
             cluster_redis,
@@ -2531,11 +2594,13 @@ policy-max-attributes = 64
             ("allow", allow.is_some()),
             ("dry-run", dry_run.is_some()),
             ("greylist-text", greylist_text.is_some()),
+            ("defer-action", defer_action.is_some()),
             ("x-greylist-header", x_greylist_header.is_some()),
             ("hostname", hostname.is_some()),
             ("whitelist-clients", whitelist_clients.is_some()),
             ("whitelist-senders", whitelist_senders.is_some()),
             ("whitelist-recipients", whitelist_recipients.is_some()),
+            ("trusted-certs", trusted_certs.is_some()),
             ("log-level", log_level.is_some()),
             ("workers", workers.is_some()),
             ("cluster-redis", cluster_redis.is_some()),

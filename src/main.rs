@@ -80,7 +80,8 @@ fn one_line(e: &anyhow::Error) -> String {
     s.replace('\n', " ")
 }
 
-/// Loads every configured exemption list; the embedded client list when none is configured.
+/// Loads every configured exemption list (the embedded client list when none is configured)
+/// and the trusted TLS clients, which are reloaded with them.
 fn load_exemptions(cfg: &Config) -> Result<Exemptions> {
     let mut b = Exemptions::builder();
     if cfg.whitelist_clients.is_empty() {
@@ -94,6 +95,9 @@ fn load_exemptions(cfg: &Config) -> Result<Exemptions> {
     }
     for p in &cfg.whitelist_recipients {
         b.load_file(ExemptList::Recipient, p)?;
+    }
+    for p in &cfg.trusted_certs {
+        b.load_trusted_certs(p)?;
     }
     Ok(b.build())
 }
@@ -127,12 +131,14 @@ fn serve(args: &ServeArgs) -> Result<()> {
         ipv6_prefix,
         allow,
         greylist_text,
+        defer_action,
         x_greylist_header,
         hostname,
         // Read by `load_exemptions`, at start and on SIGHUP.
         whitelist_clients: _,
         whitelist_senders: _,
         whitelist_recipients: _,
+        trusted_certs: _,
         log_level,
         workers,
         cluster_redis,
@@ -147,6 +153,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     let secret = greyhound::datadir::open(data_dir)?;
     let exemptions = load_exemptions(&cfg)?;
     let counts = exemptions.counts();
+    let trusted_certs = exemptions.trusted().len();
     let cluster_url = cluster_redis.as_deref().filter(|u| !u.is_empty());
     let engine = Engine::new(
         EngineConfig {
@@ -214,7 +221,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
         *x_greylist_header,
         hostname,
         limits.clone(),
-    );
+    )
+    .with_defer_action(*defer_action);
     let cluster = match cluster_url {
         None => None,
         Some(url) => {
@@ -283,6 +291,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         client_names = counts.client_names,
         senders = counts.senders,
         recipients = counts.recipients,
+        trusted_certs,
         allow = ?allow,
         data_dir = %data_dir.display(),
         workers,
@@ -316,8 +325,9 @@ fn serve(args: &ServeArgs) -> Result<()> {
                 _ = hup.recv() => match load_exemptions(&cfg) {
                     Ok(ex) => {
                         let c = ex.counts();
+                        let trusted_certs = ex.trusted().len();
                         shared.engine.set_exemptions(ex);
-                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, "SIGHUP: exemption lists reloaded");
+                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, trusted_certs, "SIGHUP: exemption lists reloaded");
                     }
                     Err(e) => error!("SIGHUP: exemption lists not reloaded, keeping the previous ones: {}", one_line(&e)),
                 },
@@ -401,6 +411,8 @@ fn check_inner(args: &CheckArgs) -> Result<String> {
                 helo: None,
                 name: None,
                 auth: None,
+                cert: None,
+                cert_subject: None,
             }),
         },
         &mut line,

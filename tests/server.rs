@@ -324,6 +324,48 @@ fn policy_without_x_greylist_header() {
     assert_eq!(srv.m(KNOWN_M), 1.0);
 }
 
+#[test]
+fn policy_defer_action_numeric_and_refused() {
+    let srv = Server::start(&["--defer-action", "451"]);
+    let mut p = PolicyConn::connect(&srv.policy);
+    let a = rcpt_attrs("192.0.2.36", "trent@sender.example", "wendy@rcpt.example");
+    assert_eq!(
+        p.ask(&a),
+        format!(
+            "action=451 4.7.1 {}",
+            greylist_text("trent@sender.example", "wendy@rcpt.example")
+        )
+    );
+    assert_eq!(srv.m(DEFER_M), 1.0);
+    // The native protocol's answer does not change.
+    assert!(request(
+        srv.native,
+        b"CHECK 192.0.2.36 <trent@sender.example> <xavier@rcpt.example>\n"
+    )
+    .starts_with("DEFER 2 "));
+
+    let dir = TempDir::new("deferaction");
+    let data = dir.file("data");
+    let (status, _, err) = run_bin(&[
+        "serve",
+        "--data-dir",
+        &data,
+        "--native",
+        "127.0.0.1:0",
+        "--policy",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--defer-action",
+        "REJECT",
+    ]);
+    assert!(!status.success(), "started with a bad --defer-action");
+    assert_eq!(
+        err.trim(),
+        "greyhound: --defer-action: \"REJECT\" is not one of DEFER_IF_PERMIT, DEFER, 450, 451"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. IDs, pipelining, PEEK
 // ---------------------------------------------------------------------------------------
@@ -593,6 +635,149 @@ fn sighup_reloads_exemption_lists_and_keeps_them_on_error() {
     assert_eq!(ask(&mut c, "c@trusted.example", "r3"), "PASS exempt:sender");
     assert!(ask(&mut c, "y@other.example", "r3").starts_with("DEFER 2 "));
     assert_eq!(srv.m(GREYLISTED_M), greylisted_after_reload + 1.0);
+}
+
+const TLS_M: &str = r#"greyhound_decisions_total{answer="pass",reason="tls"}"#;
+const FP_A: &str = "C2:9D:F4:87:71:73:73:D9:18:E7:C2:F3:C1:DA:6E:04";
+const FP_B: &str =
+    "3A:7F:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD";
+
+#[test]
+fn trusted_tls_clients_pass_and_reload_on_sighup() {
+    let dir = TempDir::new("trusted");
+    let list = dir.file("trusted_certs");
+    std::fs::write(
+        &list,
+        format!("# relays\n{FP_A}  # partner\nsubject=mx1.partner.example\n"),
+    )
+    .unwrap();
+    let srv = Server::start_in(dir, &["--trusted-certs", &list]);
+    let mut c = Conn::connect(srv.native);
+    let bare_a: String = FP_A.chars().filter(|c| *c != ':').collect();
+    for (req, want) in [
+        (
+            format!("CHECK 192.0.2.50 <a@b.example> <c@d.example> cert={FP_A}"),
+            "PASS tls",
+        ),
+        (
+            format!(
+                "CHECK 192.0.2.50 <a@b.example> <c@d.example> cert={}",
+                bare_a.to_lowercase()
+            ),
+            "PASS tls",
+        ),
+        (
+            "CHECK 192.0.2.50 <a@b.example> <c@d.example> cert-subject=MX1.Partner.example"
+                .to_owned(),
+            "PASS tls",
+        ),
+        (
+            format!("PEEK 192.0.2.50 <a@b.example> <e@d.example> cert={FP_A}"),
+            "PASS tls",
+        ),
+    ] {
+        assert_eq!(c.ask(&req), want, "{req}");
+    }
+    // Unknown ones are greylisted as usual.
+    for req in [
+        format!("CHECK 192.0.2.50 <a@b.example> <f@d.example> cert={FP_B}"),
+        "CHECK 192.0.2.50 <a@b.example> <g@d.example> cert-subject=mx2.partner.example".to_owned(),
+    ] {
+        assert!(c.ask(&req).starts_with("DEFER 2 "), "{req}");
+    }
+
+    // Postfix: either fingerprint, or the verified subject; the answer is DUNNO, counted as tls.
+    let mut p = PolicyConn::connect(&srv.policy);
+    let mut a = rcpt_attrs("192.0.2.51", "g@h.example", "i@j.example");
+    a.push(("ccert_fingerprint", FP_A));
+    assert_eq!(p.ask(&a), "action=DUNNO");
+    let mut a = rcpt_attrs("192.0.2.51", "g@h.example", "k@j.example");
+    a.push(("ccert_fingerprint", FP_B));
+    a.push(("ccert_pubkey_fingerprint", FP_A));
+    assert_eq!(p.ask(&a), "action=DUNNO");
+    let a = with(
+        rcpt_attrs("192.0.2.51", "g@h.example", "l@j.example"),
+        "ccert_subject",
+        "mx1.partner.example",
+    );
+    assert_eq!(p.ask(&a), "action=DUNNO");
+    let mut a = rcpt_attrs("192.0.2.51", "g@h.example", "m@j.example");
+    a.push(("ccert_fingerprint", FP_B));
+    assert!(p.ask(&a).starts_with("action=DEFER_IF_PERMIT "));
+    // Three native CHECKs and three Postfix requests; the PEEK is not a decision.
+    assert_eq!(srv.m(TLS_M), 6.0);
+    assert_eq!(
+        srv.m(GREYLISTED_M),
+        3.0,
+        "trusted clients are never recorded"
+    );
+
+    // SIGHUP: the new list replaces the old one.
+    std::fs::write(&list, format!("{}\n", FP_B.to_lowercase())).unwrap();
+    srv.signal("HUP");
+    let mut n = 0;
+    let reloaded = poll(IO_TIMEOUT, || {
+        n += 1;
+        let req = format!("CHECK 192.0.2.52 <a@b.example> <p{n}@d.example> cert={FP_B}");
+        (c.ask(&req) == "PASS tls").then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "new list not in force; log:\n{}",
+        srv.logs().join("\n")
+    );
+    assert!(c
+        .ask(&format!(
+            "CHECK 192.0.2.53 <a@b.example> <q@d.example> cert={FP_A}"
+        ))
+        .starts_with("DEFER 2 "));
+
+    // A bad file on SIGHUP keeps the lists in force and names the file and line.
+    std::fs::write(&list, format!("{FP_A}\nnot-a-fingerprint\n")).unwrap();
+    srv.signal("HUP");
+    let at = format!("{list}:2");
+    let line = srv.wait_log(&format!("naming {at}"), |l| l.contains(&at));
+    assert!(line.contains("ERROR"), "not an error: {line:?}");
+    assert!(line.contains("not-a-fingerprint"), "{line:?}");
+    assert_eq!(
+        c.ask(&format!(
+            "CHECK 192.0.2.54 <a@b.example> <r@d.example> cert={FP_B}"
+        )),
+        "PASS tls"
+    );
+    assert!(c
+        .ask(&format!(
+            "CHECK 192.0.2.54 <a@b.example> <s@d.example> cert={FP_A}"
+        ))
+        .starts_with("DEFER 2 "));
+}
+
+#[test]
+fn bad_trusted_certs_file_stops_the_start_naming_file_and_line() {
+    let dir = TempDir::new("trustedbad");
+    let list = dir.file("trusted_certs");
+    std::fs::write(&list, format!("{FP_A}\n\nsubject=\n")).unwrap();
+    let data = dir.file("data");
+    let (status, _, err) = run_bin(&[
+        "serve",
+        "--data-dir",
+        &data,
+        "--native",
+        "127.0.0.1:0",
+        "--policy",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--trusted-certs",
+        &list,
+    ]);
+    assert!(!status.success(), "started with a bad --trusted-certs");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert_eq!(
+        lines[0],
+        format!("greyhound: {list}:3: \"subject=\" names no subject")
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1143,6 +1328,45 @@ fn config_file_flags_and_greylist_text() {
     assert_eq!(
         request(srv.native, b"CHECK 192.0.2.1 a@b.example c@d.example\n"),
         "DEFER 2 from the flag c@d.example\n"
+    );
+}
+
+#[test]
+fn greylist_text_protocol_placeholder() {
+    let srv = Server::start(&[
+        "--greylist-text",
+        "Greylisted; from=%s to=%r proto=%p helo=%h",
+    ]);
+    let mut p = PolicyConn::connect(&srv.policy);
+    let a = rcpt_attrs("198.51.100.8", "e@f.example", "g@h.example");
+    assert_eq!(
+        p.ask(&a),
+        "action=DEFER_IF_PERMIT Greylisted; from=e@f.example to=g@h.example proto=ESMTP helo=mail.sender.example"
+    );
+    let smtp = with(
+        rcpt_attrs("198.51.100.8", "e@f.example", "i@h.example"),
+        "protocol_name",
+        "SMTP",
+    );
+    assert_eq!(
+        p.ask(&smtp),
+        "action=DEFER_IF_PERMIT Greylisted; from=e@f.example to=i@h.example proto=SMTP helo=mail.sender.example"
+    );
+    // Postfix always sends it; a block without it (or the native protocol) leaves it empty.
+    let none: Vec<_> = rcpt_attrs("198.51.100.8", "e@f.example", "j@h.example")
+        .into_iter()
+        .filter(|(n, _)| *n != "protocol_name")
+        .collect();
+    assert_eq!(
+        p.ask(&none),
+        "action=DEFER_IF_PERMIT Greylisted; from=e@f.example to=j@h.example proto= helo=mail.sender.example"
+    );
+    assert_eq!(
+        request(
+            srv.native,
+            b"CHECK 198.51.100.8 <e@f.example> <k@h.example> helo=h.example\n"
+        ),
+        "DEFER 2 Greylisted; from=e@f.example to=k@h.example proto= helo=h.example\n"
     );
 }
 

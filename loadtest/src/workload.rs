@@ -1063,13 +1063,11 @@ impl RequestWriter {
                 sasl_username: "",
                 queue_id: "",
                 instance: ascii(&self.instance),
+                protocol_name: "ESMTP",
+                // What a client without a TLS certificate sends: nothing more.
+                ..policy::PolicyRequest::default()
             },
-            &[
-                ("protocol_name", "ESMTP"),
-                ("recipient_count", "0"),
-                ("sasl_method", ""),
-                ("size", "0"),
-            ],
+            &[("recipient_count", "0"), ("sasl_method", ""), ("size", "0")],
             out,
         );
     }
@@ -1234,6 +1232,8 @@ mod tests {
                     helo: None,
                     name: None,
                     auth: None,
+                    cert: None,
+                    cert_subject: None,
                 }),
             },
             &mut out,

@@ -22,6 +22,8 @@ use ahash::AHashSet;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use regex::{RegexBuilder, RegexSet, RegexSetBuilder};
 
+use super::trust::TrustedCerts;
+
 // DEFAULT_CLIENTS_PATH_NOTE: in the main project this file lives at
 // src/engine/exempt.rs and the list at config/whitelist_clients, so the path
 // below becomes "../../config/whitelist_clients". It is the only place the
@@ -109,6 +111,8 @@ pub struct Exemptions {
     senders: AddressSet,
     recipients: AddressSet,
     counts: ExemptCounts,
+    /// Not an exemption list but loaded and reloaded with them (`trusted-certs`).
+    trusted: TrustedCerts,
 }
 
 impl Exemptions {
@@ -143,6 +147,11 @@ impl Exemptions {
         None
     }
 
+    /// The trusted TLS client certificates.
+    pub fn trusted(&self) -> &TrustedCerts {
+        &self.trusted
+    }
+
     /// Number of entries per list, for the start-up log.
     pub fn counts(&self) -> ExemptCounts {
         self.counts
@@ -174,6 +183,7 @@ pub struct ExemptionsBuilder {
     senders: AddressSet,
     recipients: AddressSet,
     counts: ExemptCounts,
+    trusted: TrustedCerts,
 }
 
 impl ExemptionsBuilder {
@@ -280,6 +290,26 @@ impl ExemptionsBuilder {
         }
     }
 
+    /// Trusted TLS client list text (see [`super::trust`]); all entries or none.
+    pub fn add_trusted_certs(
+        &mut self,
+        source_name: &str,
+        text: &str,
+    ) -> Result<&mut Self, ExemptError> {
+        self.trusted.add(source_name, text)?;
+        Ok(self)
+    }
+
+    /// Reads a trusted TLS client file; io errors → ExemptError::Io.
+    pub fn load_trusted_certs(&mut self, path: &Path) -> Result<&mut Self, ExemptError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ExemptError::Io {
+            path: source_name.clone(),
+            source,
+        })?;
+        self.add_trusted_certs(&source_name, &text)
+    }
+
     /// Freezes the collected entries into a queryable [`Exemptions`].
     pub fn build(self) -> Exemptions {
         let mut exact = self.exact_names;
@@ -299,6 +329,7 @@ impl ExemptionsBuilder {
             senders: self.senders.frozen(),
             recipients: self.recipients.frozen(),
             counts: self.counts,
+            trusted: self.trusted,
         }
     }
 }
@@ -506,7 +537,7 @@ enum AddressEntry {
 
 /// The non-empty entries of a list with their 1-based line numbers, comments
 /// and surrounding whitespace removed.
-fn entries_of(text: &str) -> impl Iterator<Item = (usize, &str)> {
+pub(crate) fn entries_of(text: &str) -> impl Iterator<Item = (usize, &str)> {
     // Editors on some systems prepend a byte-order mark that would otherwise
     // make the first entry invalid.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);

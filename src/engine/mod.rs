@@ -6,7 +6,7 @@
 //!  Query (raw strings) ──► exemptions? ──► normalise ──► keyed hash ──► Keyed
 //!                              │ yes                                     │
 //!                              ▼                                         ▼
-//!                        PASS exempt/auth      shard = key.hi top bits ─► lock shard
+//!                     PASS exempt/auth/tls     shard = key.hi top bits ─► lock shard
 //!                                              whitelisted? ─► PASS known
 //!                                              client in AWL? ─► PASS awl
 //!                                              greylist rules ─► DEFER n / PASS retried
@@ -21,6 +21,7 @@ mod prefetch;
 pub mod record;
 mod replica;
 mod table;
+pub mod trust;
 mod wheel;
 
 use std::cell::RefCell;
@@ -36,6 +37,7 @@ pub use normalize::{ClientNet, Normalizer};
 pub use policy::Policy;
 pub use record::{AwlRecord, TripletRecord};
 pub use replica::{Changes, Digest, MergeStats};
+pub use trust::{ClientCert, TrustedCerts};
 
 use record::Judgement;
 use table::{Record, Slot, SlotHint, Table};
@@ -63,6 +65,8 @@ pub struct Query<'a> {
     pub client_name: Option<&'a str>,
     /// SASL user name; a non-empty one passes as `auth`.
     pub auth: Option<&'a str>,
+    /// The client's TLS certificate; a trusted one passes as `tls`.
+    pub cert: ClientCert<'a>,
 }
 
 impl<'a> Query<'a> {
@@ -74,6 +78,7 @@ impl<'a> Query<'a> {
             recipient,
             client_name: None,
             auth: None,
+            cert: ClientCert::default(),
         }
     }
 }
@@ -103,6 +108,8 @@ pub enum Pass {
     Exempt(ExemptList),
     /// The client authenticated.
     Auth,
+    /// The client presented a trusted TLS certificate (`trusted-certs`).
+    Tls,
     /// Dry-run mode: the answer would have been DEFER with this many seconds left.
     DryRun {
         /// Seconds that would have been left.
@@ -122,6 +129,7 @@ impl Pass {
             Pass::Exempt(ExemptList::Sender) => "exempt:sender",
             Pass::Exempt(ExemptList::Recipient) => "exempt:recipient",
             Pass::Auth => "auth",
+            Pass::Tls => "tls",
             Pass::DryRun { .. } => "dry-run",
         }
     }
@@ -518,6 +526,10 @@ impl Engine {
     ) -> Result<Keyed, Decision> {
         if q.auth.is_some_and(|a| !a.is_empty()) {
             return Err(Decision::Pass(Pass::Auth));
+        }
+        // Like `auth`, before the table: a trusted client is never greylisted.
+        if !q.cert.is_empty() && exemptions.trusted().matches(&q.cert) {
+            return Err(Decision::Pass(Pass::Tls));
         }
         let sender = if q.sender == "<>" { "" } else { q.sender };
         let client = self.normalizer.client(q.client);

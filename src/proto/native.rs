@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! [ID ]CHECK <client-ip> <sender> <recipient> [helo=<name>] [name=<client-hostname>] [auth=<user>]
+//!            [cert=<fingerprint>] [cert-subject=<name>]
 //! [ID ]PEEK  <client-ip> <sender> <recipient> [same options as CHECK]
 //! [ID ]PING
 //!
@@ -44,6 +45,10 @@ pub struct Triplet<'a> {
     pub name: Option<&'a str>,
     /// `auth=` option: the SASL user name if the client authenticated.
     pub auth: Option<&'a str>,
+    /// `cert=` option: the fingerprint of the client's TLS certificate (or of its public key).
+    pub cert: Option<&'a str>,
+    /// `cert-subject=` option: the verified subject (common name) of that certificate.
+    pub cert_subject: Option<&'a str>,
 }
 
 /// What a request asks for.
@@ -377,6 +382,7 @@ fn parse_triplet(mut tokens: Tokens<'_>) -> Result<Triplet<'_>, ErrorKind> {
         return Err(ErrorKind::BadArgs);
     };
     let (mut helo, mut name, mut auth) = (None, None, None);
+    let (mut cert, mut cert_subject) = (None, None);
     for token in tokens {
         // A fourth bare word is an extra argument, not an option.
         let (key, value) = token.split_once('=').ok_or(ErrorKind::BadArgs)?;
@@ -386,6 +392,10 @@ fn parse_triplet(mut tokens: Tokens<'_>) -> Result<Triplet<'_>, ErrorKind> {
             &mut name
         } else if key.eq_ignore_ascii_case("auth") {
             &mut auth
+        } else if key.eq_ignore_ascii_case("cert") {
+            &mut cert
+        } else if key.eq_ignore_ascii_case("cert-subject") {
+            &mut cert_subject
         } else {
             return Err(ErrorKind::BadOption);
         };
@@ -407,6 +417,8 @@ fn parse_triplet(mut tokens: Tokens<'_>) -> Result<Triplet<'_>, ErrorKind> {
         helo,
         name,
         auth,
+        cert,
+        cert_subject,
     })
 }
 
@@ -735,16 +747,20 @@ mod tests {
             helo: Some("mx.a.example"),
             name: Some("mail.a.example"),
             auth: Some("alice"),
+            cert: Some("C2:9D:F4:87:71:73:73:D9:18:E7:C2:F3:C1:DA:6E:04"),
+            cert_subject: Some("mx.a.example"),
         };
         // Written by hand the way a client would, then parsed back.
         let line = format!(
-            "17 CHECK {} <{}> <{}> helo={} name={} auth={}",
+            "17 CHECK {} <{}> <{}> helo={} name={} auth={} cert={} cert-subject={}",
             t.client,
             t.sender,
             t.recipient,
             t.helo.unwrap(),
             t.name.unwrap(),
-            t.auth.unwrap()
+            t.auth.unwrap(),
+            t.cert.unwrap(),
+            t.cert_subject.unwrap()
         );
         assert_eq!(
             ok(&line),
@@ -768,6 +784,8 @@ mod tests {
                     helo: None,
                     name: None,
                     auth: Some("carol"),
+                    cert: None,
+                    cert_subject: None,
                 })
             }
         );
@@ -889,6 +907,25 @@ mod tests {
             ErrorKind::BadOption
         );
         assert_eq!(kind(b"PEEK 192.0.2.1 a b bogus=1"), ErrorKind::BadOption);
+        // The certificate options, parsed like the others (a subject is one word).
+        let t = triplet("CHECK 192.0.2.1 a b CERT=ab:cd cert-subject=mx.example");
+        assert_eq!(
+            (t.cert, t.cert_subject),
+            (Some("ab:cd"), Some("mx.example"))
+        );
+        assert_eq!(
+            kind(b"CHECK 192.0.2.1 a b cert=x Cert=y"),
+            ErrorKind::BadOption
+        );
+        assert_eq!(
+            kind(b"CHECK 192.0.2.1 a b cert-subject=x cert-subject=x"),
+            ErrorKind::BadOption
+        );
+        assert_eq!(kind(b"CHECK 192.0.2.1 a b certs=x"), ErrorKind::BadOption);
+        assert_eq!(
+            kind(b"CHECK 192.0.2.1 a b cert-subject=Mail Relay"),
+            ErrorKind::BadArgs
+        );
     }
 
     #[test]
@@ -1626,8 +1663,9 @@ mod framing_tests {
 // =========================================================================================
 
 /// Appends one request line: `[ID ]CHECK|PEEK <ip> <sender> <recipient> [helo=..] [name=..]
-/// [auth=..]\n` or `[ID ]PING\n`. Sender and recipient go in angle brackets (the null sender is
-/// `<>`), options in the order `helo`, `name`, `auth`.
+/// [auth=..] [cert=..] [cert-subject=..]\n` or `[ID ]PING\n`. Sender and recipient go in
+/// angle brackets (the null sender is `<>`), options in the order `helo`, `name`, `auth`,
+/// `cert`, `cert-subject`.
 ///
 /// Fields are written as given: one holding whitespace, a control character or an angle
 /// bracket makes a line the server answers with `ERR`, exactly as it would from any client.
@@ -1674,7 +1712,13 @@ pub fn encode_request(req: &Request<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(address.as_bytes());
         out.push(b'>');
     }
-    for (key, value) in [(" helo=", t.helo), (" name=", t.name), (" auth=", t.auth)] {
+    for (key, value) in [
+        (" helo=", t.helo),
+        (" name=", t.name),
+        (" auth=", t.auth),
+        (" cert=", t.cert),
+        (" cert-subject=", t.cert_subject),
+    ] {
         if let Some(value) = value {
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(value.as_bytes());
@@ -1816,6 +1860,8 @@ mod client_tests {
             helo: Some("mx.example"),
             name: None,
             auth: Some("joe"),
+            cert: None,
+            cert_subject: None,
         };
         let check = Request {
             id: Some("17"),
@@ -1836,6 +1882,19 @@ mod client_tests {
             }),
         };
         assert_eq!(line(&peek), "PEEK 2001:db8::1 <a@b> <b@c.example>\n");
+        let tls = Request {
+            id: None,
+            command: Command::Check(Triplet {
+                auth: None,
+                cert: Some("AB:CD"),
+                cert_subject: Some("mx.example"),
+                ..t
+            }),
+        };
+        assert_eq!(
+            line(&tls),
+            "CHECK 192.0.2.1 <> <b@c.example> helo=mx.example cert=AB:CD cert-subject=mx.example\n"
+        );
         let ping = Request {
             id: Some("0"),
             command: Command::Ping,
@@ -1924,12 +1983,14 @@ mod client_tests {
     const VALUE: &str = "[^\\s\\p{Cc}]{0,16}";
     const ID: &str = "[0-9]{1,20}";
 
-    fn triplet() -> impl Strategy<Value = (IpAddr, String, String, [Option<String>; 3])> {
+    fn triplet() -> impl Strategy<Value = (IpAddr, String, String, [Option<String>; 5])> {
         (
             any::<IpAddr>(),
             prop_oneof![Just(String::new()), WORD.prop_map(String::from)],
             WORD,
             [
+                proptest::option::of(VALUE),
+                proptest::option::of(VALUE),
                 proptest::option::of(VALUE),
                 proptest::option::of(VALUE),
                 proptest::option::of(VALUE),
@@ -1959,7 +2020,7 @@ mod client_tests {
         fn requests_round_trip(
             id in proptest::option::of(ID),
             verb in 0u8..3,
-            (client, sender, recipient, [helo, name, auth]) in triplet(),
+            (client, sender, recipient, [helo, name, auth, cert, cert_subject]) in triplet(),
         ) {
             let t = Triplet {
                 client,
@@ -1968,6 +2029,8 @@ mod client_tests {
                 helo: helo.as_deref(),
                 name: name.as_deref(),
                 auth: auth.as_deref(),
+                cert: cert.as_deref(),
+                cert_subject: cert_subject.as_deref(),
             };
             let command = match verb {
                 0 => Command::Check(t),

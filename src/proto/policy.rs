@@ -60,6 +60,14 @@ pub struct PolicyRequest<'a> {
     pub recipient: &'a str,
     /// SASL login name; empty if the client did not authenticate.
     pub sasl_username: &'a str,
+    /// `ESMTP` or `SMTP`, for `%p` in the greylist text; empty if not sent.
+    pub protocol_name: &'a str,
+    /// Verified client certificate subject (common name); empty without one.
+    pub ccert_subject: &'a str,
+    /// Client certificate fingerprint (`AB:CD:…`); empty without a certificate.
+    pub ccert_fingerprint: &'a str,
+    /// Client certificate public key fingerprint; empty without a certificate.
+    pub ccert_pubkey_fingerprint: &'a str,
     /// Postfix queue ID, for log correlation; may be empty.
     pub queue_id: &'a str,
     /// Postfix's per-message instance tag: equal across the recipients of
@@ -82,6 +90,10 @@ impl<'a> PolicyRequest<'a> {
             "recipient" => &mut self.recipient,
             "sasl_username" => &mut self.sasl_username,
             "queue_id" => &mut self.queue_id,
+            "protocol_name" => &mut self.protocol_name,
+            "ccert_subject" => &mut self.ccert_subject,
+            "ccert_fingerprint" => &mut self.ccert_fingerprint,
+            "ccert_pubkey_fingerprint" => &mut self.ccert_pubkey_fingerprint,
             "instance" => &mut self.instance,
             _ => return,
         };
@@ -141,6 +153,9 @@ impl PolicyError {
 
 /// Result of looking at the front of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The request (15 borrowed strings, 248 bytes) is returned by value and lives for one call on
+// the stack; boxing it, as the lint suggests, would allocate for every request.
+#[allow(clippy::large_enum_variant)]
 pub enum Block<'a> {
     /// No complete block yet, and it can still fit the limits: read more.
     Incomplete,
@@ -316,6 +331,80 @@ pub fn encode_action(action: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\n\n");
 }
 
+/// The action of a DEFER answer to Postfix (`defer-action`): the reply code and text Postfix
+/// gives the SMTP client. `DEFER_IF_PERMIT` (the default) lets a later restriction that rejects
+/// win over the greylisting; `DEFER` defers whatever follows; `450` and `451` defer with that
+/// SMTP code and the enhanced status `4.7.1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeferAction {
+    /// `action=DEFER_IF_PERMIT <text>`.
+    #[default]
+    DeferIfPermit,
+    /// `action=DEFER <text>`.
+    Defer,
+    /// `action=450 4.7.1 <text>`.
+    Code450,
+    /// `action=451 4.7.1 <text>`.
+    Code451,
+}
+
+impl DeferAction {
+    /// Every value as the configuration writes it, in declaration order.
+    pub const NAMES: [&'static str; 4] = ["DEFER_IF_PERMIT", "DEFER", "450", "451"];
+
+    /// The value as the configuration writes it.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// What the action line holds before the text, its separating space included.
+    #[must_use]
+    pub const fn prefix(self) -> &'static str {
+        match self {
+            DeferAction::DeferIfPermit => "DEFER_IF_PERMIT ",
+            DeferAction::Defer => "DEFER ",
+            DeferAction::Code450 => "450 4.7.1 ",
+            DeferAction::Code451 => "451 4.7.1 ",
+        }
+    }
+}
+
+impl std::str::FromStr for DeferAction {
+    type Err = String;
+
+    /// One of [`DeferAction::NAMES`], any case; the error quotes the input and lists them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const ALL: [DeferAction; 4] = [
+            DeferAction::DeferIfPermit,
+            DeferAction::Defer,
+            DeferAction::Code450,
+            DeferAction::Code451,
+        ];
+        ALL.into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("{s:?} is not one of {}", Self::NAMES.join(", ")))
+    }
+}
+
+impl std::fmt::Display for DeferAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Appends the answer to a greylisted request: `action=<action> <text>\n\n` (for the numeric
+/// actions `action=450 4.7.1 <text>`). The text is cleaned and the line limited as in
+/// [`encode_action`].
+pub fn encode_defer(action: DeferAction, text: &str, out: &mut Vec<u8>) {
+    const PREFIX: &str = "action=";
+    let head = action.prefix();
+    out.extend_from_slice(PREFIX.as_bytes());
+    out.extend_from_slice(head.as_bytes());
+    push_clean(text, MAX_ACTION_LINE - PREFIX.len() - head.len() - 1, out);
+    out.extend_from_slice(b"\n\n");
+}
+
 /// Values for [`expand_template`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TemplateVars<'a> {
@@ -329,11 +418,13 @@ pub struct TemplateVars<'a> {
     pub helo: &'a str,
     /// `%d`: seconds left until a retry is accepted.
     pub seconds: u32,
+    /// `%p`: the SMTP protocol name (`ESMTP`, `SMTP`); `""` when unknown.
+    pub protocol: &'a str,
 }
 
 /// Expands the greylist text template: `%s` sender (`<>` for the null
 /// sender), `%r` recipient, `%c` client address, `%h` helo name, `%d` seconds
-/// left, `%%` a literal percent; any other `%x`, and a trailing lone `%`, is
+/// left, `%p` protocol name (`ESMTP`, `SMTP`; empty when unknown), `%%` a literal percent; any other `%x`, and a trailing lone `%`, is
 /// kept literally. Values are copied as they are (the encoders replace
 /// control characters), so the appended bytes are valid UTF-8.
 pub fn expand_template(template: &str, vars: &TemplateVars<'_>, out: &mut Vec<u8>) {
@@ -347,6 +438,7 @@ pub fn expand_template(template: &str, vars: &TemplateVars<'_>, out: &mut Vec<u8
             Some(b'r') => vars.recipient,
             Some(b'c') => vars.client,
             Some(b'h') => vars.helo,
+            Some(b'p') => vars.protocol,
             Some(b'%') => "%",
             Some(b'd') => {
                 push_u64(u64::from(vars.seconds), 1, out);
@@ -517,6 +609,10 @@ mod tests {
             sender: "foo@bar.tld",
             recipient: "bar@foo.tld",
             sasl_username: "",
+            protocol_name: "SMTP",
+            ccert_subject: "solaris9.porcupine.org",
+            ccert_fingerprint: "C2:9D:F4:87:71:73:73:D9:18:E7:C2:F3:C1:DA:6E:04",
+            ccert_pubkey_fingerprint: "68:B3:29:DA:98:93:E3:40:99:C7:D8:AD:5C:B9:C9:40",
             queue_id: "8045F2AB23",
             instance: "123.456.7",
         }
@@ -576,6 +672,7 @@ mod tests {
         client: "192.0.2.1",
         helo: "mx.b.example",
         seconds: 299,
+        protocol: "ESMTP",
     };
 
     #[test]
@@ -882,6 +979,15 @@ mod tests {
             expand(DEFAULT_GREYLIST_TEXT, &VARS),
             "Greylisted, see https://greylisting.org/; from=a@b.example to=c@d.example"
         );
+        assert_eq!(
+            expand("Greylisted; from=%s to=%r proto=%p helo=%h", &VARS),
+            "Greylisted; from=a@b.example to=c@d.example proto=ESMTP helo=mx.b.example"
+        );
+        let unknown = TemplateVars {
+            protocol: "",
+            ..VARS
+        };
+        assert_eq!(expand("proto=%p.", &unknown), "proto=.");
         let null = TemplateVars { sender: "", ..VARS };
         assert_eq!(expand("from=%s", &null), "from=<>");
         assert_eq!(expand("%d", &TemplateVars { seconds: 0, ..VARS }), "0");
@@ -928,6 +1034,68 @@ mod tests {
         let mut out = b"x".to_vec();
         encode_action("DUNNO", &mut out);
         assert_eq!(out, b"xaction=DUNNO\n\n");
+    }
+
+    fn defer(a: DeferAction, text: &str) -> String {
+        let mut out = Vec::new();
+        encode_defer(a, text, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn encode_defer_per_action() {
+        let text = "Greylisted, see https://greylisting.org/";
+        assert_eq!(
+            defer(DeferAction::default(), text),
+            format!("action=DEFER_IF_PERMIT {text}\n\n")
+        );
+        assert_eq!(
+            defer(DeferAction::Defer, text),
+            format!("action=DEFER {text}\n\n")
+        );
+        assert_eq!(
+            defer(DeferAction::Code450, text),
+            format!("action=450 4.7.1 {text}\n\n")
+        );
+        assert_eq!(
+            defer(DeferAction::Code451, text),
+            format!("action=451 4.7.1 {text}\n\n")
+        );
+        // The same bytes as the action built whole and encoded, control characters included.
+        for a in [DeferAction::DeferIfPermit, DeferAction::Code451] {
+            let t = "a\r\nb";
+            assert_eq!(defer(a, t), action(&format!("{}{t}", a.prefix())));
+        }
+    }
+
+    #[test]
+    fn encode_defer_line_limit() {
+        for a in [
+            DeferAction::DeferIfPermit,
+            DeferAction::Defer,
+            DeferAction::Code450,
+        ] {
+            let out = defer(a, &"a".repeat(2000));
+            assert_eq!(out.len() - 1, MAX_ACTION_LINE, "{a}");
+            assert_eq!(out, action(&format!("{}{}", a.prefix(), "a".repeat(2000))));
+        }
+    }
+
+    #[test]
+    fn defer_action_names() {
+        for name in DeferAction::NAMES {
+            let a: DeferAction = name.parse().unwrap();
+            assert_eq!(a.as_str(), name);
+            assert_eq!(a.to_string(), name);
+        }
+        assert_eq!("defer".parse(), Ok(DeferAction::Defer));
+        assert_eq!("Defer_If_Permit".parse(), Ok(DeferAction::DeferIfPermit));
+        assert_eq!(
+            "452".parse::<DeferAction>(),
+            Err("\"452\" is not one of DEFER_IF_PERMIT, DEFER, 450, 451".to_owned())
+        );
+        assert!("REJECT".parse::<DeferAction>().is_err());
+        assert!("".parse::<DeferAction>().is_err());
     }
 
     #[test]
@@ -1091,9 +1259,16 @@ pub const MAX_REPLY_BLOCK: usize = 4 * MAX_ACTION_LINE;
 /// Appends a request block: every field of `req` as a `name=value` line, in the order Postfix
 /// sends them, then the `extra` attributes (a server ignores names it does not know, so a
 /// client may add what real Postfix sends to make blocks as long as real ones), then the empty
-/// line that ends the block. Control characters in values become spaces, so one attribute is
-/// always one line.
+/// line that ends the block. The fields that only some requests carry (`protocol_name` and the
+/// client certificate's) are written only when they are not empty. Control characters in values become spaces, so one
+/// attribute is always one line.
 pub fn encode_request(req: &PolicyRequest<'_>, extra: &[(&str, &str)], out: &mut Vec<u8>) {
+    let optional = [
+        ("protocol_name", req.protocol_name),
+        ("ccert_subject", req.ccert_subject),
+        ("ccert_fingerprint", req.ccert_fingerprint),
+        ("ccert_pubkey_fingerprint", req.ccert_pubkey_fingerprint),
+    ];
     let fields = [
         ("request", req.request),
         ("protocol_state", req.protocol_state),
@@ -1107,7 +1282,8 @@ pub fn encode_request(req: &PolicyRequest<'_>, extra: &[(&str, &str)], out: &mut
         ("queue_id", req.queue_id),
         ("instance", req.instance),
     ];
-    for (name, value) in fields.iter().chain(extra) {
+    let present = optional.iter().filter(|(_, value)| !value.is_empty());
+    for (name, value) in fields.iter().chain(present).chain(extra) {
         out.extend_from_slice(name.as_bytes());
         out.push(b'=');
         push_clean(value, usize::MAX, out);
@@ -1244,7 +1420,7 @@ mod client_tests {
     proptest! {
         /// What the client encodes, the server parses back to the same request.
         #[test]
-        fn requests_round_trip(v in proptest::collection::vec(VALUE, 10)) {
+        fn requests_round_trip(v in proptest::collection::vec(VALUE, 14)) {
             let req = PolicyRequest {
                 request: POLICY_REQUEST,
                 protocol_state: &v[0],
@@ -1257,9 +1433,13 @@ mod client_tests {
                 sasl_username: &v[7],
                 queue_id: &v[8],
                 instance: &v[9],
+                protocol_name: &v[10],
+                ccert_subject: &v[11],
+                ccert_fingerprint: &v[12],
+                ccert_pubkey_fingerprint: &v[13],
             };
             let mut out = Vec::new();
-            encode_request(&req, &[("protocol_name", "ESMTP")], &mut out);
+            encode_request(&req, &[("recipient_count", "0")], &mut out);
             prop_assert_eq!(
                 parse(&out, &BlockLimits::default()),
                 Ok(Block::Complete { consumed: out.len(), request: req })

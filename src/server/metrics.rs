@@ -59,7 +59,7 @@ pub enum Answer {
 }
 
 /// Decision kinds as (answer, reason) label values, in the order [`Answer`] indexes them.
-const KINDS: [(&str, &str); 11] = [
+const KINDS: [(&str, &str); 12] = [
     ("defer", ""),
     ("pass", "retried"),
     ("pass", "known"),
@@ -69,6 +69,7 @@ const KINDS: [(&str, &str); 11] = [
     ("pass", "exempt:sender"),
     ("pass", "exempt:recipient"),
     ("pass", "auth"),
+    ("pass", "tls"),
     ("pass", "dry-run"),
     ("dunno", "not-rcpt"),
 ];
@@ -86,9 +87,10 @@ impl Answer {
                 Pass::Exempt(ExemptList::Sender) => 6,
                 Pass::Exempt(ExemptList::Recipient) => 7,
                 Pass::Auth => 8,
-                Pass::DryRun { .. } => 9,
+                Pass::Tls => 9,
+                Pass::DryRun { .. } => 10,
             },
-            Answer::NotRcpt => 10,
+            Answer::NotRcpt => 11,
         }
     }
 }

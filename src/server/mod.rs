@@ -45,10 +45,12 @@ use metrics::{Metrics, Proto};
 /// What the connection loops need besides the engine.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Greylist text template (`%s %r %c %h %d`).
+    /// Greylist text template (`%s %r %c %h %d %p`).
     pub greylist_text: String,
     /// Whether `%c` occurs in the template (so the address is formatted only then).
     pub template_uses_client: bool,
+    /// The action of a DEFER answered to Postfix.
+    pub defer_action: crate::proto::policy::DeferAction,
     /// Add `X-Greylist:` on the first pass of a retried triplet (policy protocol).
     pub x_greylist_header: bool,
     /// Host name written in that header.
@@ -58,7 +60,8 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Settings with the given template and the rest defaulted.
+    /// Settings with the given template, the default defer action (see
+    /// [`with_defer_action`](Self::with_defer_action)) and the rest as given.
     pub fn new(
         greylist_text: String,
         x_greylist_header: bool,
@@ -68,10 +71,20 @@ impl Settings {
         Self {
             template_uses_client: greylist_text.contains("%c"),
             greylist_text,
+            defer_action: crate::proto::policy::DeferAction::default(),
             x_greylist_header,
             hostname,
             limits,
         }
+    }
+}
+
+impl Settings {
+    /// These settings answering Postfix's greylisted requests with `action`.
+    #[must_use]
+    pub fn with_defer_action(mut self, action: crate::proto::policy::DeferAction) -> Self {
+        self.defer_action = action;
+        self
     }
 }
 

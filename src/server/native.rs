@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use crate::engine::{Decision, Mode, Query};
+use crate::engine::{ClientCert, Decision, Mode, Query};
 use crate::proto::native::{Command, Parsed, Reply, Request, Triplet};
 use crate::proto::policy::{expand_template, TemplateVars};
 
@@ -17,6 +17,11 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
         recipient: t.recipient,
         client_name: t.name,
         auth: t.auth,
+        cert: ClientCert {
+            fingerprint: t.cert.unwrap_or(""),
+            pubkey_fingerprint: "",
+            subject: t.cert_subject.unwrap_or(""),
+        },
     }
 }
 
@@ -69,6 +74,8 @@ pub(crate) fn answer(
                             recipient: t.recipient,
                             helo: t.helo.unwrap_or(""),
                             seconds: seconds_left,
+                            // The native protocol does not say which SMTP dialect was spoken.
+                            protocol: "",
                         };
                         let text = shared.settings.defer_text(&d, texts);
                         emit(req.id, &Reply::Defer { seconds: seconds_left, text });
@@ -160,6 +167,8 @@ pub(crate) struct DeferFor<'a> {
     pub(crate) recipient: &'a str,
     pub(crate) helo: &'a str,
     pub(crate) seconds: u32,
+    /// `ESMTP`, `SMTP` or `""` (unknown).
+    pub(crate) protocol: &'a str,
 }
 
 /// Reusable buffers for expanding greylist texts.
@@ -185,6 +194,7 @@ impl super::Settings {
             client: &buf.client,
             helo: d.helo,
             seconds: d.seconds,
+            protocol: d.protocol,
         };
         expand_template(&self.greylist_text, &vars, &mut buf.text);
         // The template and the request fields are UTF-8, so the expansion is too.

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use crate::engine::{Decision, Mode, Pass, Query};
+use crate::engine::{ClientCert, Decision, Mode, Pass, Query};
 use crate::proto::policy::{self as wire, Block, BlockLimits, PolicyRequest};
 
 use super::conn::{Conn, Read, Stream};
@@ -101,6 +101,13 @@ fn answer(
         recipient: req.recipient,
         client_name,
         auth: Some(req.sasl_username),
+        // Postfix sends these only with `smtpd_tls_ask_ccert = yes`; the subject only for a
+        // verified chain.
+        cert: ClientCert {
+            fingerprint: req.ccert_fingerprint,
+            pubkey_fingerprint: req.ccert_pubkey_fingerprint,
+            subject: req.ccert_subject,
+        },
     };
     let d = shared.engine.check(&q, Mode::Record);
     tally.answer(Answer::Decided(d));
@@ -114,15 +121,10 @@ fn answer(
                 recipient: req.recipient,
                 helo: req.helo_name,
                 seconds: seconds_left,
+                protocol: req.protocol_name,
             };
             let text = settings.defer_text(&d, &mut s.text);
-            s.action.clear();
-            s.action.extend_from_slice(b"DEFER_IF_PERMIT ");
-            s.action.extend_from_slice(text.as_bytes());
-            wire::encode_action(
-                std::str::from_utf8(&s.action).unwrap_or("DEFER_IF_PERMIT Greylisted"),
-                out,
-            );
+            wire::encode_defer(settings.defer_action, text, out);
         }
         Decision::Pass(Pass::Retried { delayed }) if settings.x_greylist_header => {
             s.action.clear();
