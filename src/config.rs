@@ -210,6 +210,10 @@ pub struct Config {
     pub whitelist_senders: Vec<PathBuf>,
     /// Files of exempt recipients (`whitelist-recipients`).
     pub whitelist_recipients: Vec<PathBuf>,
+    /// Files of greytrap addresses (`greytrap-recipients`): a client writing to one is trapped.
+    pub greytrap_recipients: Vec<PathBuf>,
+    /// Seconds a client that wrote to a greytrap stays trapped (`greytrap-ttl`).
+    pub greytrap_ttl_secs: u32,
     /// One of [`LOG_LEVELS`] (`log-level`).
     pub log_level: String,
     /// Threads serving TCP and Unix connections (`workers`); 0: half the cores, at least one.
@@ -248,6 +252,8 @@ impl fmt::Debug for Config {
             whitelist_clients,
             whitelist_senders,
             whitelist_recipients,
+            greytrap_recipients,
+            greytrap_ttl_secs,
             log_level,
             workers,
             cluster_redis,
@@ -272,6 +278,8 @@ impl fmt::Debug for Config {
             .field("whitelist_clients", whitelist_clients)
             .field("whitelist_senders", whitelist_senders)
             .field("whitelist_recipients", whitelist_recipients)
+            .field("greytrap_recipients", greytrap_recipients)
+            .field("greytrap_ttl_secs", greytrap_ttl_secs)
             .field("log_level", log_level)
             .field("workers", workers)
             .field("cluster_redis", &cluster_redis.as_deref().map(redact_url))
@@ -308,6 +316,8 @@ impl Default for Config {
             whitelist_clients: Vec::new(),
             whitelist_senders: Vec::new(),
             whitelist_recipients: Vec::new(),
+            greytrap_recipients: Vec::new(),
+            greytrap_ttl_secs: 86_400,
             log_level: "info".to_owned(),
             workers: 0,
             cluster_redis: None,
@@ -740,6 +750,15 @@ pub struct Overrides {
     #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
     pub whitelist_recipients: Option<Vec<PathBuf>>,
 
+    /// File of greytrap addresses (same forms as recipients); a client writing to one is
+    /// deferred for greytrap-ttl; repeatable.
+    #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
+    pub greytrap_recipients: Option<Vec<PathBuf>>,
+
+    /// Time a client that wrote to a greytrap stays trapped [default: 1d].
+    #[arg(long, value_name = "DURATION")]
+    pub greytrap_ttl: Option<DurationValue>,
+
     /// Least severe log messages shown [default: info].
     #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(LOG_LEVELS))]
     pub log_level: Option<String>,
@@ -903,6 +922,8 @@ impl Overrides {
             whitelist_clients,
             whitelist_senders,
             whitelist_recipients,
+            greytrap_recipients,
+            greytrap_ttl,
             log_level,
             workers,
             cluster_redis,
@@ -979,6 +1000,13 @@ impl Overrides {
             whitelist_recipients,
             Ok,
         )?;
+        o.set(
+            "greytrap-recipients",
+            &mut c.greytrap_recipients,
+            greytrap_recipients,
+            Ok,
+        )?;
+        o.set("greytrap-ttl", &mut c.greytrap_ttl_secs, greytrap_ttl, dur)?;
         o.set("log-level", &mut c.log_level, log_level, Ok)?;
         o.set("workers", &mut c.workers, workers, Ok)?;
         o.set("cluster-redis", &mut c.cluster_redis, cluster_redis, |u| {
@@ -1100,6 +1128,8 @@ impl Config {
             whitelist_clients,
             whitelist_senders,
             whitelist_recipients,
+            greytrap_recipients,
+            greytrap_ttl_secs,
             log_level,
             workers,
             cluster_redis,
@@ -1194,6 +1224,16 @@ impl Config {
         if !valid_node_id(cluster_name.as_bytes()) {
             return invalid("cluster-name", format!("({cluster_name:?}) {NAME_RULE}"));
         }
+        if !(60..=MAX_CLUSTER_RETENTION_SECS).contains(greytrap_ttl_secs) {
+            return invalid(
+                "greytrap-ttl",
+                format!(
+                    "({}) must be between 1m and {}",
+                    format_duration(*greytrap_ttl_secs),
+                    format_duration(MAX_CLUSTER_RETENTION_SECS)
+                ),
+            );
+        }
         let retention = MIN_CLUSTER_RETENTION_SECS..=MAX_CLUSTER_RETENTION_SECS;
         if !retention.contains(cluster_retention_secs) {
             return invalid(
@@ -1210,6 +1250,7 @@ impl Config {
             ("whitelist-clients", whitelist_clients),
             ("whitelist-senders", whitelist_senders),
             ("whitelist-recipients", whitelist_recipients),
+            ("greytrap-recipients", greytrap_recipients),
         ];
         for (key, paths) in lists {
             if paths.iter().any(|p| p.as_os_str().is_empty()) {
@@ -1442,6 +1483,8 @@ hostname = "mx.example.net"
 whitelist-clients = ["/etc/greyhound/clients"]
 whitelist-senders = ["/etc/greyhound/senders"]
 whitelist-recipients = ["/etc/greyhound/recipients", "/etc/greyhound/more"]
+greytrap-recipients = ["/etc/greyhound/traps"]
+greytrap-ttl = "2d"
 log-level = "debug"
 workers = 3
 cluster-redis = "redis://greyhound:s3cret@10.0.0.5:6379/2"
@@ -1487,6 +1530,8 @@ policy-max-attributes = 64
                 PathBuf::from("/etc/greyhound/recipients"),
                 PathBuf::from("/etc/greyhound/more"),
             ],
+            greytrap_recipients: vec![PathBuf::from("/etc/greyhound/traps")],
+            greytrap_ttl_secs: 2 * 86_400,
             log_level: "debug".to_owned(),
             workers: 3,
             cluster_redis: Some("redis://greyhound:s3cret@10.0.0.5:6379/2".to_owned()),
@@ -1531,6 +1576,8 @@ policy-max-attributes = 64
         assert!(c.whitelist_clients.is_empty());
         assert!(c.whitelist_senders.is_empty());
         assert!(c.whitelist_recipients.is_empty());
+        assert!(c.greytrap_recipients.is_empty());
+        assert_eq!(c.greytrap_ttl_secs, 86_400);
         assert_eq!(c.log_level, "info");
         assert_eq!(c.workers, 0);
         assert_eq!(c.cluster_redis, None);
@@ -1636,6 +1683,10 @@ policy-max-attributes = 64
             "/b",
             "--whitelist-recipients",
             "/c",
+            "--greytrap-recipients",
+            "/t",
+            "--greytrap-ttl",
+            "3h",
             "--log-level",
             "trace",
             "--workers",
@@ -1687,6 +1738,8 @@ policy-max-attributes = 64
             whitelist_clients: vec![PathBuf::from("/a")],
             whitelist_senders: vec![PathBuf::from("/b")],
             whitelist_recipients: vec![PathBuf::from("/c")],
+            greytrap_recipients: vec![PathBuf::from("/t")],
+            greytrap_ttl_secs: 3 * 3600,
             log_level: "trace".to_owned(),
             workers: 5,
             cluster_redis: Some("unix:///run/redis/redis.sock".to_owned()),
@@ -2459,9 +2512,9 @@ policy-max-attributes = 64
             assert_eq!(load(&argv).unwrap(), Config::default(), "{flag}");
             checked.push(long);
         }
-        // Every flag with a value but `--hostname`, `--node-id`, `--cluster-redis` and the three
-        // whitelist lists, which have no default to state.
-        assert_eq!(checked.len(), 26, "{checked:?}");
+        // Every flag with a value but `--hostname`, `--node-id`, `--cluster-redis`, the three
+        // whitelist lists and the greytrap list, which have no default to state.
+        assert_eq!(checked.len(), 27, "{checked:?}");
     }
 
     #[test]
@@ -2497,6 +2550,8 @@ policy-max-attributes = 64
             whitelist_clients,
             whitelist_senders,
             whitelist_recipients,
+            greytrap_recipients,
+            greytrap_ttl,
             log_level,
             workers,
             cluster_redis,
@@ -2536,6 +2591,8 @@ policy-max-attributes = 64
             ("whitelist-clients", whitelist_clients.is_some()),
             ("whitelist-senders", whitelist_senders.is_some()),
             ("whitelist-recipients", whitelist_recipients.is_some()),
+            ("greytrap-recipients", greytrap_recipients.is_some()),
+            ("greytrap-ttl", greytrap_ttl.is_some()),
             ("log-level", log_level.is_some()),
             ("workers", workers.is_some()),
             ("cluster-redis", cluster_redis.is_some()),

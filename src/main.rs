@@ -95,6 +95,9 @@ fn load_exemptions(cfg: &Config) -> Result<Exemptions> {
     for p in &cfg.whitelist_recipients {
         b.load_file(ExemptList::Recipient, p)?;
     }
+    for p in &cfg.greytrap_recipients {
+        b.load_greytraps(p)?;
+    }
     Ok(b.build())
 }
 
@@ -133,6 +136,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
         whitelist_clients: _,
         whitelist_senders: _,
         whitelist_recipients: _,
+        greytrap_recipients: _,
+        greytrap_ttl_secs,
         log_level,
         workers,
         cluster_redis,
@@ -155,7 +160,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
             secret,
         },
         Arc::new(SystemClock),
-    );
+    )
+    .with_greytrap_ttl(*greytrap_ttl_secs);
     // Only a cluster node records its changes; a single node pays one compare per change.
     let engine = Arc::new(match cluster_url {
         Some(_) => engine.with_outbox(OUTBOX_PER_SHARD),
@@ -283,6 +289,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         client_names = counts.client_names,
         senders = counts.senders,
         recipients = counts.recipients,
+        greytraps = counts.greytraps,
         allow = ?allow,
         data_dir = %data_dir.display(),
         workers,
@@ -317,7 +324,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
                     Ok(ex) => {
                         let c = ex.counts();
                         shared.engine.set_exemptions(ex);
-                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, "SIGHUP: exemption lists reloaded");
+                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, greytraps = c.greytraps, "SIGHUP: exemption lists reloaded");
                     }
                     Err(e) => error!("SIGHUP: exemption lists not reloaded, keeping the previous ones: {}", one_line(&e)),
                 },

@@ -489,10 +489,7 @@ struct Sim<'a> {
 impl Sim<'_> {
     fn attempt(&mut self, mut a: Attempt, t: u32) {
         self.decisions += 1;
-        let k = Keyed {
-            key: key_of(a.net, a.who, a.rcpt),
-            client: client_of(a.net),
-        };
+        let k = Keyed::new(key_of(a.net, a.who, a.rcpt), client_of(a.net));
         let d = self.engine.decide(&k, T0 + t, Mode::Record);
         if let Decision::Pass(_) = d {
             if a.class.is_spam() {
