@@ -216,6 +216,10 @@ pub struct Config {
     /// Files of trusted TLS client certificates (`trusted-certs`): fingerprints and
     /// `subject=` names whose clients pass as `tls`.
     pub trusted_certs: Vec<PathBuf>,
+    /// Files of greytrap addresses (`greytrap-recipients`): a client writing to one is trapped.
+    pub greytrap_recipients: Vec<PathBuf>,
+    /// Seconds a client that wrote to a greytrap stays trapped (`greytrap-ttl`).
+    pub greytrap_ttl_secs: u32,
     /// One of [`LOG_LEVELS`] (`log-level`).
     pub log_level: String,
     /// Threads serving TCP and Unix connections (`workers`); 0: half the cores, at least one.
@@ -256,6 +260,8 @@ impl fmt::Debug for Config {
             whitelist_senders,
             whitelist_recipients,
             trusted_certs,
+            greytrap_recipients,
+            greytrap_ttl_secs,
             log_level,
             workers,
             cluster_redis,
@@ -282,6 +288,8 @@ impl fmt::Debug for Config {
             .field("whitelist_senders", whitelist_senders)
             .field("whitelist_recipients", whitelist_recipients)
             .field("trusted_certs", trusted_certs)
+            .field("greytrap_recipients", greytrap_recipients)
+            .field("greytrap_ttl_secs", greytrap_ttl_secs)
             .field("log_level", log_level)
             .field("workers", workers)
             .field("cluster_redis", &cluster_redis.as_deref().map(redact_url))
@@ -320,6 +328,8 @@ impl Default for Config {
             whitelist_senders: Vec::new(),
             whitelist_recipients: Vec::new(),
             trusted_certs: Vec::new(),
+            greytrap_recipients: Vec::new(),
+            greytrap_ttl_secs: 86_400,
             log_level: "info".to_owned(),
             workers: 0,
             cluster_redis: None,
@@ -759,6 +769,15 @@ pub struct Overrides {
     #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
     pub trusted_certs: Option<Vec<PathBuf>>,
 
+    /// File of greytrap addresses (same forms as recipients); a client writing to one is
+    /// deferred for greytrap-ttl; repeatable.
+    #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
+    pub greytrap_recipients: Option<Vec<PathBuf>>,
+
+    /// Time a client that wrote to a greytrap stays trapped [default: 1d].
+    #[arg(long, value_name = "DURATION")]
+    pub greytrap_ttl: Option<DurationValue>,
+
     /// Least severe log messages shown [default: info].
     #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(LOG_LEVELS))]
     pub log_level: Option<String>,
@@ -924,6 +943,8 @@ impl Overrides {
             whitelist_senders,
             whitelist_recipients,
             trusted_certs,
+            greytrap_recipients,
+            greytrap_ttl,
             log_level,
             workers,
             cluster_redis,
@@ -1004,6 +1025,13 @@ impl Overrides {
             Ok,
         )?;
         o.set("trusted-certs", &mut c.trusted_certs, trusted_certs, Ok)?;
+        o.set(
+            "greytrap-recipients",
+            &mut c.greytrap_recipients,
+            greytrap_recipients,
+            Ok,
+        )?;
+        o.set("greytrap-ttl", &mut c.greytrap_ttl_secs, greytrap_ttl, dur)?;
         o.set("log-level", &mut c.log_level, log_level, Ok)?;
         o.set("workers", &mut c.workers, workers, Ok)?;
         o.set("cluster-redis", &mut c.cluster_redis, cluster_redis, |u| {
@@ -1128,6 +1156,8 @@ impl Config {
             whitelist_senders,
             whitelist_recipients,
             trusted_certs,
+            greytrap_recipients,
+            greytrap_ttl_secs,
             log_level,
             workers,
             cluster_redis,
@@ -1222,6 +1252,16 @@ impl Config {
         if !valid_node_id(cluster_name.as_bytes()) {
             return invalid("cluster-name", format!("({cluster_name:?}) {NAME_RULE}"));
         }
+        if !(60..=MAX_CLUSTER_RETENTION_SECS).contains(greytrap_ttl_secs) {
+            return invalid(
+                "greytrap-ttl",
+                format!(
+                    "({}) must be between 1m and {}",
+                    format_duration(*greytrap_ttl_secs),
+                    format_duration(MAX_CLUSTER_RETENTION_SECS)
+                ),
+            );
+        }
         let retention = MIN_CLUSTER_RETENTION_SECS..=MAX_CLUSTER_RETENTION_SECS;
         if !retention.contains(cluster_retention_secs) {
             return invalid(
@@ -1239,6 +1279,7 @@ impl Config {
             ("whitelist-senders", whitelist_senders),
             ("whitelist-recipients", whitelist_recipients),
             ("trusted-certs", trusted_certs),
+            ("greytrap-recipients", greytrap_recipients),
         ];
         for (key, paths) in lists {
             if paths.iter().any(|p| p.as_os_str().is_empty()) {
@@ -1473,6 +1514,8 @@ whitelist-clients = ["/etc/greyhound/clients"]
 whitelist-senders = ["/etc/greyhound/senders"]
 whitelist-recipients = ["/etc/greyhound/recipients", "/etc/greyhound/more"]
 trusted-certs = ["/etc/greyhound/trusted_certs"]
+greytrap-recipients = ["/etc/greyhound/traps"]
+greytrap-ttl = "2d"
 log-level = "debug"
 workers = 3
 cluster-redis = "redis://greyhound:s3cret@10.0.0.5:6379/2"
@@ -1520,6 +1563,8 @@ policy-max-attributes = 64
                 PathBuf::from("/etc/greyhound/more"),
             ],
             trusted_certs: vec![PathBuf::from("/etc/greyhound/trusted_certs")],
+            greytrap_recipients: vec![PathBuf::from("/etc/greyhound/traps")],
+            greytrap_ttl_secs: 2 * 86_400,
             log_level: "debug".to_owned(),
             workers: 3,
             cluster_redis: Some("redis://greyhound:s3cret@10.0.0.5:6379/2".to_owned()),
@@ -1564,6 +1609,8 @@ policy-max-attributes = 64
         assert!(c.whitelist_clients.is_empty());
         assert!(c.whitelist_senders.is_empty());
         assert!(c.whitelist_recipients.is_empty());
+        assert!(c.greytrap_recipients.is_empty());
+        assert_eq!(c.greytrap_ttl_secs, 86_400);
         assert_eq!(c.log_level, "info");
         assert_eq!(c.workers, 0);
         assert_eq!(c.cluster_redis, None);
@@ -1673,6 +1720,10 @@ policy-max-attributes = 64
             "/c",
             "--trusted-certs",
             "/d",
+            "--greytrap-recipients",
+            "/t",
+            "--greytrap-ttl",
+            "3h",
             "--log-level",
             "trace",
             "--workers",
@@ -1726,6 +1777,8 @@ policy-max-attributes = 64
             whitelist_senders: vec![PathBuf::from("/b")],
             whitelist_recipients: vec![PathBuf::from("/c")],
             trusted_certs: vec![PathBuf::from("/d")],
+            greytrap_recipients: vec![PathBuf::from("/t")],
+            greytrap_ttl_secs: 3 * 3600,
             log_level: "trace".to_owned(),
             workers: 5,
             cluster_redis: Some("unix:///run/redis/redis.sock".to_owned()),
@@ -2521,8 +2574,8 @@ policy-max-attributes = 64
             checked.push(long);
         }
         // Every flag with a value but `--hostname`, `--node-id`, `--cluster-redis`, the three
-        // whitelist lists and `--trusted-certs`, which have no default to state.
-        assert_eq!(checked.len(), 27, "{checked:?}");
+        // whitelist lists, `--trusted-certs` and the greytrap list, which have no default to state.
+        assert_eq!(checked.len(), 28, "{checked:?}");
     }
 
     #[test]
@@ -2560,6 +2613,8 @@ policy-max-attributes = 64
             whitelist_senders,
             whitelist_recipients,
             trusted_certs,
+            greytrap_recipients,
+            greytrap_ttl,
             log_level,
             workers,
             cluster_redis,
@@ -2601,6 +2656,8 @@ policy-max-attributes = 64
             ("whitelist-senders", whitelist_senders.is_some()),
             ("whitelist-recipients", whitelist_recipients.is_some()),
             ("trusted-certs", trusted_certs.is_some()),
+            ("greytrap-recipients", greytrap_recipients.is_some()),
+            ("greytrap-ttl", greytrap_ttl.is_some()),
             ("log-level", log_level.is_some()),
             ("workers", workers.is_some()),
             ("cluster-redis", cluster_redis.is_some()),

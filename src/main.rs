@@ -99,6 +99,9 @@ fn load_exemptions(cfg: &Config) -> Result<Exemptions> {
     for p in &cfg.trusted_certs {
         b.load_trusted_certs(p)?;
     }
+    for p in &cfg.greytrap_recipients {
+        b.load_greytraps(p)?;
+    }
     Ok(b.build())
 }
 
@@ -139,6 +142,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
         whitelist_senders: _,
         whitelist_recipients: _,
         trusted_certs: _,
+        greytrap_recipients: _,
+        greytrap_ttl_secs,
         log_level,
         workers,
         cluster_redis,
@@ -162,7 +167,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
             secret,
         },
         Arc::new(SystemClock),
-    );
+    )
+    .with_greytrap_ttl(*greytrap_ttl_secs);
     // Only a cluster node records its changes; a single node pays one compare per change.
     let engine = Arc::new(match cluster_url {
         Some(_) => engine.with_outbox(OUTBOX_PER_SHARD),
@@ -292,6 +298,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         senders = counts.senders,
         recipients = counts.recipients,
         trusted_certs,
+        greytraps = counts.greytraps,
         allow = ?allow,
         data_dir = %data_dir.display(),
         workers,
@@ -327,7 +334,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
                         let c = ex.counts();
                         let trusted_certs = ex.trusted().len();
                         shared.engine.set_exemptions(ex);
-                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, trusted_certs, "SIGHUP: exemption lists reloaded");
+                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, greytraps = c.greytraps, trusted_certs, "SIGHUP: exemption lists reloaded");
                     }
                     Err(e) => error!("SIGHUP: exemption lists not reloaded, keeping the previous ones: {}", one_line(&e)),
                 },

@@ -2013,3 +2013,101 @@ fn sigterm_stops_a_client_that_never_stops_sending() {
     // Closed at a read, never mid-answer: whatever arrived is whole PONG lines.
     assert_eq!(got % "PONG\n".len(), 0, "a partial answer ({got} bytes)");
 }
+
+// ---------------------------------------------------------------------------------------
+// Greytraps
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_client_writing_to_a_greytrap_is_deferred_and_a_bad_trap_file_is_named() {
+    let dir = TempDir::new("trap");
+    let traps = dir.file("traps.txt");
+    std::fs::write(&traps, "# traps\ntrap@example.net\n@spamtrap.example\n").unwrap();
+    let srv = Server::start_in(dir, &["--greytrap-recipients", &traps, "--delay", "1s"]);
+    let mut c = Conn::connect(srv.native);
+    // A triplet of 192.0.2.0/24 whitelisted before the trap.
+    let known = "CHECK 192.0.2.70 <a@sender.example> <b@rcpt.example>";
+    assert!(c.ask(known).starts_with("DEFER 1 "));
+    sleep_past(1);
+    assert_eq!(c.ask(known), "PASS retried");
+    // PEEK at a trap traps nobody.
+    assert!(c
+        .ask("PEEK 192.0.2.71 <x@z.example> <trap@example.net>")
+        .starts_with("DEFER "));
+    assert_eq!(c.ask(known), "PASS known");
+    // The trap: DEFER as usual (the sender learns nothing), and the /24 is trapped.
+    assert!(c
+        .ask("CHECK 192.0.2.71 <x@z.example> <Trap@Example.NET>")
+        .starts_with("DEFER 1 "));
+    assert!(
+        c.ask(known).starts_with("DEFER 1 "),
+        "known triplet of a trapped client"
+    );
+    let other = "CHECK 198.51.100.7 <a@sender.example> <b@rcpt.example>";
+    assert!(c.ask(other).starts_with("DEFER 1 "));
+    sleep_past(1);
+    assert_eq!(
+        c.ask(other),
+        "PASS retried",
+        "another client is not trapped"
+    );
+    let m = srv.metrics();
+    assert_eq!(
+        common::metric_value(&m, "greyhound_greytrap_hits_total"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        common::metric_value(&m, "greyhound_trapped_clients"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        common::metric_value(&m, "greyhound_greytrap_deferrals_total"),
+        Some(1.0),
+        "{m}"
+    );
+
+    // A bad line on SIGHUP is named with its file and line; the traps in force stay.
+    std::fs::write(&traps, "trap@example.net\nnot an address\n").unwrap();
+    srv.signal("HUP");
+    let at = format!("{traps}:2");
+    let line = srv.wait_log(&format!("naming {at}"), |l| l.contains(&at));
+    assert!(line.contains("ERROR"), "not an error: {line:?}");
+    assert!(c
+        .ask("CHECK 203.0.113.9 <x@z.example> <u@spamtrap.example>")
+        .starts_with("DEFER "));
+    assert!(c
+        .ask("CHECK 203.0.113.9 <a@sender.example> <b@rcpt.example>")
+        .starts_with("DEFER "));
+    let m = srv.metrics();
+    assert_eq!(
+        common::metric_value(&m, "greyhound_trapped_clients"),
+        Some(2.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_bad_greytrap_file_at_start_is_one_line_naming_file_and_line() {
+    let dir = TempDir::new("trapbad");
+    let traps = dir.file("traps.txt");
+    std::fs::write(&traps, "ok@example.net\n\nbad entry\n").unwrap();
+    let data = dir.file("data");
+    let (status, _, err) = run_bin(&[
+        "serve",
+        "--data-dir",
+        &data,
+        "--native",
+        "127.0.0.1:0",
+        "--policy",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--greytrap-recipients",
+        &traps,
+    ]);
+    assert!(!status.success());
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains(&format!("{traps}:3")), "{err}");
+}

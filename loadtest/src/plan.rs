@@ -794,10 +794,7 @@ impl Sim<'_> {
         } else {
             a.net
         };
-        let k = Keyed {
-            key: key_of(net, a.who, a.rcpt),
-            client: client_of(net),
-        };
+        let k = Keyed::new(key_of(net, a.who, a.rcpt), client_of(net));
         let d = self.engine.decide(&k, T0 + t, Mode::Record);
         if let Decision::Pass(_) = d {
             if a.class.is_spam() {

@@ -101,6 +101,8 @@ pub struct ExemptCounts {
     pub senders: usize,
     /// Entries of the recipient list.
     pub recipients: usize,
+    /// Entries of the greytrap list (`greytrap-recipients`).
+    pub greytraps: usize,
 }
 
 /// Immutable, cheap to query. Default = empty.
@@ -110,12 +112,25 @@ pub struct Exemptions {
     client_names: NameSet,
     senders: AddressSet,
     recipients: AddressSet,
+    /// Trap addresses: a client that writes to one is trapped (not an exemption, but loaded,
+    /// parsed and reloaded with the lists, from files of the same syntax).
+    greytraps: AddressSet,
     counts: ExemptCounts,
     /// Not an exemption list but loaded and reloaded with them (`trusted-certs`).
     trusted: TrustedCerts,
 }
 
 impl Exemptions {
+    /// Whether `recipient` (ASCII lower-case) is a greytrap address.
+    pub fn is_greytrap(&self, recipient: &str) -> bool {
+        self.greytraps.matches(recipient)
+    }
+
+    /// Whether any greytrap address is listed.
+    pub fn has_greytraps(&self) -> bool {
+        !self.greytraps.is_empty()
+    }
+
     /// Starts an empty builder; see [`ExemptionsBuilder`].
     pub fn builder() -> ExemptionsBuilder {
         ExemptionsBuilder::default()
@@ -163,6 +178,7 @@ impl Exemptions {
             && self.client_names.is_empty()
             && self.senders.is_empty()
             && self.recipients.is_empty()
+            && self.greytraps.is_empty()
     }
 }
 
@@ -182,6 +198,7 @@ pub struct ExemptionsBuilder {
     regex_set: Option<RegexSet>,
     senders: AddressSet,
     recipients: AddressSet,
+    greytraps: AddressSet,
     counts: ExemptCounts,
     trusted: TrustedCerts,
 }
@@ -273,6 +290,28 @@ impl ExemptionsBuilder {
         Ok(self)
     }
 
+    /// Greytrap addresses (`greytrap-recipients`): same forms as recipients; a client that
+    /// writes to one is trapped (see `Engine::with_greytrap_ttl`).
+    pub fn add_greytraps(
+        &mut self,
+        source_name: &str,
+        text: &str,
+    ) -> Result<&mut Self, ExemptError> {
+        let added = self.greytraps.add_text(source_name, text)?;
+        self.counts.greytraps += added;
+        Ok(self)
+    }
+
+    /// Reads a greytrap file ([`ExemptionsBuilder::add_greytraps`]); io errors → ExemptError::Io.
+    pub fn load_greytraps(&mut self, path: &Path) -> Result<&mut Self, ExemptError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ExemptError::Io {
+            path: source_name.clone(),
+            source,
+        })?;
+        self.add_greytraps(&source_name, &text)
+    }
+
     /// Read a file and call the matching add_* with the file path as source name; io errors → ExemptError::Io.
     ///
     /// `ExemptList::Client` and `ExemptList::ClientName` both mean the client
@@ -328,6 +367,7 @@ impl ExemptionsBuilder {
             },
             senders: self.senders.frozen(),
             recipients: self.recipients.frozen(),
+            greytraps: self.greytraps.frozen(),
             counts: self.counts,
             trusted: self.trusted,
         }
@@ -1142,7 +1182,8 @@ mod tests {
                 client_networks: 1,
                 client_names: 1,
                 senders: 1,
-                recipients: 1
+                recipients: 1,
+                greytraps: 0,
             }
         );
     }
@@ -1338,7 +1379,8 @@ mod tests {
                 client_networks: 1,
                 client_names: 0,
                 senders: 1,
-                recipients: 1
+                recipients: 1,
+                greytraps: 0,
             }
         );
     }
@@ -1394,7 +1436,8 @@ mod tests {
                 client_networks: 1,
                 client_names: 2,
                 senders: 1,
-                recipients: 1
+                recipients: 1,
+                greytraps: 0,
             }
         );
     }

@@ -154,6 +154,21 @@ pub struct Keyed {
     pub key: Key,
     /// The client's network, keyed lazily for the auto-whitelist (most requests never need it).
     pub client: ClientNet,
+    /// The recipient is a greytrap (`greytrap-recipients`) and the client is not exempt:
+    /// deciding traps the client. Found while preparing, acted on while deciding, so that
+    /// preparing stays free of effects.
+    pub greytrap: bool,
+}
+
+impl Keyed {
+    /// A keyed query for `key` from `client`, to no greytrap.
+    pub fn new(key: Key, client: ClientNet) -> Self {
+        Self {
+            key,
+            client,
+            greytrap: false,
+        }
+    }
 }
 
 /// Everything needed to build an [`Engine`].
@@ -180,6 +195,12 @@ pub struct EngineStats {
     pub awl_active: usize,
     /// Bytes held by tables and wheels (slot arrays; excludes allocator overhead).
     pub table_bytes: usize,
+    /// Client networks trapped by a greytrap now.
+    pub trapped_clients: usize,
+    /// Requests to a greytrap address (recorded ones, since start).
+    pub greytrap_hits: u64,
+    /// Requests deferred because their client was trapped (since start).
+    pub greytrap_deferrals: u64,
 }
 
 /// What one call to [`Engine::expire`] did.
@@ -354,6 +375,70 @@ pub struct Engine {
     /// Each triplet shard's slot array, readable without its lock, for prefetching.
     triplet_hints: Box<[SlotHint<TripletRecord>]>,
     clients: Box<[Mutex<Shard<AwlRecord>>]>,
+    /// Greytraps: trapped client networks (by client key) and the second their trap ends.
+    traps: Greytraps,
+}
+
+/// Clients trapped by writing to a greytrap address: few, short-lived, so a plain map per
+/// shard; `trapped` lets every other request skip them with one relaxed load.
+#[derive(Debug)]
+struct Greytraps {
+    shards: Box<[Mutex<ahash::AHashMap<Key, Secs>>]>,
+    trapped: std::sync::atomic::AtomicUsize,
+    ttl: u32,
+    hits: std::sync::atomic::AtomicU64,
+    deferrals: std::sync::atomic::AtomicU64,
+}
+
+/// log2 of the number of greytrap shards.
+const TRAP_SHARD_BITS: u32 = 4;
+
+impl Default for Greytraps {
+    fn default() -> Self {
+        Self {
+            shards: (0..1 << TRAP_SHARD_BITS)
+                .map(|_| Mutex::default())
+                .collect(),
+            trapped: Default::default(),
+            ttl: 86_400,
+            hits: Default::default(),
+            deferrals: Default::default(),
+        }
+    }
+}
+
+impl Greytraps {
+    fn trap(&self, client: Key, now: Secs) {
+        let until = now.saturating_add(self.ttl);
+        let mut m = lock(&self.shards[shard_of(client, TRAP_SHARD_BITS)]);
+        if m.insert(client, until).is_none() {
+            self.trapped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn is_trapped(&self, client: Key, now: Secs) -> bool {
+        lock(&self.shards[shard_of(client, TRAP_SHARD_BITS)])
+            .get(&client)
+            .is_some_and(|&until| now <= until)
+    }
+
+    fn any(&self) -> bool {
+        self.trapped.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    fn expire(&self, now: Secs) {
+        for shard in self.shards.iter() {
+            let mut m = lock(shard);
+            let before = m.len();
+            m.retain(|_, until| now <= *until);
+            let removed = before - m.len();
+            if removed > 0 {
+                self.trapped
+                    .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -473,8 +558,16 @@ impl Engine {
             clients: (0..1 << CLIENT_SHARD_BITS)
                 .map(|_| Mutex::new(Shard::new(now)))
                 .collect(),
+            traps: Greytraps::default(),
             clock,
         }
+    }
+
+    /// Sets how long a client that wrote to a greytrap address stays trapped
+    /// (`greytrap-ttl`, default one day).
+    pub fn with_greytrap_ttl(mut self, secs: u32) -> Self {
+        self.traps.ttl = secs;
+        self
     }
 
     /// The settings in force.
@@ -553,19 +646,63 @@ impl Engine {
                 .filter(|_| counts.client_names > 0)
                 .map(|n| lower_into(n, &mut s.lower_name));
             let rcpt_lc = std::str::from_utf8(&m[rcpt_at..]).unwrap_or("");
+            if exemptions.has_greytraps() && exemptions.is_greytrap(rcpt_lc) {
+                // A trap address is never delivered to. A client on the exempt lists (large
+                // providers' pools) is not trapped: one of its users' typo must not defer the
+                // whole pool for a day.
+                let exempt_client = matches!(
+                    exemptions.check(q.client, name_lc, "", ""),
+                    Some(ExemptList::Client | ExemptList::ClientName)
+                );
+                if exempt_client {
+                    return Err(self.deferred(self.policy.delay));
+                }
+                return Ok(Keyed {
+                    key: self.hasher.finish_triplet(m),
+                    client,
+                    greytrap: true,
+                });
+            }
             if let Some(list) = exemptions.check(q.client, name_lc, sender_lc, rcpt_lc) {
                 return Err(Decision::Pass(Pass::Exempt(list)));
             }
         }
-        Ok(Keyed {
-            key: self.hasher.finish_triplet(m),
-            client,
-        })
+        Ok(Keyed::new(self.hasher.finish_triplet(m), client))
+    }
+
+    /// DEFER for `seconds_left`, or PASS `dry-run` in dry-run mode.
+    fn deferred(&self, seconds_left: u32) -> Decision {
+        if self.policy.dry_run {
+            Decision::Pass(Pass::DryRun { seconds_left })
+        } else {
+            Decision::Defer { seconds_left }
+        }
     }
 
     /// Decides a keyed query at time `now`.
     pub fn decide(&self, k: &Keyed, now: Secs, mode: Mode) -> Decision {
         let p = &self.policy;
+        // Greytraps: one relaxed load for every request while no client is trapped.
+        if k.greytrap || self.traps.any() {
+            let ck = self.hasher.client(&k.client);
+            if k.greytrap {
+                if mode == Mode::Record {
+                    self.traps
+                        .hits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.traps.trap(ck, now);
+                }
+                return self.deferred(p.delay);
+            }
+            if self.traps.is_trapped(ck, now) {
+                if mode == Mode::Record {
+                    self.traps
+                        .deferrals
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                return self.deferred(p.delay);
+            }
+        }
         let s = shard_of(k.key, TRIPLET_SHARD_BITS);
         let shard = &self.triplets[s];
         // Fast path: a known triplet costs one lookup and never touches the AWL table.
@@ -774,6 +911,7 @@ impl Engine {
         }
         in_turn(&self.triplets, now, p, &mut stats);
         in_turn(&self.clients, now, p, &mut stats);
+        self.traps.expire(now);
         stats
     }
 
@@ -792,6 +930,10 @@ impl Engine {
             s.awl_active += sh.marked;
             s.table_bytes += sh.table.heap_bytes() + sh.wheel.len() * std::mem::size_of::<Key>();
         }
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        s.trapped_clients = self.traps.trapped.load(relaxed);
+        s.greytrap_hits = self.traps.hits.load(relaxed);
+        s.greytrap_deferrals = self.traps.deferrals.load(relaxed);
         s
     }
 

@@ -662,3 +662,71 @@ proptest! {
         }
     }
 }
+
+fn with_traps(e: &Engine, clients: &str, traps: &str) {
+    let mut b = Exemptions::builder();
+    b.add_clients("clients", clients).unwrap();
+    b.add_greytraps("traps", traps).unwrap();
+    e.set_exemptions(b.build());
+}
+
+#[test]
+fn a_client_that_writes_to_a_greytrap_is_deferred_for_the_trap_ttl() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let cfg = EngineConfig {
+        policy: Policy::default(),
+        normalizer: Normalizer::default(),
+        secret: HashSecret(*b"test-secret-0001"),
+    };
+    let e = Engine::new(cfg, clock.clone()).with_greytrap_ttl(DAY);
+    with_traps(&e, "", "trap@example.net\n@spamtrap.example\n");
+    // A correspondent known before the trap: whitelisted.
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), defer(300));
+    clock.advance(300);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), retried(300));
+    // PEEK at a trap changes nothing.
+    let q = Query::new(C(), "a@x.org", "trap@example.net");
+    assert_eq!(e.check(&q, Mode::Peek), defer(300));
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), KNOWN);
+    // The trap: deferred, and the client's network is trapped.
+    assert_eq!(check(&e, C(), "x@z.org", "TRAP@example.net"), defer(300));
+    assert_eq!(e.stats().trapped_clients, 1);
+    assert_eq!(e.stats().greytrap_hits, 1);
+    // Every request from it, known triplets and retries alike, is deferred meanwhile...
+    assert_eq!(
+        check(&e, ip(192, 0, 2, 99), "a@x.org", "b@y.net"),
+        defer(300)
+    );
+    clock.advance(600);
+    assert_eq!(check(&e, C(), "new@x.org", "b@y.net"), defer(300));
+    assert_eq!(check(&e, C(), "new@x.org", "b@y.net"), defer(300));
+    assert!(e.stats().greytrap_deferrals >= 3);
+    // ...while other clients are not.
+    assert_eq!(
+        check(&e, ip(198, 51, 100, 1), "a@x.org", "b@y.net"),
+        defer(300)
+    );
+    // Writing to any address of a trapped domain traps too.
+    assert_eq!(
+        check(&e, ip(203, 0, 113, 5), "s@x.org", "x@spamtrap.example"),
+        defer(300)
+    );
+    assert_eq!(e.stats().trapped_clients, 2);
+    // After the trap's time the client is itself again: its whitelisted triplet passes.
+    clock.advance(DAY + 1);
+    e.expire(clock.now());
+    assert_eq!(e.stats().trapped_clients, 0);
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), KNOWN);
+}
+
+#[test]
+fn an_exempt_client_is_not_trapped_but_the_trap_is_never_delivered_to() {
+    let (e, _) = engine();
+    with_traps(&e, "192.0.2.0/24\n", "trap@example.net\n");
+    assert_eq!(check(&e, C(), "x@z.org", "trap@example.net"), defer(300));
+    assert_eq!(e.stats().trapped_clients, 0);
+    assert_eq!(
+        check(&e, C(), "x@z.org", "b@y.net"),
+        Decision::Pass(Pass::Exempt(ExemptList::Client))
+    );
+}

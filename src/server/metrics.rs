@@ -419,8 +419,44 @@ pub struct Metrics {
     pub expired: Counter,
     awl_clients: Gauge,
     awl_active: Gauge,
+    greytraps: Arc<GreytrapCounts>,
     /// Snapshot writes and their outcome.
     pub snapshots: SnapshotMetrics,
+}
+
+/// The engine's greytrap figures as of the last scrape.
+#[derive(Debug, Default)]
+struct GreytrapCounts {
+    hits: AtomicU64,
+    deferrals: AtomicU64,
+    trapped: AtomicU64,
+}
+
+impl Collector for GreytrapCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let hits = ConstCounter::new(self.hits.load(Ordering::Relaxed));
+        hits.encode(encoder.encode_descriptor(
+            "greytrap_hits",
+            "Requests to a greytrap address (each trapped its client).",
+            None,
+            hits.metric_type(),
+        )?)?;
+        let deferrals = ConstCounter::new(self.deferrals.load(Ordering::Relaxed));
+        deferrals.encode(encoder.encode_descriptor(
+            "greytrap_deferrals",
+            "Requests deferred because their client was trapped by a greytrap.",
+            None,
+            deferrals.metric_type(),
+        )?)?;
+        let trapped = ConstGauge::new(self.trapped.load(Ordering::Relaxed) as i64);
+        trapped.encode(encoder.encode_descriptor(
+            "trapped_clients",
+            "Client networks trapped by a greytrap now.",
+            None,
+            trapped.metric_type(),
+        )?)?;
+        Ok(())
+    }
 }
 
 /// What the snapshot writer and loader did.
@@ -550,6 +586,8 @@ impl Metrics {
             "Clients currently auto-whitelisted",
             awl_active.clone(),
         );
+        let greytraps = Arc::new(GreytrapCounts::default());
+        registry.register_collector(Box::new(greytraps.clone()));
         let snapshots = SnapshotMetrics::default();
         snapshots.register(&mut registry);
         Self {
@@ -561,6 +599,7 @@ impl Metrics {
             expired,
             awl_clients,
             awl_active,
+            greytraps,
             snapshots,
         }
     }
@@ -578,7 +617,6 @@ impl Metrics {
         self.counts.connections[proto as usize].inc();
     }
 
-    /// The OpenMetrics text exposition, with table gauges read from the engine now.
     /// Adds a collector of more series (the cluster's), rendered after the others.
     pub fn register_collector(
         &mut self,
@@ -587,9 +625,18 @@ impl Metrics {
         self.registry.register_collector(collector);
     }
 
-    /// Renders every metric in the OpenMetrics text format.
+    /// The OpenMetrics text exposition, with table gauges read from the engine now.
     pub fn render(&self, engine: &Engine) -> String {
         let s = engine.stats();
+        self.greytraps
+            .hits
+            .store(s.greytrap_hits, Ordering::Relaxed);
+        self.greytraps
+            .deferrals
+            .store(s.greytrap_deferrals, Ordering::Relaxed);
+        self.greytraps
+            .trapped
+            .store(s.trapped_clients as u64, Ordering::Relaxed);
         self.counts.triplets[0].set((s.triplets - s.whitelisted) as i64);
         self.counts.triplets[1].set(s.whitelisted as i64);
         self.awl_clients.set(s.awl_clients as i64);
