@@ -420,6 +420,7 @@ fn check_inner(args: &CheckArgs) -> Result<String> {
                 auth: None,
                 cert: None,
                 cert_subject: None,
+                body: None,
             }),
         },
         &mut line,

@@ -19,12 +19,27 @@ use regex::Regex;
 /// The native address the document's examples use: Greyhound's default.
 const DOC_NATIVE: &str = "127.0.0.1:10030";
 
-/// Section 8 of `docs/OPERATIONS.md`, up to the next section.
+/// Section 8 of `docs/OPERATIONS.md`, up to its DATA-stage part (or the next section).
 fn exim_section() -> String {
     let doc = operations_md();
     let start = doc
         .find("\n## 8. Exim\n")
         .expect("OPERATIONS.md has a section 8. Exim");
+    let rest = &doc[start + 1..];
+    let end = rest.find("\n## 9.").expect("a section after 8. Exim");
+    let end = rest[..end].find(DATA_STAGE).unwrap_or(end);
+    rest[..end].to_string()
+}
+
+/// The heading of section 8's DATA-stage part, which has an ACL of its own.
+const DATA_STAGE: &str = "\n### The DATA stage\n";
+
+/// Section 8's DATA-stage part, up to the next section.
+fn data_stage_section() -> String {
+    let doc = operations_md();
+    let start = doc
+        .find(DATA_STAGE)
+        .expect("OPERATIONS.md section 8 has a DATA-stage part");
     let rest = &doc[start + 1..];
     let end = rest.find("\n## 9.").expect("a section after 8. Exim");
     rest[..end].to_string()
@@ -169,10 +184,15 @@ struct Acl {
 
 impl Acl {
     fn from_doc(section: &str) -> Self {
+        Self::named(section, "acl_check_rcpt:")
+    }
+
+    /// The ACL of the block that starts with `name`.
+    fn named(section: &str, name: &str) -> Self {
         let acl = section
             .split("```text\n")
-            .find(|b| b.starts_with("acl_check_rcpt:"))
-            .expect("an acl_check_rcpt block in section 8");
+            .find(|b| b.starts_with(name))
+            .unwrap_or_else(|| panic!("an {name} block in section 8"));
         let acl = &acl[..acl.find("```").expect("end of the ACL block")];
         let lookup = acl
             .lines()
@@ -353,4 +373,71 @@ fn exim_readsocket_replayed_against_the_real_server() {
     assert_eq!(acl.defer_message(&answer), None);
     // The server is still up and answering on a normal connection.
     drop(connect(gh.native));
+}
+
+#[test]
+fn exim_data_stage_acl_replayed_against_the_real_server() {
+    let rcpt = parse_readsocket(&readsocket_expansions(&exim_section())[0]);
+    let rcpt_acl = Acl::from_doc(&exim_section());
+    let section = data_stage_section();
+    let all = readsocket_expansions(&section);
+    assert_eq!(
+        all.len(),
+        1,
+        "one readsocket in the DATA-stage part: {all:?}"
+    );
+    let rs = parse_readsocket(&all[0]);
+    let acl = Acl::named(&section, "acl_check_data:");
+    assert_eq!(acl.lookup, all[0], "the ACL holds the expansion");
+    // Everything but the request is the RCPT stage's: address, timeout, fail-open, and the
+    // same reading of the answer.
+    assert_eq!(
+        (&rs.socket, &rs.timeout, &rs.eol, &rs.fail),
+        (&rcpt.socket, &rcpt.timeout, &rcpt.eol, &rcpt.fail)
+    );
+    assert_eq!(acl.defer_if.as_str(), rcpt_acl.defer_if.as_str());
+    assert_eq!(acl.message_re.as_str(), rcpt_acl.message_re.as_str());
+    assert_eq!(acl.message_fallback, rcpt_acl.message_fallback);
+    const RECIPIENTS: &str = "${extract{1}{,}{$recipients}}";
+    const DIGEST: &str = "${sha256:$message_body_size $message_body $message_body_end}";
+    assert_eq!(
+        rs.request,
+        format!("CHECK $sender_host_address <$sender_address> {RECIPIENTS} body={DIGEST}\\n")
+    );
+
+    // Exim's `extract` (the first of `$recipients`, "a, b") and `sha256` (64 hex digits)
+    // done here; the rest expanded as above.
+    let gh = Server::start_in(TempDir::new("exim-data"), &["--delay", "3s"]);
+    let timeout = Duration::from_secs(rs.timeout.trim_end_matches('s').parse().unwrap());
+    let ask = |recipients: &str| -> String {
+        let first = recipients.split(',').next().unwrap();
+        let template = rs.request.replace(RECIPIENTS, first).replace(
+            DIGEST,
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        );
+        let s = Session {
+            sender_host_address: "203.0.113.25",
+            sender_address: "alice@example.org",
+            local_part: "",
+            domain: "",
+        };
+        let request = expand(&template, &s);
+        readsocket(gh.native, request.as_bytes(), timeout)
+            .unwrap_or_else(|| panic!("no answer to {request:?} within {timeout:?}"))
+    };
+    let first = Instant::now();
+    let answer = ask("bob@example.net, carol@example.net");
+    assert_eq!(
+        answer,
+        format!(
+            "DEFER 3 {}\n",
+            greylist_text("alice@example.org", "bob@example.net")
+        )
+    );
+    assert!(acl.defer_message(&answer).is_some());
+    // The same message retried to other recipients after the delay is the same record.
+    thread::sleep((first + Duration::from_millis(3250)).saturating_duration_since(Instant::now()));
+    let answer = ask("dave@example.net");
+    assert_eq!(answer, "PASS retried\n");
+    assert_eq!(acl.defer_message(&answer), None);
 }

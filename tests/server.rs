@@ -2111,3 +2111,38 @@ fn a_bad_greytrap_file_at_start_is_one_line_naming_file_and_line() {
     let last = err.lines().last().unwrap_or_default();
     assert!(last.contains(&format!("{traps}:3")), "{err}");
 }
+
+#[test]
+fn native_body_digest_is_one_record_for_all_recipients() {
+    let srv = Server::start(&["--delay", "3s"]);
+    let mut c = Conn::connect(srv.native);
+    let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let req = format!("CHECK 192.0.2.1 <a@b.example> <c@d.example> body={digest}");
+    let first = Instant::now();
+    let reply = c.ask(&req);
+    assert_eq!(defer_secs(&reply), Some(3), "{reply:?}");
+    // The recipient-stage triplet of the same envelope is a record of its own.
+    let rcpt = c.ask("CHECK 192.0.2.1 <a@b.example> <c@d.example>");
+    assert_eq!(defer_secs(&rcpt), Some(3), "{rcpt:?}");
+
+    // The same message to another recipient (digest in upper case) is the same record: an
+    // early retry, counting from the first attempt.
+    thread::sleep(Duration::from_millis(1500));
+    let upper = digest.to_ascii_uppercase();
+    let other = c.ask(&format!(
+        "CHECK 192.0.2.1 <a@b.example> <e@f.example> body={upper}"
+    ));
+    assert!(matches!(defer_secs(&other), Some(1..=2)), "{other:?}");
+    // A bad digest is refused, not recorded.
+    let bad = c.ask("CHECK 192.0.2.1 <a@b.example> <c@d.example> body=abc");
+    assert!(bad.starts_with("ERR bad-option"), "{bad:?}");
+
+    thread::sleep((first + Duration::from_millis(3250)).saturating_duration_since(Instant::now()));
+    assert_eq!(
+        c.ask(&format!(
+            "CHECK 192.0.2.1 <a@b.example> <g@h.example> body={digest}"
+        )),
+        "PASS retried"
+    );
+    assert_eq!(c.ask(&req), "PASS known");
+}

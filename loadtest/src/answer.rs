@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// PASS reasons the client counts by name; anything else counts as `other`.
 /// `dunno` and `prepend` are what the policy protocol says for a pass (its reason is not on
 /// the wire: `prepend` is the first pass after a retry, `dunno` every other).
-pub const PASS_REASONS: [&str; 12] = [
+pub const PASS_REASONS: [&str; 13] = [
     "retried",
     "known",
     "awl",
@@ -18,6 +18,7 @@ pub const PASS_REASONS: [&str; 12] = [
     "exempt:sender",
     "exempt:recipient",
     "auth",
+    "tls",
     "dry-run",
     "dunno",
     "prepend",
@@ -27,7 +28,7 @@ pub const PASS_REASONS: [&str; 12] = [
 /// One reply, classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    /// `DEFER` or `action=DEFER_IF_PERMIT`.
+    /// `DEFER`, or `action=` with a `--defer-action`: `DEFER_IF_PERMIT`, `DEFER`, `450` or `451`.
     Defer,
     /// `PASS <reason>`, `action=DUNNO` or `action=PREPEND`; index into [`PASS_REASONS`].
     Pass(usize),
@@ -136,7 +137,9 @@ pub fn classify_native(
 /// Classifies a policy reply by its action (the value `greyhound::proto::policy::parse_action` returns).
 pub fn policy(action: &str) -> Answer {
     match action.split_once(' ').map_or(action, |(word, _)| word) {
-        "DEFER_IF_PERMIT" => Answer::Defer,
+        // Every `--defer-action` the server can be given; the numeric ones are followed by
+        // the enhanced status code and the text (`450 4.7.1 Greylisted, …`).
+        "DEFER_IF_PERMIT" | "DEFER" | "450" | "451" => Answer::Defer,
         "DUNNO" | "dunno" => Answer::Pass(reason_index("dunno")),
         "PREPEND" | "prepend" => Answer::Pass(reason_index("prepend")),
         _ => Answer::Other,
@@ -288,7 +291,19 @@ mod tests {
         );
         assert_eq!(native(b"PASS known"), (None, Answer::Pass(1)));
         assert_eq!(native(b"3 PASS exempt:client"), (Some(3), Answer::Pass(3)));
-        assert_eq!(native(b"3 PASS whatever"), (Some(3), Answer::Pass(11)));
+        assert_eq!(
+            native(b"3 PASS whatever"),
+            (Some(3), Answer::Pass(reason_index("other")))
+        );
+        // A trusted TLS client's pass is a reason of its own, not `other`.
+        let tls = native(b"4 PASS tls");
+        assert_eq!(tls, (Some(4), Answer::Pass(reason_index("tls"))));
+        assert_eq!(PASS_REASONS[reason_index("tls")], "tls");
+        assert_eq!(native_fast(b"4 PASS tls"), tls);
+        let mut t = Tally::default();
+        assert!(t.count(tls.1));
+        assert_eq!(t.to_answers().pass.get("tls"), Some(&1));
+        assert_eq!(t.to_answers().other, 0);
         assert_eq!(
             native(b"9 ERR bad-ip malformed"),
             (Some(9), Answer::Err("bad-ip"))
@@ -373,11 +388,20 @@ mod tests {
     #[test]
     fn policy_actions_are_classified() {
         assert_eq!(policy("DEFER_IF_PERMIT Greylisted, see x"), Answer::Defer);
-        assert_eq!(policy("DUNNO"), Answer::Pass(9));
+        assert_eq!(policy("DUNNO"), Answer::Pass(reason_index("dunno")));
+        assert_eq!(PASS_REASONS[reason_index("dunno")], "dunno");
         assert_eq!(
             policy("PREPEND X-Greylist: delayed 2 seconds"),
-            Answer::Pass(10)
+            Answer::Pass(reason_index("prepend"))
         );
+        assert_eq!(PASS_REASONS[reason_index("prepend")], "prepend");
+        // The other `--defer-action` values are deferrals too.
+        assert_eq!(policy("DEFER Greylisted, see x"), Answer::Defer);
+        assert_eq!(policy("450 4.7.1 Greylisted, see x"), Answer::Defer);
+        assert_eq!(policy("451 4.7.1 Greylisted, see x"), Answer::Defer);
+        // Other numeric codes are not ours.
+        assert_eq!(policy("550 5.7.1 no"), Answer::Other);
+        assert_eq!(policy("4501 x"), Answer::Other);
         assert_eq!(policy("REJECT no"), Answer::Other);
         assert_eq!(policy(""), Answer::Other);
     }

@@ -1234,6 +1234,7 @@ mod tests {
                     auth: None,
                     cert: None,
                     cert_subject: None,
+                    body: None,
                 }),
             },
             &mut out,

@@ -110,9 +110,25 @@ pub fn push_field(buf: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> usize 
     start
 }
 
-// Domain-separation tags: a client key and a triplet key can never be the same input.
+/// Appends the DATA-stage field in the recipient's place: `body:` and the digest, lower-cased.
+/// An address can be `body:…` too, so the message's tag is also changed (`D` for `T`): a
+/// (client, sender, digest) key can never be the key of any (client, sender, recipient).
+#[inline]
+pub fn push_body(buf: &mut Vec<u8>, digest: &str) {
+    buf[0] = TAG_DATA;
+    push_field(buf, |b| {
+        b.extend_from_slice(b"body:");
+        let at = b.len();
+        b.extend_from_slice(digest.as_bytes());
+        b[at..].make_ascii_lowercase();
+    });
+}
+
+// Domain-separation tags: a client key and a triplet key can never be the same input, nor a
+// recipient triplet and a DATA-stage one.
 const TAG_TRIPLET: u8 = b'T';
 const TAG_CLIENT: u8 = b'C';
+const TAG_DATA: u8 = b'D';
 
 impl KeyHasher {
     /// A hasher keyed with `secret`.
@@ -219,6 +235,35 @@ mod tests {
         let h = KeyHasher::new(&secret(7));
         let c = ClientNet::V4(Ipv4Addr::new(198, 51, 100, 0));
         assert_ne!(h.client(&c), h.triplet(&c, b"", b"", &mut Vec::new()));
+    }
+
+    #[test]
+    fn body_and_recipient_triplets_never_collide() {
+        let h = KeyHasher::new(&secret(7));
+        let c = ClientNet::V4(Ipv4Addr::new(198, 51, 100, 0));
+        let digest = "0123456789ABCDEF";
+        let data = |buf: &mut Vec<u8>| {
+            begin_triplet(&c, buf);
+            push_field(buf, |b| b.extend_from_slice(b"a@b"));
+            push_body(buf, digest);
+            h.finish_triplet(buf)
+        };
+        let buf = &mut Vec::new();
+        let k = data(buf);
+        // The field holds the prefix and the lower-cased digest.
+        assert!(buf.ends_with(b"body:0123456789abcdef"));
+        // A recipient spelling the very same field bytes still gives another key.
+        assert_ne!(k, h.triplet(&c, b"a@b", b"body:0123456789abcdef", buf));
+        assert_ne!(k, h.triplet(&c, b"a@b", b"0123456789abcdef", buf));
+        // The digest's case does not matter; the sender still does.
+        begin_triplet(&c, buf);
+        push_field(buf, |b| b.extend_from_slice(b"a@b"));
+        push_body(buf, "0123456789abcdef");
+        assert_eq!(k, h.finish_triplet(buf));
+        begin_triplet(&c, buf);
+        push_field(buf, |b| b.extend_from_slice(b"x@b"));
+        push_body(buf, digest);
+        assert_ne!(k, h.finish_triplet(buf));
     }
 
     #[test]

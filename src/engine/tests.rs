@@ -730,3 +730,64 @@ fn an_exempt_client_is_not_trapped_but_the_trap_is_never_delivered_to() {
         Decision::Pass(Pass::Exempt(ExemptList::Client))
     );
 }
+
+// DATA stage (`body=`): the triplet is (client, sender, digest).
+
+const DIGEST: &str = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08";
+
+fn check_body(e: &Engine, from: &str, to: &str, digest: &str) -> Decision {
+    let mut q = Query::new(C(), from, to);
+    q.body = Some(digest);
+    e.check(&q, Mode::Record)
+}
+
+#[test]
+fn one_message_to_many_recipients_is_one_record() {
+    let (e, clock) = engine();
+    assert_eq!(check_body(&e, "a@x.org", "b@y.net", DIGEST), defer(300));
+    clock.advance(100);
+    // Another recipient, the same message (digest in the other case): an early retry.
+    let lower = DIGEST.to_ascii_lowercase();
+    assert_eq!(check_body(&e, "a@x.org", "c@z.net", &lower), defer(200));
+    assert_eq!(e.stats().triplets, 1);
+    clock.advance(200);
+    assert_eq!(check_body(&e, "a@x.org", "d@w.net", DIGEST), retried(300));
+    clock.advance(1);
+    assert_eq!(check_body(&e, "a@x.org", "b@y.net", DIGEST), KNOWN);
+    // Another sender or another message is another record.
+    assert_eq!(check_body(&e, "e@x.org", "b@y.net", DIGEST), defer(300));
+    assert_eq!(
+        check_body(&e, "a@x.org", "b@y.net", &DIGEST[..16]),
+        defer(300)
+    );
+    assert_eq!(e.stats().triplets, 3);
+}
+
+#[test]
+fn body_and_recipient_triplets_are_separate_records() {
+    let (e, clock) = engine();
+    let digest = DIGEST.to_ascii_lowercase();
+    assert_eq!(check_body(&e, "a@x.org", "b@y.net", &digest), defer(300));
+    // The recipient check of the same envelope, and a recipient spelled like the digest
+    // field, are records of their own.
+    assert_eq!(check(&e, C(), "a@x.org", "b@y.net"), defer(300));
+    let spoof = format!("body:{digest}");
+    assert_eq!(check(&e, C(), "a@x.org", &spoof), defer(300));
+    assert_eq!(check(&e, C(), "a@x.org", &digest), defer(300));
+    assert_eq!(e.stats().triplets, 4);
+    clock.advance(300);
+    assert_eq!(check_body(&e, "a@x.org", "b@y.net", &digest), retried(300));
+}
+
+#[test]
+fn recipient_exemptions_still_see_the_recipient_of_a_body_check() {
+    let (e, _) = engine();
+    let mut b = Exemptions::builder();
+    b.add_recipients("test", "postmaster@y.net\n").unwrap();
+    e.set_exemptions(b.build());
+    assert_eq!(
+        check_body(&e, "a@x.org", "Postmaster@Y.net", DIGEST),
+        Decision::Pass(Pass::Exempt(ExemptList::Recipient))
+    );
+    assert_eq!(check_body(&e, "a@x.org", "b@y.net", DIGEST), defer(300));
+}

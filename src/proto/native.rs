@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! [ID ]CHECK <client-ip> <sender> <recipient> [helo=<name>] [name=<client-hostname>] [auth=<user>]
-//!            [cert=<fingerprint>] [cert-subject=<name>]
+//!            [cert=<fingerprint>] [cert-subject=<name>] [body=<hex digest>]
 //! [ID ]PEEK  <client-ip> <sender> <recipient> [same options as CHECK]
 //! [ID ]PING
 //!
@@ -49,7 +49,18 @@ pub struct Triplet<'a> {
     pub cert: Option<&'a str>,
     /// `cert-subject=` option: the verified subject (common name) of that certificate.
     pub cert_subject: Option<&'a str>,
+    /// `body=` option (DATA stage): a hex digest of the message, [`MIN_BODY`] to [`MAX_BODY`]
+    /// hex digits of either case. When present the greylisting triplet is (client, sender,
+    /// digest), so one message to many recipients is one record.
+    pub body: Option<&'a str>,
 }
+
+/// Fewest hex digits in a `body=` digest: 64 bits, below which unrelated messages would
+/// share records.
+pub const MIN_BODY: usize = 16;
+
+/// Most hex digits in a `body=` digest: 512 bits (SHA-512).
+pub const MAX_BODY: usize = 128;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -382,7 +393,7 @@ fn parse_triplet(mut tokens: Tokens<'_>) -> Result<Triplet<'_>, ErrorKind> {
         return Err(ErrorKind::BadArgs);
     };
     let (mut helo, mut name, mut auth) = (None, None, None);
-    let (mut cert, mut cert_subject) = (None, None);
+    let (mut cert, mut cert_subject, mut body) = (None, None, None);
     for token in tokens {
         // A fourth bare word is an extra argument, not an option.
         let (key, value) = token.split_once('=').ok_or(ErrorKind::BadArgs)?;
@@ -396,6 +407,12 @@ fn parse_triplet(mut tokens: Tokens<'_>) -> Result<Triplet<'_>, ErrorKind> {
             &mut cert
         } else if key.eq_ignore_ascii_case("cert-subject") {
             &mut cert_subject
+        } else if key.eq_ignore_ascii_case("body") {
+            // A digest that is not one is refused here, so the engine can hash it as given.
+            if !is_digest(value) {
+                return Err(ErrorKind::BadOption);
+            }
+            &mut body
         } else {
             return Err(ErrorKind::BadOption);
         };
@@ -419,7 +436,13 @@ fn parse_triplet(mut tokens: Tokens<'_>) -> Result<Triplet<'_>, ErrorKind> {
         auth,
         cert,
         cert_subject,
+        body,
     })
+}
+
+/// Whether `value` is a `body=` digest: [`MIN_BODY`] to [`MAX_BODY`] hex digits.
+fn is_digest(value: &str) -> bool {
+    (MIN_BODY..=MAX_BODY).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Plain IPv4/IPv6 as std parses them (no zone ids), or IPv6 in brackets as
@@ -749,10 +772,11 @@ mod tests {
             auth: Some("alice"),
             cert: Some("C2:9D:F4:87:71:73:73:D9:18:E7:C2:F3:C1:DA:6E:04"),
             cert_subject: Some("mx.a.example"),
+            body: Some("9F86D081884C7D659A2FEAA0C55AD015"),
         };
         // Written by hand the way a client would, then parsed back.
         let line = format!(
-            "17 CHECK {} <{}> <{}> helo={} name={} auth={} cert={} cert-subject={}",
+            "17 CHECK {} <{}> <{}> helo={} name={} auth={} cert={} cert-subject={} body={}",
             t.client,
             t.sender,
             t.recipient,
@@ -760,7 +784,8 @@ mod tests {
             t.name.unwrap(),
             t.auth.unwrap(),
             t.cert.unwrap(),
-            t.cert_subject.unwrap()
+            t.cert_subject.unwrap(),
+            t.body.unwrap()
         );
         assert_eq!(
             ok(&line),
@@ -786,6 +811,7 @@ mod tests {
                     auth: Some("carol"),
                     cert: None,
                     cert_subject: None,
+                    body: None,
                 })
             }
         );
@@ -889,6 +915,45 @@ mod tests {
             let line = format!("CHECK {bad} a b");
             assert_eq!(kind(line.as_bytes()), ErrorKind::BadIp, "{bad}");
         }
+    }
+
+    #[test]
+    fn body_digest() {
+        let hex64 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let line = format!("CHECK 192.0.2.1 a@b c@d body={hex64}");
+        assert_eq!(triplet(&line).body, Some(hex64));
+        // Either case, as given (the engine lower-cases); the key is case-insensitive.
+        let upper = hex64.to_ascii_uppercase();
+        let line = format!("CHECK 192.0.2.1 a@b c@d BODY={upper}");
+        assert_eq!(triplet(&line).body, Some(upper.as_str()));
+        // The bounds: 16 and 128 digits pass, 15 and 129 do not.
+        for n in [MIN_BODY, MAX_BODY] {
+            let line = format!("CHECK 192.0.2.1 a@b c@d body={}", "a".repeat(n));
+            assert_eq!(triplet(&line).body.map(str::len), Some(n));
+        }
+        for n in [0, 1, MIN_BODY - 1, MAX_BODY + 1, 200] {
+            let line = format!("CHECK 192.0.2.1 a@b c@d body={}", "a".repeat(n));
+            assert_eq!(kind(line.as_bytes()), ErrorKind::BadOption, "{n}");
+        }
+        // Not hex: a 'g', a base64 '+', a '0x' prefix, a separator.
+        for bad in [
+            "0123456789abcdeg",
+            "0123456789abcde+",
+            "0x0123456789abcdef",
+            "01:23:45:67:89:ab:cd:ef",
+        ] {
+            let line = format!("CHECK 192.0.2.1 a@b c@d body={bad}");
+            assert_eq!(kind(line.as_bytes()), ErrorKind::BadOption, "{bad}");
+        }
+        // Twice, even the same value, is a confused client.
+        let line = format!("CHECK 192.0.2.1 a@b c@d body={hex64} Body={hex64}");
+        assert_eq!(kind(line.as_bytes()), ErrorKind::BadOption);
+        // PEEK takes it too.
+        let line = format!("PEEK 192.0.2.1 a@b c@d body={hex64}");
+        assert!(matches!(
+            ok(&line).command,
+            Command::Peek(Triplet { body: Some(_), .. })
+        ));
     }
 
     #[test]
@@ -1663,9 +1728,9 @@ mod framing_tests {
 // =========================================================================================
 
 /// Appends one request line: `[ID ]CHECK|PEEK <ip> <sender> <recipient> [helo=..] [name=..]
-/// [auth=..] [cert=..] [cert-subject=..]\n` or `[ID ]PING\n`. Sender and recipient go in
-/// angle brackets (the null sender is `<>`), options in the order `helo`, `name`, `auth`,
-/// `cert`, `cert-subject`.
+/// [auth=..] [cert=..] [cert-subject=..] [body=..]\n` or `[ID ]PING\n`. Sender and recipient
+/// go in angle brackets (the null sender is `<>`), options in the order `helo`, `name`, `auth`,
+/// `cert`, `cert-subject`, `body`.
 ///
 /// Fields are written as given: one holding whitespace, a control character or an angle
 /// bracket makes a line the server answers with `ERR`, exactly as it would from any client.
@@ -1718,6 +1783,7 @@ pub fn encode_request(req: &Request<'_>, out: &mut Vec<u8>) {
         (" auth=", t.auth),
         (" cert=", t.cert),
         (" cert-subject=", t.cert_subject),
+        (" body=", t.body),
     ] {
         if let Some(value) = value {
             out.extend_from_slice(key.as_bytes());
@@ -1862,6 +1928,7 @@ mod client_tests {
             auth: Some("joe"),
             cert: None,
             cert_subject: None,
+            body: None,
         };
         let check = Request {
             id: Some("17"),
@@ -1894,6 +1961,19 @@ mod client_tests {
         assert_eq!(
             line(&tls),
             "CHECK 192.0.2.1 <> <b@c.example> helo=mx.example cert=AB:CD cert-subject=mx.example\n"
+        );
+        let data = Request {
+            id: None,
+            command: Command::Check(Triplet {
+                helo: None,
+                auth: None,
+                body: Some("0123456789ABCDEF"),
+                ..t
+            }),
+        };
+        assert_eq!(
+            line(&data),
+            "CHECK 192.0.2.1 <> <b@c.example> body=0123456789ABCDEF\n"
         );
         let ping = Request {
             id: Some("0"),
@@ -2021,6 +2101,7 @@ mod client_tests {
             id in proptest::option::of(ID),
             verb in 0u8..3,
             (client, sender, recipient, [helo, name, auth, cert, cert_subject]) in triplet(),
+            body in proptest::option::of("[0-9a-fA-F]{16,128}"),
         ) {
             let t = Triplet {
                 client,
@@ -2031,6 +2112,7 @@ mod client_tests {
                 auth: auth.as_deref(),
                 cert: cert.as_deref(),
                 cert_subject: cert_subject.as_deref(),
+                body: body.as_deref(),
             };
             let command = match verb {
                 0 => Command::Check(t),

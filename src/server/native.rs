@@ -22,6 +22,7 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
             pubkey_fingerprint: "",
             subject: t.cert_subject.unwrap_or(""),
         },
+        body: t.body,
     }
 }
 

@@ -108,6 +108,7 @@ fn answer(
             pubkey_fingerprint: req.ccert_pubkey_fingerprint,
             subject: req.ccert_subject,
         },
+        body: None,
     };
     let d = shared.engine.check(&q, Mode::Record);
     tally.answer(Answer::Decided(d));
