@@ -220,6 +220,8 @@ pub struct Config {
     pub greytrap_recipients: Vec<PathBuf>,
     /// Seconds a client that wrote to a greytrap stays trapped (`greytrap-ttl`).
     pub greytrap_ttl_secs: u32,
+    /// Files of per-recipient-domain policy (`domain-policy`): `<domain> <setting>...` lines.
+    pub domain_policy: Vec<PathBuf>,
     /// One of [`LOG_LEVELS`] (`log-level`).
     pub log_level: String,
     /// Threads serving TCP and Unix connections (`workers`); 0: half the cores, at least one.
@@ -262,6 +264,7 @@ impl fmt::Debug for Config {
             trusted_certs,
             greytrap_recipients,
             greytrap_ttl_secs,
+            domain_policy,
             log_level,
             workers,
             cluster_redis,
@@ -290,6 +293,7 @@ impl fmt::Debug for Config {
             .field("trusted_certs", trusted_certs)
             .field("greytrap_recipients", greytrap_recipients)
             .field("greytrap_ttl_secs", greytrap_ttl_secs)
+            .field("domain_policy", domain_policy)
             .field("log_level", log_level)
             .field("workers", workers)
             .field("cluster_redis", &cluster_redis.as_deref().map(redact_url))
@@ -330,6 +334,7 @@ impl Default for Config {
             trusted_certs: Vec::new(),
             greytrap_recipients: Vec::new(),
             greytrap_ttl_secs: 86_400,
+            domain_policy: Vec::new(),
             log_level: "info".to_owned(),
             workers: 0,
             cluster_redis: None,
@@ -778,6 +783,11 @@ pub struct Overrides {
     #[arg(long, value_name = "DURATION")]
     pub greytrap_ttl: Option<DurationValue>,
 
+    /// File of per-recipient-domain policy (`<domain> off|dry-run|delay=|retry-window=|
+    /// whitelist-ttl=`); repeatable.
+    #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
+    pub domain_policy: Option<Vec<PathBuf>>,
+
     /// Least severe log messages shown [default: info].
     #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(LOG_LEVELS))]
     pub log_level: Option<String>,
@@ -945,6 +955,7 @@ impl Overrides {
             trusted_certs,
             greytrap_recipients,
             greytrap_ttl,
+            domain_policy,
             log_level,
             workers,
             cluster_redis,
@@ -1032,6 +1043,7 @@ impl Overrides {
             Ok,
         )?;
         o.set("greytrap-ttl", &mut c.greytrap_ttl_secs, greytrap_ttl, dur)?;
+        o.set("domain-policy", &mut c.domain_policy, domain_policy, Ok)?;
         o.set("log-level", &mut c.log_level, log_level, Ok)?;
         o.set("workers", &mut c.workers, workers, Ok)?;
         o.set("cluster-redis", &mut c.cluster_redis, cluster_redis, |u| {
@@ -1158,6 +1170,7 @@ impl Config {
             trusted_certs,
             greytrap_recipients,
             greytrap_ttl_secs,
+            domain_policy,
             log_level,
             workers,
             cluster_redis,
@@ -1280,6 +1293,7 @@ impl Config {
             ("whitelist-recipients", whitelist_recipients),
             ("trusted-certs", trusted_certs),
             ("greytrap-recipients", greytrap_recipients),
+            ("domain-policy", domain_policy),
         ];
         for (key, paths) in lists {
             if paths.iter().any(|p| p.as_os_str().is_empty()) {
@@ -1516,6 +1530,7 @@ whitelist-recipients = ["/etc/greyhound/recipients", "/etc/greyhound/more"]
 trusted-certs = ["/etc/greyhound/trusted_certs"]
 greytrap-recipients = ["/etc/greyhound/traps"]
 greytrap-ttl = "2d"
+domain-policy = ["/etc/greyhound/domains"]
 log-level = "debug"
 workers = 3
 cluster-redis = "redis://greyhound:s3cret@10.0.0.5:6379/2"
@@ -1565,6 +1580,7 @@ policy-max-attributes = 64
             trusted_certs: vec![PathBuf::from("/etc/greyhound/trusted_certs")],
             greytrap_recipients: vec![PathBuf::from("/etc/greyhound/traps")],
             greytrap_ttl_secs: 2 * 86_400,
+            domain_policy: vec![PathBuf::from("/etc/greyhound/domains")],
             log_level: "debug".to_owned(),
             workers: 3,
             cluster_redis: Some("redis://greyhound:s3cret@10.0.0.5:6379/2".to_owned()),
@@ -1724,6 +1740,8 @@ policy-max-attributes = 64
             "/t",
             "--greytrap-ttl",
             "3h",
+            "--domain-policy",
+            "/p",
             "--log-level",
             "trace",
             "--workers",
@@ -1779,6 +1797,7 @@ policy-max-attributes = 64
             trusted_certs: vec![PathBuf::from("/d")],
             greytrap_recipients: vec![PathBuf::from("/t")],
             greytrap_ttl_secs: 3 * 3600,
+            domain_policy: vec![PathBuf::from("/p")],
             log_level: "trace".to_owned(),
             workers: 5,
             cluster_redis: Some("unix:///run/redis/redis.sock".to_owned()),
@@ -2615,6 +2634,7 @@ policy-max-attributes = 64
             trusted_certs,
             greytrap_recipients,
             greytrap_ttl,
+            domain_policy,
             log_level,
             workers,
             cluster_redis,
@@ -2658,6 +2678,7 @@ policy-max-attributes = 64
             ("trusted-certs", trusted_certs.is_some()),
             ("greytrap-recipients", greytrap_recipients.is_some()),
             ("greytrap-ttl", greytrap_ttl.is_some()),
+            ("domain-policy", domain_policy.is_some()),
             ("log-level", log_level.is_some()),
             ("workers", workers.is_some()),
             ("cluster-redis", cluster_redis.is_some()),

@@ -81,7 +81,7 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// Loads every configured exemption list (the embedded client list when none is configured)
-/// and the trusted TLS clients, which are reloaded with them.
+/// and the trusted TLS clients, greytraps and per-domain policy, which are reloaded with them.
 fn load_exemptions(cfg: &Config) -> Result<Exemptions> {
     let mut b = Exemptions::builder();
     if cfg.whitelist_clients.is_empty() {
@@ -101,6 +101,9 @@ fn load_exemptions(cfg: &Config) -> Result<Exemptions> {
     }
     for p in &cfg.greytrap_recipients {
         b.load_greytraps(p)?;
+    }
+    for p in &cfg.domain_policy {
+        b.load_domain_policy(p, &cfg.policy)?;
     }
     Ok(b.build())
 }
@@ -143,6 +146,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         whitelist_recipients: _,
         trusted_certs: _,
         greytrap_recipients: _,
+        domain_policy: _,
         greytrap_ttl_secs,
         log_level,
         workers,
@@ -299,6 +303,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         recipients = counts.recipients,
         trusted_certs,
         greytraps = counts.greytraps,
+        domains = counts.domains,
         allow = ?allow,
         data_dir = %data_dir.display(),
         workers,
@@ -334,7 +339,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
                         let c = ex.counts();
                         let trusted_certs = ex.trusted().len();
                         shared.engine.set_exemptions(ex);
-                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, greytraps = c.greytraps, trusted_certs, "SIGHUP: exemption lists reloaded");
+                        info!(client_networks = c.client_networks, client_names = c.client_names, senders = c.senders, recipients = c.recipients, greytraps = c.greytraps, domains = c.domains, trusted_certs, "SIGHUP: exemption lists reloaded");
                     }
                     Err(e) => error!("SIGHUP: exemption lists not reloaded, keeping the previous ones: {}", one_line(&e)),
                 },

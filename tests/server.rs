@@ -2146,3 +2146,100 @@ fn native_body_digest_is_one_record_for_all_recipients() {
     );
     assert_eq!(c.ask(&req), "PASS known");
 }
+
+// ---------------------------------------------------------------------------------------
+// Per-recipient-domain policy (`--domain-policy`)
+// ---------------------------------------------------------------------------------------
+
+const DOMAIN_OFF_M: &str = r#"greyhound_decisions_total{answer="pass",reason="domain-off"}"#;
+
+#[test]
+fn domain_policy_own_delay_off_and_sighup_reload() {
+    let dir = TempDir::new("domains");
+    let list = dir.file("domains");
+    std::fs::write(
+        &list,
+        "# per-domain policy\nFast.example delay=1s\n.off.example off  # all subdomains\n",
+    )
+    .unwrap();
+    let srv = Server::start_in(dir, &["--delay", "1h", "--domain-policy", &list]);
+    let mut c = Conn::connect(srv.native);
+    let ask = |c: &mut Conn, rcpt: &str| c.ask(&format!("CHECK 192.0.2.70 <a@b.example> <{rcpt}>"));
+
+    // The domain's own delay, while the global one is an hour.
+    let first = ask(&mut c, "r@fast.example");
+    assert_eq!(defer_secs(&first), Some(1), "{first:?}");
+    let other = ask(&mut c, "r@slow.example");
+    assert_eq!(defer_secs(&other), Some(3600), "{other:?}");
+    // `off`: passes, records nothing; Postfix is answered DUNNO.
+    assert_eq!(ask(&mut c, "r@mx.OFF.example"), "PASS domain-off");
+    let mut p = PolicyConn::connect(&srv.policy);
+    let a = rcpt_attrs("192.0.2.71", "g@h.example", "i@a.off.example");
+    assert_eq!(p.ask(&a), "action=DUNNO");
+    // `.off.example` is its subdomains, not itself.
+    assert!(ask(&mut c, "r@off.example").starts_with("DEFER 3600 "));
+    assert_eq!(srv.m(DOMAIN_OFF_M), 2.0);
+    assert_eq!(srv.m(GREYLISTED_M), 3.0, "off domains are never recorded");
+
+    sleep_past(1);
+    assert_eq!(ask(&mut c, "r@fast.example"), "PASS retried");
+    assert_eq!(ask(&mut c, "r@fast.example"), "PASS known");
+    assert!(ask(&mut c, "r@slow.example").starts_with("DEFER "));
+
+    // SIGHUP: the new file replaces the old one.
+    std::fs::write(&list, "new.example off\n").unwrap();
+    srv.signal("HUP");
+    let mut n = 0;
+    let reloaded = poll(IO_TIMEOUT, || {
+        n += 1;
+        (ask(&mut c, &format!("p{n}@new.example")) == "PASS domain-off").then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "new file not in force; log:\n{}",
+        srv.logs().join("\n")
+    );
+    assert!(ask(&mut c, "s@mx.off.example").starts_with("DEFER 3600 "));
+    assert!(ask(&mut c, "s@fast.example").starts_with("DEFER 3600 "));
+
+    // A bad line on SIGHUP keeps the previous file in force and names the file and line.
+    std::fs::write(&list, "other.example off\nnew.example frobnicate\n").unwrap();
+    srv.signal("HUP");
+    let at = format!("{list}:2");
+    let line = srv.wait_log(&format!("naming {at}"), |l| l.contains(&at));
+    assert!(line.contains("ERROR"), "not an error: {line:?}");
+    assert!(line.contains("frobnicate"), "{line:?}");
+    assert_eq!(ask(&mut c, "t@new.example"), "PASS domain-off");
+    assert!(ask(&mut c, "t@other.example").starts_with("DEFER 3600 "));
+}
+
+#[test]
+fn bad_domain_policy_stops_the_start_naming_file_and_line() {
+    let dir = TempDir::new("domainsbad");
+    let list = dir.file("domains");
+    std::fs::write(&list, "a.example off\n\nb.example retry-window=3d\n").unwrap();
+    let data = dir.file("data");
+    let (status, _, err) = run_bin(&[
+        "serve",
+        "--data-dir",
+        &data,
+        "--native",
+        "127.0.0.1:0",
+        "--policy",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--domain-policy",
+        &list,
+    ]);
+    assert!(!status.success(), "started with a bad --domain-policy");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "greyhound: {list}:3: retry-window=3d is longer than the global retry-window (2d): \
+             records live by the global settings"
+        )),
+        "{err}"
+    );
+}

@@ -22,6 +22,8 @@ use ahash::AHashSet;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use regex::{RegexBuilder, RegexSet, RegexSetBuilder};
 
+use super::domains::{DomainPolicies, DomainRule};
+use super::policy::Policy;
 use super::trust::TrustedCerts;
 
 // DEFAULT_CLIENTS_PATH_NOTE: in the main project this file lives at
@@ -103,6 +105,8 @@ pub struct ExemptCounts {
     pub recipients: usize,
     /// Entries of the greytrap list (`greytrap-recipients`).
     pub greytraps: usize,
+    /// Entries of the per-domain policy (`domain-policy`).
+    pub domains: usize,
 }
 
 /// Immutable, cheap to query. Default = empty.
@@ -118,9 +122,21 @@ pub struct Exemptions {
     counts: ExemptCounts,
     /// Not an exemption list but loaded and reloaded with them (`trusted-certs`).
     trusted: TrustedCerts,
+    /// Per-recipient-domain policy (`domain-policy`), loaded and reloaded with the lists.
+    domains: DomainPolicies,
 }
 
 impl Exemptions {
+    /// Whether any `domain-policy` entry is loaded (one branch per request when none is).
+    pub fn has_domain_policy(&self) -> bool {
+        !self.domains.is_empty()
+    }
+
+    /// The `domain-policy` rule for a recipient domain (ASCII lower-case), if any.
+    pub fn domain_rule(&self, domain: &str) -> Option<DomainRule> {
+        self.domains.lookup(domain)
+    }
+
     /// Whether `recipient` (ASCII lower-case) is a greytrap address.
     pub fn is_greytrap(&self, recipient: &str) -> bool {
         self.greytraps.matches(recipient)
@@ -201,9 +217,36 @@ pub struct ExemptionsBuilder {
     greytraps: AddressSet,
     counts: ExemptCounts,
     trusted: TrustedCerts,
+    domains: DomainPolicies,
 }
 
 impl ExemptionsBuilder {
+    /// Per-domain policy text (see [`super::domains`]); all entries or none. `global` is the
+    /// configured policy, which a domain's windows may not exceed.
+    pub fn add_domain_policy(
+        &mut self,
+        source_name: &str,
+        text: &str,
+        global: &Policy,
+    ) -> Result<&mut Self, ExemptError> {
+        self.counts.domains += self.domains.add_text(source_name, text, global)?;
+        Ok(self)
+    }
+
+    /// Reads a per-domain policy file; io errors → ExemptError::Io.
+    pub fn load_domain_policy(
+        &mut self,
+        path: &Path,
+        global: &Policy,
+    ) -> Result<&mut Self, ExemptError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ExemptError::Io {
+            path: source_name.clone(),
+            source,
+        })?;
+        self.add_domain_policy(&source_name, &text, global)
+    }
+
     /// Client list text (postgrey-style whitelist_clients): one entry per line; `#` starts a comment (whole line or trailing after whitespace); blank lines ignored. Entry forms:
     ///  - IPv4 or IPv6 address, or CIDR (`192.0.2.0/24`, `2001:db8::/32`); a CIDR with host bits set (192.0.2.1/24) is accepted and masked; IPv4-mapped IPv6 entries count as IPv4.
     ///  - `/regex/` matched against the client hostname (case-insensitive, unanchored unless the regex anchors itself).
@@ -370,6 +413,7 @@ impl ExemptionsBuilder {
             greytraps: self.greytraps.frozen(),
             counts: self.counts,
             trusted: self.trusted,
+            domains: self.domains.frozen(),
         }
     }
 }
@@ -1184,6 +1228,7 @@ mod tests {
                 senders: 1,
                 recipients: 1,
                 greytraps: 0,
+                domains: 0,
             }
         );
     }
@@ -1381,6 +1426,7 @@ mod tests {
                 senders: 1,
                 recipients: 1,
                 greytraps: 0,
+                domains: 0,
             }
         );
     }
@@ -1438,6 +1484,7 @@ mod tests {
                 senders: 1,
                 recipients: 1,
                 greytraps: 0,
+                domains: 0,
             }
         );
     }

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod clock;
+pub mod domains;
 pub mod exempt;
 pub mod key;
 pub mod normalize;
@@ -115,6 +116,8 @@ pub enum Pass {
     Auth,
     /// The client presented a trusted TLS certificate (`trusted-certs`).
     Tls,
+    /// The recipient's domain is `off` in `domain-policy`.
+    DomainOff,
     /// Dry-run mode: the answer would have been DEFER with this many seconds left.
     DryRun {
         /// Seconds that would have been left.
@@ -135,6 +138,7 @@ impl Pass {
             Pass::Exempt(ExemptList::Recipient) => "exempt:recipient",
             Pass::Auth => "auth",
             Pass::Tls => "tls",
+            Pass::DomainOff => "domain-off",
             Pass::DryRun { .. } => "dry-run",
         }
     }
@@ -163,6 +167,9 @@ pub struct Keyed {
     /// deciding traps the client. Found while preparing, acted on while deciding, so that
     /// preparing stays free of effects.
     pub greytrap: bool,
+    /// The recipient domain's `domain-policy` rule (never an `off` one, answered while
+    /// preparing); `None` when no entry applies.
+    pub domain: Option<domains::DomainRule>,
 }
 
 impl Keyed {
@@ -172,6 +179,7 @@ impl Keyed {
             key,
             client,
             greytrap: false,
+            domain: None,
         }
     }
 }
@@ -681,13 +689,30 @@ impl Engine {
                     key: self.hasher.finish_triplet(m),
                     client,
                     greytrap: true,
+                    domain: None,
                 });
             }
             if let Some(list) = exemptions.check(q.client, name_lc, sender_lc, rcpt_lc) {
                 return Err(Decision::Pass(Pass::Exempt(list)));
             }
         }
-        Ok(Keyed::new(self.hasher.finish_triplet(m), client))
+        // One branch when no domain policy is loaded.
+        let domain = if exemptions.has_domain_policy() {
+            let rcpt = std::str::from_utf8(&m[rcpt_at..]).unwrap_or("");
+            let rule = rcpt
+                .rsplit_once('@')
+                .and_then(|(_, d)| exemptions.domain_rule(d));
+            if rule.is_some_and(|r| r.off) {
+                return Err(Decision::Pass(Pass::DomainOff));
+            }
+            rule
+        } else {
+            None
+        };
+        Ok(Keyed {
+            domain,
+            ..Keyed::new(self.hasher.finish_triplet(m), client)
+        })
     }
 
     /// The normalised recipient of a DATA-stage query, for the exemption lists only.
@@ -700,7 +725,12 @@ impl Engine {
 
     /// DEFER for `seconds_left`, or PASS `dry-run` in dry-run mode.
     fn deferred(&self, seconds_left: u32) -> Decision {
-        if self.policy.dry_run {
+        Self::deferred_by(&self.policy, seconds_left)
+    }
+
+    /// DEFER for `seconds_left`, or PASS `dry-run` if `p` runs dry.
+    fn deferred_by(p: &Policy, seconds_left: u32) -> Decision {
+        if p.dry_run {
             Decision::Pass(Pass::DryRun { seconds_left })
         } else {
             Decision::Defer { seconds_left }
@@ -709,7 +739,17 @@ impl Engine {
 
     /// Decides a keyed query at time `now`.
     pub fn decide(&self, k: &Keyed, now: Secs, mode: Mode) -> Decision {
-        let p = &self.policy;
+        // A domain's rule changes how records are judged and answered, never how they are
+        // stored: `store` (the global settings) schedules expiry.
+        let store = &self.policy;
+        let own;
+        let p = match &k.domain {
+            None => store,
+            Some(rule) => {
+                own = rule.over(store);
+                &own
+            }
+        };
         // Greytraps: one relaxed load for every request while no client is trapped.
         if k.greytrap || self.traps.any() {
             let ck = self.hasher.client(&k.client);
@@ -720,7 +760,7 @@ impl Engine {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.traps.trap(ck, now);
                 }
-                return self.deferred(p.delay);
+                return Self::deferred_by(p, p.delay);
             }
             if self.traps.is_trapped(ck, now) {
                 if mode == Mode::Record {
@@ -728,7 +768,7 @@ impl Engine {
                         .deferrals
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                return self.deferred(p.delay);
+                return Self::deferred_by(p, p.delay);
             }
         }
         let s = shard_of(k.key, TRIPLET_SHARD_BITS);
@@ -760,7 +800,7 @@ impl Engine {
             match mode {
                 Mode::Peek => TripletRecord::judge(sh.table.get(k.key), now, p),
                 Mode::Record => {
-                    let j = Self::apply(&mut sh, k.key, now, p);
+                    let j = Self::apply(&mut sh, k.key, now, p, store);
                     // The insert may have grown the table.
                     self.triplet_hints[s].refresh(&sh.table);
                     j
@@ -831,10 +871,17 @@ impl Engine {
     }
 
     /// Judges a triplet by the greylisting rules and records the effect under its shard's lock.
-    fn apply(sh: &mut Shard<TripletRecord>, key: Key, now: Secs, p: &Policy) -> Judgement {
+    /// Judges by `p` (the request's settings); stores and schedules by `store` (the global ones).
+    fn apply(
+        sh: &mut Shard<TripletRecord>,
+        key: Key,
+        now: Secs,
+        p: &Policy,
+        store: &Policy,
+    ) -> Judgement {
         match sh.table.entry(key) {
             Slot::Vacant(i) => {
-                sh.insert_new(i, TripletRecord::new(key, now), p);
+                sh.insert_new(i, TripletRecord::new(key, now), store);
                 sh.outbox.push(key);
                 Judgement::New
             }

@@ -791,3 +791,77 @@ fn recipient_exemptions_still_see_the_recipient_of_a_body_check() {
     );
     assert_eq!(check_body(&e, "a@x.org", "b@y.net", DIGEST), defer(300));
 }
+
+fn with_domains(e: &Engine, text: &str) {
+    let mut b = Exemptions::builder();
+    b.add_domain_policy("domains", text, e.policy()).unwrap();
+    e.set_exemptions(b.build());
+}
+
+#[test]
+fn a_domain_with_its_own_delay() {
+    let (e, clock) = engine();
+    with_domains(&e, "fast.test delay=10s\n.slow.test delay=1h\n");
+    assert_eq!(check(&e, C(), "a@x.org", "b@fast.test"), defer(10));
+    assert_eq!(check(&e, C(), "a@x.org", "b@a.slow.test"), defer(3600));
+    assert_eq!(check(&e, C(), "a@x.org", "b@other.test"), defer(300));
+    clock.advance(9);
+    assert_eq!(check(&e, C(), "a@x.org", "b@fast.test"), defer(1));
+    clock.advance(1);
+    assert_eq!(check(&e, C(), "a@x.org", "b@fast.test"), retried(10));
+    assert_eq!(check(&e, C(), "a@x.org", "b@other.test"), defer(290));
+    clock.advance(300);
+    assert_eq!(check(&e, C(), "a@x.org", "b@a.slow.test"), defer(3290));
+    assert_eq!(check(&e, C(), "a@x.org", "b@fast.test"), KNOWN);
+}
+
+#[test]
+fn a_domain_with_shorter_windows_starts_over_but_records_live_by_the_global_ones() {
+    let (e, clock) = engine();
+    with_domains(&e, "short.test retry-window=1h whitelist-ttl=1d\n");
+    // Greylisted, retried after the domain's window: starts over.
+    assert_eq!(check(&e, C(), "a@x.org", "late@short.test"), defer(300));
+    assert_eq!(check(&e, C(), "a@x.org", "late@other.test"), defer(300));
+    clock.advance(3601);
+    assert_eq!(check(&e, C(), "a@x.org", "late@short.test"), defer(300));
+    assert_eq!(check(&e, C(), "a@x.org", "late@other.test"), retried(3601));
+    // Inside the window it passes as usual.
+    clock.advance(300);
+    assert_eq!(check(&e, C(), "a@x.org", "late@short.test"), retried(300));
+    // Whitelisted, seen again after the domain's ttl: starts over; the global one keeps it.
+    clock.advance(DAY);
+    assert_eq!(check(&e, C(), "a@x.org", "late@short.test"), KNOWN);
+    clock.advance(DAY + 1);
+    assert_eq!(check(&e, C(), "a@x.org", "late@short.test"), defer(300));
+    assert_eq!(check(&e, C(), "a@x.org", "late@other.test"), KNOWN);
+    // Both records are still stored (by the global settings).
+    assert_eq!(e.stats().triplets, 2);
+}
+
+#[test]
+fn a_dry_run_domain_passes_what_would_be_deferred_and_records() {
+    let (e, clock) = engine();
+    with_domains(&e, ".dry.test dry-run delay=1m\n");
+    let dry = |n| Decision::Pass(Pass::DryRun { seconds_left: n });
+    assert_eq!(check(&e, C(), "a@x.org", "b@www.dry.test"), dry(60));
+    assert_eq!(check(&e, C(), "a@x.org", "b@dry.test"), defer(300));
+    clock.advance(60);
+    assert_eq!(check(&e, C(), "a@x.org", "b@www.dry.test"), retried(60));
+    assert_eq!(e.stats().triplets, 2);
+}
+
+#[test]
+fn an_off_domain_passes_and_records_nothing() {
+    let (e, _) = engine();
+    with_domains(&e, "off.test off\n.off.test delay=1m\n");
+    let off = Decision::Pass(Pass::DomainOff);
+    assert_eq!(check(&e, C(), "a@x.org", "B@OFF.test"), off);
+    assert_eq!(
+        e.check(&Query::new(C(), "a@x.org", "b@off.test"), Mode::Peek),
+        off
+    );
+    assert_eq!(e.stats().triplets, 0);
+    assert_eq!(check(&e, C(), "a@x.org", "b@sub.off.test"), defer(60));
+    assert_eq!(check(&e, C(), "a@x.org", "postmaster"), defer(300));
+    assert_eq!(Pass::DomainOff.reason(), "domain-off");
+}

@@ -565,8 +565,8 @@ pub enum Reply<'a> {
     },
     /// Accepted.
     Pass {
-        /// Machine-readable reason: `retried`, `known`, `awl`, `exempt:<list>`,
-        /// `auth` or `dry-run`; never shortened.
+        /// Machine-readable reason: `retried`, `known`, `awl`, `exempt:<list>`, `auth`,
+        /// `tls`, `domain-off` or `dry-run`; never shortened.
         reason: &'a str,
     },
     /// Answer to `PING`.

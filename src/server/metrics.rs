@@ -59,7 +59,7 @@ pub enum Answer {
 }
 
 /// Decision kinds as (answer, reason) label values, in the order [`Answer`] indexes them.
-const KINDS: [(&str, &str); 12] = [
+const KINDS: [(&str, &str); 13] = [
     ("defer", ""),
     ("pass", "retried"),
     ("pass", "known"),
@@ -72,6 +72,7 @@ const KINDS: [(&str, &str); 12] = [
     ("pass", "tls"),
     ("pass", "dry-run"),
     ("dunno", "not-rcpt"),
+    ("pass", "domain-off"),
 ];
 
 impl Answer {
@@ -89,6 +90,7 @@ impl Answer {
                 Pass::Auth => 8,
                 Pass::Tls => 9,
                 Pass::DryRun { .. } => 10,
+                Pass::DomainOff => 12,
             },
             Answer::NotRcpt => 11,
         }
