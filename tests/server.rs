@@ -754,9 +754,25 @@ fn trusted_tls_clients_pass_and_reload_on_sighup() {
 
 #[test]
 fn bad_trusted_certs_file_stops_the_start_naming_file_and_line() {
-    let dir = TempDir::new("trustedbad");
-    let list = dir.file("trusted_certs");
-    std::fs::write(&list, format!("{FP_A}\n\nsubject=\n")).unwrap();
+    let (list, lines) = refused_with_list(
+        "trustedbad",
+        "--trusted-certs",
+        &format!("{FP_A}\n\nsubject=\n"),
+    );
+    assert_eq!(
+        lines,
+        [format!(
+            "greyhound: {list}:3: \"subject=\" names no subject"
+        )]
+    );
+}
+
+/// Starts `serve` with `flag` naming a file that holds `contents`; the start must fail.
+/// Returns the file's path and the non-empty lines of standard error.
+fn refused_with_list(tag: &str, flag: &str, contents: &str) -> (String, Vec<String>) {
+    let dir = TempDir::new(tag);
+    let list = dir.file("list");
+    std::fs::write(&list, contents).unwrap();
     let data = dir.file("data");
     let (status, _, err) = run_bin(&[
         "serve",
@@ -768,16 +784,16 @@ fn bad_trusted_certs_file_stops_the_start_naming_file_and_line() {
         "127.0.0.1:0",
         "--metrics",
         "127.0.0.1:0",
-        "--trusted-certs",
+        flag,
         &list,
     ]);
-    assert!(!status.success(), "started with a bad --trusted-certs");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert_eq!(
-        lines[0],
-        format!("greyhound: {list}:3: \"subject=\" names no subject")
-    );
+    assert!(!status.success(), "started with a bad {flag}");
+    let lines = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    (list, lines)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2090,26 +2106,16 @@ fn a_client_writing_to_a_greytrap_is_deferred_and_a_bad_trap_file_is_named() {
 
 #[test]
 fn a_bad_greytrap_file_at_start_is_one_line_naming_file_and_line() {
-    let dir = TempDir::new("trapbad");
-    let traps = dir.file("traps.txt");
-    std::fs::write(&traps, "ok@example.net\n\nbad entry\n").unwrap();
-    let data = dir.file("data");
-    let (status, _, err) = run_bin(&[
-        "serve",
-        "--data-dir",
-        &data,
-        "--native",
-        "127.0.0.1:0",
-        "--policy",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
+    let (list, lines) = refused_with_list(
+        "trapbad",
         "--greytrap-recipients",
-        &traps,
-    ]);
-    assert!(!status.success());
-    let last = err.lines().last().unwrap_or_default();
-    assert!(last.contains(&format!("{traps}:3")), "{err}");
+        "ok@example.net\n\nbad entry\n",
+    );
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("greyhound: {list}:3: ")),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -2215,31 +2221,17 @@ fn domain_policy_own_delay_off_and_sighup_reload() {
 
 #[test]
 fn bad_domain_policy_stops_the_start_naming_file_and_line() {
-    let dir = TempDir::new("domainsbad");
-    let list = dir.file("domains");
-    std::fs::write(&list, "a.example off\n\nb.example retry-window=3d\n").unwrap();
-    let data = dir.file("data");
-    let (status, _, err) = run_bin(&[
-        "serve",
-        "--data-dir",
-        &data,
-        "--native",
-        "127.0.0.1:0",
-        "--policy",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
+    let (list, lines) = refused_with_list(
+        "domainsbad",
         "--domain-policy",
-        &list,
-    ]);
-    assert!(!status.success(), "started with a bad --domain-policy");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{err}");
+        "a.example off\n\nb.example retry-window=3d\n",
+    );
+    assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(
         lines[0].starts_with(&format!(
             "greyhound: {list}:3: retry-window=3d is longer than the global retry-window (2d): \
              records live by the global settings"
         )),
-        "{err}"
+        "{lines:?}"
     );
 }
