@@ -22,7 +22,7 @@ use common::redis::{
     applied_from, connected_of, describe, peer_of, status, try_converged, wait_connected,
     wait_converged, wait_status, Cluster, Redis, Relay, Resp, RespConn, CONVERGE_TIMEOUT,
 };
-use common::{poll, run_bin, sleep_past, Conn, Server, IO_TIMEOUT};
+use common::{poll, sleep_past, Conn, Server, IO_TIMEOUT};
 
 /// The greylisting delay of the load tests: short, so that the load's own retries pass and
 /// the tables hold whitelisted records too, not only greylisted ones.
@@ -716,9 +716,7 @@ fn a_duplicate_node_id_is_refused_but_a_restart_after_a_crash_is_not() {
 
     // Another machine (its own data dir, the same key) configured with a's node id.
     let other = Cluster::dir_with_key(&cluster.key);
-    let args = cluster.serve_args(&other.file("data"), "a", &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, err) = run_bin(&args);
+    let (code, _, err) = cluster.run_refused(&other.file("data"), "a");
     assert_refused(code, &err, &["node id \"a\"", "already in use"]);
 
     // The first one goes on serving and replicating.
@@ -736,7 +734,7 @@ fn a_duplicate_node_id_is_refused_but_a_restart_after_a_crash_is_not() {
     wait_converged(&[("a", &a), ("b", &b)]);
 
     // The restarted node holds the id again: a second one is still refused.
-    let (code, _, err) = run_bin(&args);
+    let (code, _, err) = cluster.run_refused(&other.file("data"), "a");
     assert_refused(code, &err, &["node id \"a\"", "already in use"]);
     assert!(connected_of(&status(&a)));
 }
@@ -750,9 +748,7 @@ fn a_node_with_another_hash_key_is_refused() {
     let other_key = common::redis::random_key();
     assert_ne!(other_key, cluster.key);
     let dir = Cluster::dir_with_key(&other_key);
-    let args = cluster.serve_args(&dir.file("data"), "b", &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, err) = run_bin(&args);
+    let (code, _, err) = cluster.run_refused(&dir.file("data"), "b");
     assert_refused(code, &err, &["hash key", "differs"]);
     // a is untouched; a node with the right key still joins.
     let b = cluster.node("b", &[]);

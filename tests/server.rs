@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
     assert_closed_without_reply, connect, policy_block, poll, rcpt_attrs, request, run_bin,
-    sleep_past, udp_ask, udp_request, udp_request_within, with, Conn, PolicyAddr, PolicyConn,
-    Server, TempDir, XorShift, IO_TIMEOUT,
+    run_serve, sleep_past, udp_ask, udp_request, udp_request_within, with, Conn, PolicyAddr,
+    PolicyConn, Server, TempDir, XorShift, IO_TIMEOUT,
 };
 
 const DEFER_M: &str = r#"greyhound_decisions_total{answer="defer",reason=""}"#;
@@ -346,19 +346,7 @@ fn policy_defer_action_numeric_and_refused() {
 
     let dir = TempDir::new("deferaction");
     let data = dir.file("data");
-    let (status, _, err) = run_bin(&[
-        "serve",
-        "--data-dir",
-        &data,
-        "--native",
-        "127.0.0.1:0",
-        "--policy",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--defer-action",
-        "REJECT",
-    ]);
+    let (status, _, err) = run_serve(&data, &["--defer-action", "REJECT"]);
     assert!(!status.success(), "started with a bad --defer-action");
     assert_eq!(
         err.trim(),
@@ -774,19 +762,7 @@ fn refused_with_list(tag: &str, flag: &str, contents: &str) -> (String, Vec<Stri
     let list = dir.file("list");
     std::fs::write(&list, contents).unwrap();
     let data = dir.file("data");
-    let (status, _, err) = run_bin(&[
-        "serve",
-        "--data-dir",
-        &data,
-        "--native",
-        "127.0.0.1:0",
-        "--policy",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        flag,
-        &list,
-    ]);
+    let (status, _, err) = run_serve(&data, &[flag, &list]);
     assert!(!status.success(), "started with a bad {flag}");
     let lines = err
         .lines()
@@ -1021,17 +997,7 @@ fn startup_bind_error_states_the_os_error_once() {
     let busy_addr = busy.local_addr().unwrap().to_string();
     let dir = TempDir::new("bind");
     let data = dir.file("data");
-    let (status, _, err) = run_bin(&[
-        "serve",
-        "--data-dir",
-        &data,
-        "--native",
-        &busy_addr,
-        "--policy",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let (status, _, err) = run_serve(&data, &["--native", &busy_addr]);
     assert!(!status.success());
     let line = err.trim();
     assert!(line.contains(&busy_addr), "{line:?}");

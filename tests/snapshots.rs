@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{run_bin, sleep_past, Server, TempDir, XorShift, IO_TIMEOUT};
+use common::{run_bin, run_serve, sleep_past, Server, TempDir, XorShift, IO_TIMEOUT};
 
 const WHITELISTED_M: &str = r#"greyhound_triplets{state="whitelisted"}"#;
 const LOADED_M: &str = "greyhound_snapshot_loaded_triplets";
@@ -395,19 +395,7 @@ fn snapshot_made_with_other_prefixes_is_refused_at_start() {
     assert!(server.wait_exit(IO_TIMEOUT).expect("exit").success());
     let dir = server.into_dir();
     let data = dir.file("data");
-    let (status, _, err) = run_bin(&[
-        "serve",
-        "--data-dir",
-        &data,
-        "--native",
-        "127.0.0.1:0",
-        "--policy",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--ipv4-prefix",
-        "28",
-    ]);
+    let (status, _, err) = run_serve(&data, &["--ipv4-prefix", "28"]);
     assert_eq!(status.code(), Some(1), "{err}");
     let last = err.lines().last().unwrap_or("");
     assert!(

@@ -407,59 +407,49 @@ impl Collector for Metrics {
             None,
             rescanned.metric_type(),
         )?)?;
-        type Field = fn(&PeerStatus) -> f64;
-        let per_peer: [(&str, &str, bool, Field); 4] = [
+        type Counter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
+        let counters: [Counter; 3] = [
             (
                 "cluster_applied_records",
                 "Records merged from a peer's stream.",
-                true,
-                |p| p.applied_records as f64,
-            ),
-            (
-                "cluster_lag_seconds",
-                "Age of the last batch applied from a peer when it was applied (0 when caught up).",
-                false,
-                |p| p.lag_seconds,
+                |p| p.applied_records,
             ),
             (
                 "cluster_gaps",
                 "Times a peer's entries were trimmed before this node read them.",
-                true,
-                |p| p.gaps as f64,
+                |p| p.gaps,
             ),
             (
                 "cluster_refused_batches",
                 "A peer's batches refused (damaged, or made under another hash key).",
-                true,
-                |p| p.refused_batches as f64,
+                |p| p.refused_batches,
             ),
         ];
-        for (name, help, counter, field) in per_peer {
-            if counter {
-                let mut m = encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    ConstCounter::new(0u64).metric_type(),
-                )?;
-                for p in &s.peers {
-                    ConstCounter::new(field(p) as u64).encode(m.encode_family(&PeerLabels {
-                        peer: p.node.clone(),
-                    })?)?;
-                }
-            } else {
-                let mut m = encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    ConstGauge::new(0.0f64).metric_type(),
-                )?;
-                for p in &s.peers {
-                    ConstGauge::new(field(p)).encode(m.encode_family(&PeerLabels {
-                        peer: p.node.clone(),
-                    })?)?;
-                }
+        for (name, help, field) in counters {
+            let mut m = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for p in &s.peers {
+                let labels = PeerLabels {
+                    peer: p.node.clone(),
+                };
+                ConstCounter::new(field(p)).encode(m.encode_family(&labels)?)?;
             }
+        }
+        let mut m = encoder.encode_descriptor(
+            "cluster_lag_seconds",
+            "Age of the last batch applied from a peer when it was applied (0 when caught up).",
+            None,
+            ConstGauge::new(0.0f64).metric_type(),
+        )?;
+        for p in &s.peers {
+            let labels = PeerLabels {
+                peer: p.node.clone(),
+            };
+            ConstGauge::new(p.lag_seconds).encode(m.encode_family(&labels)?)?;
         }
         Ok(())
     }

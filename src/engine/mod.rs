@@ -1119,11 +1119,29 @@ fn load_into<R: Expiring>(
     p: &Policy,
 ) -> usize {
     let mut kept = 0;
+    let alive = records
+        .into_iter()
+        .filter(|r| !r.key().is_vacant() && r.alive_until_at(p) >= u64::from(now));
+    by_shard(shards, hints, bits, alive, |sh, r| {
+        sh.put(r, p);
+        kept += 1;
+    });
+    kept
+}
+
+/// Calls `f` with each record and its shard, holding a shard's lock for as long as
+/// consecutive records belong to it (records written shard by shard, as in a snapshot or a
+/// peer's coalesced batch, share one lock hold each). `hints`, if not empty, are refreshed as
+/// shards grow.
+fn by_shard<R: Record>(
+    shards: &[Mutex<Shard<R>>],
+    hints: &[SlotHint<R>],
+    bits: u32,
+    records: impl IntoIterator<Item = R>,
+    mut f: impl FnMut(&mut Shard<R>, R),
+) {
     let mut held: Option<(usize, MutexGuard<'_, Shard<R>>)> = None;
     for r in records {
-        if r.key().is_vacant() || r.alive_until_at(p) < u64::from(now) {
-            continue;
-        }
         let s = shard_of(r.key(), bits);
         let guard = match &mut held {
             Some((i, g)) if *i == s => g,
@@ -1132,13 +1150,11 @@ fn load_into<R: Expiring>(
                 &mut held.insert((s, lock(&shards[s]))).1
             }
         };
-        guard.put(r, p);
+        f(guard, r);
         if let Some(h) = hints.get(s) {
             h.refresh(&guard.table);
         }
-        kept += 1;
     }
-    kept
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use std::sync::Mutex;
 use super::clock::Secs;
 use super::key::Key;
 use super::policy::Policy;
-use super::table::{Slot, SlotHint};
+use super::table::{Record, Slot, SlotHint};
 use super::{
-    lock, shard_of, AwlRecord, Engine, Expiring, Shard, TripletRecord, CLIENT_SHARD_BITS,
+    by_shard, lock, AwlRecord, Engine, Expiring, Shard, TripletRecord, CLIENT_SHARD_BITS,
     TRIPLET_SHARD_BITS,
 };
 
@@ -228,21 +228,9 @@ fn merge_into<R: Merge>(
     p: &Policy,
 ) -> MergeStats {
     let mut stats = MergeStats::default();
-    let mut held: Option<(usize, std::sync::MutexGuard<'_, Shard<R>>)> = None;
-    for r in records {
-        let s = shard_of(r.key(), bits);
-        let guard = match &mut held {
-            Some((i, g)) if *i == s => g,
-            _ => {
-                held = None; // never two shard locks at once
-                &mut held.insert((s, lock(&shards[s]))).1
-            }
-        };
-        guard.merge_in(r, now, p, &mut stats);
-        if let Some(h) = hints.get(s) {
-            h.refresh(&guard.table);
-        }
-    }
+    by_shard(shards, hints, bits, records, |sh, r| {
+        sh.merge_in(r, now, p, &mut stats)
+    });
     stats
 }
 
@@ -271,21 +259,18 @@ impl Engine {
     /// `per_shard` keys (16 bytes each; 256 triplet and 64 client shards). Off by default:
     /// a single node records nothing.
     pub fn with_outbox(mut self, per_shard: usize) -> Self {
+        fn arm<R: Record>(shards: &mut [Mutex<Shard<R>>], cap: usize, now: Secs) {
+            for shard in shards {
+                let sh = shard
+                    .get_mut()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                sh.outbox.cap = cap;
+                sh.outbox.collected_at = now;
+            }
+        }
         let now = self.clock.now();
-        for shard in self.triplets.iter_mut() {
-            let sh = shard
-                .get_mut()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            sh.outbox.cap = per_shard;
-            sh.outbox.collected_at = now;
-        }
-        for shard in self.clients.iter_mut() {
-            let sh = shard
-                .get_mut()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            sh.outbox.cap = per_shard;
-            sh.outbox.collected_at = now;
-        }
+        arm(&mut self.triplets, per_shard, now);
+        arm(&mut self.clients, per_shard, now);
         self
     }
 

@@ -764,6 +764,24 @@ impl XorShift {
     }
 }
 
+/// Runs `greyhound serve` on `data_dir` with free loopback ports and `extra` flags (which may
+/// replace the ports) to completion, for a start that is expected to fail: (exit status,
+/// stdout, stderr).
+pub fn run_serve(data_dir: &str, extra: &[&str]) -> (ExitStatus, String, String) {
+    let mut args = vec!["serve", "--data-dir", data_dir];
+    for (flag, value) in [
+        ("--native", "127.0.0.1:0"),
+        ("--policy", "127.0.0.1:0"),
+        ("--metrics", "127.0.0.1:0"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    run_bin(&args)
+}
+
 /// Runs `greyhound ARGS` to completion (bounded): (exit status, stdout, stderr).
 pub fn run_bin(args: &[&str]) -> (ExitStatus, String, String) {
     let mut child = spawn(args, Stdio::piped(), &[]);

@@ -417,25 +417,16 @@ impl Cluster {
         Server::start_in_env(Self::dir_with_key(&self.key), &args, env)
     }
 
-    /// The full `serve` command line of node `id` on `data_dir`, with free ports, for a start
-    /// that is expected to fail (`run_bin`).
-    pub fn serve_args(&self, data_dir: &str, id: &str, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "serve",
-            "--data-dir",
-            data_dir,
-            "--native",
-            "127.0.0.1:0",
-            "--policy",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(self.args(id, extra));
-        args
+    /// Runs node `id` on `data_dir` to completion, for a start that is expected to fail
+    /// ([`super::run_serve`]).
+    pub fn run_refused(
+        &self,
+        data_dir: &str,
+        id: &str,
+    ) -> (std::process::ExitStatus, String, String) {
+        let args = self.args(id, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        super::run_serve(data_dir, &args)
     }
 
     /// The stream key of node `id`.
