@@ -124,6 +124,21 @@ pub fn push_body(buf: &mut Vec<u8>, digest: &str) {
     });
 }
 
+/// Writes to `buf` (cleared first) the message of the triplet in `message` (built by
+/// [`begin_triplet`]) with its client network replaced by a client identity: the identity's
+/// tag byte (never 4 or 6, a network's family byte, so no identity message equals a network
+/// one) and its length-prefixed name, then the same sender and recipient (or digest) fields.
+#[inline]
+pub fn rekey_identity(message: &[u8], tag: u8, name: &[u8], buf: &mut Vec<u8>) {
+    // The triplet tag, then the 17-byte encoded network.
+    const CLIENT_END: usize = 1 + 17;
+    buf.clear();
+    buf.push(message[0]);
+    buf.push(tag);
+    push_field(buf, |b| b.extend_from_slice(name));
+    buf.extend_from_slice(&message[CLIENT_END..]);
+}
+
 // Domain-separation tags: a client key and a triplet key can never be the same input, nor a
 // recipient triplet and a DATA-stage one.
 const TAG_TRIPLET: u8 = b'T';
@@ -160,6 +175,17 @@ impl KeyHasher {
     pub fn finish_triplet(&self, message: &[u8]) -> Key {
         let mut h = SipHasher13::new_with_key(&self.secret);
         h.write(message);
+        Key::from_u128(h.finish128().as_u128())
+    }
+
+    /// Key of a client identity (`tag` and name, see [`rekey_identity`]) for the
+    /// auto-whitelist table.
+    #[inline]
+    pub fn identity_client(&self, tag: u8, name: &[u8]) -> Key {
+        let mut h = SipHasher13::new_with_key(&self.secret);
+        h.write(&[TAG_CLIENT, tag]);
+        h.write(&(name.len() as u32).to_le_bytes());
+        h.write(name);
         Key::from_u128(h.finish128().as_u128())
     }
 

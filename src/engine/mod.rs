@@ -15,6 +15,7 @@
 pub mod clock;
 pub mod domains;
 pub mod exempt;
+pub mod identity;
 pub mod key;
 pub mod normalize;
 pub mod policy;
@@ -33,6 +34,7 @@ use arc_swap::ArcSwap;
 
 pub use clock::{Clock, ManualClock, Secs, SystemClock};
 pub use exempt::{ExemptList, Exemptions};
+pub use identity::{Identities, IdentityKind};
 pub use key::{HashSecret, Key, KeyHasher};
 pub use normalize::{ClientNet, Normalizer};
 pub use policy::Policy;
@@ -72,6 +74,9 @@ pub struct Query<'a> {
     /// present it replaces the recipient in the key, so one message to many recipients is one
     /// record; the recipient is then only what the exemption lists look at.
     pub body: Option<&'a str>,
+    /// The domain the client's address passed SPF for (the sender's domain, or the HELO name
+    /// for the null sender), as the server resolved it; the `spf` identity when in force.
+    pub spf: Option<&'a str>,
 }
 
 impl<'a> Query<'a> {
@@ -85,6 +90,7 @@ impl<'a> Query<'a> {
             auth: None,
             cert: ClientCert::default(),
             body: None,
+            spf: None,
         }
     }
 }
@@ -170,17 +176,35 @@ pub struct Keyed {
     /// The recipient domain's `domain-policy` rule (never an `off` one, answered while
     /// preparing); `None` when no entry applies.
     pub domain: Option<domains::DomainRule>,
+    /// The triplet's keys under the client's other identities (`client-identity`), in order
+    /// after `key` (the first identity, where a new record is written); a record found under
+    /// any of them counts. `alts` of them are used.
+    pub alt: [Key; 2],
+    /// How many of `alt` are used.
+    pub alts: u8,
+    /// The auto-whitelist key of an `spf` identity, when the client has one; otherwise the
+    /// auto-whitelist is keyed by the client's network (never by a `name` identity).
+    pub awl: Option<Key>,
 }
 
 impl Keyed {
-    /// A keyed query for `key` from `client`, to no greytrap.
+    /// A keyed query for `key` from `client`, to no greytrap, under no other identity.
     pub fn new(key: Key, client: ClientNet) -> Self {
         Self {
             key,
             client,
             greytrap: false,
             domain: None,
+            alt: [Key::VACANT; 2],
+            alts: 0,
+            awl: None,
         }
+    }
+
+    /// The keys under the client's other identities.
+    #[inline]
+    pub fn alternates(&self) -> &[Key] {
+        &self.alt[..usize::from(self.alts)]
     }
 }
 
@@ -364,6 +388,9 @@ struct Scratch {
     message: Vec<u8>,
     /// The normalised recipient of a DATA-stage query, which is not part of `message`.
     rcpt: Vec<u8>,
+    /// A message keyed under a client identity, and the lower-cased names it is made of.
+    ident_message: Vec<u8>,
+    ident_name: Vec<u8>,
 }
 
 thread_local! {
@@ -392,6 +419,8 @@ pub struct Engine {
     clients: Box<[Mutex<Shard<AwlRecord>>]>,
     /// Greytraps: trapped client networks (by client key) and the second their trap ends.
     traps: Greytraps,
+    /// The client identities in force, in order.
+    identities: Identities,
 }
 
 /// Clients trapped by writing to a greytrap address: few, short-lived, so a plain map per
@@ -574,8 +603,20 @@ impl Engine {
                 .map(|_| Mutex::new(Shard::new(now)))
                 .collect(),
             traps: Greytraps::default(),
+            identities: Identities::default(),
             clock,
         }
+    }
+
+    /// Sets the client identities (`client-identity`; default `name,prefix`).
+    pub fn with_identities(mut self, identities: Identities) -> Self {
+        self.identities = identities;
+        self
+    }
+
+    /// The client identities in force.
+    pub fn identities(&self) -> Identities {
+        self.identities
     }
 
     /// Sets how long a client that wrote to a greytrap address stays trapped
@@ -686,10 +727,8 @@ impl Engine {
                     return Err(self.deferred(self.policy.delay));
                 }
                 return Ok(Keyed {
-                    key: self.hasher.finish_triplet(m),
-                    client,
                     greytrap: true,
-                    domain: None,
+                    ..Keyed::new(self.hasher.finish_triplet(m), client)
                 });
             }
             if let Some(list) = exemptions.check(q.client, name_lc, sender_lc, rcpt_lc) {
@@ -709,10 +748,74 @@ impl Engine {
         } else {
             None
         };
+        let prefix_key = self.hasher.finish_triplet(m);
+        if self.identities.prefix_only() {
+            return Ok(Keyed {
+                domain,
+                ..Keyed::new(prefix_key, client)
+            });
+        }
         Ok(Keyed {
             domain,
-            ..Keyed::new(self.hasher.finish_triplet(m), client)
+            ..self.key_identities(q, client, prefix_key, s)
         })
+    }
+
+    /// The keys of a prepared triplet (its message in `s.message`, keyed under the client's
+    /// network as `prefix_key`) under every identity in force that applies to `q`, in order.
+    fn key_identities(
+        &self,
+        q: &Query<'_>,
+        client: ClientNet,
+        prefix_key: Key,
+        s: &mut Scratch,
+    ) -> Keyed {
+        let mut keys = [Key::VACANT; 3];
+        let mut n = 0;
+        let mut awl = None;
+        for &kind in self.identities.kinds() {
+            let key = match kind {
+                IdentityKind::Prefix => prefix_key,
+                IdentityKind::Spf => {
+                    let Some(domain) = q.spf.filter(|d| !d.is_empty()) else {
+                        continue;
+                    };
+                    let domain = lower_into(domain.trim_end_matches('.'), &mut s.ident_name);
+                    awl = Some(self.hasher.identity_client(kind.tag(), domain.as_bytes()));
+                    self.identity_key(kind, domain.as_bytes(), &s.message, &mut s.ident_message)
+                }
+                IdentityKind::Name => {
+                    let Some(name) = q.client_name else {
+                        continue;
+                    };
+                    let name = lower_into(name, &mut s.ident_name);
+                    let Some(domain) = identity::name_identity(name, q.client) else {
+                        continue;
+                    };
+                    self.identity_key(kind, domain.as_bytes(), &s.message, &mut s.ident_message)
+                }
+            };
+            keys[n] = key;
+            n += 1;
+        }
+        let mut k = Keyed::new(keys[0], client);
+        k.alts = (n - 1) as u8;
+        k.alt.copy_from_slice(&keys[1..]);
+        k.awl = awl;
+        k
+    }
+
+    /// The key of the triplet in `message` (built by [`key::begin_triplet`] for the client's
+    /// network) with the client part replaced by the identity `kind:domain`.
+    fn identity_key(
+        &self,
+        kind: IdentityKind,
+        domain: &[u8],
+        message: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Key {
+        key::rekey_identity(message, kind.tag(), domain, buf);
+        self.hasher.finish_triplet(buf)
     }
 
     /// The normalised recipient of a DATA-stage query, for the exemption lists only.
@@ -774,35 +877,65 @@ impl Engine {
         let s = shard_of(k.key, TRIPLET_SHARD_BITS);
         let shard = &self.triplets[s];
         // Fast path: a known triplet costs one lookup and never touches the AWL table.
-        {
+        let primary_live = {
             let mut sh = lock(shard);
-            if let Some(r) = sh.table.get_mut(k.key) {
-                if TripletRecord::judge(Some(r), now, p) == Judgement::Known {
-                    if mode == Mode::Record {
-                        let before = r.last_seen();
-                        r.touch(now);
-                        if replica::refresh_due(before, now) {
-                            sh.outbox.push(k.key);
+            match sh.table.get_mut(k.key) {
+                Some(r) => match TripletRecord::judge(Some(r), now, p) {
+                    Judgement::Known => {
+                        if mode == Mode::Record {
+                            let before = r.last_seen();
+                            r.touch(now);
+                            if replica::refresh_due(before, now) {
+                                sh.outbox.push(k.key);
+                            }
                         }
+                        return Decision::Pass(Pass::Known);
                     }
-                    return Decision::Pass(Pass::Known);
+                    Judgement::New => false,
+                    Judgement::Early(_) | Judgement::Retried(_) => true,
+                },
+                None => false,
+            }
+        };
+        // The client's other identities: a record under any of them counts (one more lookup
+        // each for a triplet not known under the first).
+        let mut live_alt = None;
+        for &alt in k.alternates() {
+            match self.lookup_alternate(alt, now, p, mode) {
+                Some(Judgement::Known) => return Decision::Pass(Pass::Known),
+                Some(Judgement::Early(_) | Judgement::Retried(_)) if live_alt.is_none() => {
+                    live_alt = Some(alt)
                 }
+                _ => {}
             }
         }
-        let client_key = (p.awl_clients > 0).then(|| self.hasher.client(&k.client));
+        let client_key =
+            (p.awl_clients > 0).then(|| k.awl.unwrap_or_else(|| self.hasher.client(&k.client)));
         if let Some(ck) = client_key {
             if self.awl_hit(ck, now, mode) {
                 return Decision::Pass(Pass::Awl);
             }
+            // A client whitelisted by its network before its `spf` identity was turned on.
+            if k.awl.is_some() && self.awl_hit(self.hasher.client(&k.client), now, mode) {
+                return Decision::Pass(Pass::Awl);
+            }
         }
+        // The greylisting rules run on the record of the first identity, unless only another
+        // identity has a live one (made before the first was turned on, or by a peer that
+        // keys by address): then on that one, so its first attempt is not forgotten.
+        let target = match live_alt {
+            Some(alt) if !primary_live => alt,
+            _ => k.key,
+        };
+        let ts = shard_of(target, TRIPLET_SHARD_BITS);
         let judgement = {
-            let mut sh = lock(shard);
+            let mut sh = lock(&self.triplets[ts]);
             match mode {
-                Mode::Peek => TripletRecord::judge(sh.table.get(k.key), now, p),
+                Mode::Peek => TripletRecord::judge(sh.table.get(target), now, p),
                 Mode::Record => {
-                    let j = Self::apply(&mut sh, k.key, now, p, store);
+                    let j = Self::apply(&mut sh, target, now, p, store);
                     // The insert may have grown the table.
-                    self.triplet_hints[s].refresh(&sh.table);
+                    self.triplet_hints[ts].refresh(&sh.table);
                     j
                 }
             }
@@ -921,6 +1054,22 @@ impl Engine {
                 j
             }
         }
+    }
+
+    /// Looks `key` (a triplet under another identity) up and judges it; a known record is
+    /// touched as the fast path touches one. `None` when there is no record.
+    fn lookup_alternate(&self, key: Key, now: Secs, p: &Policy, mode: Mode) -> Option<Judgement> {
+        let mut sh = lock(&self.triplets[shard_of(key, TRIPLET_SHARD_BITS)]);
+        let r = sh.table.get_mut(key)?;
+        let j = TripletRecord::judge(Some(r), now, p);
+        if j == Judgement::Known && mode == Mode::Record {
+            let before = r.last_seen();
+            r.touch(now);
+            if replica::refresh_due(before, now) {
+                sh.outbox.push(key);
+            }
+        }
+        Some(j)
     }
 
     fn awl_hit(&self, ck: Key, now: Secs, mode: Mode) -> bool {

@@ -865,3 +865,229 @@ fn an_off_domain_passes_and_records_nothing() {
     assert_eq!(check(&e, C(), "a@x.org", "postmaster"), defer(300));
     assert_eq!(Pass::DomainOff.reason(), "domain-off");
 }
+
+// --- Client identities (`client-identity`, DESIGN §11) ---
+
+fn named<'a>(client: IpAddr, name: &'a str, from: &'a str, to: &'a str) -> Query<'a> {
+    Query {
+        client_name: Some(name),
+        ..Query::new(client, from, to)
+    }
+}
+
+fn spf<'a>(client: IpAddr, domain: &'a str, from: &'a str, to: &'a str) -> Query<'a> {
+    Query {
+        spf: Some(domain),
+        ..Query::new(client, from, to)
+    }
+}
+
+fn with_identities(list: &str) -> (Engine, Arc<ManualClock>) {
+    let (e, clock) = engine();
+    (e.with_identities(Identities::parse(list).unwrap()), clock)
+}
+
+#[test]
+fn a_pool_retry_from_another_network_passes_under_the_name_identity() {
+    let (e, clock) = with_identities("name,prefix");
+    let first = named(
+        ip(209, 85, 128, 54),
+        "mail-by1-f54.google.com",
+        "a@gmail.com",
+        "b@y.net",
+    );
+    let retry = named(
+        ip(74, 125, 3, 9),
+        "mail-ua1-f9.google.com",
+        "a@gmail.com",
+        "b@y.net",
+    );
+    assert_eq!(e.check(&first, Mode::Record), defer(300));
+    clock.advance(400);
+    assert_eq!(e.check(&retry, Mode::Record), retried(400));
+    assert_eq!(e.check(&first, Mode::Record), KNOWN);
+    // One record: the name identity's.
+    assert_eq!(e.stats().triplets, 1);
+
+    // The same pool without the identity: the retry is a new triplet.
+    let (e, clock) = with_identities("prefix");
+    assert_eq!(e.check(&first, Mode::Record), defer(300));
+    clock.advance(400);
+    assert_eq!(e.check(&retry, Mode::Record), defer(300));
+}
+
+#[test]
+fn generic_or_missing_names_fall_back_to_the_prefix() {
+    let (e, clock) = with_identities("name,prefix");
+    // Each line of an access pool spells its own address: no pool.
+    let a = named(
+        ip(203, 0, 113, 7),
+        "203-0-113-7.dyn.example.net",
+        "a@x.org",
+        "b@y.net",
+    );
+    let b = named(
+        ip(198, 51, 100, 8),
+        "198-51-100-8.dyn.example.net",
+        "a@x.org",
+        "b@y.net",
+    );
+    assert_eq!(e.check(&a, Mode::Record), defer(300));
+    clock.advance(400);
+    assert_eq!(e.check(&b, Mode::Record), defer(300));
+    // But the same line retrying passes, keyed by its prefix.
+    assert_eq!(e.check(&a, Mode::Record), retried(400));
+    // A client without a verified name is keyed by its prefix too.
+    let c = Query::new(ip(203, 0, 113, 99), "a@x.org", "b@y.net");
+    assert_eq!(e.check(&c, Mode::Record), KNOWN);
+}
+
+#[test]
+fn records_made_before_an_identity_was_turned_on_still_count() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let cfg = || EngineConfig {
+        policy: Policy::default(),
+        normalizer: Normalizer::default(),
+        secret: HashSecret(*b"test-secret-0001"),
+    };
+    let q = named(
+        ip(209, 85, 128, 54),
+        "mail-by1-f54.google.com",
+        "a@gmail.com",
+        "b@y.net",
+    );
+    // Greylisted and then whitelisted under the prefix only.
+    let before = Engine::new(cfg(), clock.clone()).with_identities(Identities::PREFIX_ONLY);
+    assert_eq!(before.check(&q, Mode::Record), defer(300));
+    let all: Vec<TripletRecord> = (0..before.shard_counts().0)
+        .flat_map(|s| {
+            let mut v = Vec::new();
+            before.copy_triplets(s, T0, &mut v);
+            v
+        })
+        .collect();
+    assert_eq!(all.len(), 1);
+
+    // The same records under `name,prefix`: the first attempt is found under the prefix, so
+    // the retry passes instead of starting over under the name.
+    let after = Engine::new(cfg(), clock.clone());
+    after.load_triplets(all.clone(), T0);
+    clock.advance(400);
+    assert_eq!(after.check(&q, Mode::Peek), retried(400));
+    assert_eq!(after.check(&q, Mode::Record), retried(400));
+    assert_eq!(after.check(&q, Mode::Record), KNOWN);
+    assert_eq!(after.stats().triplets, 1, "no second record under the name");
+
+    // A whitelisted prefix record counts for a request that now has a name identity.
+    let again = Engine::new(cfg(), clock.clone());
+    again.load_triplets(all, T0);
+    clock.advance(1);
+    assert_eq!(again.check(&q, Mode::Record), retried(401));
+    let other = named(
+        ip(209, 85, 128, 54),
+        "mail-by1-f54.google.com",
+        "a@gmail.com",
+        "b@y.net",
+    );
+    assert_eq!(again.check(&other, Mode::Record), KNOWN);
+}
+
+#[test]
+fn the_awl_is_never_keyed_by_a_name_identity() {
+    let policy = Policy {
+        awl_clients: 2,
+        ..Policy::default()
+    };
+    let (e, clock) = engine_with(policy);
+    let e = e.with_identities(Identities::parse("name,prefix").unwrap());
+    // Two customers of one hosting provider, each with its own verified name.
+    for i in 0..3 {
+        let rcpt = format!("r{i}@y.net");
+        let q = named(ip(192, 0, 2, 10), "web1.hoster.example", "a@x.org", &rcpt);
+        e.check(&q, Mode::Record);
+        clock.advance(400);
+        e.check(&q, Mode::Record);
+        clock.advance(3_700);
+    }
+    // The first customer's network is auto-whitelisted by now...
+    let same_net = named(
+        ip(192, 0, 2, 11),
+        "web1.hoster.example",
+        "new@x.org",
+        "new@y.net",
+    );
+    assert_eq!(e.check(&same_net, Mode::Peek), Decision::Pass(Pass::Awl));
+    // ...but not the other customer under the same registrable domain.
+    let other = named(
+        ip(198, 51, 100, 20),
+        "web2.hoster.example",
+        "new@x.org",
+        "new@y.net",
+    );
+    assert_eq!(e.check(&other, Mode::Record), defer(300));
+}
+
+#[test]
+fn the_spf_identity_pools_and_keys_the_awl() {
+    let policy = Policy {
+        awl_clients: 2,
+        ..Policy::default()
+    };
+    let (e, clock) = engine_with(policy);
+    let e = e.with_identities(Identities::parse("spf,name,prefix").unwrap());
+    let first = spf(
+        ip(40, 107, 22, 101),
+        "Example.COM",
+        "a@example.com",
+        "b@y.net",
+    );
+    let retry = spf(ip(52, 100, 3, 4), "example.com", "a@example.com", "b@y.net");
+    assert_eq!(e.check(&first, Mode::Record), defer(300));
+    clock.advance(400);
+    assert_eq!(e.check(&retry, Mode::Record), retried(400));
+    // A second pass of the pool (another recipient), an hour later: the AWL counts by the
+    // spf identity, so a third network of the pool is auto-whitelisted.
+    clock.advance(3_700);
+    let r2 = spf(
+        ip(40, 107, 22, 101),
+        "example.com",
+        "a@example.com",
+        "c@y.net",
+    );
+    assert_eq!(e.check(&r2, Mode::Record), defer(300));
+    clock.advance(400);
+    assert_eq!(e.check(&r2, Mode::Record), retried(400));
+    let third = spf(
+        ip(104, 47, 1, 1),
+        "example.com",
+        "z@example.com",
+        "new@y.net",
+    );
+    assert_eq!(e.check(&third, Mode::Record), Decision::Pass(Pass::Awl));
+    // Without an SPF pass the same address is its own network.
+    let bare = Query::new(ip(104, 47, 1, 1), "z@example.com", "new2@y.net");
+    assert_eq!(e.check(&bare, Mode::Record), defer(300));
+    // The spf identity is ignored when not in force.
+    let (p, clock) = with_identities("name,prefix");
+    assert_eq!(p.check(&first, Mode::Record), defer(300));
+    clock.advance(400);
+    assert_eq!(p.check(&retry, Mode::Record), defer(300));
+}
+
+#[test]
+fn identities_key_the_data_stage_too() {
+    let (e, clock) = with_identities("name,prefix");
+    let q = |c, n| Query {
+        body: Some("abc123"),
+        ..named(c, n, "a@x.org", "b@y.net")
+    };
+    assert_eq!(
+        e.check(&q(ip(209, 85, 128, 54), "a1.mailer.example"), Mode::Record),
+        defer(300)
+    );
+    clock.advance(400);
+    assert_eq!(
+        e.check(&q(ip(74, 125, 3, 9), "b2.mailer.example"), Mode::Record),
+        retried(400)
+    );
+}

@@ -23,6 +23,7 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
             subject: t.cert_subject.unwrap_or(""),
         },
         body: t.body,
+        spf: None,
     }
 }
 

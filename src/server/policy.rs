@@ -109,6 +109,7 @@ fn answer(
             subject: req.ccert_subject,
         },
         body: None,
+        spf: None,
     };
     let d = shared.engine.check(&q, Mode::Record);
     tally.answer(Answer::Decided(d));

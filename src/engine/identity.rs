@@ -1,0 +1,452 @@
+//! Client identities (`client-identity`, DESIGN §11): what the first part of a triplet is.
+//!
+//! A large sender retries from another address of a pool that spans many networks; keyed by
+//! its address prefix, each retry is a new triplet and the mail waits for hours. An identity
+//! names the pool instead:
+//!
+//! - `spf:<domain>` — the client address passes SPF for the sender's domain (the HELO name for
+//!   the null sender). The server resolves it (`crate::spf`) and hands the engine only the
+//!   domain that passed ([`super::Query::spf`]).
+//! - `name:<domain>` — the registrable domain (public suffix list, compiled in by the `psl`
+//!   crate) of the client's *verified* host name, unless the name looks generic
+//!   ([`looks_generic`]): a name that encodes the address or says "dynamic pool" names one
+//!   customer line of an access provider, and pooling it would let every line of that
+//!   provider retry for each other.
+//! - `prefix` — the address masked to `ipv4-prefix` / `ipv6-prefix`; always applies, always last.
+//!
+//! A request is looked up under every identity that applies, and written under the first.
+
+use std::net::IpAddr;
+
+/// One kind of client identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// The sender's domain, when the client passes SPF for it.
+    Spf,
+    /// The registrable domain of the verified, non-generic host name.
+    Name,
+    /// The masked address.
+    Prefix,
+}
+
+impl IdentityKind {
+    /// The name used in settings and in `admin lookup`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::Spf => "spf",
+            IdentityKind::Name => "name",
+            IdentityKind::Prefix => "prefix",
+        }
+    }
+
+    /// The byte that starts the identity in a hashed message, in the place of a client
+    /// network's family byte (4 or 6), so no identity key can equal a prefix key.
+    pub(super) fn tag(self) -> u8 {
+        match self {
+            IdentityKind::Spf => b'S',
+            IdentityKind::Name => b'N',
+            IdentityKind::Prefix => 0,
+        }
+    }
+}
+
+/// The ordered identities in force (`client-identity`); `prefix` is always the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identities {
+    order: [IdentityKind; 3],
+    len: u8,
+}
+
+impl Default for Identities {
+    /// `name,prefix`, DESIGN §11's default.
+    fn default() -> Self {
+        Self {
+            order: [
+                IdentityKind::Name,
+                IdentityKind::Prefix,
+                IdentityKind::Prefix,
+            ],
+            len: 2,
+        }
+    }
+}
+
+/// Why a `client-identity` list was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentitiesError {
+    /// A name that is not `spf`, `name` or `prefix`.
+    #[error("unknown identity {0:?} (expected spf, name or prefix)")]
+    Unknown(String),
+    /// The same identity twice.
+    #[error("identity {0} is listed twice")]
+    Duplicate(&'static str),
+    /// `prefix` before another identity: it always applies, so nothing after it ever would.
+    #[error("prefix must be the last identity (it always applies)")]
+    PrefixNotLast,
+}
+
+impl Identities {
+    /// Only the masked address (the behaviour before identities existed).
+    pub const PREFIX_ONLY: Identities = Identities {
+        order: [IdentityKind::Prefix; 3],
+        len: 1,
+    };
+
+    /// Parses a comma-separated list such as `spf,name,prefix`. `prefix` is appended when
+    /// missing (every request has an address).
+    pub fn parse(s: &str) -> Result<Self, IdentitiesError> {
+        let mut order = [IdentityKind::Prefix; 3];
+        let mut len = 0usize;
+        for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            let kind = match word.to_ascii_lowercase().as_str() {
+                "spf" => IdentityKind::Spf,
+                "name" => IdentityKind::Name,
+                "prefix" => IdentityKind::Prefix,
+                _ => return Err(IdentitiesError::Unknown(word.to_string())),
+            };
+            if order[..len].contains(&kind) {
+                return Err(IdentitiesError::Duplicate(kind.as_str()));
+            }
+            if order[..len].contains(&IdentityKind::Prefix) {
+                return Err(IdentitiesError::PrefixNotLast);
+            }
+            order[len] = kind;
+            len += 1;
+        }
+        if !order[..len].contains(&IdentityKind::Prefix) {
+            order[len] = IdentityKind::Prefix;
+            len += 1;
+        }
+        Ok(Self {
+            order,
+            len: len as u8,
+        })
+    }
+
+    /// The identities, in order.
+    pub fn kinds(&self) -> &[IdentityKind] {
+        &self.order[..usize::from(self.len)]
+    }
+
+    /// Whether only `prefix` is in force (one key per request, as before identities).
+    #[inline]
+    pub fn prefix_only(&self) -> bool {
+        self.len == 1
+    }
+
+    /// Whether `kind` is in force.
+    pub fn uses(&self, kind: IdentityKind) -> bool {
+        self.kinds().contains(&kind)
+    }
+}
+
+impl std::fmt::Display for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, k) in self.kinds().iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(k.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+/// Words that mark a host name as one line of an access provider's dynamic pool, as a whole
+/// label or a label's prefix (DESIGN §11).
+const POOL_WORDS: [&str; 16] = [
+    "dyn",
+    "dynamic",
+    "dhcp",
+    "dsl",
+    "adsl",
+    "pool",
+    "ppp",
+    "cable",
+    "broadband",
+    "client",
+    "customer",
+    "static",
+    "host",
+    "ip",
+    "user",
+    "res",
+];
+
+/// The longest host name considered (RFC 1035's limit on a name's text form).
+const MAX_NAME: usize = 253;
+
+/// The `name` identity of a verified host name `name` (already ASCII lower-case, as given by
+/// the MTA, an optional trailing dot allowed) for a client at `addr`: the registrable domain,
+/// or `None` when the name is not a usable DNS name, has no registrable domain (a public
+/// suffix itself, a single label) or looks generic ([`looks_generic`]).
+pub fn name_identity(name: &str, addr: IpAddr) -> Option<&str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_')
+        || name.split('.').any(str::is_empty)
+        // An address written as a name (`192.0.2.1`): no top-level domain is numeric.
+        || name.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    let domain = psl::domain_str(name)?;
+    if looks_generic(name, addr) {
+        return None;
+    }
+    Some(domain)
+}
+
+/// Whether a (lower-case) host name looks like one given to every line of an access pool:
+/// it contains the client's four IPv4 octets, in either order, with any separators or none
+/// (`203-0-113-7.dyn.example.net`, `c-7-113-0-203.example.com`, `cpe203000113007.example`),
+/// or one of the pool words as a label or as a label's prefix followed by a non-letter
+/// (`pool`, `host7`, `dsl-12`, `ip-203`). A word followed by a letter does not count:
+/// `hosting`, `clients`, `resolver` and `ipsum` are ordinary words.
+pub fn looks_generic(name: &str, addr: IpAddr) -> bool {
+    let has_pool_word = name.split('.').any(|label| {
+        POOL_WORDS.iter().any(|w| {
+            label
+                .strip_prefix(w)
+                .is_some_and(|rest| rest.bytes().next().is_none_or(|b| !b.is_ascii_alphabetic()))
+        })
+    });
+    if has_pool_word {
+        return true;
+    }
+    match addr {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            let rev = [o[3], o[2], o[1], o[0]];
+            contains_octets(name.as_bytes(), &o) || contains_octets(name.as_bytes(), &rev)
+        }
+        // An IPv6 address is rarely spelt out in a name; the pool words still apply.
+        IpAddr::V6(_) => false,
+    }
+}
+
+/// Separators allowed between two octets: up to this many non-digits (`-`, `.`, `x`, `-ip-`
+/// would be too many).
+const MAX_SEPARATOR: usize = 3;
+
+/// Whether `s` holds the four numbers of `octets` in that order, each written in decimal with
+/// or without leading zeros (up to three digits), separated by at most [`MAX_SEPARATOR`]
+/// non-digits (or nothing), and not part of a longer digit run at either end.
+fn contains_octets(s: &[u8], octets: &[u8; 4]) -> bool {
+    (0..s.len()).any(|start| {
+        s[start].is_ascii_digit()
+            && (start == 0 || !s[start - 1].is_ascii_digit())
+            && match_from(s, start, octets)
+    })
+}
+
+/// Matches `octets` at `s[at..]` (see [`contains_octets`]); a small backtracking search over
+/// the zero-padding of each octet and the separator after it.
+fn match_from(s: &[u8], at: usize, octets: &[u8]) -> bool {
+    let Some((&first, rest)) = octets.split_first() else {
+        // All four matched: the last must not run on into more digits.
+        return s.get(at).is_none_or(|b| !b.is_ascii_digit());
+    };
+    let text = first.to_string();
+    for width in text.len()..=3 {
+        let Some(digits) = s.get(at..at + width) else {
+            break;
+        };
+        let pad = width - text.len();
+        if !digits[..pad].iter().all(|&b| b == b'0') || &digits[pad..] != text.as_bytes() {
+            continue;
+        }
+        let after = at + width;
+        if rest.is_empty() {
+            if match_from(s, after, rest) {
+                return true;
+            }
+            continue;
+        }
+        // Then a separator of 0..=MAX_SEPARATOR non-digits.
+        for sep in 0..=MAX_SEPARATOR {
+            match s.get(after..after + sep) {
+                Some(gap) if gap.iter().all(|b| !b.is_ascii_digit()) => {
+                    if match_from(s, after + sep, rest) {
+                        return true;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_lists_and_appends_prefix() {
+        assert_eq!(
+            Identities::parse("name,prefix").unwrap(),
+            Identities::default()
+        );
+        assert_eq!(
+            Identities::parse("name").unwrap().to_string(),
+            "name,prefix"
+        );
+        assert_eq!(
+            Identities::parse(" SPF , name ,prefix")
+                .unwrap()
+                .to_string(),
+            "spf,name,prefix"
+        );
+        assert_eq!(
+            Identities::parse("prefix").unwrap(),
+            Identities::PREFIX_ONLY
+        );
+        assert_eq!(Identities::parse("").unwrap(), Identities::PREFIX_ONLY);
+        assert_eq!(
+            Identities::parse("name,spf").unwrap().kinds(),
+            &[IdentityKind::Name, IdentityKind::Spf, IdentityKind::Prefix]
+        );
+    }
+
+    #[test]
+    fn refuses_bad_lists() {
+        assert_eq!(
+            Identities::parse("name,dns"),
+            Err(IdentitiesError::Unknown("dns".into()))
+        );
+        assert_eq!(
+            Identities::parse("name,name"),
+            Err(IdentitiesError::Duplicate("name"))
+        );
+        assert_eq!(
+            Identities::parse("prefix,name"),
+            Err(IdentitiesError::PrefixNotLast)
+        );
+    }
+
+    #[test]
+    fn provider_pool_names_pool_by_registrable_domain() {
+        let cases = [
+            ("mail-by1-f54.google.com", "209.85.128.54", "google.com"),
+            ("mail-yw1-f170.google.com", "209.85.128.170", "google.com"),
+            (
+                "mail-am6eur05on2101.outbound.protection.outlook.com",
+                "40.107.22.101",
+                "outlook.com",
+            ),
+            (
+                "a8-29.smtp-out.amazonses.com",
+                "54.240.8.29",
+                "amazonses.com",
+            ),
+            ("mx.example.co.uk", "192.0.2.1", "example.co.uk"),
+            ("smtp.mailgun.net.", "198.51.100.9", "mailgun.net"),
+            // Ordinary words that merely start like a pool word.
+            (
+                "relay.hosting-provider.example",
+                "192.0.2.9",
+                "hosting-provider.example",
+            ),
+            ("mx.clientsmail.example", "192.0.2.9", "clientsmail.example"),
+            ("resolver.example.org", "192.0.2.9", "example.org"),
+            // Two of the octets, or all four with a foreign one, are not the address.
+            ("mx203-0.example.net", "203.0.113.7", "example.net"),
+            ("n203-0-113-8.example.net", "203.0.113.7", "example.net"),
+            // IPv6 clients: the name counts unless a pool word says otherwise.
+            (
+                "mail-oi1-x22c.google.com",
+                "2607:f8b0:4864::22c",
+                "google.com",
+            ),
+        ];
+        for (name, addr, want) in cases {
+            assert_eq!(
+                name_identity(name, ip(addr)),
+                Some(want),
+                "{name} from {addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn address_in_the_name_is_generic() {
+        let cases = [
+            ("203-0-113-7.dyn.example.net", "203.0.113.7"),
+            ("c-203-0-113-7.hsd1.example.com", "203.0.113.7"),
+            ("7.113.0.203.static.example", "203.0.113.7"),
+            ("7-113-0-203.example.org", "203.0.113.7"),
+            ("cpe203000113007.example.org", "203.0.113.7"),
+            ("abc20301137.example.org", "203.0.113.7"),
+            ("x203x0x113x7.example.org", "203.0.113.7"),
+            ("mail.203_0_113_7.example.org", "203.0.113.7"),
+        ];
+        for (name, addr) in cases {
+            assert!(looks_generic(name, ip(addr)), "{name} from {addr}");
+            assert_eq!(name_identity(name, ip(addr)), None, "{name}");
+        }
+        // The same names from an address they do not spell are judged by their words alone.
+        assert!(!looks_generic(
+            "7-113-0-203.example.org",
+            ip("198.51.100.1")
+        ));
+        assert!(!looks_generic("n2030113.example.org", ip("203.0.113.7")));
+        // A longer digit run is not the octet.
+        assert!(!looks_generic(
+            "mx1203-0-113-77.example.org",
+            ip("203.0.113.7")
+        ));
+    }
+
+    #[test]
+    fn pool_words_are_generic() {
+        let cases = [
+            "host7.pool.isp.example",
+            "dynamic.example.net",
+            "a.dyn.example.net",
+            "dhcp-12.example.net",
+            "dsl-lns-1.example.net",
+            "adsl12.example.net",
+            "ppp0.example.net",
+            "cable-modem.example.net",
+            "broadband.example.net",
+            "client-9.example.net",
+            "customer.example.net",
+            "static-mail.example.net",
+            "ip-10-11.example.net",
+            "user1.example.net",
+            "res_9.example.net",
+            "pool.example.net",
+        ];
+        for name in cases {
+            assert!(looks_generic(name, ip("198.51.100.1")), "{name}");
+            assert_eq!(name_identity(name, ip("198.51.100.1")), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn unusable_names_have_no_identity() {
+        let a = ip("192.0.2.1");
+        for name in [
+            "",
+            "localhost",
+            "com",
+            "co.uk",
+            "[192.0.2.1]",
+            "mail..example.com",
+            "MAIL.EXAMPLE.COM", // the caller lower-cases
+            "mail example.com",
+            "198.51.100.1",
+            &"a.".repeat(130),
+        ] {
+            assert_eq!(name_identity(name, a), None, "{name:?}");
+        }
+    }
+}
