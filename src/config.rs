@@ -58,7 +58,7 @@ use serde::Deserialize;
 
 pub use crate::engine::policy::format_duration;
 use crate::engine::policy::{check_duration, InvalidPolicy};
-use crate::engine::{Normalizer, Policy};
+use crate::engine::{Identities, Normalizer, Policy};
 pub use crate::proto::policy::DeferAction;
 use crate::snapshot::valid_node_id;
 
@@ -222,6 +222,12 @@ pub struct Config {
     pub greytrap_ttl_secs: u32,
     /// Files of per-recipient-domain policy (`domain-policy`): `<domain> <setting>...` lines.
     pub domain_policy: Vec<PathBuf>,
+    /// The client identities, in order (`client-identity`; DESIGN §11).
+    pub client_identity: Identities,
+    /// The DNS server of SPF lookups (`dns-server`); `None`: the system's resolver.
+    pub dns_server: Option<SocketAddr>,
+    /// Milliseconds a request waits for an SPF result that is not cached (`spf-timeout`).
+    pub spf_timeout_ms: u32,
     /// One of [`LOG_LEVELS`] (`log-level`).
     pub log_level: String,
     /// Threads serving TCP and Unix connections (`workers`); 0: half the cores, at least one.
@@ -265,6 +271,9 @@ impl fmt::Debug for Config {
             greytrap_recipients,
             greytrap_ttl_secs,
             domain_policy,
+            client_identity,
+            dns_server,
+            spf_timeout_ms,
             log_level,
             workers,
             cluster_redis,
@@ -294,6 +303,9 @@ impl fmt::Debug for Config {
             .field("greytrap_recipients", greytrap_recipients)
             .field("greytrap_ttl_secs", greytrap_ttl_secs)
             .field("domain_policy", domain_policy)
+            .field("client_identity", &client_identity.to_string())
+            .field("dns_server", dns_server)
+            .field("spf_timeout_ms", spf_timeout_ms)
             .field("log_level", log_level)
             .field("workers", workers)
             .field("cluster_redis", &cluster_redis.as_deref().map(redact_url))
@@ -335,6 +347,9 @@ impl Default for Config {
             greytrap_recipients: Vec::new(),
             greytrap_ttl_secs: 86_400,
             domain_policy: Vec::new(),
+            client_identity: Identities::default(),
+            dns_server: None,
+            spf_timeout_ms: 500,
             log_level: "info".to_owned(),
             workers: 0,
             cluster_redis: None,
@@ -462,6 +477,44 @@ pub fn parse_duration(s: &str) -> Result<u32, String> {
         .checked_mul(scale)
         .and_then(|secs| u32::try_from(secs).ok())
         .ok_or_else(too_long)
+}
+
+/// Parses a duration given in milliseconds or seconds (`500ms`, `2s`) into milliseconds; a
+/// unit is required, since other durations read a bare number as seconds.
+pub fn parse_millis(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (digits, scale) = if let Some(d) = t.strip_suffix("ms") {
+        (d, 1u64)
+    } else if let Some(d) = t.strip_suffix('s') {
+        (d, 1000)
+    } else {
+        return Err(format!(
+            "{s:?} is not a duration in milliseconds or seconds (500ms, 2s)"
+        ));
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{s:?} is not a duration in milliseconds or seconds (500ms, 2s)"
+        ));
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .and_then(|ms| u32::try_from(ms).ok())
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Parses `--dns-server`: a literal address with an optional port (`192.0.2.53`,
+/// `192.0.2.53:5353`, `::1`, `[::1]:5353`); port 53 when none is given.
+pub fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    if let Ok(ip) = t.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    t.parse::<SocketAddr>().map_err(|_| {
+        format!("{s:?} is not an IP address with an optional port (192.0.2.53, [::1]:5353)")
+    })
 }
 
 /// Parses a literal `IP:port` (`127.0.0.1:10030`, `[::1]:10030`). Host names are refused rather
@@ -788,6 +841,19 @@ pub struct Overrides {
     #[arg(long, value_name = "FILE", help_heading = "Whitelists")]
     pub domain_policy: Option<Vec<PathBuf>>,
 
+    /// Client identities, in order, the first that applies keying the triplet: spf, name,
+    /// prefix (prefix is always last and added if missing) [default: name,prefix].
+    #[arg(long, value_name = "LIST", help_heading = "Client identity")]
+    pub client_identity: Option<String>,
+    /// DNS server of SPF lookups, ADDR[:PORT] (port 53 if omitted) [default: the system's
+    /// resolver].
+    #[arg(long, value_name = "ADDR", help_heading = "Client identity")]
+    pub dns_server: Option<String>,
+    /// Longest a request waits for an SPF result that is not cached, 10ms to 30s; then it falls
+    /// back to the next identity [default: 500ms].
+    #[arg(long, value_name = "DURATION", help_heading = "Client identity")]
+    pub spf_timeout: Option<DurationValue>,
+
     /// Least severe log messages shown [default: info].
     #[arg(long, value_name = "LEVEL", value_parser = PossibleValuesParser::new(LOG_LEVELS))]
     pub log_level: Option<String>,
@@ -956,6 +1022,9 @@ impl Overrides {
             greytrap_recipients,
             greytrap_ttl,
             domain_policy,
+            client_identity,
+            dns_server,
+            spf_timeout,
             log_level,
             workers,
             cluster_redis,
@@ -1044,6 +1113,23 @@ impl Overrides {
         )?;
         o.set("greytrap-ttl", &mut c.greytrap_ttl_secs, greytrap_ttl, dur)?;
         o.set("domain-policy", &mut c.domain_policy, domain_policy, Ok)?;
+        o.set(
+            "client-identity",
+            &mut c.client_identity,
+            client_identity,
+            |s| Identities::parse(&s).map_err(|e| e.to_string()),
+        )?;
+        o.set("dns-server", &mut c.dns_server, dns_server, |s| {
+            // Empty: the system's resolver (the example file's way of saying the default).
+            if s.trim().is_empty() {
+                Ok(None)
+            } else {
+                parse_dns_server(&s).map(Some)
+            }
+        })?;
+        o.set("spf-timeout", &mut c.spf_timeout_ms, spf_timeout, |d| {
+            parse_millis(&d.0)
+        })?;
         o.set("log-level", &mut c.log_level, log_level, Ok)?;
         o.set("workers", &mut c.workers, workers, Ok)?;
         o.set("cluster-redis", &mut c.cluster_redis, cluster_redis, |u| {
@@ -1171,6 +1257,11 @@ impl Config {
             greytrap_recipients,
             greytrap_ttl_secs,
             domain_policy,
+            // Parsed into valid values; a server given for a resolver that is never used is
+            // harmless.
+            client_identity: _,
+            dns_server: _,
+            spf_timeout_ms,
             log_level,
             workers,
             cluster_redis,
@@ -1273,6 +1364,12 @@ impl Config {
                     format_duration(*greytrap_ttl_secs),
                     format_duration(MAX_CLUSTER_RETENTION_SECS)
                 ),
+            );
+        }
+        if !(10..=30_000).contains(spf_timeout_ms) {
+            return invalid(
+                "spf-timeout",
+                format!("({spf_timeout_ms}ms) must be between 10ms and 30s"),
             );
         }
         let retention = MIN_CLUSTER_RETENTION_SECS..=MAX_CLUSTER_RETENTION_SECS;
@@ -1531,6 +1628,9 @@ trusted-certs = ["/etc/greyhound/trusted_certs"]
 greytrap-recipients = ["/etc/greyhound/traps"]
 greytrap-ttl = "2d"
 domain-policy = ["/etc/greyhound/domains"]
+client-identity = "spf,name"
+dns-server = "192.0.2.53:5353"
+spf-timeout = "2s"
 log-level = "debug"
 workers = 3
 cluster-redis = "redis://greyhound:s3cret@10.0.0.5:6379/2"
@@ -1581,6 +1681,9 @@ policy-max-attributes = 64
             greytrap_recipients: vec![PathBuf::from("/etc/greyhound/traps")],
             greytrap_ttl_secs: 2 * 86_400,
             domain_policy: vec![PathBuf::from("/etc/greyhound/domains")],
+            client_identity: Identities::parse("spf,name,prefix").unwrap(),
+            dns_server: Some(addr("192.0.2.53:5353")),
+            spf_timeout_ms: 2000,
             log_level: "debug".to_owned(),
             workers: 3,
             cluster_redis: Some("redis://greyhound:s3cret@10.0.0.5:6379/2".to_owned()),
@@ -1742,6 +1845,12 @@ policy-max-attributes = 64
             "3h",
             "--domain-policy",
             "/p",
+            "--client-identity",
+            "prefix",
+            "--dns-server",
+            "::1",
+            "--spf-timeout",
+            "250ms",
             "--log-level",
             "trace",
             "--workers",
@@ -1798,6 +1907,9 @@ policy-max-attributes = 64
             greytrap_recipients: vec![PathBuf::from("/t")],
             greytrap_ttl_secs: 3 * 3600,
             domain_policy: vec![PathBuf::from("/p")],
+            client_identity: Identities::PREFIX_ONLY,
+            dns_server: Some(addr("[::1]:53")),
+            spf_timeout_ms: 250,
             log_level: "trace".to_owned(),
             workers: 5,
             cluster_redis: Some("unix:///run/redis/redis.sock".to_owned()),
@@ -2557,6 +2669,48 @@ policy-max-attributes = 64
     }
 
     #[test]
+    fn client_identity_dns_server_and_spf_timeout_are_checked() {
+        let c = load(&["--client-identity", "spf", "--spf-timeout", "1s"]).unwrap();
+        assert_eq!(c.client_identity.to_string(), "spf,prefix");
+        assert_eq!(c.spf_timeout_ms, 1000);
+        assert_eq!(
+            load(&["--dns-server", "192.0.2.53"]).unwrap().dns_server,
+            Some(addr("192.0.2.53:53"))
+        );
+        assert_eq!(
+            load(&["--dns-server", "[2001:db8::53]:5353"])
+                .unwrap()
+                .dns_server,
+            Some(addr("[2001:db8::53]:5353"))
+        );
+        for (argv, starts) in [
+            (
+                &["--client-identity", "name,ptr"][..],
+                "--client-identity: ",
+            ),
+            (&["--client-identity", "prefix,name"], "--client-identity: "),
+            (&["--client-identity", "spf,spf"], "--client-identity: "),
+            (
+                &["--dns-server", "dns.example"],
+                "--dns-server: \"dns.example\"",
+            ),
+            (&["--spf-timeout", "500"], "--spf-timeout: \"500\""),
+            (&["--spf-timeout", "1.5s"], "--spf-timeout: "),
+            (&["--spf-timeout", "5ms"], "spf-timeout "),
+            (&["--spf-timeout", "31s"], "spf-timeout "),
+        ] {
+            let err = load(argv).unwrap_err().to_string();
+            assert!(err.starts_with(starts), "{argv:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        let err = file_error("client-identity = \"name,dns\"").to_string();
+        assert!(
+            err.starts_with("config file g.toml: client-identity: "),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn help_shows_the_true_defaults() {
         use clap::CommandFactory;
         // `--help` states each default in words; given as the flag's value, it must change
@@ -2584,6 +2738,10 @@ policy-max-attributes = 64
                 assert_eq!(value, "", "--{long}");
                 continue;
             }
+            if default == "the system's resolver" {
+                assert_eq!(Config::default().dns_server, None, "--{long}");
+                continue;
+            }
             let flag = format!("--{long}");
             let mut argv = Vec::new();
             for value in default.trim_matches('"').split(" and ") {
@@ -2592,9 +2750,10 @@ policy-max-attributes = 64
             assert_eq!(load(&argv).unwrap(), Config::default(), "{flag}");
             checked.push(long);
         }
-        // Every flag with a value but `--hostname`, `--node-id`, `--cluster-redis`, the three
-        // whitelist lists, `--trusted-certs` and the greytrap list, which have no default to state.
-        assert_eq!(checked.len(), 28, "{checked:?}");
+        // Every flag with a value but `--hostname`, `--node-id`, `--dns-server`,
+        // `--cluster-redis`, the three whitelist lists, `--trusted-certs` and the greytrap list,
+        // which have no default to state.
+        assert_eq!(checked.len(), 30, "{checked:?}");
     }
 
     #[test]
@@ -2635,6 +2794,9 @@ policy-max-attributes = 64
             greytrap_recipients,
             greytrap_ttl,
             domain_policy,
+            client_identity,
+            dns_server,
+            spf_timeout,
             log_level,
             workers,
             cluster_redis,
@@ -2676,6 +2838,9 @@ policy-max-attributes = 64
             ("whitelist-senders", whitelist_senders.is_some()),
             ("whitelist-recipients", whitelist_recipients.is_some()),
             ("trusted-certs", trusted_certs.is_some()),
+            ("client-identity", client_identity.is_some()),
+            ("dns-server", dns_server.is_some()),
+            ("spf-timeout", spf_timeout.is_some()),
             ("greytrap-recipients", greytrap_recipients.is_some()),
             ("greytrap-ttl", greytrap_ttl.is_some()),
             ("domain-policy", domain_policy.is_some()),

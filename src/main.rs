@@ -148,6 +148,9 @@ fn serve(args: &ServeArgs) -> Result<()> {
         greytrap_recipients: _,
         domain_policy: _,
         greytrap_ttl_secs,
+        client_identity,
+        dns_server,
+        spf_timeout_ms,
         log_level,
         workers,
         cluster_redis,
@@ -172,7 +175,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
         },
         Arc::new(SystemClock),
     )
-    .with_greytrap_ttl(*greytrap_ttl_secs);
+    .with_greytrap_ttl(*greytrap_ttl_secs)
+    .with_identities(*client_identity);
     // Only a cluster node records its changes; a single node pays one compare per change.
     let engine = Arc::new(match cluster_url {
         Some(_) => engine.with_outbox(OUTBOX_PER_SHARD),
@@ -304,6 +308,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         trusted_certs,
         greytraps = counts.greytraps,
         domains = counts.domains,
+        client_identity = %client_identity,
         allow = ?allow,
         data_dir = %data_dir.display(),
         workers,
