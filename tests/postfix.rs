@@ -384,6 +384,18 @@ fn attempt(addr: SocketAddr, sender: &str, recipient: &str) -> Reply {
     r
 }
 
+/// One attempt from the client `addr_as` with the verified host name `name` (Postfix's
+/// XCLIENT; `[UNAVAILABLE]` for a name that did not verify): the RCPT reply.
+fn attempt_as(addr: SocketAddr, name: &str, addr_as: &str, sender: &str, recipient: &str) -> Reply {
+    let mut s = Smtp::open(addr);
+    let r = s.cmd(&format!("XCLIENT NAME={name} ADDR={addr_as}"));
+    assert_eq!(r.code, 220, "XCLIENT: {r}");
+    s.expect("EHLO mail.example.org", 250);
+    let r = s.envelope(sender, recipient);
+    s.quit();
+    r
+}
+
 /// One attempt that must be accepted and delivered; returns the delivered message.
 fn deliver(pf: &Postfix, sender: &str, recipient: &str, subject: &str) -> String {
     let mut s = Smtp::open(pf.smtp);
@@ -541,6 +553,51 @@ fn postfix_greylists_through_greyhound_end_to_end() {
         1.0,
         "step 5: passed as exempt:sender"
     );
+
+    // 5c. A sender pool (DESIGN §11, the default `name,prefix` identities): the first attempt
+    // comes from one network and the retry from another /24 of the same provider, each with
+    // a verified host name (XCLIENT NAME sets Postfix's client_name as verified). The retry
+    // passes as retried: both names have the registrable domain bigsender.example.
+    let (pool_from, pool_to) = ("news@bigsender.example", "grace@example.net");
+    let r = attempt_as(
+        pf.smtp,
+        "mail-a1.bigsender.example",
+        "198.51.100.7",
+        pool_from,
+        pool_to,
+    );
+    assert_eq!(r, greylisted(pool_from, pool_to), "step 5c: first attempt");
+    let pool_first = Instant::now();
+    // Another network whose name did not verify (client_name "unknown"), and one whose name
+    // spells its address: neither is the pool, each is a triplet of its own.
+    let r = attempt_as(pf.smtp, "[UNAVAILABLE]", "192.0.2.44", pool_from, pool_to);
+    assert_eq!(
+        r,
+        greylisted(pool_from, pool_to),
+        "step 5c: unverified name"
+    );
+    let r = attempt_as(
+        pf.smtp,
+        "203-0-113-200.dyn.bigsender.example",
+        "203.0.113.200",
+        pool_from,
+        pool_to,
+    );
+    assert_eq!(r, greylisted(pool_from, pool_to), "step 5c: generic name");
+    let wait = pool_first + Duration::from_secs(DELAY_SECS) + Duration::from_millis(250);
+    thread::sleep(wait.saturating_duration_since(Instant::now()));
+    let r = attempt_as(
+        pf.smtp,
+        "mail-b2.bigsender.example",
+        "203.0.113.9",
+        pool_from,
+        pool_to,
+    );
+    assert_eq!(
+        r.code, 250,
+        "step 5c: the pool's retry from another /24: {r}"
+    );
+    assert_eq!(m("pass", "retried"), 2.0, "step 5c: passed as retried");
 
     // 6. Greyhound stops (SIGTERM: graceful, final snapshot). Postfix applies
     // smtpd_policy_service_default_action: DUNNO (the documented fail-open) accepts a
