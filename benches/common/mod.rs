@@ -51,6 +51,20 @@ impl Workload {
     }
 }
 
+/// Verified host names for [`Workload::query`]'s clients, for the identity benches: half are
+/// a provider's pool (`mail-<n>.sender<k>.example`, whose `name` identity is
+/// `sender<k>.example`), half spell the client's address (`a-b-c-d.dyn.isp.example`, generic,
+/// so keyed by the prefix): both paths of the `name` identity are exercised.
+pub fn client_name(i: u64, client: IpAddr) -> String {
+    match client {
+        IpAddr::V4(v4) if i % 2 == 1 => {
+            let [a, b, c, d] = v4.octets();
+            format!("{a}-{b}-{c}-{d}.dyn.isp{}.example", i % 50)
+        }
+        _ => format!("mail-{}.sender{}.example", i % 977, i % 1000),
+    }
+}
+
 pub fn engine() -> (Engine, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(NOW));
     let cfg = EngineConfig {

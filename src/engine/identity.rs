@@ -180,24 +180,42 @@ const MAX_NAME: usize = 253;
 /// the MTA, an optional trailing dot allowed) for a client at `addr`: the registrable domain,
 /// or `None` when the name is not a usable DNS name, has no registrable domain (a public
 /// suffix itself, a single label) or looks generic ([`looks_generic`]).
+///
+/// One pass over the name checks its characters and labels and looks for pool words; the
+/// address is looked for only in a name with four digits or more, and the public suffix
+/// list only for a name found not generic. (A first version split the name several times:
+/// 4,800 instructions per decision against 1,800 keyed by prefix, callgrind,
+/// `examples/identity_cost`; see docs/BENCHMARKS.md for this one.)
 pub fn name_identity(name: &str, addr: IpAddr) -> Option<&str> {
     let name = name.strip_suffix('.').unwrap_or(name);
-    if name.is_empty()
-        || name.len() > MAX_NAME
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_')
-        || name.split('.').any(str::is_empty)
-        // An address written as a name (`192.0.2.1`): no top-level domain is numeric.
-        || name.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-    {
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() > MAX_NAME {
         return None;
     }
-    let domain = psl::domain_str(name)?;
-    if looks_generic(name, addr) {
+    let mut label_start = 0;
+    let mut digits = 0;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'a'..=b'z' | b'-' | b'_' => {}
+            b'0'..=b'9' => digits += 1,
+            b'.' => {
+                if i == label_start || has_pool_word(&b[label_start..i]) {
+                    return None;
+                }
+                label_start = i + 1;
+            }
+            _ => return None,
+        }
+    }
+    let last = &b[label_start..];
+    // An address written as a name (`192.0.2.1`): no top-level domain is numeric.
+    if last.is_empty() || has_pool_word(last) || last.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(domain)
+    if digits >= 4 && spells_address(b, addr) {
+        return None;
+    }
+    psl::domain_str(name)
 }
 
 /// Whether a (lower-case) host name looks like one given to every line of an access pool:
@@ -207,23 +225,35 @@ pub fn name_identity(name: &str, addr: IpAddr) -> Option<&str> {
 /// (`pool`, `host7`, `dsl-12`, `ip-203`). A word followed by a letter does not count:
 /// `hosting`, `clients`, `resolver` and `ipsum` are ordinary words.
 pub fn looks_generic(name: &str, addr: IpAddr) -> bool {
-    let has_pool_word = name.split('.').any(|label| {
-        POOL_WORDS.iter().any(|w| {
-            label
-                .strip_prefix(w)
-                .is_some_and(|rest| rest.bytes().next().is_none_or(|b| !b.is_ascii_alphabetic()))
-        })
-    });
-    if has_pool_word {
-        return true;
+    name.split('.').any(|label| has_pool_word(label.as_bytes()))
+        || spells_address(name.as_bytes(), addr)
+}
+
+/// Whether `label` is a pool word or starts with one followed by a non-letter.
+#[inline]
+fn has_pool_word(label: &[u8]) -> bool {
+    // Most labels (`mail-12`, `example`, `com`) start with a letter no pool word starts with.
+    if !matches!(
+        label.first(),
+        Some(b'a' | b'b' | b'c' | b'd' | b'h' | b'i' | b'p' | b'r' | b's' | b'u')
+    ) {
+        return false;
     }
+    POOL_WORDS.iter().any(|w| {
+        label
+            .strip_prefix(w.as_bytes())
+            .is_some_and(|rest| rest.first().is_none_or(|b| !b.is_ascii_alphabetic()))
+    })
+}
+
+/// Whether `name` spells the IPv4 address `addr` (see [`looks_generic`]). An IPv6 address is
+/// rarely spelt out in a name; the pool words still apply to those.
+fn spells_address(name: &[u8], addr: IpAddr) -> bool {
     match addr {
         IpAddr::V4(v4) => {
             let o = v4.octets();
-            let rev = [o[3], o[2], o[1], o[0]];
-            contains_octets(name.as_bytes(), &o) || contains_octets(name.as_bytes(), &rev)
+            contains_octets(name, &o) || contains_octets(name, &[o[3], o[2], o[1], o[0]])
         }
-        // An IPv6 address is rarely spelt out in a name; the pool words still apply.
         IpAddr::V6(_) => false,
     }
 }
@@ -250,13 +280,25 @@ fn match_from(s: &[u8], at: usize, octets: &[u8]) -> bool {
         // All four matched: the last must not run on into more digits.
         return s.get(at).is_none_or(|b| !b.is_ascii_digit());
     };
-    let text = first.to_string();
+    // The octet's decimal digits, without allocating (this runs per digit of a name).
+    let mut buf = [0u8; 3];
+    let digits_of = match first {
+        0..=9 => 1,
+        10..=99 => 2,
+        _ => 3,
+    };
+    let mut v = first;
+    for slot in buf[..digits_of].iter_mut().rev() {
+        *slot = b'0' + v % 10;
+        v /= 10;
+    }
+    let text = &buf[..digits_of];
     for width in text.len()..=3 {
         let Some(digits) = s.get(at..at + width) else {
             break;
         };
         let pad = width - text.len();
-        if !digits[..pad].iter().all(|&b| b == b'0') || &digits[pad..] != text.as_bytes() {
+        if !digits[..pad].iter().all(|&b| b == b'0') || &digits[pad..] != text {
             continue;
         }
         let after = at + width;
