@@ -23,6 +23,7 @@ mod native_tcp;
 mod native_udp;
 mod policy;
 pub mod snapshots;
+mod spf;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +41,7 @@ use crate::cluster::{Cluster, ClusterStatus};
 pub use crate::config::Limits;
 use crate::engine::Engine;
 pub use listen::{BindError, Listeners, PolicyListener};
+pub use spf::SpfPath;
 use metrics::{Metrics, Proto};
 
 /// What the connection loops need besides the engine.
@@ -145,6 +147,8 @@ pub struct Shared {
     pub settings: Settings,
     /// Replication, when this node is part of a cluster.
     pub cluster: Option<Arc<Cluster>>,
+    /// SPF lookups, when the `spf` client identity is in force.
+    pub spf: Option<Arc<SpfPath>>,
     open: AtomicUsize,
     started: Instant,
     refused_log: RateLimit,
@@ -160,6 +164,7 @@ impl Shared {
             allow,
             settings,
             cluster: None,
+            spf: None,
             open: AtomicUsize::new(0),
             started: Instant::now(),
             refused_log: RateLimit::default(),
@@ -171,6 +176,15 @@ impl Shared {
     pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
         self.metrics.register_collector(cluster.collector());
         self.cluster = Some(cluster);
+        self
+    }
+
+    /// Adds SPF lookups (the `spf` client identity) and their metrics.
+    pub fn with_spf(mut self, spf: Arc<crate::spf::Spf>) -> Self {
+        let path = Arc::new(SpfPath::new(spf));
+        self.metrics
+            .register_collector(Box::new(spf::SpfCollector(path.clone())));
+        self.spf = Some(path);
         self
     }
 
@@ -288,10 +302,12 @@ pub async fn run(
     let mut threads = Vec::new();
     for (n, sock) in listeners.native_udp.into_iter().enumerate() {
         let (shared, stop) = (shared.clone(), stop.clone());
+        // UDP threads hand datagrams that wait for SPF lookups to the runtime.
+        let rt = tokio::runtime::Handle::current();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("udp-{n}"))
-                .spawn(move || native_udp::worker(sock, &shared, &stop))?,
+                .spawn(move || native_udp::worker(sock, &shared, &stop, &rt))?,
         );
     }
     {

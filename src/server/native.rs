@@ -27,19 +27,26 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
     }
 }
 
-/// The query of a CHECK or PEEK line, and how to decide it; `None` for other lines.
-fn to_decide<'q>(r: &'q Parsed<'_>) -> Option<(Query<'q>, Mode)> {
-    match r {
+/// The query of a CHECK or PEEK line, and how to decide it; `None` for other lines. With SPF
+/// lookups, the domain the client passed SPF for, from the cache (the transport waited for
+/// the lookups first).
+fn to_decide<'q>(shared: &Shared, r: &'q Parsed<'_>) -> Option<(Query<'q>, Mode)> {
+    let (t, mode) = match r {
         Ok(Request {
             command: Command::Check(t),
             ..
-        }) => Some((query(t), Mode::Record)),
+        }) => (t, Mode::Record),
         Ok(Request {
             command: Command::Peek(t),
             ..
-        }) => Some((query(t), Mode::Peek)),
-        _ => None,
+        }) => (t, Mode::Peek),
+        _ => return None,
+    };
+    let mut q = query(t);
+    if let Some(s) = &shared.spf {
+        q.spf = super::spf::passed(&s.spf, t.client, t.sender, t.helo.unwrap_or(""));
     }
+    Some((q, mode))
 }
 
 /// Decides every request in `reqs`, in order, through one engine batch (one exemption-list
@@ -52,7 +59,7 @@ pub(crate) fn answer(
     mut emit: impl FnMut(Option<&str>, &Reply<'_>),
 ) {
     shared.engine.batch(|batch| {
-        batch.decide_each(reqs, to_decide, |r, d| match (r, d) {
+        batch.decide_each(reqs, |r| to_decide(shared, r), |r, d| match (r, d) {
             (Ok(req), Some(d)) => {
                 let t = match &req.command {
                     Command::Check(t) => {

@@ -47,6 +47,10 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
                 Framed::NeedMore => break,
             }
         }
+        if let Some(s) = &shared.spf {
+            // Only this connection waits, at most the timeout.
+            super::spf::resolve_native(&s.spf, &batch, true).await;
+        }
         answer(shared, &batch, &mut texts, &mut tally, |id, reply| {
             wire::encode(id, reply, &mut out)
         });

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::debug;
@@ -20,9 +21,22 @@ use super::Shared;
 const BATCH: usize = 64;
 
 /// Serves `sock` until `stop` is set (the socket's receive timeout bounds how long that takes
-/// to be noticed).
-pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
+/// to be noticed). Datagrams that must wait for SPF lookups are answered by tasks on `rt`.
+pub(crate) fn worker(
+    sock: std::net::UdpSocket,
+    shared: &Arc<Shared>,
+    stop: &AtomicBool,
+    rt: &tokio::runtime::Handle,
+) {
     let limits = &shared.settings.limits;
+    // Replies of held datagrams go out through the same socket (another descriptor of it).
+    let reply_sock = match sock.try_clone() {
+        Ok(s) => Some(Arc::new(s)),
+        Err(e) => {
+            debug!(error = %e, "udp socket not cloned: SPF misses on UDP fall back at once");
+            None
+        }
+    };
     let mut bs = BatchSocket::new(sock, BATCH, limits.udp_max_datagram);
     let mut texts = TextBuf::default();
     let mut tally = Tally::new(Proto::NativeUdp);
@@ -65,6 +79,17 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
                     tally.error(RequestError::UdpTruncated);
                     continue;
                 }
+                if let (Some(s), Some(reply_sock)) = (&shared.spf, &reply_sock) {
+                    // A datagram with a request whose SPF result is not cached waits on a task
+                    // of its own; this thread goes on with the others.
+                    if super::spf::any_miss(&s.spf, datagram_lines(data, limits.max_line)) {
+                        if s.hold() {
+                            hold(shared, rt, reply_sock, data.to_vec(), from);
+                            continue;
+                        }
+                        s.count_full();
+                    }
+                }
                 let before = reqs.len();
                 reqs.extend(datagram_lines(data, limits.max_line));
                 runs.push((d, reqs.len() - before));
@@ -103,4 +128,51 @@ pub(crate) fn worker(sock: std::net::UdpSocket, shared: &Shared, stop: &AtomicBo
         }
         sends_kept = recycle(to_send);
     }
+}
+
+/// Answers one datagram on a task of `rt` once the SPF lookups of its requests are done (at
+/// most the timeout), then gives its place back.
+fn hold(
+    shared: &Arc<Shared>,
+    rt: &tokio::runtime::Handle,
+    sock: &Arc<std::net::UdpSocket>,
+    data: Vec<u8>,
+    from: SocketAddr,
+) {
+    let (shared, sock) = (shared.clone(), sock.clone());
+    rt.spawn(async move {
+        let Some(s) = shared.spf.as_ref() else {
+            return;
+        };
+        let limits = &shared.settings.limits;
+        let reqs: Vec<Parsed<'_>> = datagram_lines(&data, limits.max_line).collect();
+        // Counted by the worker already.
+        super::spf::resolve_native(&s.spf, &reqs, false).await;
+        let mut tally = Tally::new(Proto::NativeUdp);
+        let mut full: Vec<u8> = Vec::new();
+        let mut forms: Vec<(usize, usize, usize)> = Vec::new();
+        answer(
+            &shared,
+            &reqs,
+            &mut TextBuf::default(),
+            &mut tally,
+            |id, reply| {
+                let start = full.len();
+                let head = wire::encode_split(id, reply, &mut full);
+                forms.push((start, full.len(), head));
+            },
+        );
+        let lines = forms
+            .iter()
+            .map(|&(start, end, head)| (&full[start..end], head));
+        let mut out = Vec::new();
+        tally.udp_dropped(fit_replies(lines, data.len(), &mut out));
+        shared.metrics.flush(&mut tally);
+        if !out.is_empty() {
+            if let Err(e) = sock.send_to(&out, from) {
+                debug!(error = %e, "udp send failed");
+            }
+        }
+        s.release();
+    });
 }

@@ -32,6 +32,9 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
         loop {
             match wire::parse(&buf[pos..], &limits) {
                 Ok(Block::Complete { consumed, request }) => {
+                    if let Some(s) = &shared.spf {
+                        wait_for_spf(&s.spf, &request).await;
+                    }
                     if let Err(e) = answer(shared, &request, &mut out, &mut scratch, &mut tally) {
                         bad = Some(e);
                         break;
@@ -67,6 +70,16 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
         }
     }
     conn.shutdown();
+}
+
+/// Waits (at most the timeout) for the SPF result of a RCPT-stage request not cached.
+async fn wait_for_spf(spf: &std::sync::Arc<crate::spf::Spf>, req: &PolicyRequest<'_>) {
+    if !req.protocol_state.eq_ignore_ascii_case("RCPT") || req.recipient.is_empty() {
+        return;
+    }
+    if let Ok(client) = req.client_address.parse::<IpAddr>() {
+        super::spf::resolve_one(spf, client, req.sender, req.helo_name).await;
+    }
 }
 
 #[derive(Default)]
@@ -109,7 +122,10 @@ fn answer(
             subject: req.ccert_subject,
         },
         body: None,
-        spf: None,
+        spf: shared
+            .spf
+            .as_ref()
+            .and_then(|s| super::spf::passed(&s.spf, client, req.sender, req.helo_name)),
     };
     let d = shared.engine.check(&q, Mode::Record);
     tally.answer(Answer::Decided(d));

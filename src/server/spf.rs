@@ -1,0 +1,241 @@
+//! The `spf` client identity on the request path (DESIGN §11): which requests need an SPF
+//! result, waiting for the ones not cached (never longer than `spf-timeout`, never holding up
+//! another connection), and the metrics.
+//!
+//! Every transport does the same two steps around its engine batch:
+//! 1. before deciding, each CHECK or PEEK whose result is not cached starts (or joins) its
+//!    lookup; the batch waits for all of them at once, bounded by the timeout. TCP and policy
+//!    connections wait in their own task; a UDP worker thread cannot wait, so it hands a
+//!    datagram with a miss to a task of the runtime, which answers it when its lookups are
+//!    done (see `native_udp.rs`), and goes on with the others;
+//! 2. while deciding, a request reads its result from the cache ([`Spf::probe`]): a pass gives
+//!    it the `spf:<domain>` identity; anything else, a timeout included, falls back to the
+//!    next identity.
+//!
+//! Each request counts once as a cache hit or a miss, in step 1.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::proto::native::{Command, Parsed, Request, Triplet};
+use crate::spf::Spf;
+
+/// Datagrams a UDP worker may hand over to wait for their lookups, at most; past it a
+/// datagram is answered at once and its requests fall back (counted as shed). 4096 datagrams
+/// of up to 64 KiB would be 256 MiB at worst; real ones are a few hundred bytes.
+pub(crate) const MAX_HELD_DATAGRAMS: usize = 4096;
+
+/// The resolver as the server holds it.
+#[derive(Debug)]
+pub struct SpfPath {
+    /// The resolver and its cache.
+    pub spf: Arc<Spf>,
+    /// UDP datagrams waiting for lookups now.
+    pub(crate) held: AtomicUsize,
+    /// UDP datagrams answered at once, falling back, because every place was taken.
+    held_full: AtomicU64,
+}
+
+impl SpfPath {
+    /// The request path of `spf`.
+    pub fn new(spf: Arc<Spf>) -> Self {
+        Self {
+            spf,
+            held: AtomicUsize::new(0),
+            held_full: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a datagram answered at once for want of a place to wait.
+    pub(crate) fn count_full(&self) {
+        self.held_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes a place for a UDP datagram to wait in; `false` when all are taken.
+    pub(crate) fn hold(&self) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < MAX_HELD_DATAGRAMS).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back the place of a datagram answered.
+    pub(crate) fn release(&self) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The domain whose SPF pool a request may belong to: the sender's domain, or the HELO name
+/// for the null sender (RFC 7208 §2.4). `None` for a sender without a domain.
+pub(crate) fn spf_domain<'a>(sender: &'a str, helo: &'a str) -> Option<&'a str> {
+    let d = if sender.is_empty() || sender == "<>" {
+        helo
+    } else {
+        sender.rsplit_once('@')?.1
+    };
+    let d = d.trim_end_matches('.');
+    (!d.is_empty()).then_some(d)
+}
+
+/// The domain a request passed SPF for, from the cache (no DNS, not counted): the `spf`
+/// identity of [`crate::engine::Query::spf`].
+pub(crate) fn passed<'a>(spf: &Spf, client: IpAddr, sender: &'a str, helo: &'a str) -> Option<&'a str> {
+    let d = spf_domain(sender, helo)?;
+    (spf.probe(client, d) == Some(true)).then_some(d)
+}
+
+/// The triplet of a CHECK or PEEK line.
+pub(crate) fn triplet<'r, 'a>(r: &'r Parsed<'a>) -> Option<&'r Triplet<'a>> {
+    match r {
+        Ok(Request {
+            command: Command::Check(t) | Command::Peek(t),
+            ..
+        }) => Some(t),
+        _ => None,
+    }
+}
+
+/// Whether a request must wait for a lookup: it has a domain and its result is not cached
+/// (counted as a hit or a miss when `count`).
+pub(crate) fn misses(spf: &Spf, client: IpAddr, sender: &str, helo: &str, count: bool) -> bool {
+    spf_domain(sender, helo).is_some_and(|d| {
+        if count {
+            spf.cached(client, d).is_none()
+        } else {
+            spf.probe(client, d).is_none()
+        }
+    })
+}
+
+/// Whether any CHECK or PEEK of `reqs` must wait for a lookup (each counted as a hit or a
+/// miss).
+pub(crate) fn any_miss(spf: &Spf, reqs: impl Iterator<Item = Parsed<'_>>) -> bool {
+    let mut any = false;
+    for r in reqs {
+        if let Some(t) = triplet(&r) {
+            // Not short-circuited: every request counts once.
+            any |= misses(spf, t.client, t.sender, t.helo.unwrap_or(""), true);
+        }
+    }
+    any
+}
+
+/// Starts (or joins) the lookup of every request of `reqs` whose result is not cached and
+/// waits for all of them, together, at most the timeout. `count`: count each request as a hit
+/// or a miss (not when they were counted already, by [`any_miss`]).
+pub(crate) async fn resolve_native(spf: &Arc<Spf>, reqs: &[Parsed<'_>], count: bool) {
+    let mut waits = Vec::new();
+    for t in reqs.iter().filter_map(triplet) {
+        let helo = t.helo.unwrap_or("");
+        if misses(spf, t.client, t.sender, helo, count) {
+            waits.push(start(spf, t.client, t.sender, helo));
+        }
+    }
+    for w in waits {
+        // A waiter that panicked is a request without a result: it falls back.
+        let _ = w.await;
+    }
+}
+
+/// Waits for the result of one request (Postfix policy) if it is not cached.
+pub(crate) async fn resolve_one(spf: &Arc<Spf>, client: IpAddr, sender: &str, helo: &str) {
+    if misses(spf, client, sender, helo, true) {
+        let _ = start(spf, client, sender, helo).await;
+    }
+}
+
+/// A task waiting (at most the timeout) for the lookup of one request: tasks, so the waits of
+/// one batch run side by side.
+fn start(
+    spf: &Arc<Spf>,
+    client: IpAddr,
+    sender: &str,
+    helo: &str,
+) -> tokio::task::JoinHandle<Option<bool>> {
+    let spf = spf.clone();
+    let domain = spf_domain(sender, helo).unwrap_or_default().to_owned();
+    let (sender, helo) = (sender.to_owned(), helo.to_owned());
+    tokio::spawn(async move { spf.check(client, &domain, &helo, &sender).await })
+}
+
+/// The SPF resolver's counters as metrics, read at each scrape.
+#[derive(Debug)]
+pub(crate) struct SpfCollector(pub Arc<SpfPath>);
+
+impl Collector for SpfCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.spf.stats();
+        let held_full = self.0.held_full.load(Ordering::Relaxed);
+        let counters = [
+            ("spf_lookups", "SPF evaluations started (each a DNS round of up to 10 lookups).", s.lookups),
+            ("spf_cache_hits", "Requests whose SPF result was cached.", s.hits),
+            ("spf_cache_misses", "Requests whose SPF result was not cached.", s.misses),
+            (
+                "spf_timeouts",
+                "Requests that waited spf-timeout for an SPF result and fell back to the next identity.",
+                s.timeouts,
+            ),
+            (
+                "spf_shed",
+                "Requests (or UDP datagrams) that fell back at once because too many SPF lookups (or datagrams waiting for them) were pending.",
+                s.shed + held_full,
+            ),
+            ("spf_cache_evictions", "Live SPF results pushed out of the full cache.", s.evictions),
+        ];
+        for (name, help, v) in counters {
+            let c = ConstCounter::new(v);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let r = s.results;
+        let c = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "spf_results",
+            "Finished SPF evaluations by result; only pass pools.",
+            None,
+            c.metric_type(),
+        )?;
+        for (result, v) in [
+            ("pass", r.pass),
+            ("fail", r.fail),
+            ("softfail", r.softfail),
+            ("neutral", r.neutral),
+            ("none", r.none),
+            ("permerror", r.permerror),
+            ("temperror", r.temperror),
+        ] {
+            let labels = [("result", result)];
+            ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+        }
+        let g = ConstGauge::new(s.entries as i64);
+        g.encode(encoder.encode_descriptor(
+            "spf_cache_entries",
+            "SPF results in the cache.",
+            None,
+            g.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_domain_is_the_senders_or_the_helo_for_the_null_sender() {
+        assert_eq!(spf_domain("a@Example.COM", "mx.x"), Some("Example.COM"));
+        assert_eq!(spf_domain("a@b@example.org.", "mx.x"), Some("example.org"));
+        assert_eq!(spf_domain("", "mx.example.net"), Some("mx.example.net"));
+        assert_eq!(spf_domain("<>", "mx.example.net"), Some("mx.example.net"));
+        assert_eq!(spf_domain("", ""), None);
+        assert_eq!(spf_domain("postmaster", "mx.example.net"), None);
+        assert_eq!(spf_domain("a@", "mx.example.net"), None);
+    }
+}
