@@ -37,3 +37,4 @@ pub mod net;
 pub mod proto;
 pub mod server;
 pub mod snapshot;
+pub mod spf;

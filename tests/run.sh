@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 #            no running systemd is needed).
 #   redis-server  tests/cluster.rs starts private Redis servers (own port and temp dir each).
 #   openssl  tests/cluster.rs makes a private CA and certificate for Redis over TLS.
+#   dnsmasq-base  tests/spf.rs starts private DNS servers (own port, records on the command line).
 need_pkgs=()
-for pkg in postfix systemd redis-server openssl; do
+for pkg in postfix systemd redis-server openssl dnsmasq-base; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' \
         || need_pkgs+=("$pkg")
 done

@@ -10,6 +10,7 @@
 //! Each test file compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};

@@ -1,0 +1,733 @@
+//! The `spf` client identity (DESIGN §11): does the client address pass SPF (RFC 7208
+//! `check_host`) for the sender's domain? If so, the request's client identity is the domain's
+//! sender pool, `spf:<domain>`, and a retry from another address of the pool finds its triplet.
+//!
+//! ```text
+//!   cached(ip, domain) ──► normalise ─► keyed hash ─► shard lock ─► set of 8 slots ─► Some / None
+//!
+//!   check(ip, domain, …)   miss ─► in flight for this key? ── yes ─► wait on it ─┐
+//!                                         │ no                                  ├─► ≤ timeout
+//!                                         └─► spawn lookup ─► wait on it ───────┘
+//!   lookup task: mail-auth check_host ─► hickory (--dns-server or resolv.conf)
+//!                ─► void-lookup limit ─► cache (TTL clamped) ─► wake the waiters
+//! ```
+//!
+//! **Why the cache is ours.** hickory caches DNS records (keyed by name, so it serves every
+//! address of a pool), but a `check_host` result costs up to a dozen of its lookups, each an
+//! `await`, and the request path needs the *result* for (address, domain) synchronously and
+//! cheaply, within a bounded memory the operator chooses. [`Spf::cached`] is one keyed hash and
+//! one shard lock, no `await`; see [`cache`] for the table (16 bytes per entry, evicts the
+//! soonest-to-expire entry of a full set, never grows).
+//!
+//! **TTL.** A result lives as long as the shortest TTL among the DNS answers it read (the TXT
+//! records, and the A/AAAA/MX records of `a`, `mx`, `include`…), clamped to
+//! [[`MIN_TTL`], [`MAX_TTL`]]: at least a minute, so records with tiny TTLs do not turn every
+//! retry into DNS traffic; at most six hours, so a pool that drops an address stops vouching for
+//! it within a working day. A result read from no answer with a TTL (the domain has no TXT
+//! record: NXDOMAIN) lives [`NEGATIVE_TTL`]. A temporary error lives only [`TEMPERROR_TTL`],
+//! so a DNS outage is retried soon but not on every request.
+//!
+//! **Timeouts.** A request whose result is not cached waits at most `--spf-timeout`. On timeout
+//! [`Spf::check`] answers `None` (counted); the caller falls back to the next client identity
+//! (`name` or `prefix`), as §11 says. The lookup itself runs on its own task and carries on: it
+//! fills the cache even after every waiter gave up, so the sender's retry (minutes later)
+//! usually finds the result cached. A timed-out first attempt is recorded under the fallback
+//! identity, which every later request also looks up (§11), so the cost to the sender is at most
+//! one more greylisting round if its retry then comes from another address of its pool.
+//! Each lookup is bounded on its own too: hickory's per-query timeout ([`DNS_QUERY_TIMEOUT`],
+//! [`DNS_ATTEMPTS`]) and a deadline for the whole evaluation ([`LOOKUP_DEADLINE`]), after which
+//! it is a temperror. At most [`MAX_IN_FLIGHT`] lookups run at once; past that a request gets
+//! `None` at once (counted as shed), so a DNS outage under a flood cannot pile up tasks.
+//!
+//! **Limits.** `mail-auth` enforces the 10-lookup limit (RFC 7208 §4.6.4) and detects loops
+//! through it; the limit of two void lookups it lacks is enforced here ([`hooks`]). Only
+//! `pass` pools; fail, softfail, neutral, none, permerror and temperror all answer `false`.
+//! The key is (address, domain): the sender's local part and the HELO name only feed macros,
+//! which real pools do not key on.
+
+pub mod cache;
+pub mod hooks;
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use mail_auth::hickory_resolver::system_conf::read_system_conf;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{MessageAuthenticator, Parameters, SpfResult};
+use siphasher::sip128::{Hasher128, SipHasher13};
+use tokio::sync::watch;
+
+use cache::{Cache, Inserted};
+use hooks::Tracker;
+
+/// Default bound on cached results: 1 Mi entries × 16 bytes = 16 MiB (allocated zeroed, so
+/// resident only as entries are written).
+pub const DEFAULT_CACHE_ENTRIES: usize = 1 << 20;
+
+/// Default `--spf-timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Shortest time a result is kept, whatever the TTLs.
+pub const MIN_TTL: Duration = Duration::from_secs(60);
+/// Longest time a result is kept, whatever the TTLs.
+pub const MAX_TTL: Duration = Duration::from_secs(6 * 3600);
+/// Time a result is kept when no answer it read carried a TTL (NXDOMAIN / no data: the
+/// negative TTL is not passed on by `mail-auth`). Clamped like the others.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(300);
+/// Time a temperror is kept (not raised to [`MIN_TTL`]): long enough that an outage is not
+/// asked about on every request, short enough that a recovered server is used soon.
+pub const TEMPERROR_TTL: Duration = Duration::from_secs(10);
+
+/// hickory's timeout for one query to one server (its default, 5 s, would let one lookup of a
+/// long `include` chain run for minutes).
+pub const DNS_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// hickory's retries of a failed query.
+pub const DNS_ATTEMPTS: usize = 1;
+/// The whole evaluation's deadline (up to ~20 queries one after another), after which it is a
+/// temperror.
+pub const LOOKUP_DEADLINE: Duration = Duration::from_secs(10);
+/// Lookups running at once, at most. Each holds a task of a few KiB; 4096 cover ~40 k new
+/// (address, domain) pairs per second at a 100 ms DNS round trip.
+pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// `%{r}` (the checking host's name) in explanations; RFC 7208 §7.3 allows "unknown".
+const HOST_DOMAIN: &str = "unknown";
+
+/// The SPF identity's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpfConfig {
+    /// `--dns-server ADDR[:PORT]`; None = the system's resolver (/etc/resolv.conf).
+    pub dns_server: Option<SocketAddr>,
+    /// `--spf-timeout` (default 500 ms): the longest a request waits for a result.
+    pub timeout: Duration,
+    /// Bound on cached (address, domain) results (default [`DEFAULT_CACHE_ENTRIES`]; 16 bytes
+    /// each, rounded up to whole sets of 8 in 64 shards).
+    pub cache_entries: usize,
+}
+
+impl Default for SpfConfig {
+    fn default() -> Self {
+        Self {
+            dns_server: None,
+            timeout: DEFAULT_TIMEOUT,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
+        }
+    }
+}
+
+/// Why the SPF identity could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SpfError {
+    /// The system's resolver configuration is unreadable or empty.
+    #[error("cannot read the system's DNS resolver configuration (/etc/resolv.conf): {0}")]
+    SystemConf(String),
+    /// hickory refused the configuration.
+    #[error("cannot set up the DNS resolver: {0}")]
+    Resolver(String),
+    /// A `--dns-server` value that is not `ADDR`, `ADDR:PORT`, `[V6]` or `[V6]:PORT`.
+    #[error("bad DNS server {0:?}: expected an IP address with an optional :PORT (default 53)")]
+    BadServer(String),
+}
+
+/// Parses `--dns-server ADDR[:PORT]` (IPv6 as `::1`, `[::1]` or `[::1]:5353`); port 53 if
+/// none is given.
+pub fn parse_dns_server(s: &str) -> Result<SocketAddr, SpfError> {
+    let bad = || SpfError::BadServer(s.to_string());
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(s);
+    bare.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| bad())
+}
+
+/// The result kinds of `check_host`, as stored in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Pass = 1,
+    Fail,
+    SoftFail,
+    Neutral,
+    None,
+    PermError,
+    TempError,
+}
+
+impl From<SpfResult> for Kind {
+    fn from(r: SpfResult) -> Self {
+        match r {
+            SpfResult::Pass => Kind::Pass,
+            SpfResult::Fail => Kind::Fail,
+            SpfResult::SoftFail => Kind::SoftFail,
+            SpfResult::Neutral => Kind::Neutral,
+            SpfResult::None => Kind::None,
+            SpfResult::PermError => Kind::PermError,
+            SpfResult::TempError => Kind::TempError,
+        }
+    }
+}
+
+/// Results by kind, as counted when lookups finish.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpfResults {
+    /// `pass`: the only result that pools.
+    pub pass: u64,
+    /// `fail` (`-all`).
+    pub fail: u64,
+    /// `softfail` (`~all`).
+    pub softfail: u64,
+    /// `neutral` (`?all`, or no mechanism matched).
+    pub neutral: u64,
+    /// `none`: no SPF record.
+    pub none: u64,
+    /// `permerror`: a broken record, a loop, over 10 lookups or over 2 void lookups.
+    pub permerror: u64,
+    /// `temperror`: DNS failed or the lookup ran past [`LOOKUP_DEADLINE`].
+    pub temperror: u64,
+}
+
+/// Counters since [`Spf::new`]; the server turns them into metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpfStats {
+    /// Lookups (SPF evaluations) started.
+    pub lookups: u64,
+    /// Answers from the cache (by [`Spf::cached`] and [`Spf::check`] alike).
+    pub hits: u64,
+    /// Cache misses (by [`Spf::cached`] and [`Spf::check`] alike: a caller that tries
+    /// `cached` and then `check` counts two).
+    pub misses: u64,
+    /// `check` calls that gave up waiting after the timeout (`greyhound_spf_timeouts_total`).
+    pub timeouts: u64,
+    /// `check` calls that waited on a lookup another call had started.
+    pub joins: u64,
+    /// `check` calls answered `None` at once because [`MAX_IN_FLIGHT`] lookups were running.
+    pub shed: u64,
+    /// Domains answered `false` at once, without DNS: empty, over 253 bytes, not a valid
+    /// multi-label DNS name, or an IP literal.
+    pub invalid: u64,
+    /// Entries in the cache (live, or expired and not yet reused).
+    pub entries: u64,
+    /// Live entries pushed out of a full set.
+    pub evictions: u64,
+    /// Results turned into permerror by the void-lookup limit (also in `results.permerror`).
+    pub void_limit: u64,
+    /// Finished lookups by result.
+    pub results: SpfResults,
+}
+
+#[derive(Default)]
+struct Counters {
+    lookups: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    timeouts: AtomicU64,
+    joins: AtomicU64,
+    shed: AtomicU64,
+    invalid: AtomicU64,
+    evictions: AtomicU64,
+    void_limit: AtomicU64,
+    /// Indexed by `Kind as usize - 1`.
+    results: [AtomicU64; 7],
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Lookups in flight, by key hash: a second `check` of the same key waits on the first.
+type InFlight = Mutex<AHashMap<u128, watch::Receiver<Option<bool>>>>;
+
+struct Inner {
+    auth: MessageAuthenticator,
+    cache: Cache,
+    in_flight: Box<[InFlight]>,
+    running: AtomicUsize,
+    counters: Counters,
+    /// Keys the cache's hash; random per process, so entries cannot be aimed at one set.
+    secret: [u8; 16],
+    /// The cache's clock starts here (whole seconds since).
+    epoch: Instant,
+    min_ttl: Duration,
+    max_ttl: Duration,
+}
+
+/// The SPF identity's resolver and result cache. `Send + Sync`; the server holds it in an `Arc`.
+pub struct Spf {
+    inner: Arc<Inner>,
+    timeout: Duration,
+}
+
+impl Spf {
+    /// Builds the resolver (no runtime needed: hickory connects on the first query) and an
+    /// empty cache. `--dns-server` is that one server, UDP with a TCP retry on truncation or
+    /// error; otherwise the system's resolvers from /etc/resolv.conf.
+    pub fn new(cfg: SpfConfig) -> Result<Spf, SpfError> {
+        let SpfConfig {
+            dns_server,
+            timeout,
+            cache_entries,
+        } = cfg;
+        let (config, mut opts) = match dns_server {
+            Some(addr) => {
+                let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+                for c in &mut ns.connections {
+                    c.port = addr.port();
+                }
+                (
+                    ResolverConfig::from_parts(None, vec![], vec![ns]),
+                    ResolverOpts::default(),
+                )
+            }
+            None => read_system_conf().map_err(|e| SpfError::SystemConf(e.to_string()))?,
+        };
+        opts.timeout = DNS_QUERY_TIMEOUT;
+        opts.attempts = DNS_ATTEMPTS;
+        opts.try_tcp_on_error = true;
+        let auth = MessageAuthenticator::new(config, opts)
+            .map_err(|e| SpfError::Resolver(e.to_string()))?;
+        let rs = std::collections::hash_map::RandomState::new();
+        let mut secret = [0u8; 16];
+        secret[..8].copy_from_slice(&rs.hash_one(1u8).to_le_bytes());
+        secret[8..].copy_from_slice(&rs.hash_one(2u8).to_le_bytes());
+        Ok(Spf {
+            inner: Arc::new(Inner {
+                auth,
+                cache: Cache::new(cache_entries),
+                in_flight: (0..cache::SHARDS).map(|_| InFlight::default()).collect(),
+                running: AtomicUsize::new(0),
+                counters: Counters::default(),
+                secret,
+                epoch: Instant::now(),
+                min_ttl: MIN_TTL,
+                max_ttl: MAX_TTL,
+            }),
+            timeout,
+        })
+    }
+
+    /// Replaces the TTL clamp (default [[`MIN_TTL`], [`MAX_TTL`]]); the tests use seconds to
+    /// see entries expire. Call before sharing the value.
+    pub fn with_ttl_bounds(mut self, min: Duration, max: Duration) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("with_ttl_bounds before sharing");
+        inner.min_ttl = min.min(max);
+        inner.max_ttl = max;
+        self
+    }
+
+    /// The cache's bound, after rounding up to whole sets.
+    pub fn capacity(&self) -> usize {
+        self.inner.cache.capacity()
+    }
+
+    /// The cached result for (ip, domain) if still fresh: `Some(true)` = the address passes SPF
+    /// for the domain, `Some(false)` = any other result (or an invalid domain); `None` = not
+    /// cached or expired. No DNS, no `await`: one keyed hash and one shard lock.
+    pub fn cached(&self, ip: IpAddr, domain: &str) -> Option<bool> {
+        let inner = &*self.inner;
+        let Some(hash) = inner.key(ip, domain) else {
+            bump(&inner.counters.invalid);
+            return Some(false);
+        };
+        inner.cached(hash)
+    }
+
+    /// The result for (ip, domain), waiting at most the timeout: `None` = timed out (counted in
+    /// [`SpfStats::timeouts`]) or shed. While a lookup of the same (ip, domain) is in flight no
+    /// second one starts: this call waits on it. The lookup runs on a spawned task (so this must
+    /// be called inside a tokio runtime) and fills the cache even after its waiters gave up.
+    /// `helo` and `sender` (the full address, empty for the null sender) feed macros.
+    pub async fn check(&self, ip: IpAddr, domain: &str, helo: &str, sender: &str) -> Option<bool> {
+        let inner = &self.inner;
+        let Some(name) = normalise(domain) else {
+            bump(&inner.counters.invalid);
+            return Some(false);
+        };
+        let hash = inner.hash(ip, &name);
+        if let Some(hit) = inner.cached(hash) {
+            return Some(hit);
+        }
+        let mut rx = {
+            let mut in_flight = lock(&inner.in_flight[cache::shard_of(hash)]);
+            if let Some(rx) = in_flight.get(&hash) {
+                bump(&inner.counters.joins);
+                rx.clone()
+            } else {
+                // The lookup may have finished between the miss above and this lock: it fills
+                // the cache before it leaves the in-flight map.
+                if let Some(hit) = inner.cache.get(hash, inner.now()) {
+                    return Some(decode(hit));
+                }
+                if inner.running.fetch_add(1, Ordering::Relaxed) >= MAX_IN_FLIGHT {
+                    inner.running.fetch_sub(1, Ordering::Relaxed);
+                    bump(&inner.counters.shed);
+                    return None;
+                }
+                let (tx, rx) = watch::channel(None);
+                in_flight.insert(hash, rx.clone());
+                bump(&inner.counters.lookups);
+                let job = Lookup {
+                    inner: inner.clone(),
+                    hash,
+                    ip: ip.to_canonical(),
+                    domain: name.into_owned(),
+                    helo: helo.to_string(),
+                    sender: sender.to_string(),
+                };
+                tokio::spawn(job.run(tx));
+                rx
+            }
+        };
+        let waited = tokio::time::timeout(self.timeout, async {
+            // Copied out at once: the `Ref` holds the channel's lock.
+            rx.wait_for(Option::is_some).await.map(|v| *v)
+        })
+        .await;
+        match waited {
+            Ok(Ok(v)) => v,
+            // The lookup task died (a panic in the resolver): no answer, like a timeout.
+            Ok(Err(_)) => None,
+            Err(_) => {
+                bump(&inner.counters.timeouts);
+                None
+            }
+        }
+    }
+
+    /// The counters since [`Spf::new`], and the cache's size.
+    pub fn stats(&self) -> SpfStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let r = |k: Kind| get(&c.results[k as usize - 1]);
+        SpfStats {
+            lookups: get(&c.lookups),
+            hits: get(&c.hits),
+            misses: get(&c.misses),
+            timeouts: get(&c.timeouts),
+            joins: get(&c.joins),
+            shed: get(&c.shed),
+            invalid: get(&c.invalid),
+            entries: self.inner.cache.len() as u64,
+            evictions: get(&c.evictions),
+            void_limit: get(&c.void_limit),
+            results: SpfResults {
+                pass: r(Kind::Pass),
+                fail: r(Kind::Fail),
+                softfail: r(Kind::SoftFail),
+                neutral: r(Kind::Neutral),
+                none: r(Kind::None),
+                permerror: r(Kind::PermError),
+                temperror: r(Kind::TempError),
+            },
+        }
+    }
+}
+
+fn decode(kind: u8) -> bool {
+    kind == Kind::Pass as u8
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps stay well-formed across a panic elsewhere (single inserts and removes).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    /// Whole seconds since the epoch: the cache's clock.
+    fn now(&self) -> u32 {
+        self.epoch.elapsed().as_secs() as u32
+    }
+
+    /// The keyed 128-bit hash of (canonical address, lower-cased domain), or None for a domain
+    /// no DNS lookup should be made for.
+    fn key(&self, ip: IpAddr, domain: &str) -> Option<u128> {
+        let name = trim_root(domain);
+        valid_domain(name).then(|| self.hash(ip, name))
+    }
+
+    /// [`Inner::key`] of a name already validated (at most 253 bytes).
+    fn hash(&self, ip: IpAddr, name: &str) -> u128 {
+        let mut h = SipHasher13::new_with_key(&self.secret);
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                h.write_u8(4);
+                h.write(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                h.write_u8(6);
+                h.write(&v6.octets());
+            }
+        }
+        // Lower-cased on the stack: no allocation on the request path.
+        let mut buf = [0u8; 253];
+        let buf = &mut buf[..name.len()];
+        buf.copy_from_slice(name.as_bytes());
+        buf.make_ascii_lowercase();
+        h.write(buf);
+        h.finish128().as_u128()
+    }
+
+    fn cached(&self, hash: u128) -> Option<bool> {
+        let hit = self.cache.get(hash, self.now());
+        bump(if hit.is_some() {
+            &self.counters.hits
+        } else {
+            &self.counters.misses
+        });
+        hit.map(decode)
+    }
+
+    /// Seconds since the epoch at which a result read at `now` from answers expiring at
+    /// `expires` goes stale.
+    fn expiry(&self, kind: Kind, expires: Option<Instant>) -> u32 {
+        let ttl = if kind == Kind::TempError {
+            TEMPERROR_TTL.min(self.max_ttl)
+        } else {
+            expires
+                .map_or(NEGATIVE_TTL, |e| {
+                    e.saturating_duration_since(Instant::now())
+                })
+                .clamp(self.min_ttl, self.max_ttl)
+        };
+        // Rounded up: an entry lives at least its TTL and less than a second more.
+        let end = self.epoch.elapsed() + ttl;
+        let secs = end.as_secs() + u64::from(end.subsec_nanos() > 0);
+        secs.min(u64::from(u32::MAX)) as u32
+    }
+}
+
+/// One SPF evaluation, run on its own task.
+struct Lookup {
+    inner: Arc<Inner>,
+    hash: u128,
+    ip: IpAddr,
+    domain: String,
+    helo: String,
+    sender: String,
+}
+
+/// Takes the key out of the in-flight map however the lookup ends (a panic included), so a
+/// later `check` starts afresh instead of waiting on a dead task.
+struct InFlightGuard<'a> {
+    inner: &'a Inner,
+    hash: u128,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.in_flight[cache::shard_of(self.hash)]).remove(&self.hash);
+        self.inner.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Lookup {
+    async fn run(self, tx: watch::Sender<Option<bool>>) {
+        let inner = &*self.inner;
+        let guard = InFlightGuard {
+            inner,
+            hash: self.hash,
+        };
+        let tracker = Tracker::new();
+        let params = Parameters::new(SpfParameters::new(
+            self.ip,
+            &self.domain,
+            &self.helo,
+            HOST_DOMAIN,
+            &self.sender,
+        ))
+        .with_txt_cache(&tracker)
+        .with_mx_cache(&tracker)
+        .with_ipv4_cache(&tracker)
+        .with_ipv6_cache(&tracker)
+        .with_ptr_cache(&tracker);
+        let result =
+            match tokio::time::timeout(LOOKUP_DEADLINE, inner.auth.check_host(params)).await {
+                Ok(out) => out.result(),
+                Err(_) => SpfResult::TempError,
+            };
+        let (result, by_void_limit) = tracker.verdict(result);
+        let kind = Kind::from(result);
+        let c = &inner.counters;
+        bump(&c.results[kind as usize - 1]);
+        if by_void_limit {
+            bump(&c.void_limit);
+        }
+        let now = inner.now();
+        let expires = inner.expiry(kind, tracker.expires()).max(now + 1);
+        if inner.cache.insert(self.hash, kind as u8, now, expires) == Inserted::Evicted {
+            bump(&c.evictions);
+        }
+        // Cache first, then the map (the guard), then the waiters: a `check` that finds no
+        // lookup in flight finds the result cached.
+        drop(guard);
+        tx.send_replace(Some(kind == Kind::Pass));
+    }
+}
+
+/// The domain without one trailing root dot.
+fn trim_root(domain: &str) -> &str {
+    domain.strip_suffix('.').unwrap_or(domain)
+}
+
+/// Lower-cased, without the root dot, if valid.
+fn normalise(domain: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let name = trim_root(domain);
+    if !valid_domain(name) {
+        return None;
+    }
+    Some(if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        name.to_ascii_lowercase().into()
+    } else {
+        name.into()
+    })
+}
+
+/// A name worth a DNS lookup: 1..=253 bytes of 2+ labels of 1..=63 letters, digits, `-` (not
+/// at either end) or `_`, and a top-level label that is not all digits (so not an IPv4
+/// literal; `[…]` literals and IPv6 fail the character test). RFC 7208 §4.3 makes a malformed
+/// or single-label domain `none` without a lookup; a non-ASCII (U-label) name would need IDNA
+/// and is not what an SMTP envelope carries without SMTPUTF8, so it is refused too.
+fn valid_domain(name: &str) -> bool {
+    if name.is_empty() || name.len() > 253 {
+        return false;
+    }
+    let mut labels = 0;
+    let mut last = "";
+    for label in name.split('.') {
+        let b = label.as_bytes();
+        if b.is_empty()
+            || b.len() > 63
+            || b[0] == b'-'
+            || b[b.len() - 1] == b'-'
+            || !b
+                .iter()
+                .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        {
+            return false;
+        }
+        labels += 1;
+        last = label;
+    }
+    labels >= 2 && !last.bytes().all(|c| c.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spf() -> Spf {
+        Spf::new(SpfConfig {
+            dns_server: Some("127.0.0.1:9".parse().unwrap()),
+            ..SpfConfig::default()
+        })
+        .expect("builds outside a runtime")
+    }
+
+    #[test]
+    fn send_and_sync() {
+        fn is<T: Send + Sync>() {}
+        is::<Spf>();
+    }
+
+    #[test]
+    fn domains_checked_without_dns() {
+        for ok in [
+            "example.com",
+            "Example.COM.",
+            "_spf.google.com",
+            "a-b.c",
+            "xn--bcher-kva.example",
+            &format!("{}.com", ["a".repeat(63).as_str(); 3].join(".")),
+        ] {
+            assert!(valid_domain(trim_root(ok)), "{ok:?} is valid");
+        }
+        let long = format!("{}.com", ["a".repeat(62).as_str(); 4].join(".")); // 255 bytes
+        for bad in [
+            "",
+            ".",
+            "com",
+            "localhost",
+            "192.0.2.1",
+            "[192.0.2.1]",
+            "2001:db8::1",
+            "[IPv6:2001:db8::1]",
+            "a..com",
+            ".example.com",
+            "-a.com",
+            "a-.com",
+            "exa mple.com",
+            "bücher.example",
+            "user@example.com",
+            &format!("{}.com", "a".repeat(64)),
+            &long,
+        ] {
+            assert!(!valid_domain(trim_root(bad)), "{bad:?} is refused");
+        }
+    }
+
+    #[test]
+    fn invalid_domains_answer_false_and_count() {
+        let s = spf();
+        assert_eq!(
+            s.cached("192.0.2.1".parse().unwrap(), "192.0.2.9"),
+            Some(false)
+        );
+        assert_eq!(s.cached("192.0.2.1".parse().unwrap(), ""), Some(false));
+        assert_eq!(s.stats().invalid, 2);
+        assert_eq!(s.stats().misses, 0);
+    }
+
+    #[test]
+    fn key_ignores_case_root_dot_and_v4_mapping() {
+        let s = spf();
+        let k = |ip: &str, d: &str| s.inner.key(ip.parse().unwrap(), d).unwrap();
+        let base = k("192.0.2.1", "example.com");
+        assert_eq!(k("192.0.2.1", "EXAMPLE.Com."), base);
+        assert_eq!(k("::ffff:192.0.2.1", "example.com"), base);
+        assert_ne!(k("192.0.2.2", "example.com"), base);
+        assert_ne!(k("192.0.2.1", "example.org"), base);
+        assert_ne!(k("::192.0.2.1", "example.com"), base);
+    }
+
+    #[test]
+    fn expiry_clamps_ttls() {
+        let s = spf();
+        let i = &s.inner;
+        let now = i.now();
+        let secs = |d: Duration| d.as_secs() as u32;
+        let soon = Some(Instant::now() + Duration::from_secs(5));
+        let late = Some(Instant::now() + Duration::from_secs(100 * 3600));
+        let mid = Some(Instant::now() + Duration::from_secs(3600));
+        let within = |e: u32, d: Duration| e >= now + secs(d) && e <= now + secs(d) + 2;
+        assert!(within(i.expiry(Kind::Pass, soon), MIN_TTL));
+        assert!(within(i.expiry(Kind::Pass, late), MAX_TTL));
+        assert!(within(i.expiry(Kind::Fail, mid), Duration::from_secs(3600)));
+        assert!(within(i.expiry(Kind::None, None), NEGATIVE_TTL));
+        assert!(within(i.expiry(Kind::TempError, late), TEMPERROR_TTL));
+    }
+
+    #[test]
+    fn dns_server_parsing() {
+        let p = |s| parse_dns_server(s).ok();
+        assert_eq!(p("192.0.2.53"), Some("192.0.2.53:53".parse().unwrap()));
+        assert_eq!(
+            p("192.0.2.53:5353"),
+            Some("192.0.2.53:5353".parse().unwrap())
+        );
+        assert_eq!(p("::1"), Some("[::1]:53".parse().unwrap()));
+        assert_eq!(p("[::1]"), Some("[::1]:53".parse().unwrap()));
+        assert_eq!(p("[::1]:5353"), Some("[::1]:5353".parse().unwrap()));
+        assert_eq!(p("dns.example"), None);
+        assert_eq!(p("192.0.2.53:99999"), None);
+        assert_eq!(p(""), None);
+    }
+}
