@@ -505,18 +505,6 @@ pub fn parse_millis(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is too long"))
 }
 
-/// Parses `--dns-server`: a literal address with an optional port (`192.0.2.53`,
-/// `192.0.2.53:5353`, `::1`, `[::1]:5353`); port 53 when none is given.
-pub fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
-    let t = s.trim();
-    if let Ok(ip) = t.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, 53));
-    }
-    t.parse::<SocketAddr>().map_err(|_| {
-        format!("{s:?} is not an IP address with an optional port (192.0.2.53, [::1]:5353)")
-    })
-}
-
 /// Parses a literal `IP:port` (`127.0.0.1:10030`, `[::1]:10030`). Host names are refused rather
 /// than resolved: see the module documentation.
 pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
@@ -1124,7 +1112,9 @@ impl Overrides {
             if s.trim().is_empty() {
                 Ok(None)
             } else {
-                parse_dns_server(&s).map(Some)
+                crate::spf::parse_dns_server(s.trim())
+                    .map(Some)
+                    .map_err(|e| e.to_string())
             }
         })?;
         o.set("spf-timeout", &mut c.spf_timeout_ms, spf_timeout, |d| {

@@ -18,11 +18,14 @@ use greyhound::cli::{CheckArgs, Cli, CliCommand, ServeArgs, SnapshotCommand};
 use greyhound::cluster::{Cluster, ClusterConfig, Joined};
 use greyhound::config::{parse_duration, Config};
 use greyhound::engine::exempt::DEFAULT_CLIENTS;
-use greyhound::engine::{Engine, EngineConfig, ExemptList, Exemptions, Normalizer, SystemClock};
+use greyhound::engine::{
+    Engine, EngineConfig, ExemptList, Exemptions, IdentityKind, Normalizer, SystemClock,
+};
 use greyhound::proto::native;
 use greyhound::server::snapshots::Snapshots;
 use greyhound::server::{self, AllowList, Listeners, Settings, Shared};
 use greyhound::snapshot::{self, DirStore, Store, Writer};
+use greyhound::spf::{Spf, SpfConfig};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -287,6 +290,15 @@ fn serve(args: &ServeArgs) -> Result<()> {
     if let Some(c) = &cluster {
         shared = shared.with_cluster(c.clone());
     }
+    if client_identity.uses(IdentityKind::Spf) {
+        let spf = Spf::new(SpfConfig {
+            dns_server: *dns_server,
+            timeout: Duration::from_millis(u64::from(*spf_timeout_ms)),
+            cache_entries: greyhound::spf::DEFAULT_CACHE_ENTRIES,
+        })
+        .context("client-identity spf")?;
+        shared = shared.with_spf(Arc::new(spf));
+    }
     let shared = Arc::new(shared);
     shared
         .metrics
@@ -309,6 +321,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
         greytraps = counts.greytraps,
         domains = counts.domains,
         client_identity = %client_identity,
+        dns_server = ?dns_server,
+        spf_timeout_ms,
         allow = ?allow,
         data_dir = %data_dir.display(),
         workers,

@@ -41,8 +41,8 @@ use crate::cluster::{Cluster, ClusterStatus};
 pub use crate::config::Limits;
 use crate::engine::Engine;
 pub use listen::{BindError, Listeners, PolicyListener};
-pub use spf::SpfPath;
 use metrics::{Metrics, Proto};
+pub use spf::SpfPath;
 
 /// What the connection loops need besides the engine.
 #[derive(Debug, Clone)]

@@ -86,7 +86,12 @@ pub(crate) fn spf_domain<'a>(sender: &'a str, helo: &'a str) -> Option<&'a str> 
 
 /// The domain a request passed SPF for, from the cache (no DNS, not counted): the `spf`
 /// identity of [`crate::engine::Query::spf`].
-pub(crate) fn passed<'a>(spf: &Spf, client: IpAddr, sender: &'a str, helo: &'a str) -> Option<&'a str> {
+pub(crate) fn passed<'a>(
+    spf: &Spf,
+    client: IpAddr,
+    sender: &'a str,
+    helo: &'a str,
+) -> Option<&'a str> {
     let d = spf_domain(sender, helo)?;
     (spf.probe(client, d) == Some(true)).then_some(d)
 }
@@ -116,7 +121,7 @@ pub(crate) fn misses(spf: &Spf, client: IpAddr, sender: &str, helo: &str, count:
 
 /// Whether any CHECK or PEEK of `reqs` must wait for a lookup (each counted as a hit or a
 /// miss).
-pub(crate) fn any_miss(spf: &Spf, reqs: impl Iterator<Item = Parsed<'_>>) -> bool {
+pub(crate) fn any_miss<'a>(spf: &Spf, reqs: impl Iterator<Item = Parsed<'a>>) -> bool {
     let mut any = false;
     for r in reqs {
         if let Some(t) = triplet(&r) {

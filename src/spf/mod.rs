@@ -201,10 +201,10 @@ pub struct SpfResults {
 pub struct SpfStats {
     /// Lookups (SPF evaluations) started.
     pub lookups: u64,
-    /// Answers from the cache (by [`Spf::cached`] and [`Spf::check`] alike).
+    /// Answers from the cache (by [`Spf::cached`] only).
     pub hits: u64,
-    /// Cache misses (by [`Spf::cached`] and [`Spf::check`] alike: a caller that tries
-    /// `cached` and then `check` counts two).
+    /// Cache misses (by [`Spf::cached`] only: the server asks it once per request, then
+    /// [`Spf::check`] for a miss and [`Spf::probe`] while deciding, neither counted).
     pub misses: u64,
     /// `check` calls that gave up waiting after the timeout (`greyhound_spf_timeouts_total`).
     pub timeouts: u64,
@@ -265,6 +265,15 @@ struct Inner {
 pub struct Spf {
     inner: Arc<Inner>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for Spf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spf")
+            .field("timeout", &self.timeout)
+            .field("capacity", &self.capacity())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Spf {
@@ -341,6 +350,13 @@ impl Spf {
         inner.cached(hash)
     }
 
+    /// [`Spf::cached`] without counting a hit or a miss: for a request already counted.
+    pub fn probe(&self, ip: IpAddr, domain: &str) -> Option<bool> {
+        let inner = &*self.inner;
+        let hash = inner.key(ip, domain)?;
+        inner.cache.get(hash, inner.now()).map(decode)
+    }
+
     /// The result for (ip, domain), waiting at most the timeout: `None` = timed out (counted in
     /// [`SpfStats::timeouts`]) or shed. While a lookup of the same (ip, domain) is in flight no
     /// second one starts: this call waits on it. The lookup runs on a spawned task (so this must
@@ -353,8 +369,9 @@ impl Spf {
             return Some(false);
         };
         let hash = inner.hash(ip, &name);
-        if let Some(hit) = inner.cached(hash) {
-            return Some(hit);
+        // Not counted: the server counts each request once, when it asks `cached` first.
+        if let Some(hit) = inner.cache.get(hash, inner.now()) {
+            return Some(decode(hit));
         }
         let mut rx = {
             let mut in_flight = lock(&inner.in_flight[cache::shard_of(hash)]);
