@@ -90,8 +90,9 @@ pub fn lock(dir: &Path) -> Result<DirLock, DataDirError> {
 pub fn open(dir: &Path) -> Result<HashSecret, DataDirError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let key_path = dir.join(KEY_FILE);
-    match fs::read_to_string(&key_path) {
-        Ok(text) => parse_key(&text).map_err(|problem| DataDirError::DamagedKey {
+    // Read as bytes: a damaged file may hold anything, not only UTF-8.
+    match fs::read(&key_path) {
+        Ok(bytes) => parse_key(&bytes).map_err(|problem| DataDirError::DamagedKey {
             path: key_path.clone(),
             problem,
         }),
@@ -111,18 +112,24 @@ pub fn open(dir: &Path) -> Result<HashSecret, DataDirError> {
     }
 }
 
-fn parse_key(text: &str) -> Result<HashSecret, String> {
-    let hex = text.trim();
+/// Parses the key file: 32 hexadecimal digits, blanks around them allowed. Any other bytes,
+/// multi-byte UTF-8 or not UTF-8 at all, are a damaged key, never a panic.
+fn parse_key(bytes: &[u8]) -> Result<HashSecret, String> {
+    let hex = bytes.trim_ascii();
     if hex.len() != 32 {
         return Err(format!(
-            "expected 32 hexadecimal digits, found {} characters",
+            "expected 32 hexadecimal digits, found {} bytes",
             hex.len()
         ));
     }
+    let digit = |b: u8| char::from(b).to_digit(16);
     let mut key = [0u8; 16];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| "not hexadecimal".to_string())?;
+    for (k, pair) in key.iter_mut().zip(hex.chunks_exact(2)) {
+        match (digit(pair[0]), digit(pair[1])) {
+            // Both below 16: the byte cannot overflow.
+            (Some(hi), Some(lo)) => *k = (hi * 16 + lo) as u8,
+            _ => return Err("not hexadecimal".to_string()),
+        }
     }
     Ok(HashSecret(key))
 }
@@ -192,6 +199,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not hexadecimal"));
+        // 32 bytes that are not 32 characters, and bytes that are not UTF-8 at all.
+        for bytes in ["éééééééééééééééé".as_bytes(), &[0xff; 32]] {
+            fs::write(d.join(KEY_FILE), bytes).unwrap();
+            let e = open(&d).unwrap_err().to_string();
+            assert!(e.contains("damaged"), "{e}");
+        }
         fs::remove_file(d.join(KEY_FILE)).unwrap();
         fs::write(d.join("snapshot-0000000001.snap"), b"x").unwrap();
         let e = open(&d).unwrap_err().to_string();
