@@ -29,6 +29,12 @@ pub enum DataDirError {
         /// The cause.
         source: io::Error,
     },
+    /// The path exists but is not a directory.
+    #[error("data directory {path} is not a directory")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
     /// The key file exists but is not a valid key.
     #[error("data directory: key file {path} is damaged ({problem}); restore it from a backup — a new key would orphan every stored record")]
     DamagedKey {
@@ -58,6 +64,18 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
     }
 }
 
+/// Creates the directory if it is missing; a path that exists as something else is named as
+/// such (`create_dir_all` would only say "File exists").
+fn create(dir: &Path) -> Result<(), DataDirError> {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(DataDirError::NotADirectory {
+            path: dir.to_path_buf(),
+        }),
+        Err(_) => fs::create_dir_all(dir).map_err(io_err(dir)),
+    }
+}
+
 /// The exclusive lock on a data directory, held for the life of the server and released by
 /// the kernel when the process ends, however it ends.
 #[derive(Debug)]
@@ -68,7 +86,7 @@ pub struct DirLock {
 /// Creates the data directory if needed and locks it, so two servers never write snapshots
 /// into one directory.
 pub fn lock(dir: &Path) -> Result<DirLock, DataDirError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    create(dir)?;
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .write(true)
@@ -88,7 +106,7 @@ pub fn lock(dir: &Path) -> Result<DirLock, DataDirError> {
 
 /// Opens (creating if needed) the data directory and returns its secret.
 pub fn open(dir: &Path) -> Result<HashSecret, DataDirError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    create(dir)?;
     let key_path = dir.join(KEY_FILE);
     // Read as bytes: a damaged file may hold anything, not only UTF-8.
     match fs::read(&key_path) {

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -25,7 +24,24 @@ use greyhound::server::{self, AllowList, Listeners, Settings, Shared};
 use greyhound::snapshot::{self, DirStore, Store, Writer};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // clap's exit code for a refused command line (2), with one line instead of its
+            // usage: a start-up failure in a service log is read line by line.
+            eprintln!("greyhound: {}", greyhound::cli::error_line(&e));
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
         CliCommand::Serve(args) => match serve(&args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -44,6 +60,14 @@ fn main() -> ExitCode {
 /// `greyhound snapshot inspect FILE`: prints the report; exit 0 if the file is a usable
 /// snapshot, 1 if it is damaged or unreadable.
 fn inspect(file: &std::path::Path) -> ExitCode {
+    // Mapping a directory fails with ENODEV ("No such device"), which says nothing useful.
+    if file.is_dir() {
+        eprintln!(
+            "greyhound: snapshot inspect {}: is a directory; give one of its snapshot-*.snap files",
+            file.display()
+        );
+        return ExitCode::from(1);
+    }
     let bytes = match greyhound::snapshot::mmap::map(file) {
         Ok(b) => b,
         Err(e) => {
