@@ -35,6 +35,14 @@ pub enum DataDirError {
         /// The path.
         path: PathBuf,
     },
+    /// Files cannot be created in the directory: every snapshot would fail.
+    #[error("data directory {path}: cannot write in it ({source}); every snapshot would fail and a crash would lose everything learnt since the start (fix its permissions, attributes or mount)")]
+    NotWritable {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
     /// The key file exists but is not a valid key.
     #[error("data directory: key file {path} is damaged ({problem}); restore it from a backup — a new key would orphan every stored record")]
     DamagedKey {
@@ -95,13 +103,45 @@ pub fn lock(dir: &Path) -> Result<DirLock, DataDirError> {
         .mode(0o600)
         .open(&path)
         .map_err(io_err(&path))?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(DirLock { _lock: lock }),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(DataDirError::InUse {
-            path: dir.to_path_buf(),
-        }),
-        Err((_, e)) => Err(io_err(&path)(io::Error::from(e))),
-    }
+    let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => DirLock { _lock: lock },
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            return Err(DataDirError::InUse {
+                path: dir.to_path_buf(),
+            })
+        }
+        Err((_, e)) => return Err(io_err(&path)(io::Error::from(e))),
+    };
+    probe_writable(dir)?;
+    Ok(lock)
+}
+
+/// Name of the file [`lock`] creates and removes to learn whether the directory is writable.
+const PROBE_FILE: &str = ".write-probe";
+
+/// Creates, syncs and removes a file in `dir`, the steps every snapshot takes. Opening the
+/// existing `.lock` and reading `hash.key` succeed in a directory that is read-only (`chattr
+/// +i`, a read-only mount, another owner's mode bits), so without this the first error would
+/// come at the first snapshot interval, after the server had reported ready. Called with the
+/// lock held, so two servers never probe one directory at once.
+fn probe_writable(dir: &Path) -> Result<(), DataDirError> {
+    let path = dir.join(PROBE_FILE);
+    let not_writable = |source| DataDirError::NotWritable {
+        path: dir.to_path_buf(),
+        source,
+    };
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| {
+            f.write_all(b"x")?;
+            f.sync_all()
+        })
+        .map_err(not_writable)?;
+    fs::remove_file(&path).map_err(not_writable)
 }
 
 /// Opens (creating if needed) the data directory and returns its secret.
@@ -238,7 +278,9 @@ mod tests {
         assert!(e.contains("in use by another greyhound"), "{e}");
         drop(first);
         lock(&d).unwrap();
-        // The lock file is not data: a directory holding only it still gets a new key.
+        // Neither the lock file nor the probe is data: a directory holding only them still
+        // gets a new key.
+        fs::write(d.join(PROBE_FILE), b"x").unwrap();
         open(&d).unwrap();
         fs::remove_dir_all(&d).unwrap();
     }
