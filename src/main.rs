@@ -220,6 +220,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
     // while the snapshot loads wait in the listen backlog instead of being refused.
     let listeners = Listeners::bind(*native, policy_addr, *metrics, cores)?;
     let store = DirStore::new(data_dir);
+    // Before loading: such a name would be loaded as the newest snapshot.
+    greyhound::snapshot::store::check_names(&store)?;
     let loading = Instant::now();
     let loaded = snapshot::load(&store, &engine, cores)?;
     match &loaded.name {
