@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::{Cluster, ClusterStatus};
 pub use crate::config::Limits;
 use crate::engine::Engine;
-pub use listen::{BindError, Listeners, PolicyListener};
+pub use listen::{BindError, Listeners, PolicyListener, SocketFile};
 use metrics::{Metrics, Proto};
 
 /// What the connection loops need besides the engine.
@@ -268,14 +268,14 @@ pub async fn run(
             ));
             None
         }
-        PolicyListener::Unix(l, path) => {
+        PolicyListener::Unix(l, file) => {
             tasks.spawn(conn::accept_loop(
                 UnixListener::from_std(l)?,
                 shared.clone(),
                 shutdown.clone(),
                 Proto::Policy,
             ));
-            Some(path)
+            Some(file)
         }
     };
     tasks.spawn(http::serve(
@@ -320,8 +320,8 @@ pub async fn run(
     for t in threads {
         let _ = t.join();
     }
-    if let Some(path) = unix_path {
-        let _ = std::fs::remove_file(path);
+    if let Some(file) = unix_path {
+        file.remove_if_ours();
     }
     Ok(())
 }
