@@ -181,6 +181,36 @@ fn serve(args: &ServeArgs) -> Result<()> {
         limits,
     } = &cfg;
     init_logging(log_level);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Half the cores by default: the clients of the policy port (Postfix's smtpd processes) and
+    // the UDP threads share the machine, and ping-pong traffic on more runtime workers than
+    // that spends its time waking and stealing between them. Measured on 2 cores with the
+    // load generator beside it, 1 worker against 2, alternating runs: policy 71–93 k/s against
+    // 68–78 k/s (8 connections) and 73–74 against 52–57 (64); native TCP ×16 the same, ×128
+    // 1.38–1.51 M/s against 1.11–1.75 (docs/BENCHMARKS.md).
+    let workers = if *workers == 0 {
+        (cores / 2).max(1)
+    } else {
+        *workers
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // The handlers are installed before anything slow (loading a large snapshot takes seconds):
+    // a SIGHUP then (`systemctl reload` during a start) would otherwise kill the process with
+    // its default action, and a SIGTERM would end it without a word. A signal that arrives
+    // while loading waits in its stream: SIGHUP reloads the lists once serving starts, SIGTERM
+    // and SIGINT stop the start once the snapshot is loaded.
+    let mut signals = {
+        let _runtime = rt.enter();
+        Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        }
+    };
     let normalizer = Normalizer::new(*ipv4_prefix, *ipv6_prefix)?;
     let dir_lock = greyhound::datadir::lock(data_dir)?;
     let secret = greyhound::datadir::open(data_dir)?;
@@ -204,18 +234,6 @@ fn serve(args: &ServeArgs) -> Result<()> {
     });
     engine.set_exemptions(exemptions);
 
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // Half the cores by default: the clients of the policy port (Postfix's smtpd processes) and
-    // the UDP threads share the machine, and ping-pong traffic on more runtime workers than
-    // that spends its time waking and stealing between them. Measured on 2 cores with the
-    // load generator beside it, 1 worker against 2, alternating runs: policy 71–93 k/s against
-    // 68–78 k/s (8 connections) and 73–74 against 52–57 (64); native TCP ×16 the same, ×128
-    // 1.38–1.51 M/s against 1.11–1.75 (docs/BENCHMARKS.md).
-    let workers = if *workers == 0 {
-        (cores / 2).max(1)
-    } else {
-        *workers
-    };
     // Bound before loading: an unusable address fails at once, and clients that connect
     // while the snapshot loads wait in the listen backlog instead of being refused.
     let listeners = Listeners::bind(*native, policy_addr, *metrics, cores)?;
@@ -223,6 +241,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     // Before loading: such a name would be loaded as the newest snapshot.
     greyhound::snapshot::store::check_names(&store)?;
     let loading = Instant::now();
+    info!(data_dir = %data_dir.display(), "loading the newest snapshot");
     let loaded = snapshot::load(&store, &engine, cores)?;
     match &loaded.name {
         Some(name) => info!(
@@ -241,6 +260,16 @@ fn serve(args: &ServeArgs) -> Result<()> {
             unusable = loaded.skipped.len(),
             "no usable snapshot (each is named above); starting with an empty table"
         ),
+    }
+    if let Some(name) = rt.block_on(signals.stop_requested()) {
+        // Nothing has changed since the snapshot on disk: no snapshot to write, no state to
+        // lose. The listen backlog is dropped with the sockets.
+        info!("{name} while starting: stopping before serving; the data directory is unchanged");
+        if let server::PolicyListener::Unix(_, file) = &listeners.policy {
+            file.remove_if_ours();
+        }
+        drop(dir_lock);
+        return Ok(());
     }
     let writer =
         Writer::new(store).map_err(|e| anyhow!("data directory {}: {e}", data_dir.display()))?;
@@ -338,11 +367,6 @@ fn serve(args: &ServeArgs) -> Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let snapshots = Snapshots::start(
         writer,
         shared.clone(),
@@ -351,9 +375,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     .context("cannot start the snapshot thread")?;
     let served = rt.block_on(async {
         let token = CancellationToken::new();
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+        let Signals { term, int, hup } = &mut signals;
         server::announce(&listeners);
         let server = tokio::spawn(server::run(listeners, shared.clone(), token.clone(), Duration::from_secs(3)));
         loop {
@@ -390,6 +412,25 @@ fn serve(args: &ServeArgs) -> Result<()> {
     drop(dir_lock);
     info!("stopped");
     Ok(())
+}
+
+/// The signals `serve` acts on, caught from before the snapshot loads.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// The name of a stop signal (SIGTERM, SIGINT) received so far, if any, without waiting.
+    async fn stop_requested(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            biased;
+            _ = self.term.recv() => Some("SIGTERM"),
+            _ = self.int.recv() => Some("SIGINT"),
+            () = std::future::ready(()) => None,
+        }
+    }
 }
 
 /// `greyhound check`: one query; exit 0 on PASS, 1 on DEFER, 2 on anything else.

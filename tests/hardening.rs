@@ -253,8 +253,8 @@ fn spawn_serve(data: &str, native: &str) -> (Child, Arc<Mutex<Vec<String>>>) {
 }
 
 /// Waits until the native port accepts connections (it is bound before the snapshot loads),
-/// then returns whether the snapshot was still loading then.
-fn wait_bound(child: &mut Child, native: &str, logs: &Arc<Mutex<Vec<String>>>) -> bool {
+/// and asserts the snapshot is still loading then.
+fn wait_loading(child: &mut Child, native: &str, logs: &Arc<Mutex<Vec<String>>>) {
     let bound = poll(IO_TIMEOUT, || {
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -264,7 +264,11 @@ fn wait_bound(child: &mut Child, native: &str, logs: &Arc<Mutex<Vec<String>>>) -
         TcpStream::connect(native).ok()
     });
     assert!(bound.is_some(), "native port never bound");
-    !logs.lock().unwrap().iter().any(|l| l.contains(" ready "))
+    let logs = logs.lock().unwrap();
+    assert!(
+        !logs.iter().any(|l| l.contains("snapshot loaded")),
+        "the snapshot loaded before the signal could be sent; make it larger: {logs:?}"
+    );
 }
 
 fn kill(child: &Child, sig: &str) {
@@ -297,7 +301,7 @@ fn sighup_and_sigterm_while_a_snapshot_loads_are_not_fatal() {
 
     // SIGHUP while loading: the start goes on and the server serves.
     let (mut child, logs) = spawn_serve(&data, &native);
-    let loading = wait_bound(&mut child, &native, &logs);
+    wait_loading(&mut child, &native, &logs);
     kill(&child, "HUP");
     let ready = poll(Duration::from_secs(60), || {
         if let Some(s) = child.try_wait().unwrap() {
@@ -314,17 +318,24 @@ fn sighup_and_sigterm_while_a_snapshot_loads_are_not_fatal() {
     });
     assert!(ready.is_some(), "never ready: {:?}", logs.lock().unwrap());
     assert_eq!(request(native.parse().unwrap(), b"PING\n"), "PONG\n");
+    // The SIGHUP was kept, not lost: the lists are reloaded once serving.
+    let reloaded = poll(IO_TIMEOUT, || {
+        let logs = logs.lock().unwrap();
+        logs.iter()
+            .any(|l| l.contains("SIGHUP: exemption lists reloaded"))
+            .then_some(())
+    });
+    assert!(reloaded.is_some(), "{:?}", logs.lock().unwrap());
     kill(&child, "TERM");
     assert!(
         wait_exit(&mut child).success(),
         "{:?}",
         logs.lock().unwrap()
     );
-    eprintln!("SIGHUP sent while loading: {loading}");
 
     // SIGTERM while loading: a clean exit, and the data loads again in full.
     let (mut child, logs) = spawn_serve(&data, &native);
-    let loading = wait_bound(&mut child, &native, &logs);
+    wait_loading(&mut child, &native, &logs);
     kill(&child, "TERM");
     let status = wait_exit(&mut child);
     assert!(
@@ -332,7 +343,14 @@ fn sighup_and_sigterm_while_a_snapshot_loads_are_not_fatal() {
         "exit {status} after SIGTERM while loading: {:?}",
         logs.lock().unwrap()
     );
-    eprintln!("SIGTERM sent while loading: {loading}");
+    assert!(
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("SIGTERM while starting")),
+        "{:?}",
+        logs.lock().unwrap()
+    );
     let srv = Server::start_in(dir, &[]);
     let loaded = srv.wait_log("snapshot loaded", |l| l.contains("snapshot loaded"));
     assert!(loaded.contains(&format!("triplets={N}")), "{loaded}");
