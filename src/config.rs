@@ -149,7 +149,8 @@ pub struct Limits {
     /// Longest line of the native protocol, in bytes (`max-line`, 64..=1024; the protocol says
     /// lines are at most 1024 bytes).
     pub max_line: usize,
-    /// Most simultaneous TCP connections, over all listeners (`max-connections`).
+    /// Most simultaneous connections on each stream listener — native TCP, policy and metrics
+    /// each have this many (`max-connections`), so one port's clients cannot lock out another's.
     pub max_connections: usize,
     /// Seconds an idle connection is kept (`idle-timeout`).
     pub idle_timeout_secs: u32,
@@ -838,7 +839,8 @@ pub struct LimitOverrides {
     /// Longest native protocol line in bytes, 64..=1024 [default: 1024].
     #[arg(long, value_name = "BYTES", help_heading = "Limits")]
     pub max_line: Option<usize>,
-    /// Most simultaneous TCP connections [default: 4096].
+    /// Most simultaneous connections on each of the native, policy and metrics ports
+    /// [default: 4096].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     pub max_connections: Option<usize>,
     /// Time an idle connection is kept [default: 600s].

@@ -94,9 +94,19 @@ fn idle_metrics_connections_count_against_their_own_cap() {
     third.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
     assert_closed_without_reply(&mut third, "third metrics connection over the cap of 2");
     drop(idle);
+    // A scrape may still find the cap full until the server has seen the two close.
+    let scrape = || -> Option<String> {
+        let mut s = TcpStream::connect(srv.metrics_addr).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.contains(" 200 ").then_some(out)
+    };
+    let text = poll(IO_TIMEOUT, scrape).expect("a scrape once the idle connections closed");
     let refused = "greyhound_connections_refused_total{listener=\"metrics\"}";
-    let n = poll(IO_TIMEOUT, || srv.metric(refused)).expect("refused metrics counted");
-    assert_eq!(n, 1.0);
+    // The third, and any scrape above that came before the two had closed.
+    let n = metric_value(&text, refused).unwrap_or_else(|| panic!("no {refused} in {text}"));
+    assert!(n >= 1.0, "{text}");
     // Native and policy connections are not counted against the metrics cap.
     assert_eq!(request(srv.native, b"PING\n"), "PONG\n");
     srv.wait_log("naming the metrics listener's cap", |l| {
@@ -137,10 +147,11 @@ fn open_fds(pid: u32) -> usize {
 fn accept_errors_at_the_descriptor_limit_are_logged_and_clients_not_left_hanging() {
     let srv = Server::start(&[]);
     let pid = srv.pid().to_string();
-    // A few descriptors to spare, then none.
+    // A few descriptors to spare, then none (the soft limit only: root in this container may
+    // not raise a hard limit again).
     let limit = open_fds(srv.pid()) + 2;
     let st = Command::new("prlimit")
-        .args(["--pid", &pid, &format!("--nofile={limit}:{limit}")])
+        .args(["--pid", &pid, &format!("--nofile={limit}:")])
         .status()
         .unwrap();
     assert!(st.success(), "prlimit failed");
@@ -167,7 +178,7 @@ fn accept_errors_at_the_descriptor_limit_are_logged_and_clients_not_left_hanging
     );
     drop(conns);
     let st = Command::new("prlimit")
-        .args(["--pid", &pid, "--nofile=4096:4096"])
+        .args(["--pid", &pid, "--nofile=4096:"])
         .status()
         .unwrap();
     assert!(st.success());

@@ -145,10 +145,14 @@ pub struct Shared {
     pub settings: Settings,
     /// Replication, when this node is part of a cluster.
     pub cluster: Option<Arc<Cluster>>,
-    open: AtomicUsize,
+    /// Connections open now, by [`metrics::Port`]: each listener has its own cap.
+    open: [AtomicUsize; 3],
     started: Instant,
     refused_log: RateLimit,
     error_log: RateLimit,
+    /// A listener reached its cap, by [`metrics::Port`].
+    cap_log: [RateLimit; 3],
+    accept_log: RateLimit,
 }
 
 impl Shared {
@@ -160,10 +164,12 @@ impl Shared {
             allow,
             settings,
             cluster: None,
-            open: AtomicUsize::new(0),
+            open: Default::default(),
             started: Instant::now(),
             refused_log: RateLimit::default(),
             error_log: RateLimit::default(),
+            cap_log: Default::default(),
+            accept_log: RateLimit::default(),
         }
     }
 
