@@ -264,7 +264,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     if let Some(name) = rt.block_on(signals.stop_requested()) {
         // Nothing has changed since the snapshot on disk: no snapshot to write, no state to
         // lose. The listen backlog is dropped with the sockets.
-        info!("{name} while starting: stopping before serving; the data directory is unchanged");
+        info!("{name} while starting: stopping before serving; no snapshot written (nothing was learnt)");
         if let server::PolicyListener::Unix(_, file) = &listeners.policy {
             file.remove_if_ours();
         }
