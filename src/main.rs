@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use greyhound::cli::{CheckArgs, Cli, CliCommand, ServeArgs, SnapshotCommand};
 use greyhound::cluster::{Cluster, ClusterConfig, Joined};
@@ -237,6 +237,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     // Bound before loading: an unusable address fails at once, and clients that connect
     // while the snapshot loads wait in the listen backlog instead of being refused.
     let listeners = Listeners::bind(*native, policy_addr, *metrics, cores)?;
+    check_open_files(limits.max_connections, cores);
     let store = DirStore::new(data_dir);
     // Before loading: such a name would be loaded as the newest snapshot.
     greyhound::snapshot::store::check_names(&store)?;
@@ -412,6 +413,43 @@ fn serve(args: &ServeArgs) -> Result<()> {
     drop(dir_lock);
     info!("stopped");
     Ok(())
+}
+
+/// Descriptors the server holds besides its connections and UDP sockets: listeners and their
+/// spare descriptors, the data directory's lock and snapshot files, Redis, the log.
+const FD_RESERVE: u64 = 64;
+
+/// Makes sure the open-file limit leaves room for `max-connections` on each of the three stream
+/// listeners: raises the soft limit towards the hard one if needed (a service manager's default
+/// soft limit of 1024 is below the default 3 × 4096), and warns if even the hard limit is too
+/// low. Not fatal: the server works below it, but at the limit new clients are closed unanswered
+/// (counted in `greyhound_accept_errors_total`), and the operator should know before that.
+fn check_open_files(max_connections: usize, udp_sockets: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let need = 3 * max_connections as u64 + udp_sockets as u64 + FD_RESERVE;
+    let Ok((mut soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= need {
+        return;
+    }
+    let raised = need.min(hard);
+    if raised > soft && setrlimit(Resource::RLIMIT_NOFILE, raised, hard).is_ok() {
+        info!(
+            from = soft,
+            to = raised,
+            "raised the open-file limit for max-connections on three listeners"
+        );
+        soft = raised;
+    }
+    if soft < need {
+        warn!(
+            limit = soft,
+            need,
+            max_connections,
+            "the open-file limit ({soft}) is below what max-connections on the native, policy and metrics listeners needs ({need}); at the limit new clients are closed unanswered: raise LimitNOFILE or lower max-connections"
+        );
+    }
 }
 
 /// The signals `serve` acts on, caught from before the snapshot loads.

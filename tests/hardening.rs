@@ -521,3 +521,79 @@ fn values_that_defeat_greylisting_are_refused() {
     let mut srv = Server::start(&["--delay", "0", "--dry-run"]);
     srv.terminate();
 }
+
+// ---------------------------------------------------------------------------------------
+// Start-up check of the open-file limit
+// ---------------------------------------------------------------------------------------
+
+/// Starts `greyhound serve` under `prlimit --nofile=SOFT:HARD`, waits for it to be ready and
+/// stops it; returns its log.
+fn serve_with_nofile(soft: u64, hard: u64, extra: &[&str]) -> Vec<String> {
+    let dir = TempDir::new("nofile");
+    let data = dir.file("data");
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={soft}:{hard}"))
+        .arg(BIN)
+        .args(["serve", "--data-dir", &data])
+        .args(["--native", "127.0.0.1:0", "--policy", "127.0.0.1:0"])
+        .args(["--metrics", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let l = logs.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            l.lock().unwrap().push(line);
+        }
+    });
+    let ready = poll(IO_TIMEOUT, || {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{:?}",
+            logs.lock().unwrap()
+        );
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(" ready "))
+            .then_some(())
+    });
+    assert!(ready.is_some(), "{:?}", logs.lock().unwrap());
+    kill(&child, "TERM");
+    assert!(wait_exit(&mut child).success());
+    let out = logs.lock().unwrap().clone();
+    out
+}
+
+#[test]
+fn an_open_file_limit_below_three_caps_is_raised_or_warned_about() {
+    // 3 × 4096 connections need more than 1024 descriptors: raised when the hard limit allows.
+    let logs = serve_with_nofile(1024, 20_000, &[]);
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("raised the open-file limit")),
+        "{logs:?}"
+    );
+    assert!(!logs.iter().any(|l| l.contains("WARN")), "{logs:?}");
+    // Not possible: a warning, and the server still starts.
+    let logs = serve_with_nofile(1024, 1024, &[]);
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("WARN") && l.contains("open-file limit (1024)")),
+        "{logs:?}"
+    );
+    // Enough for a smaller cap: nothing said.
+    let logs = serve_with_nofile(1024, 1024, &["--max-connections", "100"]);
+    assert!(
+        !logs.iter().any(|l| l.contains("open-file limit")),
+        "{logs:?}"
+    );
+}
