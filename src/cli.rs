@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::Overrides;
 
@@ -21,6 +23,50 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: CliCommand,
+}
+
+impl Cli {
+    /// The command line as [`Cli::command`] defines it, except that the values of `serve`'s
+    /// flags may look like negative numbers: `--delay -5` reaches the value's own check, which
+    /// names the flag in one line, instead of clap reading `-5` as an unknown flag and printing
+    /// its usage.
+    pub fn command_line() -> clap::Command {
+        Self::command().mut_subcommand("serve", |c| {
+            c.mut_args(|a| {
+                // Flags without a value (`--dry-run` is an `Option<bool>` taking none) keep
+                // clap's reading.
+                let no_value = a.get_num_args().is_some_and(|n| n.max_values() == 0);
+                if a.get_action().takes_values() && !no_value {
+                    a.allow_negative_numbers(true)
+                } else {
+                    a
+                }
+            })
+        })
+    }
+
+    /// Parses `args` (the program name first) with [`Cli::command_line`].
+    pub fn try_parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut cmd = Self::command_line();
+        let matches = cmd.try_get_matches_from_mut(args)?;
+        Self::from_arg_matches(&matches).map_err(|e| e.with_cmd(&cmd))
+    }
+}
+
+/// A clap error as one line, for a refused command line: the message and its tips, without the
+/// usage that follows (the administrator asked for none; `--help` gives it).
+pub fn error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut parts = text.lines().map(str::trim).filter(|l| {
+        !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+    });
+    let first = parts.next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    parts.fold(first, |line, tip| format!("{line} ({tip})"))
 }
 
 /// The subcommands.
@@ -93,6 +139,28 @@ mod tests {
     fn definition_is_consistent() {
         // clap's own check of the derive: duplicate flags, bad defaults and the like.
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn negative_values_reach_their_own_check_and_errors_are_one_line() {
+        let cli = Cli::try_parse_args(["greyhound", "serve", "--delay", "-5"]).unwrap();
+        let CliCommand::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert!(args.settings.delay.is_some());
+        let e = Cli::try_parse_args(["greyhound", "serve", "--awl-clients", "-1"]).unwrap_err();
+        let line = error_line(&e);
+        assert!(
+            line.contains("--awl-clients") && line.contains("-1"),
+            "{line}"
+        );
+        assert!(!line.contains('\n') && !line.contains("Usage"), "{line}");
+        let e = Cli::try_parse_args(["greyhound", "serve", "--dely", "5"]).unwrap_err();
+        let line = error_line(&e);
+        assert!(
+            line.contains("--dely") && line.contains("--delay"),
+            "{line}"
+        );
     }
 
     #[test]

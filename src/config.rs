@@ -73,6 +73,12 @@ pub const MAX_UNIX_PATH: usize = 107;
 /// The most connection worker threads (`workers`) accepted: more than any machine has cores.
 pub const MAX_WORKERS: usize = 1024;
 
+/// The shortest accepted `ipv4-prefix`: shorter would make one client of too many senders.
+pub const MIN_IPV4_PREFIX: u8 = 8;
+
+/// The shortest accepted `ipv6-prefix`.
+pub const MIN_IPV6_PREFIX: u8 = 16;
+
 /// The accepted values of `log-level`, from the quietest to the most verbose.
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
@@ -143,7 +149,8 @@ pub struct Limits {
     /// Longest line of the native protocol, in bytes (`max-line`, 64..=1024; the protocol says
     /// lines are at most 1024 bytes).
     pub max_line: usize,
-    /// Most simultaneous TCP connections, over all listeners (`max-connections`).
+    /// Most simultaneous connections on each stream listener — native TCP, policy and metrics
+    /// each have this many (`max-connections`), so one port's clients cannot lock out another's.
     pub max_connections: usize,
     /// Seconds an idle connection is kept (`idle-timeout`).
     pub idle_timeout_secs: u32,
@@ -886,7 +893,8 @@ pub struct LimitOverrides {
     /// Longest native protocol line in bytes, 64..=1024 [default: 1024].
     #[arg(long, value_name = "BYTES", help_heading = "Limits")]
     pub max_line: Option<usize>,
-    /// Most simultaneous TCP connections [default: 4096].
+    /// Most simultaneous connections on each of the native, policy and metrics ports
+    /// [default: 4096].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     pub max_connections: Option<usize>,
     /// Time an idle connection is kept [default: 600s].
@@ -1266,15 +1274,29 @@ impl Config {
         // A zero here would snapshot in a busy loop.
         check_duration("snapshot-interval", *snapshot_interval_secs, true)?;
         policy.validate()?;
+        // A shorter prefix groups so many senders into one client that one pass through the
+        // auto-whitelist lets a whole region of the Internet through: /0 is every IPv4 host.
+        // /8 and /16 are the widest groupings any real sender pool needs.
+        for (key, prefix, min, max) in [
+            ("ipv4-prefix", *ipv4_prefix, MIN_IPV4_PREFIX, 32),
+            ("ipv6-prefix", *ipv6_prefix, MIN_IPV6_PREFIX, 128),
+        ] {
+            if !(min..=max).contains(&prefix) {
+                return invalid(
+                    key,
+                    format!("({prefix}) must be between {min} and {max}: a shorter prefix makes one client of too many senders"),
+                );
+            }
+        }
         if let Err(e) = Normalizer::new(*ipv4_prefix, *ipv6_prefix) {
-            let key = if e.family == "ipv4" {
-                "ipv4-prefix"
-            } else {
-                "ipv6-prefix"
-            };
+            return invalid("ipv4-prefix", e.to_string());
+        }
+        // Every sender that retries at all would pass its first retry: no greylisting, but
+        // answers that say DEFER 0. Watching without deferring is what dry-run is for.
+        if policy.delay == 0 && !policy.dry_run {
             return invalid(
-                key,
-                format!("({}) must be between 0 and {}", e.prefix, e.max),
+                "delay",
+                "(0) would let every retry through; use at least 1s, or dry-run to record without deferring".to_owned(),
             );
         }
         if allow.is_empty() {
@@ -2272,6 +2294,22 @@ policy-max-attributes = 64
         let mut c = ok();
         c.ipv6_prefix = 129;
         assert_eq!(invalid_key(&c), "ipv6-prefix");
+        // Prefixes that would make one client of a large part of the Internet.
+        let mut c = ok();
+        c.ipv4_prefix = 8;
+        c.ipv6_prefix = 16;
+        assert!(c.validate().is_ok());
+        c.ipv4_prefix = 7;
+        assert_eq!(invalid_key(&c), "ipv4-prefix");
+        c.ipv4_prefix = 8;
+        c.ipv6_prefix = 15;
+        assert_eq!(invalid_key(&c), "ipv6-prefix");
+        // A zero delay only in dry-run.
+        let mut c = ok();
+        c.policy.delay = 0;
+        assert_eq!(invalid_key(&c), "delay");
+        c.policy.dry_run = true;
+        assert!(c.validate().is_ok());
 
         let mut c = ok();
         c.limits.max_line = 1024;
@@ -2425,7 +2463,11 @@ policy-max-attributes = 64
         let c = load(&["--config", file.path(), "--delay", "30s"]).unwrap();
         assert_eq!((c.policy.delay, c.policy.retry_window), (30, 60));
         let err = load(&["--ipv4-prefix", "33"]).unwrap_err();
-        assert_eq!(err.to_string(), "ipv4-prefix (33) must be between 0 and 32");
+        assert!(
+            err.to_string()
+                .starts_with("ipv4-prefix (33) must be between 8 and 32"),
+            "{err}"
+        );
     }
 
     #[test]

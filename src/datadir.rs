@@ -29,6 +29,20 @@ pub enum DataDirError {
         /// The cause.
         source: io::Error,
     },
+    /// The path exists but is not a directory.
+    #[error("data directory {path} is not a directory")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Files cannot be created in the directory: every snapshot would fail.
+    #[error("data directory {path}: cannot write in it ({source}); every snapshot would fail and a crash would lose everything learnt since the start (fix its permissions, attributes or mount)")]
+    NotWritable {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
     /// The key file exists but is not a valid key.
     #[error("data directory: key file {path} is damaged ({problem}); restore it from a backup — a new key would orphan every stored record")]
     DamagedKey {
@@ -58,6 +72,18 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
     }
 }
 
+/// Creates the directory if it is missing; a path that exists as something else is named as
+/// such (`create_dir_all` would only say "File exists").
+fn create(dir: &Path) -> Result<(), DataDirError> {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(DataDirError::NotADirectory {
+            path: dir.to_path_buf(),
+        }),
+        Err(_) => fs::create_dir_all(dir).map_err(io_err(dir)),
+    }
+}
+
 /// The exclusive lock on a data directory, held for the life of the server and released by
 /// the kernel when the process ends, however it ends.
 #[derive(Debug)]
@@ -68,7 +94,7 @@ pub struct DirLock {
 /// Creates the data directory if needed and locks it, so two servers never write snapshots
 /// into one directory.
 pub fn lock(dir: &Path) -> Result<DirLock, DataDirError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    create(dir)?;
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .write(true)
@@ -77,21 +103,54 @@ pub fn lock(dir: &Path) -> Result<DirLock, DataDirError> {
         .mode(0o600)
         .open(&path)
         .map_err(io_err(&path))?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(DirLock { _lock: lock }),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(DataDirError::InUse {
-            path: dir.to_path_buf(),
-        }),
-        Err((_, e)) => Err(io_err(&path)(io::Error::from(e))),
-    }
+    let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => DirLock { _lock: lock },
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            return Err(DataDirError::InUse {
+                path: dir.to_path_buf(),
+            })
+        }
+        Err((_, e)) => return Err(io_err(&path)(io::Error::from(e))),
+    };
+    probe_writable(dir)?;
+    Ok(lock)
+}
+
+/// Name of the file [`lock`] creates and removes to learn whether the directory is writable.
+const PROBE_FILE: &str = ".write-probe";
+
+/// Creates, syncs and removes a file in `dir`, the steps every snapshot takes. Opening the
+/// existing `.lock` and reading `hash.key` succeed in a directory that is read-only (`chattr
+/// +i`, a read-only mount, another owner's mode bits), so without this the first error would
+/// come at the first snapshot interval, after the server had reported ready. Called with the
+/// lock held, so two servers never probe one directory at once.
+fn probe_writable(dir: &Path) -> Result<(), DataDirError> {
+    let path = dir.join(PROBE_FILE);
+    let not_writable = |source| DataDirError::NotWritable {
+        path: dir.to_path_buf(),
+        source,
+    };
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| {
+            f.write_all(b"x")?;
+            f.sync_all()
+        })
+        .map_err(not_writable)?;
+    fs::remove_file(&path).map_err(not_writable)
 }
 
 /// Opens (creating if needed) the data directory and returns its secret.
 pub fn open(dir: &Path) -> Result<HashSecret, DataDirError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    create(dir)?;
     let key_path = dir.join(KEY_FILE);
-    match fs::read_to_string(&key_path) {
-        Ok(text) => parse_key(&text).map_err(|problem| DataDirError::DamagedKey {
+    // Read as bytes: a damaged file may hold anything, not only UTF-8.
+    match fs::read(&key_path) {
+        Ok(bytes) => parse_key(&bytes).map_err(|problem| DataDirError::DamagedKey {
             path: key_path.clone(),
             problem,
         }),
@@ -111,18 +170,24 @@ pub fn open(dir: &Path) -> Result<HashSecret, DataDirError> {
     }
 }
 
-fn parse_key(text: &str) -> Result<HashSecret, String> {
-    let hex = text.trim();
+/// Parses the key file: 32 hexadecimal digits, blanks around them allowed. Any other bytes,
+/// multi-byte UTF-8 or not UTF-8 at all, are a damaged key, never a panic.
+fn parse_key(bytes: &[u8]) -> Result<HashSecret, String> {
+    let hex = bytes.trim_ascii();
     if hex.len() != 32 {
         return Err(format!(
-            "expected 32 hexadecimal digits, found {} characters",
+            "expected 32 hexadecimal digits, found {} bytes",
             hex.len()
         ));
     }
+    let digit = |b: u8| char::from(b).to_digit(16);
     let mut key = [0u8; 16];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| "not hexadecimal".to_string())?;
+    for (k, pair) in key.iter_mut().zip(hex.chunks_exact(2)) {
+        match (digit(pair[0]), digit(pair[1])) {
+            // Both below 16: the byte cannot overflow.
+            (Some(hi), Some(lo)) => *k = (hi * 16 + lo) as u8,
+            _ => return Err("not hexadecimal".to_string()),
+        }
     }
     Ok(HashSecret(key))
 }
@@ -192,6 +257,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not hexadecimal"));
+        // 32 bytes that are not 32 characters, and bytes that are not UTF-8 at all.
+        for bytes in ["éééééééééééééééé".as_bytes(), &[0xff; 32]] {
+            fs::write(d.join(KEY_FILE), bytes).unwrap();
+            let e = open(&d).unwrap_err().to_string();
+            assert!(e.contains("damaged"), "{e}");
+        }
         fs::remove_file(d.join(KEY_FILE)).unwrap();
         fs::write(d.join("snapshot-0000000001.snap"), b"x").unwrap();
         let e = open(&d).unwrap_err().to_string();
@@ -207,7 +278,9 @@ mod tests {
         assert!(e.contains("in use by another greyhound"), "{e}");
         drop(first);
         lock(&d).unwrap();
-        // The lock file is not data: a directory holding only it still gets a new key.
+        // Neither the lock file nor the probe is data: a directory holding only them still
+        // gets a new key.
+        fs::write(d.join(PROBE_FILE), b"x").unwrap();
         open(&d).unwrap();
         fs::remove_dir_all(&d).unwrap();
     }

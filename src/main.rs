@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use greyhound::cli::{CheckArgs, Cli, CliCommand, ServeArgs, SnapshotCommand};
 use greyhound::cluster::{Cluster, ClusterConfig, Joined};
@@ -28,7 +27,24 @@ use greyhound::snapshot::{self, DirStore, Store, Writer};
 use greyhound::spf::{Spf, SpfConfig};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // clap's exit code for a refused command line (2), with one line instead of its
+            // usage: a start-up failure in a service log is read line by line.
+            eprintln!("greyhound: {}", greyhound::cli::error_line(&e));
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
         CliCommand::Serve(args) => match serve(&args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +63,14 @@ fn main() -> ExitCode {
 /// `greyhound snapshot inspect FILE`: prints the report; exit 0 if the file is a usable
 /// snapshot, 1 if it is damaged or unreadable.
 fn inspect(file: &std::path::Path) -> ExitCode {
+    // Mapping a directory fails with ENODEV ("No such device"), which says nothing useful.
+    if file.is_dir() {
+        eprintln!(
+            "greyhound: snapshot inspect {}: is a directory; give one of its snapshot-*.snap files",
+            file.display()
+        );
+        return ExitCode::from(1);
+    }
     let bytes = match greyhound::snapshot::mmap::map(file) {
         Ok(b) => b,
         Err(e) => {
@@ -163,6 +187,36 @@ fn serve(args: &ServeArgs) -> Result<()> {
         limits,
     } = &cfg;
     init_logging(log_level);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Half the cores by default: the clients of the policy port (Postfix's smtpd processes) and
+    // the UDP threads share the machine, and ping-pong traffic on more runtime workers than
+    // that spends its time waking and stealing between them. Measured on 2 cores with the
+    // load generator beside it, 1 worker against 2, alternating runs: policy 71–93 k/s against
+    // 68–78 k/s (8 connections) and 73–74 against 52–57 (64); native TCP ×16 the same, ×128
+    // 1.38–1.51 M/s against 1.11–1.75 (docs/BENCHMARKS.md).
+    let workers = if *workers == 0 {
+        (cores / 2).max(1)
+    } else {
+        *workers
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // The handlers are installed before anything slow (loading a large snapshot takes seconds):
+    // a SIGHUP then (`systemctl reload` during a start) would otherwise kill the process with
+    // its default action, and a SIGTERM would end it without a word. A signal that arrives
+    // while loading waits in its stream: SIGHUP reloads the lists once serving starts, SIGTERM
+    // and SIGINT stop the start once the snapshot is loaded.
+    let mut signals = {
+        let _runtime = rt.enter();
+        Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        }
+    };
     let normalizer = Normalizer::new(*ipv4_prefix, *ipv6_prefix)?;
     let dir_lock = greyhound::datadir::lock(data_dir)?;
     let secret = greyhound::datadir::open(data_dir)?;
@@ -187,23 +241,15 @@ fn serve(args: &ServeArgs) -> Result<()> {
     });
     engine.set_exemptions(exemptions);
 
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // Half the cores by default: the clients of the policy port (Postfix's smtpd processes) and
-    // the UDP threads share the machine, and ping-pong traffic on more runtime workers than
-    // that spends its time waking and stealing between them. Measured on 2 cores with the
-    // load generator beside it, 1 worker against 2, alternating runs: policy 71–93 k/s against
-    // 68–78 k/s (8 connections) and 73–74 against 52–57 (64); native TCP ×16 the same, ×128
-    // 1.38–1.51 M/s against 1.11–1.75 (docs/BENCHMARKS.md).
-    let workers = if *workers == 0 {
-        (cores / 2).max(1)
-    } else {
-        *workers
-    };
     // Bound before loading: an unusable address fails at once, and clients that connect
     // while the snapshot loads wait in the listen backlog instead of being refused.
     let listeners = Listeners::bind(*native, policy_addr, *metrics, cores)?;
+    check_open_files(limits.max_connections, cores);
     let store = DirStore::new(data_dir);
+    // Before loading: such a name would be loaded as the newest snapshot.
+    greyhound::snapshot::store::check_names(&store)?;
     let loading = Instant::now();
+    info!(data_dir = %data_dir.display(), "loading the newest snapshot");
     let loaded = snapshot::load(&store, &engine, cores)?;
     match &loaded.name {
         Some(name) => info!(
@@ -222,6 +268,16 @@ fn serve(args: &ServeArgs) -> Result<()> {
             unusable = loaded.skipped.len(),
             "no usable snapshot (each is named above); starting with an empty table"
         ),
+    }
+    if let Some(name) = rt.block_on(signals.stop_requested()) {
+        // Nothing has changed since the snapshot on disk: no snapshot to write, no state to
+        // lose. The listen backlog is dropped with the sockets.
+        info!("{name} while starting: stopping before serving; no snapshot written (nothing was learnt)");
+        if let server::PolicyListener::Unix(_, file) = &listeners.policy {
+            file.remove_if_ours();
+        }
+        drop(dir_lock);
+        return Ok(());
     }
     let writer =
         Writer::new(store).map_err(|e| anyhow!("data directory {}: {e}", data_dir.display()))?;
@@ -331,11 +387,6 @@ fn serve(args: &ServeArgs) -> Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let snapshots = Snapshots::start(
         writer,
         shared.clone(),
@@ -344,9 +395,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     .context("cannot start the snapshot thread")?;
     let served = rt.block_on(async {
         let token = CancellationToken::new();
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+        let Signals { term, int, hup } = &mut signals;
         server::announce(&listeners);
         let server = tokio::spawn(server::run(listeners, shared.clone(), token.clone(), Duration::from_secs(3)));
         loop {
@@ -383,6 +432,62 @@ fn serve(args: &ServeArgs) -> Result<()> {
     drop(dir_lock);
     info!("stopped");
     Ok(())
+}
+
+/// Descriptors the server holds besides its connections and UDP sockets: listeners and their
+/// spare descriptors, the data directory's lock and snapshot files, Redis, the log.
+const FD_RESERVE: u64 = 64;
+
+/// Makes sure the open-file limit leaves room for `max-connections` on each of the three stream
+/// listeners: raises the soft limit towards the hard one if needed (a service manager's default
+/// soft limit of 1024 is below the default 3 × 4096), and warns if even the hard limit is too
+/// low. Not fatal: the server works below it, but at the limit new clients are closed unanswered
+/// (counted in `greyhound_accept_errors_total`), and the operator should know before that.
+fn check_open_files(max_connections: usize, udp_sockets: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let need = 3 * max_connections as u64 + udp_sockets as u64 + FD_RESERVE;
+    let Ok((mut soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= need {
+        return;
+    }
+    let raised = need.min(hard);
+    if raised > soft && setrlimit(Resource::RLIMIT_NOFILE, raised, hard).is_ok() {
+        info!(
+            from = soft,
+            to = raised,
+            "raised the open-file limit for max-connections on three listeners"
+        );
+        soft = raised;
+    }
+    if soft < need {
+        warn!(
+            limit = soft,
+            need,
+            max_connections,
+            "the open-file limit ({soft}) is below what max-connections on the native, policy and metrics listeners needs ({need}); at the limit new clients are closed unanswered: raise LimitNOFILE or lower max-connections"
+        );
+    }
+}
+
+/// The signals `serve` acts on, caught from before the snapshot loads.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// The name of a stop signal (SIGTERM, SIGINT) received so far, if any, without waiting.
+    async fn stop_requested(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            biased;
+            _ = self.term.recv() => Some("SIGTERM"),
+            _ = self.int.recv() => Some("SIGINT"),
+            () = std::future::ready(()) => None,
+        }
+    }
 }
 
 /// `greyhound check`: one query; exit 0 on PASS, 1 on DEFER, 2 on anything else.

@@ -41,25 +41,28 @@ trait Whitelisting {
 }
 
 impl Whitelisting for Client {
-    /// With `--delay 0`: two CHECKs whitelist a new triplet. Returns the triplets whitelisted
+    /// With `--delay 1s` (a zero delay is refused): a CHECK of each, a wait past the delay,
+    /// and a second CHECK of each whitelist new triplets. Returns the triplets whitelisted
     /// and, for each, a Unix second no earlier than the moment the server recorded it.
     fn whitelist(&mut self, ids: std::ops::Range<u64>) -> io::Result<Vec<(u64, u64)>> {
         let lines: Vec<String> = ids
             .clone()
-            .flat_map(|i| {
-                let t = triplet(i);
-                [format!("CHECK {t}"), format!("CHECK {t}")]
-            })
+            .map(|i| format!("CHECK {}", triplet(i)))
             .collect();
-        let replies = self.pipeline(&lines)?;
+        let mut first = Vec::with_capacity(lines.len());
+        for chunk in lines.chunks(5000) {
+            first.extend(self.pipeline(chunk)?);
+        }
+        sleep_past(1);
+        let mut second = Vec::with_capacity(lines.len());
+        for chunk in lines.chunks(5000) {
+            second.extend(self.pipeline(chunk)?);
+        }
         let seen = unix_now();
         let mut passed = Vec::new();
-        for (i, pair) in ids.zip(replies.chunks(2)) {
-            assert!(
-                pair[0].starts_with("DEFER "),
-                "first CHECK of {i}: {pair:?}"
-            );
-            assert_eq!(pair[1], "PASS retried", "second CHECK of {i}");
+        for ((i, a), b) in ids.zip(&first).zip(&second) {
+            assert!(a.starts_with("DEFER "), "first CHECK of {i}: {a:?}");
+            assert_eq!(b, "PASS retried", "second CHECK of {i}");
             passed.push((i, seen));
         }
         Ok(passed)
@@ -186,7 +189,7 @@ fn kill_9_again_and_again_keeps_every_snapshotted_whitelisting() {
     let seed = unix_now() ^ u64::from(std::process::id());
     eprintln!("crash loop seed {seed}");
     let mut rng = XorShift::new(seed);
-    let flags = ["--delay", "0", "--snapshot-interval", "1s"];
+    let flags = ["--delay", "1s", "--snapshot-interval", "1s"];
     let mut dir = TempDir::new("crash");
     let mut next = 0u64;
     let (mut mid_write, mut checked) = (0usize, 0usize);
@@ -220,9 +223,7 @@ fn kill_9_again_and_again_keeps_every_snapshotted_whitelisting() {
         }
         let mut passed = Vec::new();
         if round == 0 {
-            for start in (0..PREFILL).step_by(5000) {
-                passed.extend(c.whitelist(start..start + 5000).unwrap());
-            }
+            passed.extend(c.whitelist(0..PREFILL).unwrap());
             next = PREFILL;
             // The prefill is what later lives check: let one snapshot that holds it complete
             // before this life may be killed. (A kill 0.1-2.5 s after the prefill could come
@@ -255,14 +256,15 @@ fn kill_9_again_and_again_keeps_every_snapshotted_whitelisting() {
                 };
                 let mut i = first;
                 while !stop.load(Ordering::Relaxed) {
-                    match c.whitelist(i..i + 200) {
+                    // Each batch waits out the 1 s delay once: large enough to keep traffic up.
+                    match c.whitelist(i..i + 1000) {
                         Ok(p) => got.extend(p),
                         Err(_) => break,
                     }
-                    i += 200;
+                    i += 1000;
                 }
                 // The batch cut short may have whitelisted some: never reuse its ids.
-                (got, i + 200)
+                (got, i + 1000)
             })
         };
         if round % 2 == 1 {
@@ -327,7 +329,7 @@ fn generation(snapshot: &Path) -> u64 {
 
 #[test]
 fn damaged_newest_snapshot_is_named_and_the_previous_one_used() {
-    let flags = ["--delay", "0"];
+    let flags = ["--delay", "1s"];
     let server = Server::start(&flags);
     let mut c = Client::connect(server.native).unwrap();
     let a: Vec<u64> = (0..500).collect();

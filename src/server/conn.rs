@@ -23,9 +23,9 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::metrics::Proto;
+use super::metrics::{Port, Proto};
 use super::Shared;
 
 /// A connected stream socket, as the connection loops use it: non-blocking reads and writes
@@ -99,26 +99,166 @@ impl Listener for UnixListener {
     }
 }
 
-/// Counts a connection while it is open; releases its slot when dropped.
-struct ConnGuard<'a>(&'a Shared);
+/// Holds a slot of its listener's connection cap while the connection is open.
+///
+/// Each listener (native TCP, policy, metrics) has a cap of its own: with one shared cap, one
+/// client holding thousands of idle native connections locked Postfix out of the policy port.
+pub(crate) struct ConnGuard {
+    shared: Arc<Shared>,
+    port: Port,
+}
 
-impl<'a> ConnGuard<'a> {
-    fn try_new(shared: &'a Shared) -> Option<Self> {
-        let n = shared.open.fetch_add(1, Ordering::Relaxed);
-        if n >= shared.settings.limits.max_connections {
-            shared.open.fetch_sub(1, Ordering::Relaxed);
+impl ConnGuard {
+    /// A slot on `port`, or `None` (counted, and logged at most every 10 s) if its cap is
+    /// reached.
+    pub(crate) fn try_new(shared: &Arc<Shared>, port: Port) -> Option<Self> {
+        let open = &shared.open[port as usize];
+        let n = open.fetch_add(1, Ordering::Relaxed);
+        let max = shared.settings.limits.max_connections;
+        if n >= max {
+            open.fetch_sub(1, Ordering::Relaxed);
             shared.metrics.over_limit.inc();
+            shared.metrics.ports.refused(port);
+            if shared.cap_log[port as usize].ready(shared.started, Duration::from_secs(10)) {
+                warn!(
+                    listener = port.label(),
+                    max_connections = max,
+                    "connection limit reached on the {} port: new connections there are closed at once (logged at most every 10 s per port; see greyhound_connections_refused_total)",
+                    port.label()
+                );
+            }
             return None;
         }
-        shared.metrics.open_connections.inc();
-        Some(Self(shared))
+        // A scrape would otherwise count itself in the figure it reads.
+        if port != Port::Metrics {
+            shared.metrics.open_connections.inc();
+        }
+        Some(Self {
+            shared: shared.clone(),
+            port,
+        })
     }
 }
 
-impl Drop for ConnGuard<'_> {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.open_connections.dec();
+        self.shared.open[self.port as usize].fetch_sub(1, Ordering::Relaxed);
+        if self.port != Port::Metrics {
+            self.shared.metrics.open_connections.dec();
+        }
+    }
+}
+
+/// The shortest and longest wait after a failed accept.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// Most waiting clients closed at once when out of descriptors, before waiting again.
+const SHED_AT_MOST: usize = 1024;
+
+/// A listener's accepts, riding out failures: at the descriptor limit (EMFILE, ENFILE) the
+/// kernel still completes handshakes into the listen backlog, where clients would wait
+/// unanswered. So each listener keeps one spare descriptor: on EMFILE it frees it, accepts and
+/// closes what waits (the clients see the connection closed and try another server or later),
+/// and takes it back. Every failure is counted, logged at most every 10 s, and followed by a
+/// wait that doubles up to a second while failures go on, instead of a busy loop.
+pub(crate) struct Acceptor<L> {
+    listener: L,
+    port: Port,
+    spare: Option<std::fs::File>,
+    backoff: Duration,
+}
+
+impl<L: Listener> Acceptor<L> {
+    /// Accepts on `listener` for `port`.
+    pub(crate) fn new(listener: L, port: Port) -> Self {
+        Self {
+            listener,
+            port,
+            spare: std::fs::File::open("/dev/null").ok(),
+            backoff: ACCEPT_BACKOFF.0,
+        }
+    }
+
+    /// The next connection; failures are handled here (see [`Acceptor`]).
+    pub(crate) async fn accept(&mut self, shared: &Shared) -> (L::Stream, Option<SocketAddr>) {
+        loop {
+            match poll_fn(|cx| self.listener.poll_accept(cx)).await {
+                Ok(a) => {
+                    self.backoff = ACCEPT_BACKOFF.0;
+                    return a;
+                }
+                Err(e) => self.failed(&e, shared).await,
+            }
+        }
+    }
+
+    async fn failed(&mut self, e: &io::Error, shared: &Shared) {
+        use nix::errno::Errno;
+        // The peer gave up before we accepted: nothing wrong here, take the next one.
+        if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::Interrupted
+        ) {
+            debug!(error = %e, "accept: the client went away first");
+            return;
+        }
+        shared.metrics.ports.accept_error(self.port);
+        let code = e.raw_os_error();
+        let out_of_fds = code == Some(Errno::EMFILE as i32) || code == Some(Errno::ENFILE as i32);
+        let shed = if out_of_fds { self.shed().await } else { 0 };
+        if shared
+            .accept_log
+            .ready(shared.started, Duration::from_secs(10))
+        {
+            if out_of_fds {
+                warn!(
+                    listener = self.port.label(),
+                    error = %e,
+                    closed = shed,
+                    "accept failed on the {} port: out of file descriptors; waiting clients are closed at once and accepts retried within {:?} (raise LimitNOFILE or lower max-connections; logged at most every 10 s, see greyhound_accept_errors_total)",
+                    self.port.label(),
+                    ACCEPT_BACKOFF.1
+                );
+            } else {
+                warn!(
+                    listener = self.port.label(),
+                    error = %e,
+                    "accept failed on the {} port; retrying within {:?} (logged at most every 10 s, see greyhound_accept_errors_total)",
+                    self.port.label(),
+                    ACCEPT_BACKOFF.1
+                );
+            }
+        } else {
+            debug!(listener = self.port.label(), error = %e, closed = shed, "accept failed");
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF.1);
+    }
+
+    /// Frees the spare descriptor, accepts and closes the clients waiting in the backlog, and
+    /// takes the spare back. Returns how many were closed.
+    async fn shed(&mut self) -> usize {
+        let Some(spare) = self.spare.take() else {
+            return 0;
+        };
+        drop(spare);
+        let listener = &self.listener;
+        let closed = poll_fn(|cx| {
+            let mut n = 0;
+            while n < SHED_AT_MOST {
+                match listener.poll_accept(cx) {
+                    // Dropped at once: the client sees the connection closed.
+                    Poll::Ready(Ok(_)) => n += 1,
+                    _ => break,
+                }
+            }
+            Poll::Ready(n)
+        })
+        .await;
+        self.spare = std::fs::File::open("/dev/null").ok();
+        closed
     }
 }
 
@@ -130,22 +270,15 @@ pub(crate) async fn accept_loop<L: Listener>(
     token: CancellationToken,
     proto: Proto,
 ) {
+    let port = Port::of(proto);
+    let mut acceptor = Acceptor::new(listener, port);
     let mut conns = JoinSet::new();
     loop {
-        let accepted = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = token.cancelled() => break,
-            a = poll_fn(|cx| listener.poll_accept(cx)) => a,
+            a = acceptor.accept(&shared) => a,
             // Reap finished connection tasks so the set does not grow without bound.
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                debug!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
         };
         if let Some(peer) = peer {
             if !shared.allow.allows(peer.ip()) {
@@ -153,11 +286,13 @@ pub(crate) async fn accept_loop<L: Listener>(
                 continue;
             }
         }
+        // Over the cap the stream is dropped here: closed at once.
+        let Some(guard) = ConnGuard::try_new(&shared, port) else {
+            continue;
+        };
         let (shared, token) = (shared.clone(), token.child_token());
         conns.spawn(async move {
-            let Some(_guard) = ConnGuard::try_new(&shared) else {
-                return;
-            };
+            let _guard = guard;
             shared.metrics.connection(proto);
             let peer = peer.map_or_else(|| "unix".to_string(), |p| p.to_string());
             let idle = Duration::from_secs(u64::from(shared.settings.limits.idle_timeout_secs));

@@ -9,24 +9,30 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::{Acceptor, ConnGuard};
+use super::metrics::Port;
 use super::Shared;
 
 /// A request head larger than this is not a scrape.
 const MAX_HEAD: usize = 8192;
 
-/// Serves scrapes until `token` is cancelled.
+/// Serves scrapes until `token` is cancelled. Connections count against the metrics port's
+/// own cap (`max-connections`), so idle ones cannot exhaust descriptors, and each is closed
+/// after five seconds, idle or not.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
+    let mut acceptor = Acceptor::new(listener, Port::Metrics);
     loop {
-        let accepted = tokio::select! {
+        let (mut stream, _) = tokio::select! {
             _ = token.cancelled() => break,
-            a = listener.accept() => a,
+            a = acceptor.accept(&shared) => a,
         };
-        let Ok((mut stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // Over the cap the stream is dropped here: closed at once.
+        let Some(guard) = ConnGuard::try_new(&shared, Port::Metrics) else {
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _guard = guard;
             let mut buf = Vec::with_capacity(1024);
             let fut = async {
                 while buf.len() < MAX_HEAD && !buf.windows(4).any(|w| w == b"\r\n\r\n") {

@@ -15,8 +15,42 @@ use crate::net::udp_batch;
 pub enum PolicyListener {
     /// A TCP socket.
     Tcp(std::net::TcpListener),
-    /// A Unix socket, removed again at shutdown.
-    Unix(std::os::unix::net::UnixListener, PathBuf),
+    /// A Unix socket, removed again at shutdown if the path is still this socket.
+    Unix(std::os::unix::net::UnixListener, SocketFile),
+}
+
+/// The file a Unix listener was bound to, as it was right after `bind`: its path, device and
+/// inode, so that shutdown removes the path only while it still names this socket.
+#[derive(Debug, Clone)]
+pub struct SocketFile {
+    /// The path given.
+    pub path: PathBuf,
+    /// Device and inode of the socket file made by `bind`.
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn identity(path: &PathBuf) -> io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// Removes the path if it is still the socket this server bound. Another instance that
+    /// started on the same path since (after removing ours) keeps its socket: unlinking it
+    /// would leave that instance listening on a socket nobody can reach.
+    pub fn remove_if_ours(&self) {
+        match Self::identity(&self.path) {
+            Ok(id) if id == self.id => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => tracing::info!(
+                path = %self.path.display(),
+                "the policy socket path now names another file; left in place"
+            ),
+            Err(_) => {}
+        }
+    }
 }
 
 /// Every socket the server serves.
@@ -106,7 +140,22 @@ impl Listeners {
             PolicyAddr::Tcp(a) => {
                 PolicyListener::Tcp(tcp_listener("the Postfix policy protocol", *a)?)
             }
-            PolicyAddr::Unix(path) => PolicyListener::Unix(unix_listener(path)?, path.clone()),
+            PolicyAddr::Unix(path) => {
+                let listener = unix_listener(path)?;
+                // Right after bind, before anyone else could replace the file.
+                let id = SocketFile::identity(path).map_err(|source| BindError {
+                    what: "the Postfix policy protocol",
+                    addr: path.display().to_string(),
+                    source,
+                })?;
+                PolicyListener::Unix(
+                    listener,
+                    SocketFile {
+                        path: path.clone(),
+                        id,
+                    },
+                )
+            }
         };
         let metrics = tcp_listener("metrics (HTTP)", metrics)?;
         Ok(Self {
@@ -123,7 +172,7 @@ impl Listeners {
             |l: &std::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let policy = match &self.policy {
             PolicyListener::Tcp(l) => addr(l),
-            PolicyListener::Unix(_, p) => format!("unix:{}", p.display()),
+            PolicyListener::Unix(_, f) => format!("unix:{}", f.path.display()),
         };
         format!(
             "native={} policy={} metrics={}",

@@ -49,6 +49,96 @@ impl Proto {
     }
 }
 
+/// The stream listeners, each with a connection cap (`max-connections`) of its own, so that
+/// clients of one port cannot lock out those of another (UDP has no connections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// Native protocol, TCP.
+    Native = 0,
+    /// Postfix policy protocol (TCP or Unix socket).
+    Policy = 1,
+    /// Metrics HTTP.
+    Metrics = 2,
+}
+
+impl Port {
+    /// Every listener, in the order of their label values.
+    pub const ALL: [Port; 3] = [Port::Native, Port::Policy, Port::Metrics];
+
+    /// The `listener` label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Port::Native => "native",
+            Port::Policy => "policy",
+            Port::Metrics => "metrics",
+        }
+    }
+
+    /// The listener a stream protocol is served on.
+    pub const fn of(proto: Proto) -> Port {
+        match proto {
+            Proto::NativeTcp | Proto::NativeUdp => Port::Native,
+            Proto::Policy => Port::Policy,
+        }
+    }
+}
+
+/// Per-listener counters of what did not become a served connection.
+#[derive(Debug, Default)]
+pub struct PortCounts {
+    refused: [AtomicU64; 3],
+    accept_errors: [AtomicU64; 3],
+}
+
+impl PortCounts {
+    /// Counts a connection closed at once because its listener's cap was reached.
+    pub fn refused(&self, port: Port) {
+        self.refused[port as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed `accept` (out of descriptors, out of memory, ...).
+    pub fn accept_error(&self, port: Port) {
+        self.accept_errors[port as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PortLabels {
+    listener: &'static str,
+}
+
+impl Collector for PortCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, values) in [
+            (
+                "connections_refused",
+                "Connections closed at once because their listener's max-connections was reached, by listener.",
+                &self.refused,
+            ),
+            (
+                "accept_errors",
+                "Failed accepts (out of file descriptors and the like; such clients are closed at once), by listener.",
+                &self.accept_errors,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (port, v) in Port::ALL.iter().zip(values) {
+                ConstCounter::new(v.load(Ordering::Relaxed)).encode(
+                    m.encode_family(&PortLabels {
+                        listener: port.label(),
+                    })?,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a request was answered with, for `greyhound_decisions_total{answer,reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -411,12 +501,15 @@ impl Collector for Counts {
 pub struct Metrics {
     registry: Registry,
     counts: Arc<Counts>,
-    /// Connections open now.
+    /// Connections open now on the native and policy ports (a scrape does not count itself).
     pub open_connections: Gauge,
     /// Clients refused by the allow list (TCP connections and UDP datagrams).
     pub refused: Counter,
-    /// Connections refused because `max-connections` was reached.
+    /// Connections refused because their listener's `max-connections` was reached, over all
+    /// listeners (`ports` has them by listener).
     pub over_limit: Counter,
+    /// Refused connections and accept errors, by listener.
+    pub ports: Arc<PortCounts>,
     /// Records removed by expiry.
     pub expired: Counter,
     awl_clients: Gauge,
@@ -570,6 +663,8 @@ impl Metrics {
             "Connections closed because max-connections was reached",
             over_limit.clone(),
         );
+        let ports = Arc::new(PortCounts::default());
+        registry.register_collector(Box::new(ports.clone()));
         let expired = Counter::default();
         registry.register(
             "expired_records",
@@ -598,6 +693,7 @@ impl Metrics {
             open_connections,
             refused,
             over_limit,
+            ports,
             expired,
             awl_clients,
             awl_active,

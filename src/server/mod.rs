@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::{Cluster, ClusterStatus};
 pub use crate::config::Limits;
 use crate::engine::Engine;
-pub use listen::{BindError, Listeners, PolicyListener};
+pub use listen::{BindError, Listeners, PolicyListener, SocketFile};
 use metrics::{Metrics, Proto};
 pub use spf::SpfPath;
 
@@ -149,10 +149,14 @@ pub struct Shared {
     pub cluster: Option<Arc<Cluster>>,
     /// SPF lookups, when the `spf` client identity is in force.
     pub spf: Option<Arc<SpfPath>>,
-    open: AtomicUsize,
+    /// Connections open now, by [`metrics::Port`]: each listener has its own cap.
+    open: [AtomicUsize; 3],
     started: Instant,
     refused_log: RateLimit,
     error_log: RateLimit,
+    /// A listener reached its cap, by [`metrics::Port`].
+    cap_log: [RateLimit; 3],
+    accept_log: RateLimit,
 }
 
 impl Shared {
@@ -165,10 +169,12 @@ impl Shared {
             settings,
             cluster: None,
             spf: None,
-            open: AtomicUsize::new(0),
+            open: Default::default(),
             started: Instant::now(),
             refused_log: RateLimit::default(),
             error_log: RateLimit::default(),
+            cap_log: Default::default(),
+            accept_log: RateLimit::default(),
         }
     }
 
@@ -282,14 +288,14 @@ pub async fn run(
             ));
             None
         }
-        PolicyListener::Unix(l, path) => {
+        PolicyListener::Unix(l, file) => {
             tasks.spawn(conn::accept_loop(
                 UnixListener::from_std(l)?,
                 shared.clone(),
                 shutdown.clone(),
                 Proto::Policy,
             ));
-            Some(path)
+            Some(file)
         }
     };
     tasks.spawn(http::serve(
@@ -336,8 +342,8 @@ pub async fn run(
     for t in threads {
         let _ = t.join();
     }
-    if let Some(path) = unix_path {
-        let _ = std::fs::remove_file(path);
+    if let Some(file) = unix_path {
+        file.remove_if_ours();
     }
     Ok(())
 }

@@ -119,3 +119,79 @@ impl Store for DirStore {
         self.dir.join(name).display().to_string()
     }
 }
+
+/// The highest generation a snapshot file name may carry: half the range of `u64`, so that the
+/// writer's next generation (one more than the highest found) can never wrap to 0. A server
+/// writing one snapshot a second would take 2.9 × 10¹¹ years to get there; a name above it
+/// was made by hand or by a damaged disk.
+pub const MAX_GENERATION: u64 = u64::MAX / 2;
+
+/// The first entry named like a snapshot file (`snapshot-N.snap`, `.snapshot-N.snap.tmp`,
+/// `snapshot-N.snap.bad`, N all digits) whose generation cannot be ordered: too large for a
+/// `u64`, or above [`MAX_GENERATION`]. Such a file would sort as the newest snapshot at every
+/// start, or make the next generation wrap to 0, so newer state would be forgotten; the server
+/// refuses to start on it instead (docs/OPERATIONS.md). Names not of this shape are not ours
+/// and are left alone.
+pub fn unorderable(names: &[String]) -> Option<&str> {
+    names.iter().map(String::as_str).find(|name| {
+        let rest = name.strip_prefix('.').unwrap_or(name);
+        let digits = rest.strip_prefix("snapshot-").and_then(|r| {
+            [".snap", ".snap.tmp", ".snap.bad"]
+                .iter()
+                .find_map(|suffix| r.strip_suffix(suffix))
+        });
+        digits.is_some_and(|d| {
+            !d.is_empty()
+                && d.bytes().all(|b| b.is_ascii_digit())
+                && d.parse::<u64>().map_or(true, |g| g > MAX_GENERATION)
+        })
+    })
+}
+
+/// Fails, naming the file, if [`unorderable`] finds one in `store`.
+pub fn check_names<S: Store>(store: &S) -> io::Result<()> {
+    let names = store.list()?;
+    match unorderable(&names) {
+        None => Ok(()),
+        Some(name) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "snapshot file {} has a generation that cannot be ordered (above {MAX_GENERATION}): the \
+                 generations after it would wrap and newer snapshots be forgotten; move it out \
+                 of the data directory",
+                store.display(name)
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_that_cannot_be_ordered_are_found_and_others_left_alone() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = names(&[
+            "snapshot-0000000001.snap",
+            ".snapshot-0000000002.snap.tmp",
+            "snapshot-9223372036854775807.snap",
+            "snapshot-x.snap",
+            "snapshot-.snap",
+            "hash.key",
+            "snapshot-99999999999999999999.snap.orig",
+        ]);
+        assert_eq!(unorderable(&ok), None);
+        for bad in [
+            "snapshot-9223372036854775808.snap",
+            "snapshot-18446744073709551615.snap",
+            "snapshot-99999999999999999999999.snap",
+            ".snapshot-18446744073709551615.snap.tmp",
+            "snapshot-18446744073709551615.snap.bad",
+        ] {
+            let mut n = ok.clone();
+            n.push(bad.to_string());
+            assert_eq!(unorderable(&n), Some(bad));
+        }
+    }
+}
