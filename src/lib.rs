@@ -33,6 +33,7 @@ pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod engine;
+pub mod import;
 pub mod net;
 pub mod proto;
 pub mod server;
