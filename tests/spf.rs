@@ -308,6 +308,25 @@ async fn a_stopped_dns_server_never_stalls_a_request() {
         let st = s.stats();
         assert!(st.timeouts + st.results.temperror > n as u64, "{st:?}");
     }
+    // The lookups themselves end at hickory's own query timeout in temperror, which is cached
+    // briefly: meanwhile requests for those keys answer at once, without waiting.
+    let deadline = Instant::now() + 10 * PATIENT;
+    while s.stats().results.temperror < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "lookups never ended: {:?}",
+            s.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.cached(ip("192.0.2.10"), "ip4.test"), Some(false));
+    let r = s.check(ip("192.0.2.10"), "inc.test", "h.test", "").await;
+    assert_eq!(r, Some(false), "the cached temperror");
+    assert_eq!(
+        s.stats().lookups,
+        3,
+        "no new lookup while the temperror is cached"
+    );
 }
 
 #[tokio::test]
