@@ -39,8 +39,10 @@
 //! it is a temperror. At most [`MAX_IN_FLIGHT`] lookups run at once; past that a request gets
 //! `None` at once (counted as shed), so a DNS outage under a flood cannot pile up tasks.
 //!
-//! **Limits.** `mail-auth` enforces the 10-lookup limit (RFC 7208 §4.6.4) and detects loops
-//! through it; the limit of two void lookups it lacks is enforced here ([`hooks`]). Only
+//! **Limits.** `mail-auth` 0.13 (`src/spf/verify.rs`) enforces the 10-lookup limit of RFC 7208
+//! §4.6.4 (so an `include:` loop ends in permerror after 10 lookups), at most 10 MX exchanges
+//! per `mx`, and 20 s of wall clock; the limit of two void lookups it lacks is enforced here
+//! ([`hooks`]). Only
 //! `pass` pools; fail, softfail, neutral, none, permerror and temperror all answer `false`.
 //! The key is (address, domain): the sender's local part and the HELO name only feed macros,
 //! which real pools do not key on.
