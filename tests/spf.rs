@@ -368,3 +368,36 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
     .await;
     out.into_iter().map(Option::unwrap).collect()
 }
+
+#[tokio::test]
+async fn the_cache_never_grows_past_its_bound() {
+    let dns = records().start();
+    // The smallest table: one set of 8 slots in each of the 64 shards.
+    let s = Spf::new(SpfConfig {
+        dns_server: Some(dns.addr()),
+        timeout: PATIENT,
+        cache_entries: 1,
+    })
+    .expect("build the SPF resolver");
+    let cap = s.capacity() as u64;
+    assert_eq!(cap, 512);
+    let n = 2 * cap;
+    for i in 0..n {
+        let addr = IpAddr::from([192, 0, 2 + (i / 256) as u8, (i % 256) as u8]);
+        let want = if addr.to_string().starts_with("192.0.2.") {
+            Some(true)
+        } else {
+            Some(false)
+        };
+        assert_eq!(
+            s.check(addr, "ip4.test", "h.test", "").await,
+            want,
+            "{addr}"
+        );
+    }
+    let st = s.stats();
+    assert_eq!(st.lookups, n);
+    assert!(st.entries <= cap, "{st:?}");
+    // Every lookup was stored: each either filled a slot or pushed out a live entry.
+    assert_eq!(st.entries + st.evictions, n, "{st:?}");
+}
