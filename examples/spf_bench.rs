@@ -158,20 +158,23 @@ fn main() {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     };
-    for _ in 0..cache.capacity() {
-        let h = (u128::from(next()) << 64) | u128::from(next());
-        cache.insert(h, 1, 0, 3600);
+    for round in 1..=2 {
+        for _ in 0..cache.capacity() {
+            let h = (u128::from(next()) << 64) | u128::from(next());
+            cache.insert(h, 1, 0, 3600);
+        }
+        let grown = rss() - rss0;
+        println!(
+            "cache of {} slots after {round} × as many random inserts: {} entries ({:.0} %), \
+             {:.1} MiB resident, {:.1} B/entry ({:.1} B/slot)",
+            cache.capacity(),
+            cache.len(),
+            100.0 * cache.len() as f64 / cache.capacity() as f64,
+            grown as f64 / (1 << 20) as f64,
+            grown as f64 / cache.len() as f64,
+            grown as f64 / cache.capacity() as f64
+        );
     }
-    let grown = rss() - rss0;
-    println!(
-        "cache of {} slots, {} entries after as many random inserts: {:.1} MiB resident, \
-         {:.1} B/entry ({:.1} B/slot)",
-        cache.capacity(),
-        cache.len(),
-        grown as f64 / (1 << 20) as f64,
-        grown as f64 / cache.len() as f64,
-        grown as f64 / cache.capacity() as f64
-    );
 }
 
 /// Resident bytes of this process.

@@ -309,6 +309,25 @@ async fn a_stopped_dns_server_never_stalls_a_request() {
         let st = s.stats();
         assert!(st.timeouts + st.results.temperror > n as u64, "{st:?}");
     }
+    // The lookups themselves end at hickory's own query timeout in temperror, which is cached
+    // briefly: meanwhile requests for those keys answer at once, without waiting.
+    let deadline = Instant::now() + 10 * PATIENT;
+    while s.stats().results.temperror < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "lookups never ended: {:?}",
+            s.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.cached(ip("192.0.2.10"), "ip4.test"), Some(false));
+    let r = s.check(ip("192.0.2.10"), "inc.test", "h.test", "").await;
+    assert_eq!(r, Some(false), "the cached temperror");
+    assert_eq!(
+        s.stats().lookups,
+        3,
+        "no new lookup while the temperror is cached"
+    );
 }
 
 #[tokio::test]
@@ -349,4 +368,37 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
     })
     .await;
     out.into_iter().map(Option::unwrap).collect()
+}
+
+#[tokio::test]
+async fn the_cache_never_grows_past_its_bound() {
+    let dns = records().start();
+    // The smallest table: one set of 8 slots in each of the 64 shards.
+    let s = Spf::new(SpfConfig {
+        dns_server: Some(dns.addr()),
+        timeout: PATIENT,
+        cache_entries: 1,
+    })
+    .expect("build the SPF resolver");
+    let cap = s.capacity() as u64;
+    assert_eq!(cap, 512);
+    let n = 2 * cap;
+    for i in 0..n {
+        let addr = IpAddr::from([192, 0, 2 + (i / 256) as u8, (i % 256) as u8]);
+        let want = if addr.to_string().starts_with("192.0.2.") {
+            Some(true)
+        } else {
+            Some(false)
+        };
+        assert_eq!(
+            s.check(addr, "ip4.test", "h.test", "").await,
+            want,
+            "{addr}"
+        );
+    }
+    let st = s.stats();
+    assert_eq!(st.lookups, n);
+    assert!(st.entries <= cap, "{st:?}");
+    // Every lookup was stored: each either filled a slot or pushed out a live entry.
+    assert_eq!(st.entries + st.evictions, n, "{st:?}");
 }

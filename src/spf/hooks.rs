@@ -12,9 +12,11 @@
 //! `include`/`redirect` in permerror), so the evaluation finishes without more DNS traffic, and
 //! [`Tracker::verdict`] turns the result into permerror.
 //!
-//! Blind spot: `exists:` asks the A and then the AAAA hook for one name but queries through
+//! Blind spots: `exists:` asks the A and then the AAAA hook for one name but queries through
 //! hickory's `lookup_ip`, which answers neither hook; its outcome is not seen, so it is not
-//! counted as void (the 10-lookup limit still applies to it).
+//! counted as void (the 10-lookup limit still applies to it). `ptr` and the `%{p}` macro
+//! ignore DNS errors, so a temporary failure there counts as void; so does a void `exp=`
+//! lookup after a fail (which does not pool either way).
 
 use std::borrow::Borrow;
 use std::hash::Hash;
@@ -193,5 +195,117 @@ impl<K, V: Answer> ResolverCache<K, V> for Tracker {
         }
         let mut e = self.expires.lock().unwrap_or_else(|e| e.into_inner());
         *e = Some(e.map_or(valid_until, |old| old.min(valid_until)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    type A = RecordSet<Ipv4Addr>;
+    type Aaaa = RecordSet<Ipv6Addr>;
+
+    fn ask<V: Answer>(t: &Tracker, name: &str) -> Option<V> {
+        <Tracker as ResolverCache<Box<str>, V>>::get::<str>(t, name)
+    }
+
+    fn answer<V: Answer>(t: &Tracker, v: V, ttl: u64) {
+        let until = Instant::now() + Duration::from_secs(ttl);
+        <Tracker as ResolverCache<Box<str>, V>>::insert(t, "n".into(), v, until);
+    }
+
+    fn one_addr() -> A {
+        RecordSet {
+            rrset: vec![Ipv4Addr::new(192, 0, 2, 1)].into(),
+            dnssec_status: DnssecStatus::Indeterminate,
+        }
+    }
+
+    #[test]
+    fn unanswered_or_empty_answers_are_void() {
+        let t = Tracker::new();
+        assert!(ask::<Txt>(&t, "d.test").is_none());
+        answer(&t, Txt::Error(Error::ParseError), 300); // a TXT that is not SPF: not void
+        assert!(ask::<A>(&t, "a.test").is_none());
+        answer(&t, one_addr(), 300);
+        assert_eq!(t.voids(), 0);
+        assert!(ask::<A>(&t, "nx1.test").is_none()); // never answered (NXDOMAIN) ...
+        assert!(ask::<RecordSet<MX>>(&t, "m.test").is_none()); // ... seen at the next ask
+        assert_eq!(t.voids(), 1);
+        answer(&t, empty::<MX>(), 300); // no data
+        assert_eq!(t.voids(), 2);
+        assert_eq!(t.verdict(SpfResult::Pass), (SpfResult::Pass, false));
+    }
+
+    #[test]
+    fn a_third_void_cuts_short_and_is_permerror() {
+        let t = Tracker::new();
+        for name in ["nx1", "nx2", "nx3"] {
+            assert!(ask::<A>(&t, name).is_none(), "{name} goes to DNS");
+        }
+        assert_eq!(t.voids(), 2);
+        // The ask after the third void is answered here, without DNS.
+        assert_eq!(ask::<A>(&t, "x").map(|r| r.rrset.len()), Some(0));
+        assert!(matches!(
+            ask::<Txt>(&t, "inc"),
+            Some(Txt::Error(Error::ParseError))
+        ));
+        assert_eq!(t.voids(), 3);
+        assert_eq!(t.verdict(SpfResult::Fail), (SpfResult::PermError, true));
+        assert_eq!(
+            t.verdict(SpfResult::PermError),
+            (SpfResult::PermError, false)
+        );
+    }
+
+    #[test]
+    fn a_pending_ask_at_the_end_is_void_unless_it_was_the_temperror() {
+        let setup = || {
+            let t = Tracker::new();
+            for name in ["nx1", "nx2", "nx3"] {
+                ask::<A>(&t, name);
+            }
+            t
+        };
+        assert_eq!(
+            setup().verdict(SpfResult::TempError),
+            (SpfResult::TempError, false)
+        );
+        assert_eq!(
+            setup().verdict(SpfResult::Neutral),
+            (SpfResult::PermError, true)
+        );
+    }
+
+    #[test]
+    fn exists_is_not_counted() {
+        let t = Tracker::new();
+        for name in ["e1", "e2", "e3", "e4"] {
+            assert!(ask::<A>(&t, name).is_none());
+            assert!(ask::<Aaaa>(&t, name).is_none());
+        }
+        assert_eq!(t.voids(), 0);
+        assert_eq!(t.verdict(SpfResult::Neutral), (SpfResult::Neutral, false));
+        // An AAAA ask for another name after an unanswered A ask is a void (an IPv6 `a` after
+        // an IPv4 one cannot happen in one evaluation, but the count stays honest).
+        let t = Tracker::new();
+        ask::<A>(&t, "x");
+        ask::<Aaaa>(&t, "y");
+        assert_eq!(t.voids(), 1);
+    }
+
+    #[test]
+    fn expires_is_the_earliest_answer() {
+        let t = Tracker::new();
+        assert_eq!(t.expires(), None);
+        answer(&t, one_addr(), 3600);
+        answer(&t, one_addr(), 60);
+        answer(&t, one_addr(), 600);
+        let left = t.expires().unwrap() - Instant::now();
+        assert!(
+            left <= Duration::from_secs(60) && left > Duration::from_secs(50),
+            "{left:?}"
+        );
     }
 }
