@@ -8,10 +8,10 @@
 //!
 //! ## Pool identities
 //! Provider pools retry from another address of the pool. `pool_identity` runs the
-//! simulation with each address its own client network (the engine today), with every address
-//! of a pool keyed as one client (what an `spf:`/`name:` identity does to the key; the engine
-//! has none yet, so it is simulated here), or both, on the same arrivals, and compares the
-//! delays by sender type.
+//! simulation with each address its own client network (`--client-identity prefix`), with
+//! every address of a pool under one `spf:` identity (the engine's identity path: the pool's
+//! key first, the address's network looked up too, the auto-whitelist by the pool), or both,
+//! on the same arrivals, and compares the delays by sender type.
 //!
 //! ## Sampling
 //! A week at 1,000 messages/s is ~600 M messages; the engine decides a few million per
@@ -755,6 +755,9 @@ fn key_of(net: u64, who: u64, rcpt: u32) -> Key {
     Key::from_u128(k.max(1))
 }
 
+/// Marks a pool identity's key input, so that it is never a network's.
+const POOL_KEY_TAG: u64 = 1 << 63;
+
 fn client_of(net: u64) -> ClientNet {
     ClientNet::V6(Ipv6Addr::from(u128::from(net) << 64))
 }
@@ -786,15 +789,19 @@ impl Sim<'_> {
     fn attempt(&mut self, mut a: Attempt, t: u32) {
         self.decisions += 1;
         let pool_nets = u64::from(self.cfg.pool_nets);
-        // What an `spf:`/`name:` identity does to the key: the client part of the triplet
-        // and the auto-whitelist's client become the pool's, whichever address sent. The
-        // engine has no such identity yet, so the simulation keys the pool's first network.
-        let net = if self.identity && a.class == Class::Pool {
-            a.net - a.net % pool_nets
+        // Pool identity on: the engine's `spf` identity path (DESIGN §11). The triplet is
+        // keyed by the pool (written there when new), the address's own network is looked up
+        // too (an alternate key), and the auto-whitelist counts by the pool.
+        let k = if self.identity && a.class == Class::Pool {
+            let pool = a.net - a.net % pool_nets;
+            let mut k = Keyed::new(key_of(pool | POOL_KEY_TAG, a.who, a.rcpt), client_of(a.net));
+            k.alt[0] = key_of(a.net, a.who, a.rcpt);
+            k.alts = 1;
+            k.awl = Some(Key::from_u128(u128::from(mix2(pool, POOL_KEY_TAG)).max(1)));
+            k
         } else {
-            a.net
+            Keyed::new(key_of(a.net, a.who, a.rcpt), client_of(a.net))
         };
-        let k = Keyed::new(key_of(net, a.who, a.rcpt), client_of(net));
         let d = self.engine.decide(&k, T0 + t, Mode::Record);
         if let Decision::Pass(_) = d {
             if a.class.is_spam() {
