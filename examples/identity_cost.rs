@@ -4,8 +4,9 @@
 //! on one thread in `counted`.
 //!
 //! `valgrind --tool=callgrind --toggle-collect='*counted*' target/release/examples/identity_cost LIST LIVE N KIND`
-//! with LIST a `client-identity` list (`prefix`, `name,prefix`) and KIND `mix` (the benches'
-//! 95 % existing triplets) or `unknown` (triplets never seen). Instructions per decision =
+//! with LIST a `client-identity` list (`prefix`, `name,prefix`, `spf,prefix`: with `spf`, every
+//! request passed SPF for its sender's domain) and KIND `mix` (the benches' 95 % existing
+//! triplets) or `unknown` (triplets never seen). Instructions per decision =
 //! Ir / N.
 
 #[path = "../benches/common/mod.rs"]
@@ -52,9 +53,20 @@ fn main() {
     let names: Vec<String> = (0..1u64 << 20)
         .map(|i| client_name(i, w.query(i).client))
         .collect();
-    let query = |i: u64| Query {
-        client_name: Some(names[(i % names.len() as u64) as usize].as_str()),
-        ..w.query(i)
+    // With `spf` in the list, every request passed SPF for its sender's domain (as the server
+    // says once the result is cached): the identity's cost without any DNS.
+    let with_spf = list.contains("spf");
+    let query = |i: u64| {
+        let q = w.query(i);
+        Query {
+            client_name: Some(names[(i % names.len() as u64) as usize].as_str()),
+            spf: if with_spf {
+                q.sender.rsplit_once('@').map(|(_, d)| d)
+            } else {
+                None
+            },
+            ..q
+        }
     };
     for i in 0..live {
         let k = e.prepare(&query(i)).expect("not exempt");
