@@ -127,16 +127,16 @@ pub fn push_body(buf: &mut Vec<u8>, digest: &str) {
 /// Writes to `buf` (cleared first) the message of the triplet in `message` (built by
 /// [`begin_triplet`]) with its client network replaced by a client identity: the identity's
 /// tag byte (never 4 or 6, a network's family byte, so no identity message equals a network
-/// one) and its length-prefixed name, then the same sender and recipient (or digest) fields.
+/// one) and the identity's 16-byte key ([`KeyHasher::identity_client`], which is also its
+/// auto-whitelist key), then the same sender and recipient (or digest) fields. The message
+/// keeps the length of the network's: the name is hashed once, short, for both keys.
 #[inline]
-pub fn rekey_identity(message: &[u8], tag: u8, name: &[u8], buf: &mut Vec<u8>) {
-    // The triplet tag, then the 17-byte encoded network.
-    const CLIENT_END: usize = 1 + 17;
+pub fn rekey_identity(message: &[u8], tag: u8, identity: Key, buf: &mut Vec<u8>) {
     buf.clear();
-    buf.push(message[0]);
-    buf.push(tag);
-    push_field(buf, |b| b.extend_from_slice(name));
-    buf.extend_from_slice(&message[CLIENT_END..]);
+    buf.extend_from_slice(message);
+    buf[1] = tag;
+    buf[2..10].copy_from_slice(&identity.lo.to_le_bytes());
+    buf[10..18].copy_from_slice(&identity.hi.to_le_bytes());
 }
 
 // Domain-separation tags: a client key and a triplet key can never be the same input, nor a

@@ -19,7 +19,7 @@ pub mod identity;
 pub mod key;
 pub mod normalize;
 pub mod policy;
-mod prefetch;
+pub(crate) mod prefetch;
 pub mod record;
 mod replica;
 mod table;
@@ -544,23 +544,24 @@ impl Batch<'_, '_> {
     /// Decides the queries among `items`, in order, [`DECIDE_GROUP`] at a time: each group is
     /// prepared first, then decided (the answers are those of one by one; a PEEK sees the
     /// CHECKs before it, since only preparing runs ahead). `query` gives an item's query and
-    /// mode, or `None` for an item that needs no decision (a PING, a refused line); `emit` is
-    /// called once per item, in order, with its decision (`None` for those).
+    /// mode from its index in `items` and the item, or `None` for an item that needs no
+    /// decision (a PING, a refused line); `emit` is called once per item, in order, with its
+    /// decision (`None` for those).
     ///
     /// This is the one grouping path: [`Engine::check_batch`] and the server's native
     /// transports both decide through it.
     pub fn decide_each<'q, T>(
         &mut self,
         items: &'q [T],
-        query: impl Fn(&'q T) -> Option<(Query<'q>, Mode)>,
+        query: impl Fn(usize, &'q T) -> Option<(Query<'q>, Mode)>,
         mut emit: impl FnMut(&'q T, Option<Decision>),
     ) {
         // On the stack: no allocation per batch.
         let mut keyed: [Option<(Result<Keyed, Decision>, Mode)>; DECIDE_GROUP] =
             [None; DECIDE_GROUP];
-        for group in items.chunks(DECIDE_GROUP) {
-            for (slot, item) in keyed.iter_mut().zip(group) {
-                *slot = query(item).map(|(q, mode)| (self.prepare(&q), mode));
+        for (g, group) in items.chunks(DECIDE_GROUP).enumerate() {
+            for (j, (slot, item)) in keyed.iter_mut().zip(group).enumerate() {
+                *slot = query(g * DECIDE_GROUP + j, item).map(|(q, mode)| (self.prepare(&q), mode));
             }
             // All of the group's slots at once, right before they are read: the misses
             // overlap, and nothing evicts the lines meanwhile. Measured on 10 M triplets,
@@ -781,8 +782,14 @@ impl Engine {
                         continue;
                     };
                     let domain = lower_into(domain.trim_end_matches('.'), &mut s.ident_name);
-                    awl = Some(self.hasher.identity_client(kind.tag(), domain.as_bytes()));
-                    self.identity_key(kind, domain.as_bytes(), &s.message, &mut s.ident_message)
+                    let (key, client) = self.identity_key(
+                        kind,
+                        domain.as_bytes(),
+                        &s.message,
+                        &mut s.ident_message,
+                    );
+                    awl = Some(client);
+                    key
                 }
                 IdentityKind::Name => {
                     let Some(name) = q.client_name else {
@@ -793,6 +800,7 @@ impl Engine {
                         continue;
                     };
                     self.identity_key(kind, domain.as_bytes(), &s.message, &mut s.ident_message)
+                        .0
                 }
             };
             keys[n] = key;
@@ -806,16 +814,18 @@ impl Engine {
     }
 
     /// The key of the triplet in `message` (built by [`key::begin_triplet`] for the client's
-    /// network) with the client part replaced by the identity `kind:domain`.
+    /// network) with the client part replaced by the identity `kind:domain`, and the identity's
+    /// own key (its auto-whitelist key).
     fn identity_key(
         &self,
         kind: IdentityKind,
         domain: &[u8],
         message: &[u8],
         buf: &mut Vec<u8>,
-    ) -> Key {
-        key::rekey_identity(message, kind.tag(), domain, buf);
-        self.hasher.finish_triplet(buf)
+    ) -> (Key, Key) {
+        let client = self.hasher.identity_client(kind.tag(), domain);
+        key::rekey_identity(message, kind.tag(), client, buf);
+        (self.hasher.finish_triplet(buf), client)
     }
 
     /// The normalised recipient of a DATA-stage query, for the exemption lists only.
@@ -993,7 +1003,7 @@ impl Engine {
     pub fn check_batch(&self, queries: &[Query<'_>], mode: Mode, out: &mut Vec<Decision>) {
         out.clear();
         self.batch(|b| {
-            b.decide_each(queries, |q| Some((*q, mode)), |_, d| out.extend(d));
+            b.decide_each(queries, |_, q| Some((*q, mode)), |_, d| out.extend(d));
         });
     }
 

@@ -27,10 +27,9 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
     }
 }
 
-/// The query of a CHECK or PEEK line, and how to decide it; `None` for other lines. With SPF
-/// lookups, the domain the client passed SPF for, from the cache (the transport waited for
-/// the lookups first).
-fn to_decide<'q>(shared: &Shared, r: &'q Parsed<'_>) -> Option<(Query<'q>, Mode)> {
+/// The query of a CHECK or PEEK line, and how to decide it; `None` for other lines. `spf`
+/// says whether it passed SPF (the transport found out before deciding).
+fn to_decide<'q>(r: &'q Parsed<'_>, spf: bool) -> Option<(Query<'q>, Mode)> {
     let (t, mode) = match r {
         Ok(Request {
             command: Command::Check(t),
@@ -43,23 +42,26 @@ fn to_decide<'q>(shared: &Shared, r: &'q Parsed<'_>) -> Option<(Query<'q>, Mode)
         _ => return None,
     };
     let mut q = query(t);
-    if let Some(s) = &shared.spf {
-        q.spf = super::spf::passed(&s.spf, t.client, t.sender, t.helo.unwrap_or(""));
-    }
+    q.spf = super::spf::identity(spf, t.sender, t.helo.unwrap_or(""));
     Some((q, mode))
 }
 
 /// Decides every request in `reqs`, in order, through one engine batch (one exemption-list
 /// load, one clock read; see `Batch::decide_each`), and calls `emit(id, reply)` for each.
+/// `spf` holds, when SPF lookups are on, whether each request passed SPF (empty otherwise).
 pub(crate) fn answer(
     shared: &Shared,
     reqs: &[Parsed<'_>],
+    spf: &[bool],
     texts: &mut TextBuf,
     tally: &mut Tally,
     mut emit: impl FnMut(Option<&str>, &Reply<'_>),
 ) {
     shared.engine.batch(|batch| {
-        batch.decide_each(reqs, |r| to_decide(shared, r), |r, d| match (r, d) {
+        batch.decide_each(
+            reqs,
+            |i, r| to_decide(r, spf.get(i).copied().unwrap_or(false)),
+            |r, d| match (r, d) {
             (Ok(req), Some(d)) => {
                 let t = match &req.command {
                     Command::Check(t) => {
@@ -99,7 +101,8 @@ pub(crate) fn answer(
                 tally.error(RequestError::Native(e.kind));
                 emit(e.id, &Reply::Err { kind: e.kind });
             }
-        });
+            },
+        );
     });
 }
 

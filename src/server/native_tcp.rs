@@ -18,6 +18,8 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
     let mut tally = Tally::new(Proto::NativeTcp);
     let mut framer = LineFramer::default();
     let mut reqs: Vec<Parsed<'static>> = Vec::new();
+    // Whether each request of a batch passed SPF (empty when SPF lookups are off).
+    let mut spf_passes: Vec<bool> = Vec::new();
     let mut eof = false;
     // Whether the buffer may still hold complete lines (the last batch stopped at the limit).
     let mut more = false;
@@ -49,11 +51,16 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
         }
         if let Some(s) = &shared.spf {
             // Only this connection waits, at most the timeout.
-            super::spf::resolve_native(&s.spf, &batch, true).await;
+            super::spf::resolve_native(&s.spf, &batch, &mut spf_passes, true).await;
         }
-        answer(shared, &batch, &mut texts, &mut tally, |id, reply| {
-            wire::encode(id, reply, &mut out)
-        });
+        answer(
+            shared,
+            &batch,
+            &spf_passes,
+            &mut texts,
+            &mut tally,
+            |id, reply| wire::encode(id, reply, &mut out),
+        );
         reqs = recycle(batch);
         buf.drain(..pos);
         shared.metrics.flush(&mut tally);

@@ -51,6 +51,8 @@ pub(crate) fn worker(
                                                             // Kept empty between batches (their items borrow the batch's buffers), for their allocations.
     let mut reqs_kept: Vec<Parsed<'static>> = Vec::new();
     let mut sends_kept: Vec<(SocketAddr, &'static [u8])> = Vec::new();
+    // Whether each request of `reqs` passed SPF (empty when SPF lookups are off).
+    let mut spf_passes: Vec<bool> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let n = match bs.recv() {
             Ok(0) => continue,
@@ -69,6 +71,7 @@ pub(crate) fn worker(
         {
             // The lines of all datagrams, in datagram order.
             let mut reqs: Vec<Parsed<'_>> = recycle(std::mem::take(&mut reqs_kept));
+            spf_passes.clear();
             for d in 0..n {
                 let (data, from) = bs.datagram(d);
                 if !shared.allow.allows(from.ip()) {
@@ -79,28 +82,39 @@ pub(crate) fn worker(
                     tally.error(RequestError::UdpTruncated);
                     continue;
                 }
-                if let (Some(s), Some(reply_sock)) = (&shared.spf, &reply_sock) {
+                let before = reqs.len();
+                reqs.extend(datagram_lines(data, limits.max_line));
+                if let Some(s) = &shared.spf {
+                    let missed =
+                        super::spf::cached_passes(&s.spf, &reqs[before..], &mut spf_passes);
                     // A datagram with a request whose SPF result is not cached waits on a task
                     // of its own; this thread goes on with the others.
-                    if super::spf::any_miss(&s.spf, datagram_lines(data, limits.max_line)) {
-                        if s.hold() {
+                    if missed {
+                        if let Some(reply_sock) = reply_sock.as_ref().filter(|_| s.hold()) {
+                            reqs.truncate(before);
+                            spf_passes.truncate(before);
                             hold(shared, rt, reply_sock, data.to_vec(), from);
                             continue;
                         }
                         s.count_full();
                     }
                 }
-                let before = reqs.len();
-                reqs.extend(datagram_lines(data, limits.max_line));
                 runs.push((d, reqs.len() - before));
             }
             // Which form of each reply a datagram can afford is decided once all of its
             // replies are known.
-            answer(shared, &reqs, &mut texts, &mut tally, |id, reply| {
-                let start = full.len();
-                let head = wire::encode_split(id, reply, &mut full);
-                forms.push((start, full.len(), head));
-            });
+            answer(
+                shared,
+                &reqs,
+                &spf_passes,
+                &mut texts,
+                &mut tally,
+                |id, reply| {
+                    let start = full.len();
+                    let head = wire::encode_split(id, reply, &mut full);
+                    forms.push((start, full.len(), head));
+                },
+            );
             reqs_kept = recycle(reqs);
         }
         let mut first = 0;
@@ -147,13 +161,15 @@ fn hold(
         let limits = &shared.settings.limits;
         let reqs: Vec<Parsed<'_>> = datagram_lines(&data, limits.max_line).collect();
         // Counted by the worker already.
-        super::spf::resolve_native(&s.spf, &reqs, false).await;
+        let mut passes = Vec::new();
+        super::spf::resolve_native(&s.spf, &reqs, &mut passes, false).await;
         let mut tally = Tally::new(Proto::NativeUdp);
         let mut full: Vec<u8> = Vec::new();
         let mut forms: Vec<(usize, usize, usize)> = Vec::new();
         answer(
             &shared,
             &reqs,
+            &passes,
             &mut TextBuf::default(),
             &mut tally,
             |id, reply| {

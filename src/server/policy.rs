@@ -32,10 +32,13 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
         loop {
             match wire::parse(&buf[pos..], &limits) {
                 Ok(Block::Complete { consumed, request }) => {
-                    if let Some(s) = &shared.spf {
-                        wait_for_spf(&s.spf, &request).await;
-                    }
-                    if let Err(e) = answer(shared, &request, &mut out, &mut scratch, &mut tally) {
+                    let spf = match &shared.spf {
+                        Some(s) => wait_for_spf(&s.spf, &request).await,
+                        None => false,
+                    };
+                    if let Err(e) =
+                        answer(shared, &request, spf, &mut out, &mut scratch, &mut tally)
+                    {
                         bad = Some(e);
                         break;
                     }
@@ -72,13 +75,15 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
     conn.shutdown();
 }
 
-/// Waits (at most the timeout) for the SPF result of a RCPT-stage request not cached.
-async fn wait_for_spf(spf: &std::sync::Arc<crate::spf::Spf>, req: &PolicyRequest<'_>) {
+/// Whether a RCPT-stage request passes SPF: from the cache, or waiting (at most the timeout)
+/// for its lookup.
+async fn wait_for_spf(spf: &std::sync::Arc<crate::spf::Spf>, req: &PolicyRequest<'_>) -> bool {
     if !req.protocol_state.eq_ignore_ascii_case("RCPT") || req.recipient.is_empty() {
-        return;
+        return false;
     }
-    if let Ok(client) = req.client_address.parse::<IpAddr>() {
-        super::spf::resolve_one(spf, client, req.sender, req.helo_name).await;
+    match req.client_address.parse::<IpAddr>() {
+        Ok(client) => super::spf::resolve_one(spf, client, req.sender, req.helo_name).await,
+        Err(_) => false,
     }
 }
 
@@ -88,10 +93,12 @@ struct Scratch {
     action: Vec<u8>,
 }
 
-/// Appends the reply to one block; `Err` is a malformed request (close without reply).
+/// Appends the reply to one block; `Err` is a malformed request (close without reply). `spf`:
+/// the client passed SPF for the request's domain.
 fn answer(
     shared: &Shared,
     req: &PolicyRequest<'_>,
+    spf: bool,
     out: &mut Vec<u8>,
     s: &mut Scratch,
     tally: &mut Tally,
@@ -122,10 +129,7 @@ fn answer(
             subject: req.ccert_subject,
         },
         body: None,
-        spf: shared
-            .spf
-            .as_ref()
-            .and_then(|s| super::spf::passed(&s.spf, client, req.sender, req.helo_name)),
+        spf: super::spf::identity(spf, req.sender, req.helo_name),
     };
     let d = shared.engine.check(&q, Mode::Record);
     tally.answer(Answer::Decided(d));

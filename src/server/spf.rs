@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::proto::native::{Command, Parsed, Request, Triplet};
-use crate::spf::Spf;
+use crate::spf::{Spf, SpfKey};
 
 /// Datagrams a UDP worker may hand over to wait for their lookups, at most; past it a
 /// datagram is answered at once and its requests fall back (counted as shed). 4096 datagrams
@@ -84,16 +84,13 @@ pub(crate) fn spf_domain<'a>(sender: &'a str, helo: &'a str) -> Option<&'a str> 
     (!d.is_empty()).then_some(d)
 }
 
-/// The domain a request passed SPF for, from the cache (no DNS, not counted): the `spf`
-/// identity of [`crate::engine::Query::spf`].
-pub(crate) fn passed<'a>(
-    spf: &Spf,
-    client: IpAddr,
-    sender: &'a str,
-    helo: &'a str,
-) -> Option<&'a str> {
-    let d = spf_domain(sender, helo)?;
-    (spf.probe(client, d) == Some(true)).then_some(d)
+/// The `spf` identity of a request found to pass ([`crate::engine::Query::spf`]).
+pub(crate) fn identity<'a>(pass: bool, sender: &'a str, helo: &'a str) -> Option<&'a str> {
+    if pass {
+        spf_domain(sender, helo)
+    } else {
+        None
+    }
 }
 
 /// The triplet of a CHECK or PEEK line.
@@ -107,52 +104,97 @@ pub(crate) fn triplet<'r, 'a>(r: &'r Parsed<'a>) -> Option<&'r Triplet<'a>> {
     }
 }
 
-/// Whether a request must wait for a lookup: it has a domain and its result is not cached
-/// (counted as a hit or a miss when `count`).
-pub(crate) fn misses(spf: &Spf, client: IpAddr, sender: &str, helo: &str, count: bool) -> bool {
-    spf_domain(sender, helo).is_some_and(|d| {
-        if count {
-            spf.cached(client, d).is_none()
-        } else {
-            spf.probe(client, d).is_none()
-        }
-    })
+/// What a request needs from the SPF cache.
+#[derive(Clone, Copy)]
+enum Probe {
+    /// No CHECK or PEEK, or no domain to check: no SPF identity.
+    None,
+    /// A domain that is not a valid DNS name: does not pass, no lookup.
+    Invalid,
+    /// Look this key up.
+    Key(SpfKey),
 }
 
-/// Whether any CHECK or PEEK of `reqs` must wait for a lookup (each counted as a hit or a
-/// miss).
-pub(crate) fn any_miss<'a>(spf: &Spf, reqs: impl Iterator<Item = Parsed<'a>>) -> bool {
-    let mut any = false;
-    for r in reqs {
-        if let Some(t) = triplet(&r) {
-            // Not short-circuited: every request counts once.
-            any |= misses(spf, t.client, t.sender, t.helo.unwrap_or(""), true);
+/// The probes of a batch, each key's cache set prefetched: computed all first, so the cache
+/// misses of a batch overlap instead of following one another.
+fn probes(spf: &Spf, reqs: &[Parsed<'_>], out: &mut Vec<Probe>) {
+    out.clear();
+    out.extend(reqs.iter().map(|r| {
+        let Some(t) = triplet(r) else {
+            return Probe::None;
+        };
+        let Some(d) = spf_domain(t.sender, t.helo.unwrap_or("")) else {
+            return Probe::None;
+        };
+        match spf.key(t.client, d) {
+            Some(k) => {
+                spf.prefetch(k);
+                Probe::Key(k)
+            }
+            None => Probe::Invalid,
         }
-    }
-    any
+    }));
 }
 
-/// Starts (or joins) the lookup of every request of `reqs` whose result is not cached and
-/// waits for all of them, together, at most the timeout. `count`: count each request as a hit
-/// or a miss (not when they were counted already, by [`any_miss`]).
-pub(crate) async fn resolve_native(spf: &Arc<Spf>, reqs: &[Parsed<'_>], count: bool) {
+/// Appends to `passes` whether each request of `reqs` passes SPF, from the cache (each
+/// counted as a hit or a miss); `false` when the result is not cached. Returns whether any was
+/// not: such a datagram waits for its lookups on a task ([`resolve_native`]).
+pub(crate) fn cached_passes(spf: &Spf, reqs: &[Parsed<'_>], passes: &mut Vec<bool>) -> bool {
+    let mut keys = Vec::with_capacity(reqs.len());
+    probes(spf, reqs, &mut keys);
+    let mut missed = false;
+    passes.extend(keys.iter().map(|p| match *p {
+        Probe::None | Probe::Invalid => false,
+        Probe::Key(k) => spf.cached_key(k, true).unwrap_or_else(|| {
+            missed = true;
+            false
+        }),
+    }));
+    missed
+}
+
+/// Sets `passes` (one per request of `reqs`) to whether each passes SPF: from the cache, or
+/// by a lookup (started, or joined if one is in flight) that the batch waits for together with
+/// the others, at most the timeout; a request whose lookup did not finish in time does not
+/// pass (it falls back). `count`: count each request as a cache hit or miss (not when it was
+/// counted already, by [`cached_passes`]).
+pub(crate) async fn resolve_native(
+    spf: &Arc<Spf>,
+    reqs: &[Parsed<'_>],
+    passes: &mut Vec<bool>,
+    count: bool,
+) {
+    let mut keys = Vec::with_capacity(reqs.len());
+    probes(spf, reqs, &mut keys);
+    passes.clear();
     let mut waits = Vec::new();
-    for t in reqs.iter().filter_map(triplet) {
-        let helo = t.helo.unwrap_or("");
-        if misses(spf, t.client, t.sender, helo, count) {
-            waits.push(start(spf, t.client, t.sender, helo));
-        }
+    for (i, (r, p)) in reqs.iter().zip(&keys).enumerate() {
+        let pass = match *p {
+            Probe::None | Probe::Invalid => false,
+            Probe::Key(k) => spf.cached_key(k, count).unwrap_or_else(|| {
+                if let Some(t) = triplet(r) {
+                    waits.push((i, start(spf, t.client, t.sender, t.helo.unwrap_or(""))));
+                }
+                false
+            }),
+        };
+        passes.push(pass);
     }
-    for w in waits {
+    for (i, w) in waits {
         // A waiter that panicked is a request without a result: it falls back.
-        let _ = w.await;
+        passes[i] = matches!(w.await, Ok(Some(true)));
     }
 }
 
-/// Waits for the result of one request (Postfix policy) if it is not cached.
-pub(crate) async fn resolve_one(spf: &Arc<Spf>, client: IpAddr, sender: &str, helo: &str) {
-    if misses(spf, client, sender, helo, true) {
-        let _ = start(spf, client, sender, helo).await;
+/// Whether one request (Postfix policy) passes SPF: from the cache, or waiting for its lookup
+/// at most the timeout.
+pub(crate) async fn resolve_one(spf: &Arc<Spf>, client: IpAddr, sender: &str, helo: &str) -> bool {
+    let Some(d) = spf_domain(sender, helo) else {
+        return false;
+    };
+    match spf.cached(client, d) {
+        Some(pass) => pass,
+        None => matches!(start(spf, client, sender, helo).await, Ok(Some(true))),
     }
 }
 
