@@ -1325,3 +1325,45 @@ fn max_new_per_client_counts_by_the_first_identity() {
     );
     assert_eq!(e.stats().triplets, 3);
 }
+
+#[test]
+fn a_flood_never_evicts_a_whitelisted_record_while_greylisted_ones_are_left() {
+    let (e, clock) = engine_with(Policy {
+        awl_clients: 0,
+        ..Policy::default()
+    });
+    let e = e.with_limits(10_000, 0);
+    for i in 0..200 {
+        check(
+            &e,
+            ip(192, 0, 2, i as u8),
+            &format!("s{i}@known.example"),
+            "r@rcpt.example",
+        );
+    }
+    clock.advance(301);
+    for i in 0..200 {
+        check(
+            &e,
+            ip(192, 0, 2, i as u8),
+            &format!("s{i}@known.example"),
+            "r@rcpt.example",
+        );
+    }
+    assert_eq!(e.stats().whitelisted, 200);
+    for i in 0..30_000u32 {
+        let c = ip(10, (i % 600 / 256) as u8, (i % 600 % 256) as u8, 1);
+        check(
+            &e,
+            c,
+            &format!("f{i}@flood.example"),
+            &format!("r{i}@rcpt.example"),
+        );
+        if i % 1000 == 0 {
+            clock.advance(1);
+            e.expire(e.now());
+        }
+    }
+    let s = e.stats();
+    assert_eq!((s.evicted_whitelisted, s.whitelisted), (0, 200), "{s:?}");
+}
