@@ -1367,3 +1367,45 @@ fn a_flood_never_evicts_a_whitelisted_record_while_greylisted_ones_are_left() {
     let s = e.stats();
     assert_eq!((s.evicted_whitelisted, s.whitelisted), (0, 200), "{s:?}");
 }
+
+proptest! {
+    /// Random new triplets, passes, clock steps and expiry into one shard of 5: the shard never
+    /// holds more than 5, the whitelisted count stays exact, a whitelisted record is evicted
+    /// only when the shard holds nothing else, and every record is still scheduled (all of
+    /// them expire in the end).
+    #[test]
+    fn eviction_keeps_counts_and_schedules(
+        ops in prop::collection::vec((0u8..4, 0u64..24, 0u32..4000), 1..300)
+    ) {
+        let (e, clock) = engine_with(Policy {
+            awl_clients: 0,
+            retry_window: 3 * 3600,
+            ..Policy::default()
+        });
+        let e = e.with_limits(5 << TRIPLET_SHARD_BITS, 0);
+        for (op, k, dt) in ops {
+            let key = shard0(k);
+            match op {
+                0 | 1 => {
+                    let before = e.stats();
+                    let (n, w) = count_whitelisted(&e);
+                    decide_key(&e, key, Mode::Record);
+                    let after = e.stats();
+                    if after.evicted_whitelisted > before.evicted_whitelisted {
+                        prop_assert_eq!(n, w, "a whitelisted record evicted beside greylisted ones");
+                    }
+                }
+                2 => clock.advance(dt),
+                _ => {
+                    e.expire(e.now());
+                }
+            }
+            let s = e.stats();
+            prop_assert!(s.triplets <= 5);
+            prop_assert_eq!(count_whitelisted(&e), (s.triplets, s.whitelisted));
+        }
+        clock.advance(Policy::default().whitelist_ttl + 3 * 3600 + 1);
+        e.expire(e.now());
+        prop_assert_eq!(e.stats().triplets, 0, "a record was left unscheduled");
+    }
+}
