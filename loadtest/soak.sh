@@ -59,7 +59,16 @@ def start(kill_after=None):
             return None
         if p.poll() is not None or time.monotonic() - began > 60:
             p.kill(); p.wait()
-            sys.exit(f"soak: the server did not start (exit {p.returncode}):\n{text}")
+            holders = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    fds = os.listdir(f"/proc/{pid}/fd")
+                    if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(data) for fd in fds):
+                        holders.append(open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
+                except OSError:
+                    pass
+            sys.exit(f"soak: the server did not start (exit {p.returncode}); processes with "
+                     f"files in the data directory: {holders}\n{text}")
         time.sleep(0.01)
 
 class Conn:
@@ -129,8 +138,11 @@ try:
     while True:
         while rng.random() < 0.15:
             # Killed while starting (loading its snapshot): nothing may be lost either.
-            if start(kill_after=rng.uniform(0, 0.3)) is None:
-                early_kills += 1
+            got = start(kill_after=rng.uniform(0, 0.3))
+            if got is not None:  # ready before the moment came: killed right after
+                got[0].kill()
+                got[0].wait()
+            early_kills += 1
         server, log = start()
         # The check: every triplet whitelisted before the last completed snapshot.
         c = Conn()
@@ -181,6 +193,6 @@ finally:
     shutil.rmtree(work, ignore_errors=True)
 print(f"soak: {cycles} cycles in {(time.monotonic() - began) / 60:.1f} min (seed {seed}), "
       f"{decisions} decisions, {len(must_survive)} whitelisted triplets checked after each "
-      f"restart, {early_kills} kills while starting, {mid_write} kills mid-snapshot, lost {lost}")
+      f"restart, {early_kills} kills while starting or just after, {mid_write} kills mid-snapshot, lost {lost}")
 sys.exit(1 if lost else 0)
 PY
