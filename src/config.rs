@@ -2437,10 +2437,14 @@ max-new-per-client = 50
         assert_eq!(invalid_key(&c), "limits.max-triplets");
         c.limits.max_triplets = 999;
         assert_eq!(invalid_key(&c), "limits.max-triplets");
+        c.limits.max_triplets = 4_000_000_000;
+        assert!(c.validate().is_ok());
         c.limits.max_triplets = 4_000_000_001;
         assert_eq!(invalid_key(&c), "limits.max-triplets");
         let mut c = ok();
         c.limits.max_new_per_client = 0;
+        assert!(c.validate().is_ok());
+        c.limits.max_new_per_client = 1_000_000;
         assert!(c.validate().is_ok());
         c.limits.max_new_per_client = 1_000_001;
         assert_eq!(invalid_key(&c), "limits.max-new-per-client");

@@ -1287,11 +1287,15 @@ fn max_new_per_client_defers_without_recording_per_minute() {
         assert_eq!(check(&e, b, &format!("s{n}@x.org"), "r@y.net"), defer(300));
     }
     assert_eq!(e.stats().triplets, 6);
-    // The next minute, the client may add again.
-    clock.advance(30);
+    // The last second of the minute still counts; the next minute, the client may add again.
+    clock.advance(29);
+    assert_eq!(check(&e, a, "s3@x.org", "r@y.net"), defer(300));
+    assert_eq!(e.stats().triplets, 6);
+    assert_eq!(e.stats().new_refused, 3);
+    clock.advance(1);
     assert_eq!(check(&e, a, "s3@x.org", "r@y.net"), defer(300));
     assert_eq!(e.stats().triplets, 7);
-    assert_eq!(e.stats().new_refused, 2);
+    assert_eq!(e.stats().new_refused, 3);
 }
 
 #[test]
