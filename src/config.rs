@@ -163,6 +163,12 @@ pub struct Limits {
     pub policy_max_block: usize,
     /// Most attributes in one Postfix policy request (`policy-max-attributes`).
     pub policy_max_attributes: usize,
+    /// Most triplet records kept (`max-triplets`): past it a new triplet evicts the oldest
+    /// greylisted record, a whitelisted one only if nothing else is left.
+    pub max_triplets: usize,
+    /// Most new triplet records per client identity per minute (`max-new-per-client`; 0 =
+    /// off): past it a new triplet is deferred without being recorded.
+    pub max_new_per_client: usize,
 }
 
 impl Default for Limits {
@@ -179,6 +185,9 @@ impl Default for Limits {
             udp_max_datagram: 65_507,
             policy_max_block: 16_384,
             policy_max_attributes: 128,
+            // About 2.5 GB of records (48 B each with the table's slack and the wheel).
+            max_triplets: 50_000_000,
+            max_new_per_client: 0,
         }
     }
 }
@@ -912,6 +921,14 @@ pub struct LimitOverrides {
     /// Most attributes in one Postfix policy request [default: 128].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     pub policy_max_attributes: Option<usize>,
+    /// Most triplet records kept, 1000..=4000000000; past it a new triplet evicts the oldest
+    /// greylisted one [default: 50000000].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pub max_triplets: Option<usize>,
+    /// Most new triplets per client identity per minute, 0 = off; past it a new triplet is
+    /// deferred without being recorded [default: 0].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pub max_new_per_client: Option<usize>,
 }
 
 /// Where a value came from, so that its error names it the way the administrator wrote it.
@@ -1037,6 +1054,8 @@ impl Overrides {
             udp_max_datagram,
             policy_max_block,
             policy_max_attributes,
+            max_triplets,
+            max_new_per_client,
         } = limits;
         // The `--no-` flags exist only on the command line; clap keeps only the last of a pair.
         let dry_run = if no_dry_run { Some(false) } else { dry_run };
@@ -1177,6 +1196,13 @@ impl Overrides {
             "limits.policy-max-attributes",
             &mut l.policy_max_attributes,
             policy_max_attributes,
+            Ok,
+        )?;
+        o.set("limits.max-triplets", &mut l.max_triplets, max_triplets, Ok)?;
+        o.set(
+            "limits.max-new-per-client",
+            &mut l.max_new_per_client,
+            max_new_per_client,
             Ok,
         )?;
         Ok(())
@@ -1455,10 +1481,12 @@ impl Limits {
             udp_max_datagram,
             policy_max_block,
             policy_max_attributes,
+            max_triplets,
+            max_new_per_client,
         } = self;
         // A zero would drop every connection at once.
         check_duration("limits.idle-timeout", *idle_timeout_secs, true)?;
-        let ranges: [(&'static str, usize, usize, usize); 6] = [
+        let ranges: [(&'static str, usize, usize, usize); 8] = [
             // The protocol says a line is at most 1024 bytes; below 64 no real request fits.
             ("limits.max-line", *max_line, 64, 1024),
             // Past a million the OS runs out of descriptors first: likely a typo.
@@ -1475,6 +1503,16 @@ impl Limits {
                 *policy_max_attributes,
                 32,
                 4096,
+            ),
+            // Below a thousand records the table cannot hold a day of any real traffic (and
+            // 0 would keep nothing); four billion is ~200 GB of records, likely a typo.
+            ("limits.max-triplets", *max_triplets, 1000, 4_000_000_000),
+            // A million new triplets per client per minute is no limit at all.
+            (
+                "limits.max-new-per-client",
+                *max_new_per_client,
+                0,
+                1_000_000,
             ),
         ];
         for (key, value, min, max) in ranges {
@@ -1658,6 +1696,8 @@ requests-per-read = 64
 udp-max-datagram = 1500
 policy-max-block = 4096
 policy-max-attributes = 64
+max-triplets = 2000000
+max-new-per-client = 50
 "#;
 
     fn every_key_config() -> Config {
@@ -1710,6 +1750,8 @@ policy-max-attributes = 64
                 udp_max_datagram: 1500,
                 policy_max_block: 4096,
                 policy_max_attributes: 64,
+                max_triplets: 2_000_000,
+                max_new_per_client: 50,
             },
         }
     }
@@ -1758,6 +1800,8 @@ policy-max-attributes = 64
                 udp_max_datagram: 65_507,
                 policy_max_block: 16_384,
                 policy_max_attributes: 128,
+                max_triplets: 50_000_000,
+                max_new_per_client: 0,
             }
         );
         c.validate().expect("the defaults are valid");
@@ -1889,6 +1933,10 @@ policy-max-attributes = 64
             "2048",
             "--policy-max-attributes",
             "40",
+            "--max-triplets",
+            "1000",
+            "--max-new-per-client",
+            "7",
         ]);
         let expected = Config {
             native: addr("127.0.0.2:1"),
@@ -1936,6 +1984,8 @@ policy-max-attributes = 64
                 udp_max_datagram: 9000,
                 policy_max_block: 2048,
                 policy_max_attributes: 40,
+                max_triplets: 1000,
+                max_new_per_client: 7,
             },
         };
         assert_eq!(loaded.unwrap(), expected);
@@ -2379,6 +2429,25 @@ policy-max-attributes = 64
         let mut c = ok();
         c.limits.idle_timeout_secs = 0;
         assert_eq!(invalid_key(&c), "limits.idle-timeout");
+
+        let mut c = ok();
+        c.limits.max_triplets = 1000;
+        assert!(c.validate().is_ok());
+        c.limits.max_triplets = 0;
+        assert_eq!(invalid_key(&c), "limits.max-triplets");
+        c.limits.max_triplets = 999;
+        assert_eq!(invalid_key(&c), "limits.max-triplets");
+        c.limits.max_triplets = 4_000_000_000;
+        assert!(c.validate().is_ok());
+        c.limits.max_triplets = 4_000_000_001;
+        assert_eq!(invalid_key(&c), "limits.max-triplets");
+        let mut c = ok();
+        c.limits.max_new_per_client = 0;
+        assert!(c.validate().is_ok());
+        c.limits.max_new_per_client = 1_000_000;
+        assert!(c.validate().is_ok());
+        c.limits.max_new_per_client = 1_000_001;
+        assert_eq!(invalid_key(&c), "limits.max-new-per-client");
     }
 
     #[test]
@@ -2724,7 +2793,7 @@ policy-max-attributes = 64
             (&["--client-identity", "spf,spf"], "--client-identity: "),
             (
                 &["--dns-server", "dns.example"],
-                "--dns-server: \"dns.example\"",
+                "--dns-server: bad DNS server \"dns.example\"",
             ),
             (&["--spf-timeout", "500"], "--spf-timeout: \"500\""),
             (&["--spf-timeout", "1.5s"], "--spf-timeout: "),
@@ -2785,7 +2854,7 @@ policy-max-attributes = 64
         // Every flag with a value but `--hostname`, `--node-id`, `--dns-server`,
         // `--cluster-redis`, the three whitelist lists, `--trusted-certs` and the greytrap list,
         // which have no default to state.
-        assert_eq!(checked.len(), 30, "{checked:?}");
+        assert_eq!(checked.len(), 32, "{checked:?}");
     }
 
     #[test]
@@ -2845,6 +2914,8 @@ policy-max-attributes = 64
             udp_max_datagram,
             policy_max_block,
             policy_max_attributes,
+            max_triplets,
+            max_new_per_client,
         } = limits;
         let present = [
             ("native", native.is_some()),
@@ -2892,6 +2963,8 @@ policy-max-attributes = 64
                 "limits.policy-max-attributes",
                 policy_max_attributes.is_some(),
             ),
+            ("limits.max-triplets", max_triplets.is_some()),
+            ("limits.max-new-per-client", max_new_per_client.is_some()),
         ];
         let missing: Vec<&str> = present
             .iter()

@@ -233,7 +233,12 @@ fn serve(args: &ServeArgs) -> Result<()> {
         Arc::new(SystemClock),
     )
     .with_greytrap_ttl(*greytrap_ttl_secs)
-    .with_identities(*client_identity);
+    .with_identities(*client_identity)
+    // Validated: at most a million, so it fits.
+    .with_limits(
+        limits.max_triplets,
+        u32::try_from(limits.max_new_per_client).unwrap_or(u32::MAX),
+    );
     // Only a cluster node records its changes; a single node pays one compare per change.
     let engine = Arc::new(match cluster_url {
         Some(_) => engine.with_outbox(OUTBOX_PER_SHARD),

@@ -27,6 +27,8 @@ pub mod trust;
 mod wheel;
 
 use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -185,6 +187,10 @@ pub struct Keyed {
     /// The auto-whitelist key of an `spf` identity, when the client has one; otherwise the
     /// auto-whitelist is keyed by the client's network (never by a `name` identity).
     pub awl: Option<Key>,
+    /// The client identity that `key` is written under, when it is not the client's network
+    /// (an `spf` or `name` identity; set only while `--max-new-per-client` is on): whose new
+    /// records are counted. `None`: the network's.
+    pub who: Option<Key>,
 }
 
 impl Keyed {
@@ -198,6 +204,7 @@ impl Keyed {
             alt: [Key::VACANT; 2],
             alts: 0,
             awl: None,
+            who: None,
         }
     }
 
@@ -238,6 +245,14 @@ pub struct EngineStats {
     pub greytrap_hits: u64,
     /// Requests deferred because their client was trapped (since start).
     pub greytrap_deferrals: u64,
+    /// Greylisted (never passed) triplets evicted to stay within `--max-triplets` (since start).
+    pub evicted_greylisted: u64,
+    /// Whitelisted triplets evicted to stay within `--max-triplets`: only when a shard held
+    /// nothing else (since start).
+    pub evicted_whitelisted: u64,
+    /// New triplets answered DEFER without being recorded because their client was over
+    /// `--max-new-per-client` (since start).
+    pub new_refused: u64,
 }
 
 /// What one call to [`Engine::expire`] did.
@@ -286,6 +301,9 @@ impl Expiring for AwlRecord {
 }
 
 /// A table and the wheel that expires its records, under one lock.
+///
+/// Every record's key is in exactly one of `wheel`, `pending`, `evict` and `spared` (possibly
+/// also more than once: a stale copy is skipped when its record is gone or looked at again).
 #[derive(Debug)]
 struct Shard<R: Record> {
     table: Table<R>,
@@ -294,6 +312,36 @@ struct Shard<R: Record> {
     marked: usize,
     /// Keys changed here since the last [`Engine::take_changes`], for replication.
     outbox: replica::Outbox,
+    /// Most records this shard keeps (`--max-triplets` / shards); `usize::MAX`: no bound.
+    cap: usize,
+    /// Keys taken from the wheel's earliest slot by [`Shard::make_room`], earliest expiry last.
+    evict: Vec<Aside>,
+    /// Marked (whitelisted) records met while looking for an unmarked one to evict, kept
+    /// out of the wheel so the search never meets them again; earliest expiry first.
+    spared: BinaryHeap<Reverse<Aside>>,
+    /// Records evicted to make room: `[unmarked, marked]`.
+    evicted: [u64; 2],
+}
+
+/// A key set aside for eviction, with the wheel time of its record's expiry when set aside:
+/// the second [`Shard::expire_step`] looks at it again, as the wheel would have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Aside {
+    when: Secs,
+    key: Key,
+}
+
+/// What [`Shard::make_room`] freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freed {
+    /// Nothing: the shard is empty.
+    Nothing,
+    /// An expired record, removed as expiry would have.
+    Expired,
+    /// A live unmarked record (a greylisted, never-passed triplet).
+    Unmarked,
+    /// A live marked record (a whitelisted triplet): nothing else was left.
+    Marked,
 }
 
 impl<R: Expiring> Shard<R> {
@@ -304,7 +352,213 @@ impl<R: Expiring> Shard<R> {
             pending: Pending::default(),
             marked: 0,
             outbox: replica::Outbox::default(),
+            cap: usize::MAX,
+            evict: Vec::new(),
+            spared: BinaryHeap::new(),
+            evicted: [0; 2],
         }
+    }
+
+    /// Whether a new record must first make room (`--max-triplets`).
+    #[inline]
+    fn full(&self) -> bool {
+        self.table.len() >= self.cap
+    }
+
+    /// Makes room for a new record with `key` if the shard is full and `key` is not there.
+    #[inline]
+    fn room_for(&mut self, key: Key, now: Secs, p: &Policy) {
+        if self.full() && self.table.get(key).is_none() {
+            self.make_room(now, p);
+        }
+    }
+
+    /// Frees one record: an expired one if met first, else the unmarked record (greylisted,
+    /// never passed) that expires first, else — only when every record is marked — the
+    /// marked (whitelisted) one that expires first.
+    ///
+    /// A greylisted triplet expires at first seen + retry window, so "expires first" is "the
+    /// oldest". The wheel already orders keys by expiry: its earliest slot is taken whole,
+    /// sorted by the records' true expiry into `evict` and consumed from there, so each key
+    /// is looked up about twice per eviction and no memory is spent on a separate queue (the
+    /// keys move out of the wheel; the order is exact within a slot and slots are in order).
+    /// Whitelisted records met on the way go to `spared`, out of the search, so a shard full
+    /// of whitelisted records that expire soon does not make every eviction re-sort them.
+    fn make_room(&mut self, now: Secs, p: &Policy) -> Freed {
+        loop {
+            if self.marked >= self.table.len() {
+                return self.evict_marked(now, p);
+            }
+            let aside = match self.pop_evict() {
+                Some(a) => a,
+                None if self.set_aside(p) => continue,
+                None => return self.evict_spared_unmarked(now, p),
+            };
+            let Some(r) = self.table.get(aside.key).copied() else {
+                continue;
+            };
+            let until = r.alive_until_at(p);
+            let marked = r.marked(p);
+            let when = wheel_time(until);
+            if until >= u64::from(now) {
+                if marked {
+                    self.spared.push(Reverse(Aside { when, ..aside }));
+                    continue;
+                }
+                if when != aside.when {
+                    // Started over since it was set aside: younger than its place says.
+                    self.wheel.insert(aside.key, when);
+                    continue;
+                }
+            }
+            return self.evict_now(aside.key, marked, until < u64::from(now));
+        }
+    }
+
+    /// Removes the record with `key`, counting it as evicted unless it had `expired`.
+    fn evict_now(&mut self, key: Key, marked: bool, expired: bool) -> Freed {
+        self.table.remove(key);
+        self.marked -= usize::from(marked);
+        if expired {
+            return Freed::Expired;
+        }
+        self.evicted[usize::from(marked)] += 1;
+        if marked {
+            Freed::Marked
+        } else {
+            Freed::Unmarked
+        }
+    }
+
+    /// Wheel and queue are empty but unmarked records are left: they were spared while
+    /// whitelisted and started over in place since (or the count is off). Rare, so a linear
+    /// search of `spared` is fine.
+    fn evict_spared_unmarked(&mut self, now: Secs, p: &Policy) -> Freed {
+        let mut v = std::mem::take(&mut self.spared).into_vec();
+        let found = v
+            .iter()
+            .position(|Reverse(a)| self.table.get(a.key).is_some_and(|r| !r.marked(p)));
+        let picked = found.map(|i| v.swap_remove(i).0);
+        self.spared = v.into();
+        match picked.and_then(|a| self.table.get(a.key).copied()) {
+            Some(r) => {
+                let expired = r.alive_until_at(p) < u64::from(now);
+                self.evict_now(r.key(), false, expired)
+            }
+            None => self.evict_marked(now, p),
+        }
+    }
+
+    /// Evicts the marked record that expires first (for a whitelisted triplet: the one seen
+    /// longest ago), once nothing unmarked is left. Gathers into `spared`, at their true
+    /// expiry, the keys set aside and every wheel slot that may hold an earlier one (a key
+    /// sits in a slot no later than its expiry), so later calls pop the heap at once.
+    fn evict_marked(&mut self, now: Secs, p: &Policy) -> Freed {
+        let mut keys: Vec<Key> = std::mem::take(&mut self.evict)
+            .into_iter()
+            .map(|a| a.key)
+            .collect();
+        let mut pending = self.pending.take();
+        while let Some(k) = pending.pop() {
+            keys.push(k);
+        }
+        self.spare(keys, p);
+        while let Some(deadline) = self.wheel.next_deadline() {
+            if self
+                .spared
+                .peek()
+                .is_some_and(|Reverse(a)| u64::from(a.when) <= deadline)
+            {
+                break;
+            }
+            let Some(mut slot) = self.wheel.take_earliest() else {
+                break;
+            };
+            let mut keys = Vec::with_capacity(slot.len());
+            while let Some(k) = slot.pop() {
+                keys.push(k);
+            }
+            self.spare(keys, p);
+        }
+        while let Some(Reverse(a)) = self.spared.pop() {
+            let Some(r) = self.table.get(a.key).copied() else {
+                continue;
+            };
+            let until = r.alive_until_at(p);
+            if wheel_time(until) != a.when {
+                // Refreshed since it was spared: back in at its true place.
+                self.spared.push(Reverse(Aside {
+                    when: wheel_time(until),
+                    key: a.key,
+                }));
+                continue;
+            }
+            return self.evict_now(a.key, r.marked(p), until < u64::from(now));
+        }
+        Freed::Nothing
+    }
+
+    /// Puts `keys` into `spared` at their records' expiry (a key whose record is gone is
+    /// dropped).
+    fn spare(&mut self, keys: Vec<Key>, p: &Policy) {
+        for key in keys {
+            if let Some(r) = self.table.get(key) {
+                let when = wheel_time(r.alive_until_at(p));
+                self.spared.push(Reverse(Aside { when, key }));
+            }
+        }
+    }
+
+    /// The next key of `evict`, releasing its memory once it is used up.
+    fn pop_evict(&mut self) -> Option<Aside> {
+        let a = self.evict.pop();
+        if self.evict.is_empty() && self.evict.capacity() > 0 {
+            self.evict = Vec::new();
+        }
+        a
+    }
+
+    /// Moves the keys that expire first (those already handed out by the wheel, else its
+    /// earliest slot) into `evict`, sorted by their records' expiry, earliest last. False
+    /// when the wheel is empty.
+    fn set_aside(&mut self, p: &Policy) -> bool {
+        let mut keys = self.pending.take();
+        if keys.is_empty() {
+            match self.wheel.take_earliest() {
+                Some(k) => keys = k,
+                None => return false,
+            }
+        }
+        let mut v = Vec::with_capacity(keys.len());
+        while let Some(key) = keys.pop() {
+            // A key whose record is gone was a stale copy: dropped.
+            if let Some(r) = self.table.get(key) {
+                v.push(Aside {
+                    when: wheel_time(r.alive_until_at(p)),
+                    key,
+                });
+            }
+        }
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        self.evict.append(&mut v);
+        true
+    }
+
+    /// A set-aside key due by `now`, for expiry to look at as if the wheel had handed it out.
+    fn due_aside(&mut self, now: Secs) -> Option<Key> {
+        if self.evict.last().is_some_and(|a| a.when <= now) {
+            return self.pop_evict().map(|a| a.key);
+        }
+        if self.spared.peek().is_some_and(|Reverse(a)| a.when <= now) {
+            return self.spared.pop().map(|Reverse(a)| a.key);
+        }
+        None
+    }
+
+    /// Bytes held outside the table: the wheel and the keys set aside.
+    fn schedule_bytes(&self) -> usize {
+        self.wheel.len() * std::mem::size_of::<Key>()
+            + (self.evict.capacity() + self.spared.capacity()) * std::mem::size_of::<Aside>()
     }
 
     /// Inserts a new record and schedules its expiry.
@@ -315,7 +569,8 @@ impl<R: Expiring> Shard<R> {
     }
 
     /// Adds or replaces a record from outside (loading), scheduling it if it is new.
-    fn put(&mut self, r: R, p: &Policy) {
+    fn put(&mut self, r: R, now: Secs, p: &Policy) {
+        self.room_for(r.key(), now, p);
         match self.table.entry(r.key()) {
             Slot::Occupied(i) => {
                 let old = std::mem::replace(self.table.at_mut(i), r);
@@ -336,7 +591,7 @@ impl<R: Expiring> Shard<R> {
     ) -> bool {
         let mut left = budget;
         while left > 0 {
-            let Some(key) = self.pending.pop() else {
+            let Some(key) = self.pending.pop().or_else(|| self.due_aside(now)) else {
                 match self.wheel.poll(now) {
                     Some(keys) => {
                         self.pending.add(keys);
@@ -421,6 +676,73 @@ pub struct Engine {
     traps: Greytraps,
     /// The client identities in force, in order.
     identities: Identities,
+    /// New records per client identity this minute (`--max-new-per-client`).
+    new_counts: NewCounts,
+}
+
+/// log2 of the number of shards counting new records per client.
+const NEW_SHARD_BITS: u32 = 6;
+/// Client identities counted per shard in one minute: 64 × 4096 = 262 144 in all, at most
+/// ~10 MB. A client not counted because its shard is full that minute is let through: the
+/// limit is aimed at a few sources inventing triplets, and `--max-triplets` bounds memory
+/// whatever the number of sources.
+const NEW_PER_SHARD: usize = 4096;
+
+/// `--max-new-per-client`: new records per client identity in the current minute (fixed
+/// one-minute windows, `now / 60`), in a few small maps that are emptied when the minute turns.
+#[derive(Debug)]
+struct NewCounts {
+    /// New records allowed per client per minute; 0 = off.
+    limit: u32,
+    shards: Box<[Mutex<MinuteCounts>]>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct MinuteCounts {
+    minute: Secs,
+    counts: ahash::AHashMap<Key, u32>,
+}
+
+impl Default for NewCounts {
+    fn default() -> Self {
+        Self {
+            limit: 0,
+            shards: (0..1 << NEW_SHARD_BITS).map(|_| Mutex::default()).collect(),
+            refused: Default::default(),
+        }
+    }
+}
+
+impl NewCounts {
+    /// Counts one new record from `client` at `now`; false (and counted as refused) if the
+    /// client already made `limit` this minute.
+    fn admit(&self, client: Key, now: Secs) -> bool {
+        let mut m = lock(&self.shards[shard_of(client, NEW_SHARD_BITS)]);
+        let minute = now / 60;
+        if m.minute != minute {
+            m.minute = minute;
+            m.counts.clear();
+        }
+        let len = m.counts.len();
+        match m.counts.get_mut(&client) {
+            Some(n) if *n >= self.limit => {
+                drop(m);
+                self.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
+            Some(n) => {
+                *n += 1;
+                true
+            }
+            None if len >= NEW_PER_SHARD => true,
+            None => {
+                m.counts.insert(client, 1);
+                true
+            }
+        }
+    }
 }
 
 /// Clients trapped by writing to a greytrap address: few, short-lived, so a plain map per
@@ -605,6 +927,7 @@ impl Engine {
                 .collect(),
             traps: Greytraps::default(),
             identities: Identities::default(),
+            new_counts: NewCounts::default(),
             clock,
         }
     }
@@ -612,6 +935,31 @@ impl Engine {
     /// Sets the client identities (`client-identity`; default `name,prefix`).
     pub fn with_identities(mut self, identities: Identities) -> Self {
         self.identities = identities;
+        self
+    }
+
+    /// Sets the limits on the triplet table (DESIGN §12): at most `max_triplets` records
+    /// (`--max-triplets`), and at most `max_new_per_client` new records per client identity
+    /// per minute (`--max-new-per-client`, 0 = off).
+    ///
+    /// The bound is kept per shard, `max_triplets / 256` each (at least 1), by evicting
+    /// inside the shard under the lock the insert already holds: no global counter, no
+    /// second lock. That is fair because records go to shards by a keyed hash the clients
+    /// cannot steer, so shards fill evenly (at 1 M, 3 906 per shard, a standard deviation
+    /// of ~62): the record evicted is the oldest greylisted one of its shard, which is
+    /// among the oldest of the table, and the table holds at most `max_triplets` records.
+    /// Measured (docs/BENCHMARKS.md, "Limits: flood"): a 60 s flood of new triplets at a
+    /// bound of 1 M kept RSS at 90 MiB and ran at 441 k decisions/s, against 472 k/s with no
+    /// bound (same noisy machine: within its run-to-run spread).
+    pub fn with_limits(mut self, max_triplets: usize, max_new_per_client: u32) -> Self {
+        // The remainder goes one each to the first shards, so the bounds add up to exactly
+        // `max_triplets` (from 256 on; below, each shard still keeps one).
+        let n = self.triplets.len();
+        for (i, shard) in self.triplets.iter_mut().enumerate() {
+            let cap = max_triplets / n + usize::from(i < max_triplets % n);
+            shard.get_mut().unwrap_or_else(PoisonError::into_inner).cap = cap.max(1);
+        }
+        self.new_counts.limit = max_new_per_client;
         self
     }
 
@@ -774,6 +1122,7 @@ impl Engine {
         let mut keys = [Key::VACANT; 3];
         let mut n = 0;
         let mut awl = None;
+        let mut who = None;
         for &kind in self.identities.kinds() {
             let key = match kind {
                 IdentityKind::Prefix => prefix_key,
@@ -789,6 +1138,9 @@ impl Engine {
                         &mut s.ident_message,
                     );
                     awl = Some(client);
+                    if n == 0 && self.new_counts.limit > 0 {
+                        who = awl;
+                    }
                     key
                 }
                 IdentityKind::Name => {
@@ -799,8 +1151,16 @@ impl Engine {
                     let Some(domain) = identity::name_identity(name, q.client) else {
                         continue;
                     };
-                    self.identity_key(kind, domain.as_bytes(), &s.message, &mut s.ident_message)
-                        .0
+                    let (key, client) = self.identity_key(
+                        kind,
+                        domain.as_bytes(),
+                        &s.message,
+                        &mut s.ident_message,
+                    );
+                    if n == 0 && self.new_counts.limit > 0 {
+                        who = Some(client);
+                    }
+                    key
                 }
             };
             keys[n] = key;
@@ -810,6 +1170,7 @@ impl Engine {
         k.alts = (n - 1) as u8;
         k.alt.copy_from_slice(&keys[1..]);
         k.awl = awl;
+        k.who = who;
         k
     }
 
@@ -930,6 +1291,15 @@ impl Engine {
                 return Decision::Pass(Pass::Awl);
             }
         }
+        // `--max-new-per-client`: this request would make a new record (barring a race with
+        // another request for the same triplet, which may then count twice).
+        if mode == Mode::Record && !primary_live && live_alt.is_none() && self.new_counts.limit > 0
+        {
+            let who = k.who.unwrap_or_else(|| self.hasher.client(&k.client));
+            if !self.new_counts.admit(who, now) {
+                return Self::deferred_by(p, p.delay);
+            }
+        }
         // The greylisting rules run on the record of the first identity, unless only another
         // identity has a live one (made before the first was turned on, or by a peer that
         // keys by address): then on that one, so its first attempt is not forgotten.
@@ -1022,6 +1392,7 @@ impl Engine {
         p: &Policy,
         store: &Policy,
     ) -> Judgement {
+        sh.room_for(key, now, store);
         match sh.table.entry(key) {
             Slot::Vacant(i) => {
                 sh.insert_new(i, TripletRecord::new(key, now), store);
@@ -1156,18 +1527,21 @@ impl Engine {
             let sh = lock(shard);
             s.triplets += sh.table.len();
             s.whitelisted += sh.marked;
-            s.table_bytes += sh.table.heap_bytes() + sh.wheel.len() * std::mem::size_of::<Key>();
+            s.evicted_greylisted += sh.evicted[0];
+            s.evicted_whitelisted += sh.evicted[1];
+            s.table_bytes += sh.table.heap_bytes() + sh.schedule_bytes();
         }
         for shard in self.clients.iter() {
             let sh = lock(shard);
             s.awl_clients += sh.table.len();
             s.awl_active += sh.marked;
-            s.table_bytes += sh.table.heap_bytes() + sh.wheel.len() * std::mem::size_of::<Key>();
+            s.table_bytes += sh.table.heap_bytes() + sh.schedule_bytes();
         }
         let relaxed = std::sync::atomic::Ordering::Relaxed;
         s.trapped_clients = self.traps.trapped.load(relaxed);
         s.greytrap_hits = self.traps.hits.load(relaxed);
         s.greytrap_deferrals = self.traps.deferrals.load(relaxed);
+        s.new_refused = self.new_counts.refused.load(relaxed);
         s
     }
 
@@ -1282,7 +1656,7 @@ fn load_into<R: Expiring>(
         .into_iter()
         .filter(|r| !r.key().is_vacant() && r.alive_until_at(p) >= u64::from(now));
     by_shard(shards, hints, bits, alive, |sh, r| {
-        sh.put(r, p);
+        sh.put(r, now, p);
         kept += 1;
     });
     kept

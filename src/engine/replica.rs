@@ -166,6 +166,8 @@ impl<R: Merge> Shard<R> {
             stats.dead += 1;
             return;
         }
+        // A peer's flood is bounded like a local one (`--max-triplets`).
+        self.room_for(r.key(), now, p);
         match self.table.entry(r.key()) {
             Slot::Occupied(i) => {
                 let old = *self.table.at_mut(i);

@@ -1091,3 +1091,325 @@ fn identities_key_the_data_stage_too() {
         retried(400)
     );
 }
+
+// ---- Limits (DESIGN §12): --max-triplets and --max-new-per-client ----
+
+/// A key in triplet shard 0 (the top bits of `hi` pick the shard).
+fn shard0(n: u64) -> Key {
+    Key {
+        lo: n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        hi: n + 1,
+    }
+}
+
+fn decide_key(e: &Engine, key: Key, mode: Mode) -> Decision {
+    e.decide(&Keyed::new(key, e.normalizer().client(C())), e.now(), mode)
+}
+
+fn present(e: &Engine, key: Key) -> bool {
+    lock(&e.triplets[shard_of(key, TRIPLET_SHARD_BITS)])
+        .table
+        .get(key)
+        .is_some()
+}
+
+/// Whitelisted records counted one by one, to check the running count (`marked`).
+fn count_whitelisted(e: &Engine) -> (usize, usize) {
+    let (mut n, mut w) = (0, 0);
+    e.for_each_triplet_shard(|it| {
+        for r in it {
+            n += 1;
+            w += usize::from(r.is_whitelisted());
+        }
+    });
+    (n, w)
+}
+
+#[test]
+fn max_triplets_evicts_the_oldest_greylisted_first_and_whitelisted_last() {
+    let (e, clock) = engine();
+    // 3 records per shard.
+    let e = e.with_limits(3 << TRIPLET_SHARD_BITS, 0);
+    let k: Vec<Key> = (0..8).map(shard0).collect();
+    decide_key(&e, k[0], Mode::Record);
+    clock.advance(10);
+    decide_key(&e, k[1], Mode::Record);
+    clock.advance(10);
+    decide_key(&e, k[2], Mode::Record);
+    clock.advance(300);
+    assert_eq!(decide_key(&e, k[0], Mode::Record), retried(320));
+    // Full: a new triplet evicts the oldest greylisted one (k1), not the older whitelisted k0.
+    assert_eq!(decide_key(&e, k[3], Mode::Record), defer(300));
+    assert!(!present(&e, k[1]), "k1 (oldest greylisted) evicted");
+    assert!(present(&e, k[2]) && present(&e, k[3]));
+    assert_eq!(decide_key(&e, k[0], Mode::Peek), KNOWN);
+    let s = e.stats();
+    assert_eq!((s.triplets, s.whitelisted), (3, 1));
+    assert_eq!((s.evicted_greylisted, s.evicted_whitelisted), (1, 0));
+    // Next: k2, then k3, in the order they were first seen.
+    clock.advance(1);
+    decide_key(&e, k[4], Mode::Record);
+    assert!(!present(&e, k[2]) && present(&e, k[3]) && present(&e, k[4]));
+    clock.advance(1);
+    decide_key(&e, k[5], Mode::Record);
+    assert!(!present(&e, k[3]) && present(&e, k[4]) && present(&e, k[5]));
+    // Whitelist everything: only then is a whitelisted record evicted, the one seen longest
+    // ago (k0) first.
+    clock.advance(400);
+    assert!(matches!(
+        decide_key(&e, k[4], Mode::Record),
+        Decision::Pass(Pass::Retried { .. })
+    ));
+    assert!(matches!(
+        decide_key(&e, k[5], Mode::Record),
+        Decision::Pass(Pass::Retried { .. })
+    ));
+    assert_eq!(e.stats().whitelisted, 3);
+    decide_key(&e, k[6], Mode::Record);
+    assert!(!present(&e, k[0]), "k0, whitelisted longest ago, evicted");
+    assert_eq!(decide_key(&e, k[4], Mode::Peek), KNOWN);
+    assert_eq!(decide_key(&e, k[5], Mode::Peek), KNOWN);
+    let s = e.stats();
+    assert_eq!((s.triplets, s.whitelisted), (3, 2));
+    assert_eq!((s.evicted_greylisted, s.evicted_whitelisted), (3, 1));
+    assert_eq!(count_whitelisted(&e), (3, 2));
+    // k6 is greylisted again: the next new triplet evicts it, not a whitelisted one.
+    clock.advance(1);
+    decide_key(&e, k[7], Mode::Record);
+    assert!(!present(&e, k[6]));
+    assert_eq!(e.stats().evicted_whitelisted, 1);
+    assert_eq!(count_whitelisted(&e), (3, 2));
+}
+
+#[test]
+fn max_triplets_keeps_whitelisted_records_and_expiry_still_finds_set_aside_keys() {
+    // No auto-whitelist: every triplet of the flood makes a record.
+    let (e, clock) = engine_with(Policy {
+        awl_clients: 0,
+        ..Policy::default()
+    });
+    let e = e.with_limits(100 << TRIPLET_SHARD_BITS, 0);
+    let p = *e.policy();
+    // A flood into one shard, with every 10th triplet whitelisted.
+    for n in 0..500u64 {
+        decide_key(&e, shard0(n), Mode::Record);
+        if n % 10 == 0 {
+            clock.advance(p.delay);
+            decide_key(&e, shard0(n), Mode::Record);
+        }
+        clock.advance(1);
+        let s = e.stats();
+        assert!(s.triplets <= 100, "{} records after {n}", s.triplets);
+    }
+    let s = e.stats();
+    assert_eq!((s.triplets, s.whitelisted), (100, 50));
+    assert_eq!(count_whitelisted(&e), (100, 50));
+    // Whitelisted records are never evicted while greylisted ones are left.
+    assert_eq!((s.evicted_greylisted, s.evicted_whitelisted), (400, 0));
+    assert!((0..500)
+        .step_by(10)
+        .all(|n| decide_key(&e, shard0(n), Mode::Peek) == KNOWN));
+    // The newest greylisted records are the ones kept.
+    assert!((450..500)
+        .filter(|n| n % 10 != 0)
+        .all(|n| present(&e, shard0(n))));
+    // Everything set aside for eviction is still expired on time.
+    clock.advance(p.retry_window + 1);
+    e.expire(e.now());
+    assert_eq!(e.stats().triplets, 50, "greylisted ones expired");
+    clock.advance(p.whitelist_ttl);
+    e.expire(e.now());
+    let s = e.stats();
+    assert_eq!((s.triplets, s.whitelisted), (0, 0));
+}
+
+#[test]
+fn an_expired_record_makes_room_before_a_live_one_is_evicted() {
+    let (e, clock) = engine();
+    let e = e.with_limits(2 << TRIPLET_SHARD_BITS, 0);
+    let p = *e.policy();
+    decide_key(&e, shard0(0), Mode::Record);
+    clock.advance(p.retry_window - 100);
+    decide_key(&e, shard0(1), Mode::Record);
+    clock.advance(101); // shard0(0) has just expired; expiry has not run
+    decide_key(&e, shard0(2), Mode::Record);
+    let s = e.stats();
+    assert_eq!((s.triplets, s.evicted_greylisted), (2, 0));
+    assert!(present(&e, shard0(1)) && present(&e, shard0(2)));
+}
+
+#[test]
+fn max_triplets_bounds_the_whole_table_through_check() {
+    let (e, _) = engine();
+    let e = e.with_limits(1_000, 0);
+    for n in 0..5_000 {
+        check(&e, C(), &format!("s{n}@x.org"), "b@y.net");
+    }
+    let s = e.stats();
+    assert!(s.triplets <= 1_000, "{}", s.triplets);
+    // Keyed hashes fill the shards evenly: all of them are at their bound.
+    assert_eq!(s.triplets, 1_000);
+    assert_eq!(s.evicted_greylisted as usize + s.triplets, 5_000);
+}
+
+#[test]
+fn max_new_per_client_defers_without_recording_per_minute() {
+    let (e, clock) = engine();
+    let e = e.with_limits(1 << 20, 3);
+    // Start at the beginning of a minute.
+    clock.set((T0 / 60 + 1) * 60);
+    let a = C();
+    let b = ip(198, 51, 100, 7);
+    // PEEK never counts.
+    for n in 0..10 {
+        assert_eq!(
+            e.check(
+                &Query::new(a, &format!("p{n}@x.org"), "r@y.net"),
+                Mode::Peek
+            ),
+            defer(300)
+        );
+    }
+    for n in 0..3 {
+        assert_eq!(check(&e, a, &format!("s{n}@x.org"), "r@y.net"), defer(300));
+    }
+    assert_eq!(e.stats().triplets, 3);
+    // The fourth new triplet this minute: DEFER for the whole delay, not recorded.
+    clock.advance(30);
+    assert_eq!(check(&e, a, "s3@x.org", "r@y.net"), defer(300));
+    assert_eq!(check(&e, a, "s3@x.org", "r@y.net"), defer(300));
+    let s = e.stats();
+    assert_eq!((s.triplets, s.new_refused), (3, 2));
+    // Its known triplets are answered as usual (not new).
+    assert_eq!(check(&e, a, "s0@x.org", "r@y.net"), defer(270));
+    // Another client is not affected.
+    for n in 0..3 {
+        assert_eq!(check(&e, b, &format!("s{n}@x.org"), "r@y.net"), defer(300));
+    }
+    assert_eq!(e.stats().triplets, 6);
+    // The last second of the minute still counts; the next minute, the client may add again.
+    clock.advance(29);
+    assert_eq!(check(&e, a, "s3@x.org", "r@y.net"), defer(300));
+    assert_eq!(e.stats().triplets, 6);
+    assert_eq!(e.stats().new_refused, 3);
+    clock.advance(1);
+    assert_eq!(check(&e, a, "s3@x.org", "r@y.net"), defer(300));
+    assert_eq!(e.stats().triplets, 7);
+    assert_eq!(e.stats().new_refused, 3);
+}
+
+#[test]
+fn max_new_per_client_counts_by_the_first_identity() {
+    let (e, clock) = with_identities("name,prefix");
+    let e = e.with_limits(1 << 20, 2);
+    clock.set((T0 / 60 + 1) * 60);
+    // Two networks of one pool (name identity): one client.
+    let q = |n: u32, addr: IpAddr, name: &'static str| {
+        let from = format!("s{n}@gmail.com");
+        e.check(&named(addr, name, &from, "b@y.net"), Mode::Record)
+    };
+    assert_eq!(
+        q(0, ip(209, 85, 128, 54), "mail-by1-f54.google.com"),
+        defer(300)
+    );
+    assert_eq!(
+        q(1, ip(74, 125, 3, 9), "mail-ua1-f9.google.com"),
+        defer(300)
+    );
+    assert_eq!(
+        q(2, ip(74, 125, 3, 9), "mail-ua1-f9.google.com"),
+        defer(300)
+    );
+    assert_eq!(e.stats().triplets, 2);
+    assert_eq!(e.stats().new_refused, 1);
+    // A client without a name is its network.
+    assert_eq!(
+        check(&e, ip(74, 125, 3, 9), "s2@gmail.com", "b@y.net"),
+        defer(300)
+    );
+    assert_eq!(e.stats().triplets, 3);
+}
+
+#[test]
+fn a_flood_never_evicts_a_whitelisted_record_while_greylisted_ones_are_left() {
+    let (e, clock) = engine_with(Policy {
+        awl_clients: 0,
+        ..Policy::default()
+    });
+    let e = e.with_limits(10_000, 0);
+    for i in 0..200 {
+        check(
+            &e,
+            ip(192, 0, 2, i as u8),
+            &format!("s{i}@known.example"),
+            "r@rcpt.example",
+        );
+    }
+    clock.advance(301);
+    for i in 0..200 {
+        check(
+            &e,
+            ip(192, 0, 2, i as u8),
+            &format!("s{i}@known.example"),
+            "r@rcpt.example",
+        );
+    }
+    assert_eq!(e.stats().whitelisted, 200);
+    for i in 0..30_000u32 {
+        let c = ip(10, (i % 600 / 256) as u8, (i % 600 % 256) as u8, 1);
+        check(
+            &e,
+            c,
+            &format!("f{i}@flood.example"),
+            &format!("r{i}@rcpt.example"),
+        );
+        if i % 1000 == 0 {
+            clock.advance(1);
+            e.expire(e.now());
+        }
+    }
+    let s = e.stats();
+    assert_eq!((s.evicted_whitelisted, s.whitelisted), (0, 200), "{s:?}");
+}
+
+proptest! {
+    /// Random new triplets, passes, clock steps and expiry into one shard of 5: the shard never
+    /// holds more than 5, the whitelisted count stays exact, a whitelisted record is evicted
+    /// only when the shard holds nothing else, and every record is still scheduled (all of
+    /// them expire in the end).
+    #[test]
+    fn eviction_keeps_counts_and_schedules(
+        ops in prop::collection::vec((0u8..4, 0u64..24, 0u32..4000), 1..300)
+    ) {
+        let (e, clock) = engine_with(Policy {
+            awl_clients: 0,
+            retry_window: 3 * 3600,
+            ..Policy::default()
+        });
+        let e = e.with_limits(5 << TRIPLET_SHARD_BITS, 0);
+        for (op, k, dt) in ops {
+            let key = shard0(k);
+            match op {
+                0 | 1 => {
+                    let before = e.stats();
+                    let (n, w) = count_whitelisted(&e);
+                    decide_key(&e, key, Mode::Record);
+                    let after = e.stats();
+                    if after.evicted_whitelisted > before.evicted_whitelisted {
+                        prop_assert_eq!(n, w, "a whitelisted record evicted beside greylisted ones");
+                    }
+                }
+                2 => clock.advance(dt),
+                _ => {
+                    e.expire(e.now());
+                }
+            }
+            let s = e.stats();
+            prop_assert!(s.triplets <= 5);
+            prop_assert_eq!(count_whitelisted(&e), (s.triplets, s.whitelisted));
+        }
+        clock.advance(Policy::default().whitelist_ttl + 3 * 3600 + 1);
+        e.expire(e.now());
+        prop_assert_eq!(e.stats().triplets, 0, "a record was left unscheduled");
+    }
+}

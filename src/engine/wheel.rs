@@ -59,6 +59,11 @@ impl KeyList {
     pub(crate) fn len(&self) -> usize {
         self.chunks.iter().map(Vec::len).sum()
     }
+
+    /// Whether there are no keys.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chunks.iter().all(Vec::is_empty)
+    }
 }
 
 #[derive(Debug)]
@@ -176,6 +181,23 @@ impl Wheel {
             }
         }
     }
+
+    /// The deadline of the earliest occupied slot: no key in the wheel is scheduled before it.
+    pub(crate) fn next_deadline(&self) -> Option<u64> {
+        self.next_expiration().map(|(_, _, deadline)| deadline)
+    }
+
+    /// Hands out the earliest occupied slot whole, due or not, leaving `elapsed` where it is:
+    /// for eviction (`--max-triplets`), which wants the records that expire first. The owner
+    /// takes over the keys (see `Shard::make_room`) and schedules again those it keeps.
+    pub(crate) fn take_earliest(&mut self) -> Option<KeyList> {
+        let (level, slot, _) = self.next_expiration()?;
+        let l = &mut self.levels[level];
+        l.occupied &= !(1 << slot);
+        let keys = std::mem::take(&mut l.slots[slot]);
+        self.len -= keys.len();
+        Some(keys)
+    }
 }
 
 /// Keys handed out by the wheel and not yet dealt with; drained in small steps.
@@ -188,6 +210,10 @@ impl Pending {
     }
     pub(crate) fn pop(&mut self) -> Option<Key> {
         self.0.pop()
+    }
+    /// Takes every key out.
+    pub(crate) fn take(&mut self) -> KeyList {
+        std::mem::take(&mut self.0)
     }
 }
 
@@ -217,6 +243,28 @@ mod tests {
         }
         out.sort_unstable();
         out
+    }
+
+    #[test]
+    fn take_earliest_hands_out_the_first_slot_due_or_not() {
+        let mut w = Wheel::new(1000);
+        w.insert(k(1), 1000 + 5000);
+        w.insert(k(2), 1000 + 30);
+        w.insert(k(3), 1000 + 30);
+        w.insert(k(4), 1000 + 200_000);
+        let mut first = w.take_earliest().unwrap();
+        let mut got = vec![first.pop().unwrap().lo, first.pop().unwrap().lo];
+        got.sort_unstable();
+        assert_eq!(got, vec![2, 3]);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.take_earliest().unwrap().pop().map(|k| k.lo), Some(1));
+        assert_eq!(w.take_earliest().unwrap().pop().map(|k| k.lo), Some(4));
+        assert!(w.take_earliest().is_none());
+        assert_eq!(w.len(), 0);
+        // Time did not move: a key due at 1001 is still handed out at 1001, not before.
+        w.insert(k(5), 1001);
+        assert!(w.poll(1000).is_none());
+        assert!(w.poll(1001).is_some());
     }
 
     #[test]

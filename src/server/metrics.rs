@@ -515,6 +515,7 @@ pub struct Metrics {
     awl_clients: Gauge,
     awl_active: Gauge,
     greytraps: Arc<GreytrapCounts>,
+    limits: Arc<LimitCounts>,
     /// Snapshot writes and their outcome.
     pub snapshots: SnapshotMetrics,
 }
@@ -549,6 +550,37 @@ impl Collector for GreytrapCounts {
             "Client networks trapped by a greytrap now.",
             None,
             trapped.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// The engine's limit counters (`--max-triplets`, `--max-new-per-client`) as of the last
+/// scrape.
+#[derive(Debug, Default)]
+struct LimitCounts {
+    evicted: [AtomicU64; 2],
+    new_refused: AtomicU64,
+}
+
+impl Collector for LimitCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut m = encoder.encode_descriptor(
+            "evicted",
+            "Triplet records evicted to stay within max-triplets, by state (whitelisted ones only when nothing else was left).",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (state, v) in ["greylisted", "whitelisted"].into_iter().zip(&self.evicted) {
+            ConstCounter::new(v.load(Ordering::Relaxed))
+                .encode(m.encode_family(&StateLabels { state })?)?;
+        }
+        let refused = ConstCounter::new(self.new_refused.load(Ordering::Relaxed));
+        refused.encode(encoder.encode_descriptor(
+            "new_refused",
+            "New triplets deferred without being recorded because their client was over max-new-per-client.",
+            None,
+            refused.metric_type(),
         )?)?;
         Ok(())
     }
@@ -685,6 +717,8 @@ impl Metrics {
         );
         let greytraps = Arc::new(GreytrapCounts::default());
         registry.register_collector(Box::new(greytraps.clone()));
+        let limits = Arc::new(LimitCounts::default());
+        registry.register_collector(Box::new(limits.clone()));
         let snapshots = SnapshotMetrics::default();
         snapshots.register(&mut registry);
         Self {
@@ -698,6 +732,7 @@ impl Metrics {
             awl_clients,
             awl_active,
             greytraps,
+            limits,
             snapshots,
         }
     }
@@ -735,6 +770,11 @@ impl Metrics {
         self.greytraps
             .trapped
             .store(s.trapped_clients as u64, Ordering::Relaxed);
+        self.limits.evicted[0].store(s.evicted_greylisted, Ordering::Relaxed);
+        self.limits.evicted[1].store(s.evicted_whitelisted, Ordering::Relaxed);
+        self.limits
+            .new_refused
+            .store(s.new_refused, Ordering::Relaxed);
         self.counts.triplets[0].set((s.triplets - s.whitelisted) as i64);
         self.counts.triplets[1].set(s.whitelisted as i64);
         self.awl_clients.set(s.awl_clients as i64);

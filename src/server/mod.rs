@@ -348,19 +348,65 @@ pub async fn run(
     Ok(())
 }
 
-/// Expires records once a second, in small steps (see `Engine::expire`).
+/// Expires records once a second, in small steps (see `Engine::expire`), and logs what the
+/// table limits did (at most every 10 s).
 fn expiry_loop(shared: &Shared, stop: &AtomicBool) {
+    let mut limits = LimitLog::default();
     while !stop.load(Ordering::Relaxed) {
         let stats = shared.engine.expire(shared.engine.now());
         if stats.removed > 0 {
             shared.metrics.expired.inc_by(stats.removed as u64);
         }
+        limits.log(&shared.engine.stats());
         for _ in 0..10 {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// What `--max-triplets` and `--max-new-per-client` did since the last line about them.
+#[derive(Default)]
+struct LimitLog {
+    /// Counts as of the last line: evicted greylisted, evicted whitelisted, refused.
+    logged: (u64, u64, u64),
+    at: Option<Instant>,
+}
+
+impl LimitLog {
+    /// Logs the counts that grew since the last line, at most every 10 s.
+    fn log(&mut self, s: &crate::engine::EngineStats) {
+        let now = (s.evicted_greylisted, s.evicted_whitelisted, s.new_refused);
+        if now == self.logged
+            || self
+                .at
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        let (g, w, r) = (
+            now.0 - self.logged.0,
+            now.1 - self.logged.1,
+            now.2 - self.logged.2,
+        );
+        if g + w > 0 {
+            warn!(
+                evicted_greylisted = g,
+                evicted_whitelisted = w,
+                triplets = s.triplets,
+                "max-triplets reached: records evicted to make room for new triplets (counts since the previous such line; logged at most every 10 s, see greyhound_evicted_total)"
+            );
+        }
+        if r > 0 {
+            warn!(
+                refused = r,
+                "max-new-per-client reached: new triplets deferred without being recorded (count since the previous such line; logged at most every 10 s, see greyhound_new_refused_total)"
+            );
+        }
+        self.logged = now;
+        self.at = Some(Instant::now());
     }
 }
 
