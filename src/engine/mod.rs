@@ -12,6 +12,7 @@
 //!                                              greylist rules ─► DEFER n / PASS retried
 //! ```
 
+mod admin;
 pub mod clock;
 pub mod domains;
 pub mod exempt;
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
 
+pub use admin::{Explanation, IdentityRecord, ImportRecord, ImportStats, Tombstone, TombstoneKind};
 pub use clock::{Clock, ManualClock, Secs, SystemClock};
 pub use exempt::{ExemptList, Exemptions};
 pub use identity::{Identities, IdentityKind};
@@ -421,6 +423,8 @@ pub struct Engine {
     traps: Greytraps,
     /// The client identities in force, in order.
     identities: Identities,
+    /// Records deleted by an administrator, here or on a peer (`admin.rs`).
+    tombstones: admin::Tombstones,
 }
 
 /// Clients trapped by writing to a greytrap address: few, short-lived, so a plain map per
@@ -604,6 +608,7 @@ impl Engine {
                 .collect(),
             traps: Greytraps::default(),
             identities: Identities::default(),
+            tombstones: admin::Tombstones::default(),
             clock,
         }
     }
@@ -1136,6 +1141,7 @@ impl Engine {
         in_turn(&self.triplets, now, p, &mut stats);
         in_turn(&self.clients, now, p, &mut stats);
         self.traps.expire(now);
+        self.tombstones.expire(now, self.tombstone_keep());
         stats
     }
 

@@ -11,6 +11,7 @@
 
 use std::sync::Mutex;
 
+use super::admin::{Deletable, Tombstone, Tombstones};
 use super::clock::Secs;
 use super::key::Key;
 use super::policy::Policy;
@@ -62,6 +63,9 @@ pub struct Changes {
     pub triplets: Vec<TripletRecord>,
     /// Auto-whitelist records, likewise.
     pub clients: Vec<AwlRecord>,
+    /// Records deleted by an administrator here (`greyhound admin delete`): applied by a peer
+    /// before the records of the same batch.
+    pub tombstones: Vec<Tombstone>,
     /// Shards whose outbox had filled up and that were rescanned instead.
     pub rescanned_shards: usize,
 }
@@ -71,12 +75,13 @@ impl Changes {
     pub fn clear(&mut self) {
         self.triplets.clear();
         self.clients.clear();
+        self.tombstones.clear();
         self.rescanned_shards = 0;
     }
 
     /// Whether there is nothing to publish.
     pub fn is_empty(&self) -> bool {
-        self.triplets.is_empty() && self.clients.is_empty()
+        self.triplets.is_empty() && self.clients.is_empty() && self.tombstones.is_empty()
     }
 }
 
@@ -89,6 +94,8 @@ pub struct MergeStats {
     pub dead: usize,
     /// Records that were not in the table (or only dead there) and were added.
     pub added: usize,
+    /// Records older than a delete this node knows of (ignored: a delete wins).
+    pub deleted: usize,
 }
 
 /// A summary of the live table that two nodes holding the same records agree on: counts plus
@@ -130,7 +137,7 @@ fn mix_key(k: Key, tag: u64, state: u64) -> u64 {
 
 /// How two copies of one record combine. Commutative, associative and idempotent, so the
 /// order in which a node hears of changes, and how often, never matters.
-pub(super) trait Merge: Expiring {
+pub(super) trait Merge: Expiring + Deletable + PartialEq {
     fn merge(&self, other: &Self) -> Self;
     /// The part of the state the [`Digest`] covers.
     fn digest_state(&self) -> u64;
@@ -155,18 +162,33 @@ impl Merge for AwlRecord {
 }
 
 impl<R: Merge> Shard<R> {
-    /// Merges a peer's copy of a record at `now`. A copy already dead changes nothing (it is
-    /// a replay or a late arrival of a life that is over); a live copy is merged into a live
-    /// local record and replaces a dead one outright, so a triplet that expired and started
-    /// over never inherits its old life (first seen, whitelisted flag) from a peer.
-    fn merge_in(&mut self, r: R, now: Secs, p: &Policy, stats: &mut MergeStats) {
+    /// Merges a copy of a record at `now`: a peer's, or an imported one (`publish`: then it
+    /// is a change of this node, recorded in the outbox). A copy already dead changes nothing
+    /// (it is a replay or a late arrival of a life that is over), nor does one older than a
+    /// delete this node knows of (a delete wins over older state, whenever it arrives); a live
+    /// copy is merged into a live local record and replaces a dead one outright, so a triplet
+    /// that expired and started over never inherits its old life (first seen, whitelisted
+    /// flag) from a peer.
+    fn merge_in(
+        &mut self,
+        r: R,
+        now: Secs,
+        p: &Policy,
+        tombs: &Tombstones,
+        publish: bool,
+        stats: &mut MergeStats,
+    ) {
         stats.received += 1;
         let dead = |x: &R| x.alive_until_at(p) < u64::from(now);
         if r.key().is_vacant() || dead(&r) {
             stats.dead += 1;
             return;
         }
-        match self.table.entry(r.key()) {
+        if tombs.get(R::KIND, r.key()).is_some_and(|d| r.deleted_by(d)) {
+            stats.deleted += 1;
+            return;
+        }
+        let changed = match self.table.entry(r.key()) {
             Slot::Occupied(i) => {
                 let old = *self.table.at_mut(i);
                 let new = if dead(&old) {
@@ -182,11 +204,16 @@ impl<R: Merge> Shard<R> {
                     self.wheel
                         .insert(new.key(), super::wheel_time(new.alive_until_at(p)));
                 }
+                new != old
             }
             Slot::Vacant(i) => {
                 stats.added += 1;
                 self.insert_new(i, r, p);
+                true
             }
+        };
+        if publish && changed {
+            self.outbox.push(r.key());
         }
     }
 
@@ -219,17 +246,21 @@ fn changed_since<R: Expiring>(r: &R, since: Secs) -> bool {
     r.last_seen_at() >= since
 }
 
-fn merge_into<R: Merge>(
+/// Merges `records` into their shards (see [`Shard::merge_in`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn merge_into<R: Merge>(
     shards: &[Mutex<Shard<R>>],
     hints: &[SlotHint<R>],
     bits: u32,
     records: impl IntoIterator<Item = R>,
     now: Secs,
     p: &Policy,
+    tombs: &Tombstones,
+    publish: bool,
 ) -> MergeStats {
     let mut stats = MergeStats::default();
     by_shard(shards, hints, bits, records, |sh, r| {
-        sh.merge_in(r, now, p, &mut stats)
+        sh.merge_in(r, now, p, tombs, publish, &mut stats)
     });
     stats
 }
@@ -291,6 +322,7 @@ impl Engine {
         for shard in self.clients.iter() {
             out.rescanned_shards += usize::from(lock(shard).collect(now, p, &mut out.clients));
         }
+        self.tombstones.take_outbox(&mut out.tombstones);
     }
 
     /// Appends to `out` every live record whose `last_seen` is at or after `since` — whatever
@@ -311,6 +343,10 @@ impl Engine {
             changed_since(r, since) && r.alive_until_at(p) >= u64::from(now)
         }
         let p = &self.policy;
+        if shard == 0 {
+            // The few tombstones travel with the first shard.
+            self.tombstones.since(since, &mut out.tombstones);
+        }
         if let Some(sh) = self.triplets.get(shard) {
             let sh = lock(sh);
             out.triplets
@@ -337,6 +373,8 @@ impl Engine {
             records,
             now,
             &self.policy,
+            &self.tombstones,
+            false,
         )
     }
 
@@ -353,6 +391,8 @@ impl Engine {
             records,
             now,
             &self.policy,
+            &self.tombstones,
+            false,
         )
     }
 
