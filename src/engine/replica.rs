@@ -462,6 +462,8 @@ mod tests {
     }
 
     fn apply(e: &Engine, c: &Changes) {
+        // As the replicator does: a batch's deletes before its records.
+        e.merge_tombstones(c.tombstones.iter().copied());
         e.merge_triplets(c.triplets.iter().copied(), e.now());
         e.merge_clients(c.clients.iter().copied(), e.now());
     }
@@ -551,6 +553,131 @@ mod tests {
             // Merges are never published back.
             prop_assert!(take(&nodes[0]).is_empty() && take(&nodes[1]).is_empty());
         }
+    }
+
+    fn query(client: u8, n: u32) -> (IpAddr, String, String) {
+        (
+            IpAddr::V4(Ipv4Addr::new(192, 0, client, 1)),
+            format!("s{n}@example.org"),
+            format!("r{n}@example.net"),
+        )
+    }
+
+    proptest! {
+        /// As [`any_interleaving_converges`], with administrators deleting triplets and
+        /// clients' auto-whitelist entries on either node meanwhile: once every batch has
+        /// arrived both nodes hold the same table, and no node holds a copy of a deleted
+        /// triplet's life that had begun by its delete, whatever arrived when.
+        #[test]
+        fn deletes_converge_and_are_never_resurrected(
+            ops in proptest::collection::vec(
+                (any::<bool>(), 0u8..3, 0u32..4, 0u32..200, 0u8..4, 0u8..8), 1..60),
+        ) {
+            let clock = Arc::new(ManualClock::new(T0));
+            let nodes = [node(&clock, 4), node(&clock, 4)];
+            let mut inbox: [Vec<(Secs, Changes)>; 2] = [Vec::new(), Vec::new()];
+            let mut deleted: Vec<(Key, Secs)> = Vec::new();
+            for (on_b, client, n, advance, deliver, action) in ops {
+                let then = clock.now() + advance;
+                for to in 0..2 {
+                    for (_, c) in inbox[to].extract_if(.., |(made, _)| then - *made > MAX_LAG) {
+                        apply(&nodes[to], &c);
+                    }
+                }
+                clock.advance(advance);
+                let me = usize::from(on_b);
+                let (ip, from, to_addr) = query(client, n);
+                let q = Query::new(ip, &from, &to_addr);
+                match action {
+                    0 => {
+                        nodes[me].delete(&q);
+                        let key = nodes[me].explain(&q).identities[0].key;
+                        deleted.push((key, clock.now()));
+                    }
+                    1 => {
+                        nodes[me].delete_client(ip);
+                    }
+                    _ => {
+                        nodes[me].check(&q, Mode::Record);
+                    }
+                }
+                let c = take(&nodes[me]);
+                inbox[1 - me].push((clock.now(), c));
+                let to = usize::from(deliver % 2 == 0);
+                match deliver {
+                    0 | 1 => {
+                        for (_, c) in inbox[to].drain(..) {
+                            apply(&nodes[to], &c);
+                        }
+                    }
+                    2 => {
+                        if let Some((_, c)) = inbox[to].first() {
+                            apply(&nodes[to], c);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for to in 0..2 {
+                for (_, c) in std::mem::take(&mut inbox[to]) {
+                    apply(&nodes[to], &c);
+                }
+            }
+            let now = clock.now();
+            prop_assert_eq!(nodes[0].digest(now), nodes[1].digest(now));
+            for e in &nodes {
+                let mut held = Vec::new();
+                e.for_each_triplet_shard(|it| held.extend(it.copied()));
+                for r in held {
+                    for &(key, at) in &deleted {
+                        prop_assert!(
+                            r.key != key || r.first_seen() > at,
+                            "a life begun by its delete came back: {:?} deleted at {}", r, at
+                        );
+                    }
+                }
+            }
+            prop_assert!(take(&nodes[0]).is_empty() && take(&nodes[1]).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_peers_older_copy_never_comes_back_after_a_delete() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let (a, b) = (node(&clock, 64), node(&clock, 64));
+        let (ip, from, to) = query(1, 1);
+        let q = Query::new(ip, &from, &to);
+        a.check(&q, Mode::Record);
+        apply(&b, &take(&a));
+        clock.advance(61);
+        // B passes it (whitelisted) and publishes that; A deletes meanwhile.
+        assert!(matches!(
+            b.check(&q, Mode::Record),
+            Decision::Pass(Pass::Retried { .. })
+        ));
+        let from_b = take(&b);
+        assert!(a.delete(&q));
+        let from_a = take(&a);
+        assert_eq!(from_a.tombstones.len(), 1);
+        // B's older, whitelisted copy reaches A after the delete: refused.
+        apply(&a, &from_b);
+        assert_eq!(a.stats().triplets, 0);
+        // The delete reaches B: its copy goes too.
+        apply(&b, &from_a);
+        assert_eq!(b.stats().triplets, 0);
+        // Replayed later (a restart, a republish): still refused, both ways.
+        apply(&a, &from_b);
+        apply(&b, &from_b);
+        assert_eq!((a.stats().triplets, b.stats().triplets), (0, 0));
+        // A new first attempt after the delete is a new life, and travels.
+        clock.advance(1);
+        assert_eq!(
+            a.check(&q, Mode::Record),
+            Decision::Defer { seconds_left: 60 }
+        );
+        apply(&b, &take(&a));
+        assert_eq!(b.digest(clock.now()), a.digest(clock.now()));
+        assert_eq!(b.stats().triplets, 1);
     }
 
     #[test]
