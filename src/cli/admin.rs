@@ -198,7 +198,9 @@ pub fn span(secs: u64) -> String {
 
 /// A Unix time and how far it is from `now`.
 fn when(t: u64, now: u64) -> String {
-    if t >= now {
+    if t == now {
+        format!("{} (now)", utc(t))
+    } else if t > now {
         format!("{} (in {})", utc(t), span(t - now))
     } else {
         format!("{} ({} ago)", utc(t), span(now - t))
@@ -607,6 +609,7 @@ mod tests {
         assert_eq!(span(3 * 86_400 + 5), "3d 5s");
         assert_eq!(when(100, 40), format!("{} (in 1m)", utc(100)));
         assert_eq!(when(40, 100), format!("{} (1m ago)", utc(40)));
+        assert_eq!(when(40, 40), format!("{} (now)", utc(40)));
     }
 
     #[test]

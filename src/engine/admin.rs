@@ -183,6 +183,8 @@ pub struct Explanation {
     pub exemption: Option<ExemptList>,
     /// The `domain-policy` entry of the recipient's domain, as written in the file.
     pub domain_rule: Option<String>,
+    /// The settings this triplet is judged by (the domain's rule over the global ones).
+    pub policy: super::Policy,
     /// The recipient is a greytrap.
     pub greytrap: bool,
     /// The client is trapped now (it wrote to a greytrap).
@@ -343,10 +345,10 @@ impl Engine {
             &sender.to_ascii_lowercase(),
             &rcpt_n,
         );
-        let domain_rule = rcpt_n
-            .rsplit_once('@')
-            .and_then(|(_, d)| ex.domain_rule(d))
-            .map(|r| describe_rule(&r));
+        let rule = rcpt_n.rsplit_once('@').and_then(|(_, d)| ex.domain_rule(d));
+        let domain_rule = rule.map(|r| describe_rule(&r));
+        // A request is judged by its domain's rule laid over the global settings.
+        let policy = rule.map_or(self.policy, |r| r.over(&self.policy));
         let identities = self
             .identity_keys(q)
             .into_iter()
@@ -373,6 +375,7 @@ impl Engine {
             identities,
             exemption,
             domain_rule,
+            policy,
             greytrap: ex.has_greytraps() && ex.is_greytrap(&rcpt_n),
             trapped,
             awl_identity,

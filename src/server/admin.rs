@@ -356,7 +356,7 @@ fn lookup(
     q.client_name = name;
     q.spf = spf;
     let x = engine.explain(&q);
-    let p = engine.policy();
+    let p = &x.policy;
     let now = x.now;
     let report = |r: Option<TripletRecord>| {
         let unix = |s: u32| Some(to_unix(s));
