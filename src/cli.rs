@@ -152,6 +152,9 @@ pub enum AdminCommand {
         sender: String,
         /// Envelope recipient.
         recipient: String,
+        /// The client's verified host name: the record under its `name` identity goes too.
+        #[arg(long, value_name = "HOST")]
+        name: Option<String>,
     },
     /// Delete a client's auto-whitelist entry (replicated). Exit 1 when there was none.
     DeleteClient {

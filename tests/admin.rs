@@ -333,6 +333,24 @@ fn lookup_explains_lists_identities_and_domain_policy() {
         "{}",
         r.out
     );
+    // A record made under the name identity is deleted only when the name is given.
+    let line = "CHECK 192.0.2.1 a@x.example b@y.example name=mx1.x.example";
+    assert!(ask(&s, line).starts_with("DEFER "));
+    let by_name = [
+        "192.0.2.1",
+        "a@x.example",
+        "b@y.example",
+        "--name",
+        "mx1.x.example",
+    ];
+    expect(&s, &[&["lookup"][..], &by_name].concat(), 0);
+    expect(
+        &s,
+        &["delete", "192.0.2.1", "a@x.example", "b@y.example"],
+        1,
+    );
+    expect(&s, &[&["delete"][..], &by_name].concat(), 0);
+    expect(&s, &[&["lookup"][..], &by_name].concat(), 1);
 }
 
 #[test]

@@ -152,10 +152,12 @@ fn request_of(c: &AdminCommand) -> Result<Option<Request>, String> {
             client,
             sender,
             recipient,
+            name,
         } => Request::Delete {
             client,
             sender,
             recipient,
+            name,
         },
         AdminCommand::DeleteClient { client } => Request::DeleteClient { client },
         AdminCommand::Snapshot => Request::Snapshot,

@@ -52,9 +52,12 @@ impl TombstoneKind {
 }
 
 /// A record deleted by an administrator at `deleted_at`: every copy of that record whose life
-/// had begun by then (a triplet first seen at or before it, a client whose last counted pass is
-/// at or before it) is dead, wherever and whenever it turns up. A life that begins later is
-/// news and is kept.
+/// had begun before then (a triplet first seen before it, a client whose last counted pass is
+/// before it) is dead, wherever and whenever it turns up. A life that begins in that second or
+/// later is news and is kept: a new first attempt right after the delete must reach every peer
+/// (with `<=`, one made in the delete's own second was refused by every peer, and they never
+/// learnt the triplet until it expired — seen in `tests/admin.rs`). The node that deletes
+/// removes its own record whatever its age.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tombstone {
     /// The deleted record's key.
@@ -76,14 +79,14 @@ pub(super) trait Deletable {
 impl Deletable for TripletRecord {
     const KIND: TombstoneKind = TombstoneKind::Triplet;
     fn deleted_by(&self, deleted_at: Secs) -> bool {
-        self.first_seen() <= deleted_at
+        self.first_seen() < deleted_at
     }
 }
 
 impl Deletable for AwlRecord {
     const KIND: TombstoneKind = TombstoneKind::Client;
     fn deleted_by(&self, deleted_at: Secs) -> bool {
-        self.last_counted <= deleted_at
+        self.last_counted < deleted_at
     }
 }
 
@@ -460,21 +463,22 @@ impl Engine {
         if self.replicates() {
             lock(&self.tombstones.outbox).push(t);
         }
-        self.remove_deleted(t)
+        self.remove_deleted(t, true)
     }
 
-    /// Removes the record a tombstone covers, if the table holds it. Returns whether it was
-    /// alive.
-    fn remove_deleted(&self, t: Tombstone) -> bool {
+    /// Removes the record a tombstone covers (any record of its key if `whatever`), if the
+    /// table holds it. Returns whether it was alive.
+    fn remove_deleted(&self, t: Tombstone, whatever: bool) -> bool {
         fn remove<R: Expiring + Deletable>(
             shard: &Mutex<super::Shard<R>>,
             t: Tombstone,
+            whatever: bool,
             now: Secs,
             p: &super::Policy,
         ) -> bool {
             let mut sh = lock(shard);
             match sh.table.get(t.key).copied() {
-                Some(r) if r.deleted_by(t.deleted_at) => {
+                Some(r) if whatever || r.deleted_by(t.deleted_at) => {
                     sh.table.remove(t.key);
                     sh.marked -= usize::from(r.marked(p));
                     r.alive_until_at(p) >= u64::from(now)
@@ -487,12 +491,17 @@ impl Engine {
             TombstoneKind::Triplet => remove(
                 &self.triplets[shard_of(t.key, TRIPLET_SHARD_BITS)],
                 t,
+                whatever,
                 now,
                 p,
             ),
-            TombstoneKind::Client => {
-                remove(&self.clients[shard_of(t.key, CLIENT_SHARD_BITS)], t, now, p)
-            }
+            TombstoneKind::Client => remove(
+                &self.clients[shard_of(t.key, CLIENT_SHARD_BITS)],
+                t,
+                whatever,
+                now,
+                p,
+            ),
         }
     }
 
@@ -510,7 +519,7 @@ impl Engine {
             if self.tombstones.add(t) {
                 news += 1;
             }
-            self.remove_deleted(t);
+            self.remove_deleted(t, false);
         }
         news
     }

@@ -90,6 +90,9 @@ pub enum Request {
         sender: String,
         /// Envelope recipient.
         recipient: String,
+        /// The client's verified host name: its `name` identity's record is deleted too.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     /// Delete a client's auto-whitelist entry.
     DeleteClient {
@@ -438,6 +441,7 @@ mod tests {
                 client: ip(),
                 sender: "a@b.example".into(),
                 recipient: "c@d.example".into(),
+                name: None,
             },
             Request::DeleteClient { client: ip() },
             Request::Snapshot,

@@ -220,8 +220,13 @@ pub async fn handle(admin: &Admin, req: Request) -> Response {
             client,
             sender,
             recipient,
+            name,
         } => {
-            let found = engine.delete(&Query::new(client, &sender, &recipient));
+            let sender = if sender == "<>" { "" } else { &sender };
+            let mut q = Query::new(client, sender, &recipient);
+            q.client_name = name.as_deref();
+            q.spf = spf_cached(&admin.shared, client, sender, name.as_deref());
+            let found = engine.delete(&q);
             info!(%client, sender, recipient, found, "admin: triplet deleted");
             if found {
                 ok("deleted", None)
@@ -330,6 +335,20 @@ fn status(shared: &Shared) -> StatusReport {
     }
 }
 
+/// The `spf` identity only as a request would have it now: from the cache, no DNS (the host
+/// name stands for the HELO name of a null sender).
+fn spf_cached<'a>(
+    shared: &Shared,
+    client: IpAddr,
+    sender: &'a str,
+    name: Option<&'a str>,
+) -> Option<&'a str> {
+    shared
+        .spf
+        .as_ref()
+        .and_then(|s| super::spf::passed(&s.spf, client, sender, name.unwrap_or("")))
+}
+
 /// The answer as the native protocol words it: `DEFER 240`, `PASS known`.
 pub fn answer(d: Decision) -> String {
     match d {
@@ -347,11 +366,7 @@ fn lookup(
 ) -> Response {
     let engine = &shared.engine;
     let sender = if sender == "<>" { "" } else { sender };
-    // The `spf` identity only as a request would have it now: from the cache, no DNS.
-    let spf = shared
-        .spf
-        .as_ref()
-        .and_then(|s| super::spf::passed(&s.spf, client, sender, name.unwrap_or("")));
+    let spf = spf_cached(shared, client, sender, name);
     let mut q = Query::new(client, sender, recipient);
     q.client_name = name;
     q.spf = spf;
