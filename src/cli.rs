@@ -1,4 +1,5 @@
-//! The command line of the `greyhound` binary: `serve`, `check` and `snapshot inspect`.
+//! The command line of the `greyhound` binary: `serve`, `check`, `snapshot inspect` and
+//! `admin` (whose client, [`admin`], talks to a running server's admin socket).
 //!
 //! The flags of `serve` that are settings are [`crate::config::Overrides`], the type the TOML file
 //! is read into as well; [`crate::config::Config::load`] parses and applies them.
@@ -10,6 +11,8 @@ use std::ffi::OsString;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::Overrides;
+
+pub mod admin;
 
 /// Greyhound's command line.
 #[derive(Debug, Parser)]
@@ -86,6 +89,108 @@ pub enum CliCommand {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Administer a running server through its admin socket (exit 0 done or found, 1 not
+    /// found, 2 error).
+    Admin(AdminArgs),
+}
+
+/// The arguments of `greyhound admin`.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The server's admin socket (its `--admin`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "./greyhound-data/admin.sock",
+        global = true
+    )]
+    pub socket: PathBuf,
+    /// Print the server's answer as JSON, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// The subcommands of `greyhound admin`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminCommand {
+    /// Records by state, memory, snapshot age, uptime, cluster peers and lag.
+    Status,
+    /// Explain what the server holds for a triplet and would answer now; changes nothing
+    /// (exit 1 when it holds no live record).
+    Lookup {
+        /// Client IP address.
+        client: std::net::IpAddr,
+        /// Envelope sender; <> is the null sender.
+        sender: String,
+        /// Envelope recipient.
+        recipient: String,
+        /// The client's verified host name (Postfix client_name), for the `name` identity.
+        #[arg(long, value_name = "HOST")]
+        name: Option<String>,
+    },
+    /// Whitelist a triplet now (replicated to the cluster).
+    Whitelist {
+        /// Client IP address.
+        client: std::net::IpAddr,
+        /// Envelope sender; <> is the null sender.
+        sender: String,
+        /// Envelope recipient.
+        recipient: String,
+        /// How long it stays whitelisted [default: the server's whitelist-ttl].
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Delete a triplet's record (replicated; a delete wins over older state). Exit 1 when
+    /// there was none.
+    Delete {
+        /// Client IP address.
+        client: std::net::IpAddr,
+        /// Envelope sender; <> is the null sender.
+        sender: String,
+        /// Envelope recipient.
+        recipient: String,
+        /// The client's verified host name: the record under its `name` identity goes too.
+        #[arg(long, value_name = "HOST")]
+        name: Option<String>,
+    },
+    /// Delete a client's auto-whitelist entry (replicated). Exit 1 when there was none.
+    DeleteClient {
+        /// Client IP address.
+        client: std::net::IpAddr,
+    },
+    /// Write a snapshot now.
+    Snapshot,
+    /// Import another greylisting program's data into the running server (and its cluster).
+    Import {
+        /// The program that wrote FILE.
+        #[arg(long = "from", value_enum, value_name = "SOURCE")]
+        from: ImportSource,
+        /// postgrey: `db_dump -p` output; sqlgrey: its SQLite file; greylistd: its `states`
+        /// file; postfix-log: a mail log (rotated or not).
+        file: PathBuf,
+        /// postgrey: a triplet counts as passed when last - first is at least this.
+        #[arg(long, value_name = "DURATION", default_value = "300s")]
+        peer_delay: String,
+    },
+}
+
+/// What `greyhound admin import --from` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportSource {
+    /// postgrey's `postgrey.db` or `postgrey_clients.db` as `db_dump -p` prints them.
+    Postgrey,
+    /// sqlgrey's SQLite database file.
+    Sqlgrey,
+    /// greylistd's `states` file (its `triplets` file beside it).
+    Greylistd,
+    /// A Postfix mail log: delivered messages are whitelisted.
+    PostfixLog,
+    /// One import item per line, as JSON (docs/PROTOCOL.md, section 4): for data converted
+    /// from any other system by a script.
+    Jsonl,
 }
 
 /// The flags of `greyhound serve`: `--config`, and one per setting, each also a key of the TOML
@@ -276,6 +381,54 @@ mod tests {
         // All three positionals are required.
         let err = Cli::try_parse_from(["greyhound", "check", "192.0.2.1", "<>"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn admin_subcommands() {
+        let parse = |args: &[&str]| {
+            let argv = ["greyhound", "admin"].iter().chain(args);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(CliCommand::Admin(a)) => Ok(a),
+                Ok(other) => panic!("not admin: {other:?}"),
+                Err(e) => Err(e.kind()),
+            }
+        };
+        let a = parse(&["status"]).unwrap();
+        assert_eq!(a.socket, PathBuf::from("./greyhound-data/admin.sock"));
+        assert!(!a.json);
+        // The global flags go before or after the subcommand.
+        let a = parse(&["lookup", "192.0.2.1", "<>", "b@example.net", "--json"]).unwrap();
+        assert!(a.json);
+        let AdminCommand::Lookup { sender, name, .. } = a.command else {
+            panic!("not lookup");
+        };
+        assert_eq!((sender.as_str(), name), ("<>", None));
+        let a = parse(&[
+            "--socket",
+            "/s",
+            "whitelist",
+            "::1",
+            "a@b",
+            "c@d",
+            "--ttl",
+            "2d",
+        ])
+        .unwrap();
+        assert_eq!(a.socket, PathBuf::from("/s"));
+        assert!(matches!(a.command, AdminCommand::Whitelist { ttl: Some(t), .. } if t == "2d"));
+        let a = parse(&["import", "--from", "postfix-log", "/var/log/mail.log"]).unwrap();
+        assert!(matches!(
+            a.command,
+            AdminCommand::Import { from: ImportSource::PostfixLog, ref peer_delay, .. } if peer_delay == "300s"
+        ));
+        assert_eq!(
+            parse(&["delete-client", "not-an-ip"]).unwrap_err(),
+            clap::error::ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            parse(&["import", "--from", "exim", "f"]).unwrap_err(),
+            clap::error::ErrorKind::InvalidValue
+        );
     }
 
     #[test]

@@ -143,6 +143,50 @@ impl fmt::Display for PolicyAddr {
     }
 }
 
+/// Where the admin socket of `greyhound admin` listens (`admin`, DESIGN §13).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminSocket {
+    /// `<data-dir>/admin.sock` (the default; written `""` in the file).
+    InDataDir,
+    /// No admin socket (`off`).
+    Off,
+    /// This path.
+    At(PathBuf),
+}
+
+impl AdminSocket {
+    /// The socket's path with `data_dir` in force; `None` when off.
+    pub fn path(&self, data_dir: &Path) -> Option<PathBuf> {
+        match self {
+            Self::InDataDir => Some(data_dir.join("admin.sock")),
+            Self::Off => None,
+            Self::At(p) => Some(p.clone()),
+        }
+    }
+}
+
+impl FromStr for AdminSocket {
+    type Err = String;
+
+    /// `off`, `""` (in the data directory), or a path (`unix:` before it is allowed).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" => Ok(Self::InDataDir),
+            "off" => Ok(Self::Off),
+            _ => {
+                let path = PathBuf::from(s.strip_prefix("unix:").unwrap_or(s));
+                if path.as_os_str().is_empty() {
+                    return Err(format!(
+                        "{s:?} names no socket path (use /run/greyhound/admin.sock, or off)"
+                    ));
+                }
+                check_unix_path(&path).map_err(|problem| format!("{s:?} {problem}"))?;
+                Ok(Self::At(path))
+            }
+        }
+    }
+}
+
 /// Resource limits that protect the server from oversized or abusive clients (`[limits]` table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -202,6 +246,8 @@ pub struct Config {
     pub policy_addr: PolicyAddr,
     /// HTTP metrics listener (`metrics`).
     pub metrics: SocketAddr,
+    /// The admin socket (`admin`).
+    pub admin: AdminSocket,
     /// Directory of the snapshot files (`data-dir`).
     pub data_dir: PathBuf,
     /// Seconds between two snapshots (`snapshot-interval`).
@@ -270,6 +316,7 @@ impl fmt::Debug for Config {
             native,
             policy_addr,
             metrics,
+            admin,
             data_dir,
             snapshot_interval_secs,
             policy,
@@ -302,6 +349,7 @@ impl fmt::Debug for Config {
             .field("native", native)
             .field("policy_addr", policy_addr)
             .field("metrics", metrics)
+            .field("admin", admin)
             .field("data_dir", data_dir)
             .field("snapshot_interval_secs", snapshot_interval_secs)
             .field("policy", policy)
@@ -341,6 +389,7 @@ impl Default for Config {
             native: SocketAddr::new(loopback, 10030),
             policy_addr: PolicyAddr::Tcp(SocketAddr::new(loopback, 10023)),
             metrics: SocketAddr::new(loopback, 9470),
+            admin: AdminSocket::InDataDir,
             data_dir: PathBuf::from("./greyhound-data"),
             snapshot_interval_secs: 60,
             policy: Policy::default(),
@@ -736,6 +785,10 @@ pub struct Overrides {
     /// HTTP metrics address [default: 127.0.0.1:9470].
     #[arg(long, value_name = "ADDR", help_heading = "Listeners")]
     pub metrics: Option<String>,
+    /// Admin socket of `greyhound admin` (mode 0600), a path, or `off`
+    /// [default: <data-dir>/admin.sock].
+    #[arg(long, value_name = "PATH", help_heading = "Listeners")]
+    pub admin: Option<String>,
     /// Network allowed to query, as CIDR or IP; repeatable, and replaces the default
     /// [default: 127.0.0.0/8 and ::1/128].
     #[arg(long, value_name = "CIDR", help_heading = "Listeners")]
@@ -1010,6 +1063,7 @@ impl Overrides {
             native,
             policy,
             metrics,
+            admin,
             allow,
             data_dir,
             snapshot_interval,
@@ -1071,6 +1125,7 @@ impl Overrides {
         o.set("native", &mut c.native, native, addr)?;
         o.set("policy", &mut c.policy_addr, policy, |s| s.parse())?;
         o.set("metrics", &mut c.metrics, metrics, addr)?;
+        o.set("admin", &mut c.admin, admin, |s| s.parse())?;
         // A list given replaces the whole list below it: flags are not merged with the file.
         o.set("allow", &mut c.allow, allow, |v| parse_nets(&v))?;
         o.set("data-dir", &mut c.data_dir, data_dir, Ok)?;
@@ -1263,6 +1318,8 @@ impl Config {
             native,
             policy_addr,
             metrics,
+            // Checked while parsing.
+            admin: _,
             data_dir,
             snapshot_interval_secs,
             policy,
@@ -1655,6 +1712,7 @@ mod tests {
 native = "0.0.0.0:11030"
 policy = "unix:/run/greyhound/policy.sock"
 metrics = "[::1]:9999"
+admin = "/run/greyhound/admin.sock"
 data-dir = "/var/lib/greyhound"
 snapshot-interval = "2m"
 delay = 600
@@ -1705,6 +1763,7 @@ max-new-per-client = 50
             native: addr("0.0.0.0:11030"),
             policy_addr: PolicyAddr::Unix(PathBuf::from("/run/greyhound/policy.sock")),
             metrics: addr("[::1]:9999"),
+            admin: AdminSocket::At(PathBuf::from("/run/greyhound/admin.sock")),
             data_dir: PathBuf::from("/var/lib/greyhound"),
             snapshot_interval_secs: 120,
             policy: Policy {
@@ -1754,6 +1813,23 @@ max-new-per-client = 50
                 max_new_per_client: 50,
             },
         }
+    }
+
+    #[test]
+    fn admin_socket_values() {
+        let d = Path::new("/var/lib/g");
+        assert_eq!(
+            Config::default().admin.path(d),
+            Some(PathBuf::from("/var/lib/g/admin.sock"))
+        );
+        let c = load(&["--admin", "off"]).unwrap();
+        assert_eq!(c.admin.path(d), None);
+        let c = load(&["--admin", "unix:/run/g/a.sock"]).unwrap();
+        assert_eq!(c.admin.path(d), Some(PathBuf::from("/run/g/a.sock")));
+        let c = Config::from_toml("g.toml", "admin = \"\"").unwrap();
+        assert_eq!(c.admin, AdminSocket::InDataDir);
+        let err = load(&["--admin", "unix:"]).unwrap_err().to_string();
+        assert!(err.starts_with("--admin: \"unix:\""), "{err}");
     }
 
     #[test]
@@ -1857,6 +1933,8 @@ max-new-per-client = 50
             "/tmp/p.sock",
             "--metrics",
             "127.0.0.2:3",
+            "--admin",
+            "off",
             "--data-dir",
             "/srv/g",
             "--snapshot-interval",
@@ -1942,6 +2020,7 @@ max-new-per-client = 50
             native: addr("127.0.0.2:1"),
             policy_addr: PolicyAddr::Unix(PathBuf::from("/tmp/p.sock")),
             metrics: addr("127.0.0.2:3"),
+            admin: AdminSocket::Off,
             data_dir: PathBuf::from("/srv/g"),
             snapshot_interval_secs: 30,
             policy: Policy {
@@ -2839,6 +2918,10 @@ max-new-per-client = 50
                 assert_eq!(value, "", "--{long}");
                 continue;
             }
+            if default == "<data-dir>/admin.sock" {
+                assert_eq!(Config::default().admin, AdminSocket::InDataDir, "--{long}");
+                continue;
+            }
             if default == "the system's resolver" {
                 assert_eq!(Config::default().dns_server, None, "--{long}");
                 continue;
@@ -2851,7 +2934,7 @@ max-new-per-client = 50
             assert_eq!(load(&argv).unwrap(), Config::default(), "{flag}");
             checked.push(long);
         }
-        // Every flag with a value but `--hostname`, `--node-id`, `--dns-server`,
+        // Every flag with a value but `--admin`, `--hostname`, `--node-id`, `--dns-server`,
         // `--cluster-redis`, the three whitelist lists, `--trusted-certs` and the greytrap list,
         // which have no default to state.
         assert_eq!(checked.len(), 32, "{checked:?}");
@@ -2869,6 +2952,7 @@ max-new-per-client = 50
             native,
             policy,
             metrics,
+            admin,
             allow,
             data_dir,
             snapshot_interval,
@@ -2921,6 +3005,7 @@ max-new-per-client = 50
             ("native", native.is_some()),
             ("policy", policy.is_some()),
             ("metrics", metrics.is_some()),
+            ("admin", admin.is_some()),
             ("data-dir", data_dir.is_some()),
             ("snapshot-interval", snapshot_interval.is_some()),
             ("delay", delay.is_some()),

@@ -57,6 +57,7 @@ fn main() -> ExitCode {
         CliCommand::Snapshot {
             command: SnapshotCommand::Inspect { file },
         } => inspect(&file),
+        CliCommand::Admin(args) => ExitCode::from(greyhound::cli::admin::run(&args)),
     }
 }
 
@@ -157,6 +158,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         native,
         policy_addr,
         metrics,
+        admin,
         data_dir,
         snapshot_interval_secs,
         policy,
@@ -249,6 +251,10 @@ fn serve(args: &ServeArgs) -> Result<()> {
     // Bound before loading: an unusable address fails at once, and clients that connect
     // while the snapshot loads wait in the listen backlog instead of being refused.
     let listeners = Listeners::bind(*native, policy_addr, *metrics, cores)?;
+    let admin_listener = admin
+        .path(data_dir)
+        .map(|p| server::admin::bind(&p))
+        .transpose()?;
     check_open_files(limits.max_connections, cores);
     let store = DirStore::new(data_dir);
     // Before loading: such a name would be loaded as the newest snapshot.
@@ -280,6 +286,9 @@ fn serve(args: &ServeArgs) -> Result<()> {
         info!("{name} while starting: stopping before serving; no snapshot written (nothing was learnt)");
         if let server::PolicyListener::Unix(_, file) = &listeners.policy {
             file.remove_if_ours();
+        }
+        if let Some(a) = &admin_listener {
+            a.file.remove_if_ours();
         }
         drop(dir_lock);
         return Ok(());
@@ -402,6 +411,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
         let token = CancellationToken::new();
         let Signals { term, int, hup } = &mut signals;
         server::announce(&listeners);
+        let admin_file = admin_listener.as_ref().map(|a| a.file.clone());
+        if let Some(l) = admin_listener {
+            let admin = server::admin::Admin { shared: shared.clone(), snapshots: Some(snapshots.trigger()) };
+            tokio::spawn(server::admin::serve(l, admin, token.clone()));
+        }
         let server = tokio::spawn(server::run(listeners, shared.clone(), token.clone(), Duration::from_secs(3)));
         loop {
             tokio::select! {
@@ -419,6 +433,9 @@ fn serve(args: &ServeArgs) -> Result<()> {
             }
         }
         token.cancel();
+        if let Some(f) = admin_file {
+            f.remove_if_ours();
+        }
         match server.await {
             Ok(r) => r.map_err(|e| anyhow!("server: {e}")),
             Err(e) => Err(anyhow!("server task failed: {e}")),

@@ -500,20 +500,33 @@ impl Replicator {
         let stream = self.cfg.stream_of(&self.cfg.node_id);
         let mut blob = Vec::new();
         loop {
-            let (t, c) = {
+            let (t, c, d) = {
                 let p = self.pending.borrow();
                 if p.is_empty() {
                     break;
                 }
-                let t = p.triplets.len().min(wire::MAX_RECORDS);
-                let c = p.clients.len().min(wire::MAX_RECORDS - t);
+                // Tombstones leave first, in batches of their own (version 2): a node of the
+                // previous release skips those and still reads every record.
+                let d = p.tombstones.len().min(wire::MAX_RECORDS);
+                let (t, c) = if d > 0 {
+                    (0, 0)
+                } else {
+                    let t = p.triplets.len().min(wire::MAX_RECORDS);
+                    (t, p.clients.len().min(wire::MAX_RECORDS - t))
+                };
                 blob.clear();
                 let meta = wire::Meta {
                     key_id: self.engine.key_id(),
                     created_ms: self.oldest_ms.get().unwrap_or_else(unix_ms),
                 };
-                wire::encode(&meta, &p.triplets[..t], &p.clients[..c], &mut blob);
-                (t, c)
+                wire::encode_with(
+                    &meta,
+                    &p.triplets[..t],
+                    &p.clients[..c],
+                    &p.tombstones[..d],
+                    &mut blob,
+                );
+                (t, c, d)
             };
             let min_id = unix_ms().saturating_sub(self.cfg.retention.as_millis() as u64);
             let previous = *self
@@ -545,7 +558,8 @@ impl Replicator {
             let mut p = self.pending.borrow_mut();
             p.triplets.drain(..t);
             p.clients.drain(..c);
-            self.state.published.fetch_add((t + c) as u64, Relaxed);
+            p.tombstones.drain(..d);
+            self.state.published.fetch_add((t + c + d) as u64, Relaxed);
             if p.is_empty() {
                 self.oldest_ms.set(None);
             }
@@ -666,6 +680,8 @@ impl Replicator {
                 match wire::decode(b) {
                     Ok(d) if d.meta.key_id == self.engine.key_id() => {
                         let now = self.engine.now();
+                        self.engine.merge_tombstones(d.tombstones());
+                        records += d.tombstones().len();
                         records += self.engine.merge_triplets(d.triplets(), now).received;
                         records += self.engine.merge_clients(d.clients(), now).received;
                     }
@@ -800,9 +816,14 @@ impl Replicator {
             )),
             Some(Ok(d)) => {
                 let now = self.engine.now();
+                // Deletes first: a record of the same batch older than one is refused.
+                self.engine.merge_tombstones(d.tombstones());
                 let t = self.engine.merge_triplets(d.triplets(), now);
                 let c = self.engine.merge_clients(d.clients(), now);
-                Ok((t.received + c.received, d.meta.created_ms))
+                Ok((
+                    t.received + c.received + d.tombstones().len(),
+                    d.meta.created_ms,
+                ))
             }
         };
         let previous = match entry.map.get("p") {

@@ -9,18 +9,29 @@
 //!
 //! [`decode`] checks everything — length, magic, version, counts, checksum and every record —
 //! before it returns, so a reader never merges part of a damaged batch.
+//!
+//! Version 2 adds tombstones (records deleted by `greyhound admin delete`) after the AWL
+//! records, counted in an 8-byte header extension. A batch without tombstones is still written
+//! as version 1, so a node of the previous release keeps reading every batch but those that
+//! carry deletes (the publisher sends tombstones in batches of their own).
 
 use crate::engine::clock::MAX_SECS;
-use crate::engine::{AwlRecord, TripletRecord};
+use crate::engine::{AwlRecord, Key, Tombstone, TombstoneKind, TripletRecord};
 use crate::snapshot::format::{self, get, put, Field, AWL_LEN, TRIPLET_LEN};
 use std::fmt;
 
 /// First four bytes of every batch.
 pub const MAGIC: [u8; 4] = *b"GHEV";
-/// The format version this code writes and reads.
+/// The format version of batches without tombstones (written and read).
 pub const VERSION: u16 = 1;
+/// The format version of batches with tombstones (written and read).
+pub const VERSION_TOMBSTONES: u16 = 2;
 /// Bytes in the header.
 pub const HEADER_LEN: usize = 32;
+/// Bytes in a version 2 header: the version 1 header and its extension.
+pub const HEADER_LEN_V2: usize = 40;
+/// Bytes in a tombstone record.
+pub const TOMBSTONE_LEN: usize = 24;
 /// Bytes in the trailing checksum.
 pub const CRC_LEN: usize = 4;
 /// Most records (triplets and clients together) in one batch; the publisher splits larger
@@ -51,9 +62,29 @@ pub mod header {
     pub const TRIPLETS: Field = Field { at: 24, size: 4 };
     /// Number of auto-whitelist records.
     pub const CLIENTS: Field = Field { at: 28, size: 4 };
+    /// Version 2: number of tombstone records.
+    pub const TOMBSTONES: Field = Field { at: 32, size: 4 };
+    /// Version 2: reserved, zero.
+    pub const RESERVED: Field = Field { at: 36, size: 4 };
+}
+
+/// A tombstone's fields, within the record (the "Tombstone record" table).
+pub mod tombstone {
+    use super::Field;
+
+    /// The deleted record's key, low 64 bits.
+    pub const KEY_LO: Field = Field { at: 0, size: 8 };
+    /// The key, high 64 bits.
+    pub const KEY_HI: Field = Field { at: 8, size: 8 };
+    /// When it was deleted (engine seconds).
+    pub const DELETED_AT: Field = Field { at: 16, size: 4 };
+    /// `1`: a triplet record; `2`: an AWL record.
+    pub const KIND: Field = Field { at: 20, size: 4 };
 }
 
 const _: () = assert!(header::CLIENTS.end() == HEADER_LEN);
+const _: () = assert!(header::RESERVED.end() == HEADER_LEN_V2);
+const _: () = assert!(tombstone::KIND.end() == TOMBSTONE_LEN);
 
 /// What a batch says about itself besides its records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,9 +99,77 @@ pub struct Meta {
     pub created_ms: u64,
 }
 
-/// The exact length in bytes of a batch of `triplets` and `clients` records.
+/// The exact length in bytes of a batch of `triplets` and `clients` records (version 1).
 pub const fn encoded_len(triplets: usize, clients: usize) -> usize {
     HEADER_LEN + triplets * TRIPLET_LEN + clients * AWL_LEN + CRC_LEN
+}
+
+/// The exact length in bytes of a version 2 batch.
+pub const fn encoded_len_v2(triplets: usize, clients: usize, tombstones: usize) -> usize {
+    HEADER_LEN_V2
+        + triplets * TRIPLET_LEN
+        + clients * AWL_LEN
+        + tombstones * TOMBSTONE_LEN
+        + CRC_LEN
+}
+
+/// Appends one batch to `out`: version 1 when `tombstones` is empty (exactly [`encode`]),
+/// version 2 otherwise. The same rules as [`encode`]; tombstones count towards
+/// [`MAX_RECORDS`].
+pub fn encode_with(
+    meta: &Meta,
+    triplets: &[TripletRecord],
+    clients: &[AwlRecord],
+    tombstones: &[Tombstone],
+    out: &mut Vec<u8>,
+) {
+    if tombstones.is_empty() {
+        return encode(meta, triplets, clients, out);
+    }
+    debug_assert!(
+        triplets.len() + clients.len() + tombstones.len() <= MAX_RECORDS,
+        "records exceed MAX_RECORDS"
+    );
+    let start = out.len();
+    encode(meta, triplets, clients, out);
+    // Rewritten as version 2: drop the checksum, widen the header, append the tombstones.
+    out.truncate(out.len() - CRC_LEN);
+    let mut ext = [0u8; HEADER_LEN_V2 - HEADER_LEN];
+    let e = |f: Field| Field {
+        at: f.at - HEADER_LEN,
+        size: f.size,
+    };
+    put(
+        &mut ext,
+        e(header::TOMBSTONES),
+        (tombstones.len() as u32).to_le_bytes(),
+    );
+    out.splice(start + HEADER_LEN..start + HEADER_LEN, ext);
+    let h = &mut out[start..start + HEADER_LEN_V2];
+    put(h, header::VERSION, VERSION_TOMBSTONES.to_le_bytes());
+    put(h, header::LENGTH, (HEADER_LEN_V2 as u16).to_le_bytes());
+    for t in tombstones {
+        debug_assert!(!t.key.is_vacant() && t.deleted_at <= MAX_SECS, "{t:?}");
+        let mut b = [0u8; TOMBSTONE_LEN];
+        put(&mut b, tombstone::KEY_LO, t.key.lo.to_le_bytes());
+        put(&mut b, tombstone::KEY_HI, t.key.hi.to_le_bytes());
+        put(&mut b, tombstone::DELETED_AT, t.deleted_at.to_le_bytes());
+        put(&mut b, tombstone::KIND, t.kind.code().to_le_bytes());
+        out.extend_from_slice(&b);
+    }
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+fn decode_tombstone(b: &[u8]) -> (Key, u32, u32) {
+    (
+        Key {
+            lo: u64::from_le_bytes(get(b, tombstone::KEY_LO)),
+            hi: u64::from_le_bytes(get(b, tombstone::KEY_HI)),
+        },
+        u32::from_le_bytes(get(b, tombstone::DELETED_AT)),
+        u32::from_le_bytes(get(b, tombstone::KIND)),
+    )
 }
 
 /// Appends one batch of these records to `out` (whatever `out` already holds is kept and not
@@ -123,6 +222,8 @@ pub enum RecordKind {
     Triplet,
     /// An auto-whitelist record.
     Client,
+    /// A tombstone.
+    Tombstone,
 }
 
 impl fmt::Display for RecordKind {
@@ -130,6 +231,7 @@ impl fmt::Display for RecordKind {
         f.write_str(match self {
             Self::Triplet => "triplet",
             Self::Client => "AWL",
+            Self::Tombstone => "tombstone",
         })
     }
 }
@@ -151,19 +253,28 @@ pub enum WireError {
         /// Bytes in the batch.
         len: usize,
     },
-    /// A version other than [`VERSION`], in a batch whose checksum holds: written by a newer
-    /// (or older) Greyhound, not damaged.
+    /// A version other than [`VERSION`] and [`VERSION_TOMBSTONES`], in a batch whose
+    /// checksum holds: written by a newer Greyhound, not damaged.
     #[error(
-        "format version {0}, this greyhound reads version {ours} (a node of another release is publishing)",
-        ours = VERSION
+        "format version {0}, this greyhound reads versions {VERSION} and {VERSION_TOMBSTONES} (a node of another release is publishing)"
     )]
     Version(u16),
-    /// A header length other than [`HEADER_LEN`].
-    #[error("header length {0}, version {v} has {len}", v = VERSION, len = HEADER_LEN)]
-    HeaderLength(u16),
+    /// A header length other than its version's ([`HEADER_LEN`], [`HEADER_LEN_V2`]).
+    #[error("header length {length}, version {version} has {expected}")]
+    HeaderLength {
+        /// The length stored.
+        length: u16,
+        /// The batch's version.
+        version: u16,
+        /// That version's header length.
+        expected: usize,
+    },
+    /// A version 2 header's reserved field is not zero.
+    #[error("header reserved field is {0:#010x}, not 0")]
+    HeaderReserved(u32),
     /// The header counts more than [`MAX_RECORDS`] records.
     #[error(
-        "{triplets} triplet and {clients} AWL records, more than the {} a batch may hold",
+        "{triplets} triplet, {clients} AWL and {tombstones} tombstone records, more than the {} a batch may hold",
         MAX_RECORDS
     )]
     TooManyRecords {
@@ -171,6 +282,8 @@ pub enum WireError {
         triplets: u32,
         /// AWL records counted.
         clients: u32,
+        /// Tombstones counted (0 in version 1).
+        tombstones: u32,
     },
     /// The batch is not as long as the header's counts say.
     #[error("truncated or padded: {actual} bytes, the header's counts say {expected}")]
@@ -219,6 +332,14 @@ pub enum WireError {
         /// The value stored.
         value: u32,
     },
+    /// A tombstone of no known kind.
+    #[error("tombstone record {index}: kind {value}, not 1 (triplet) or 2 (AWL)")]
+    TombstoneKind {
+        /// Position among the tombstones, from 0.
+        index: usize,
+        /// The value stored.
+        value: u32,
+    },
 }
 
 /// A verified batch: its meta data and its records, borrowed from the entry's bytes.
@@ -228,6 +349,7 @@ pub struct Decoded<'a> {
     pub meta: Meta,
     triplets: &'a [u8],
     clients: &'a [u8],
+    tombstones: &'a [u8],
 }
 
 impl<'a> Decoded<'a> {
@@ -241,6 +363,19 @@ impl<'a> Decoded<'a> {
     /// The auto-whitelist records, decoded as they are iterated.
     pub fn clients(&self) -> impl ExactSizeIterator<Item = AwlRecord> + Clone + 'a {
         self.clients.chunks_exact(AWL_LEN).map(format::decode_awl)
+    }
+
+    /// The tombstones (none in a version 1 batch), to apply before the records.
+    pub fn tombstones(&self) -> impl ExactSizeIterator<Item = Tombstone> + Clone + 'a {
+        self.tombstones.chunks_exact(TOMBSTONE_LEN).map(|b| {
+            let (key, deleted_at, kind) = decode_tombstone(b);
+            Tombstone {
+                key,
+                deleted_at,
+                // Checked by `decode`.
+                kind: TombstoneKind::from_code(kind).unwrap_or(TombstoneKind::Triplet),
+            }
+        })
     }
 }
 
@@ -271,22 +406,47 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, WireError> {
     };
     let h = &bytes[..HEADER_LEN];
     let version = u16::from_le_bytes(get(h, f::VERSION));
-    if version != VERSION {
-        checksum()?;
-        return Err(WireError::Version(version));
-    }
+    let header_len = match version {
+        VERSION => HEADER_LEN,
+        VERSION_TOMBSTONES => HEADER_LEN_V2,
+        _ => {
+            checksum()?;
+            return Err(WireError::Version(version));
+        }
+    };
     let length = u16::from_le_bytes(get(h, f::LENGTH));
-    if usize::from(length) != HEADER_LEN {
-        return Err(WireError::HeaderLength(length));
+    if usize::from(length) != header_len {
+        return Err(WireError::HeaderLength {
+            length,
+            version,
+            expected: header_len,
+        });
     }
+    if bytes.len() < header_len + CRC_LEN {
+        return Err(WireError::Short { len: bytes.len() });
+    }
+    let h = &bytes[..header_len];
     let triplets = u32::from_le_bytes(get(h, f::TRIPLETS));
     let clients = u32::from_le_bytes(get(h, f::CLIENTS));
-    // Summed in u64: two u32 counts cannot overflow it, whatever the bytes say.
-    if u64::from(triplets) + u64::from(clients) > MAX_RECORDS as u64 {
-        return Err(WireError::TooManyRecords { triplets, clients });
+    let tombstones = if version == VERSION_TOMBSTONES {
+        u32::from_le_bytes(get(h, f::TOMBSTONES))
+    } else {
+        0
+    };
+    // Summed in u64: three u32 counts cannot overflow it, whatever the bytes say.
+    if u64::from(triplets) + u64::from(clients) + u64::from(tombstones) > MAX_RECORDS as u64 {
+        return Err(WireError::TooManyRecords {
+            triplets,
+            clients,
+            tombstones,
+        });
     }
-    let (t, c) = (triplets as usize, clients as usize);
-    let expected = encoded_len(t, c);
+    let (t, c, d) = (triplets as usize, clients as usize, tombstones as usize);
+    let expected = if version == VERSION {
+        encoded_len(t, c)
+    } else {
+        encoded_len_v2(t, c, d)
+    };
     if bytes.len() != expected {
         return Err(WireError::Length {
             expected,
@@ -294,9 +454,17 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, WireError> {
         });
     }
     checksum()?;
-    let body = &covered[HEADER_LEN..];
-    let (triplets, clients) = body.split_at(t * TRIPLET_LEN);
+    if version == VERSION_TOMBSTONES {
+        let reserved = u32::from_le_bytes(get(h, f::RESERVED));
+        if reserved != 0 {
+            return Err(WireError::HeaderReserved(reserved));
+        }
+    }
+    let body = &covered[header_len..];
+    let (triplets, rest) = body.split_at(t * TRIPLET_LEN);
+    let (clients, tombstones) = rest.split_at(c * AWL_LEN);
     check_records(triplets, clients)?;
+    check_tombstones(tombstones)?;
     Ok(Decoded {
         meta: Meta {
             key_id: u64::from_le_bytes(get(h, f::KEY_ID)),
@@ -304,7 +472,31 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, WireError> {
         },
         triplets,
         clients,
+        tombstones,
     })
+}
+
+/// Tombstones: no vacant key, a time within the engine's clock, a known kind.
+fn check_tombstones(tombstones: &[u8]) -> Result<(), WireError> {
+    let kind = RecordKind::Tombstone;
+    for (index, b) in tombstones.chunks_exact(TOMBSTONE_LEN).enumerate() {
+        let (key, deleted_at, code) = decode_tombstone(b);
+        if key.is_vacant() {
+            return Err(WireError::VacantKey { kind, index });
+        }
+        if deleted_at > MAX_SECS {
+            return Err(WireError::Time {
+                kind,
+                index,
+                field: "deleted at",
+                value: deleted_at,
+            });
+        }
+        if TombstoneKind::from_code(code).is_none() {
+            return Err(WireError::TombstoneKind { index, value: code });
+        }
+    }
+    Ok(())
 }
 
 /// The record checks of [`decode`]: what the engine would never hold, refused before any
@@ -554,7 +746,11 @@ mod tests {
         seal(&mut header_len);
         assert_eq!(
             decode(&header_len).unwrap_err(),
-            WireError::HeaderLength(40)
+            WireError::HeaderLength {
+                length: 40,
+                version: 1,
+                expected: HEADER_LEN
+            }
         );
     }
 
@@ -562,22 +758,22 @@ mod tests {
     fn another_version_is_named_only_when_its_checksum_holds() {
         let (_, _, good) = real_batch();
         let mut newer = good.clone();
-        newer[header::VERSION.range()].copy_from_slice(&2u16.to_le_bytes());
+        newer[header::VERSION.range()].copy_from_slice(&3u16.to_le_bytes());
         seal(&mut newer);
-        assert_eq!(decode(&newer).unwrap_err(), WireError::Version(2));
+        assert_eq!(decode(&newer).unwrap_err(), WireError::Version(3));
         // Another version may lay out everything after the version differently: a longer
         // header, other counts. Only the magic, the version and the trailing checksum count.
         let mut longer = newer.clone();
         longer.splice(HEADER_LEN..HEADER_LEN, [0xab; 17]);
         seal(&mut longer);
-        assert_eq!(decode(&longer).unwrap_err(), WireError::Version(2));
+        assert_eq!(decode(&longer).unwrap_err(), WireError::Version(3));
         assert!(decode(&longer)
             .unwrap_err()
             .to_string()
-            .contains("version 2"));
+            .contains("version 3"));
         // A version field damaged in place is damage, not a newer node.
         let mut damaged = good.clone();
-        damaged[header::VERSION.at] = 2;
+        damaged[header::VERSION.at] = 3;
         assert!(matches!(decode(&damaged), Err(WireError::Checksum { .. })));
     }
 
@@ -603,7 +799,8 @@ mod tests {
             decode(&over).unwrap_err(),
             WireError::TooManyRecords {
                 triplets: (MAX_RECORDS - 10) as u32,
-                clients: 11
+                clients: 11,
+                tombstones: 0
             }
         );
         // Counts whose sum overflows 32 bits are refused the same way.
@@ -713,12 +910,111 @@ mod tests {
             "AWL record 4: last counted pass 2147483648 is past the engine's last second 2147483647"
         );
         assert_eq!(
-            WireError::Version(2).to_string(),
-            "format version 2, this greyhound reads version 1 (a node of another release is publishing)"
+            WireError::Version(3).to_string(),
+            "format version 3, this greyhound reads versions 1 and 2 (a node of another release is publishing)"
         );
         assert_eq!(
             WireError::Short { len: 3 }.to_string(),
             "truncated: 3 bytes, shorter than a 32-byte header and its 4-byte checksum"
+        );
+    }
+
+    fn tombstones() -> Vec<Tombstone> {
+        vec![
+            Tombstone {
+                key: Key { lo: 5, hi: 6 },
+                deleted_at: 90_000_123,
+                kind: TombstoneKind::Triplet,
+            },
+            Tombstone {
+                key: Key { lo: 7, hi: 0 },
+                deleted_at: MAX_SECS,
+                kind: TombstoneKind::Client,
+            },
+        ]
+    }
+
+    fn encoded_v2(t: &[TripletRecord], c: &[AwlRecord], d: &[Tombstone]) -> Vec<u8> {
+        let mut out = b"before".to_vec();
+        encode_with(&META, t, c, d, &mut out);
+        out.split_off(6)
+    }
+
+    #[test]
+    fn tombstones_travel_in_version_2_and_only_then() {
+        let (t, c, v1) = real_batch();
+        // Without tombstones, `encode_with` is `encode`: the previous release reads it.
+        assert_eq!(encoded_v2(&t, &c, &[]), v1);
+        let d = tombstones();
+        let v2 = encoded_v2(&t, &c, &d);
+        assert_eq!(v2.len(), encoded_len_v2(t.len(), c.len(), d.len()));
+        assert_eq!(
+            &v2[header::VERSION.range()],
+            &VERSION_TOMBSTONES.to_le_bytes()
+        );
+        let got = decode(&v2).unwrap();
+        assert_eq!(got.meta, META);
+        assert_eq!(got.triplets().collect::<Vec<_>>(), t);
+        assert_eq!(got.clients().collect::<Vec<_>>(), c);
+        assert_eq!(got.tombstones().collect::<Vec<_>>(), d);
+        assert_eq!(decode(&v1).unwrap().tombstones().len(), 0);
+        let alone = encoded_v2(&[], &[], &d);
+        assert_eq!(decode(&alone).unwrap().tombstones().collect::<Vec<_>>(), d);
+    }
+
+    #[test]
+    fn every_flip_and_truncation_of_a_version_2_batch_is_refused() {
+        let (t, c, _) = real_batch();
+        let good = encoded_v2(&t[..3], &c[..2], &tombstones());
+        for at in 0..good.len() {
+            let mut bad = good.clone();
+            bad[at] ^= 0x41;
+            assert!(decode(&bad).is_err(), "flip at byte {at} not detected");
+        }
+        for len in 0..good.len() {
+            assert!(decode(&good[..len]).is_err(), "truncation to {len}");
+        }
+    }
+
+    #[test]
+    fn tombstones_the_engine_would_never_hold_are_refused() {
+        let good = encoded_v2(&[], &[], &tombstones());
+        let refused = |change: &dyn Fn(&mut [u8])| {
+            let mut bad = good.clone();
+            change(&mut bad);
+            seal(&mut bad);
+            decode(&bad).unwrap_err()
+        };
+        let at = |i: usize, f: Field| HEADER_LEN_V2 + i * TOMBSTONE_LEN + f.at;
+        assert_eq!(
+            refused(&|b| b[at(1, tombstone::KIND)] = 9),
+            WireError::TombstoneKind { index: 1, value: 9 }
+        );
+        assert_eq!(
+            refused(&|b| b[at(0, tombstone::KEY_LO)..at(0, tombstone::KEY_HI) + 8].fill(0)),
+            WireError::VacantKey {
+                kind: RecordKind::Tombstone,
+                index: 0
+            }
+        );
+        assert!(matches!(
+            refused(&|b| b[at(0, tombstone::DELETED_AT) + 3] |= 0x80),
+            WireError::Time {
+                kind: RecordKind::Tombstone,
+                ..
+            }
+        ));
+        assert_eq!(
+            refused(&|b| b[header::RESERVED.at] = 1),
+            WireError::HeaderReserved(1)
+        );
+        assert_eq!(
+            refused(&|b| b[header::LENGTH.at] = 32),
+            WireError::HeaderLength {
+                length: 32,
+                version: 2,
+                expected: HEADER_LEN_V2
+            }
         );
     }
 
@@ -787,7 +1083,7 @@ mod tests {
     }
 
     /// Every field constant, by the name the document's tables give it.
-    const FIELDS: [(&str, Field); 17] = [
+    const FIELDS: [(&str, Field); 23] = [
         ("header::MAGIC", header::MAGIC),
         ("header::VERSION", header::VERSION),
         ("header::LENGTH", header::LENGTH),
@@ -795,6 +1091,8 @@ mod tests {
         ("header::CREATED_MS", header::CREATED_MS),
         ("header::TRIPLETS", header::TRIPLETS),
         ("header::CLIENTS", header::CLIENTS),
+        ("header::TOMBSTONES", header::TOMBSTONES),
+        ("header::RESERVED", header::RESERVED),
         ("triplet::KEY_LO", format::triplet::KEY_LO),
         ("triplet::KEY_HI", format::triplet::KEY_HI),
         ("triplet::FIRST_SEEN", format::triplet::FIRST_SEEN),
@@ -805,6 +1103,10 @@ mod tests {
         ("awl::LAST_COUNTED", format::awl::LAST_COUNTED),
         ("awl::PASSES", format::awl::PASSES),
         ("awl::RESERVED", format::awl::RESERVED),
+        ("tombstone::KEY_LO", tombstone::KEY_LO),
+        ("tombstone::KEY_HI", tombstone::KEY_HI),
+        ("tombstone::DELETED_AT", tombstone::DELETED_AT),
+        ("tombstone::KIND", tombstone::KIND),
     ];
 
     #[test]
@@ -818,7 +1120,8 @@ mod tests {
             assert!(f.size > 0, "{name} is empty");
             end = f.end();
         }
-        assert_eq!(end, HEADER_LEN);
+        assert_eq!(end, HEADER_LEN_V2);
+        assert_eq!(header::CLIENTS.end(), HEADER_LEN);
     }
 
     /// The document's layout tables name each field's constant (column "name in code"); every
@@ -841,6 +1144,9 @@ mod tests {
             format!("### Triplet record ({TRIPLET_LEN} bytes)"),
             format!("### AWL record ({AWL_LEN} bytes)"),
             format!("### Checksum ({CRC_LEN} bytes)"),
+            format!("### Tombstone record ({TOMBSTONE_LEN} bytes)"),
+            format!("### Version 2 header ({HEADER_LEN_V2} bytes)"),
+            format!("`version` = `{VERSION_TOMBSTONES}`"),
             format!("`{HEADER_LEN} + {TRIPLET_LEN} × triplets + {AWL_LEN} × clients + {CRC_LEN}`"),
             format!("ASCII `{}`", std::str::from_utf8(&MAGIC).unwrap()),
             format!("| `{VERSION}` |"),

@@ -12,6 +12,7 @@
 //!                                              greylist rules ─► DEFER n / PASS retried
 //! ```
 
+mod admin;
 pub mod clock;
 pub mod domains;
 pub mod exempt;
@@ -34,6 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
 
+pub use admin::{Explanation, IdentityRecord, ImportRecord, ImportStats, Tombstone, TombstoneKind};
 pub use clock::{Clock, ManualClock, Secs, SystemClock};
 pub use exempt::{ExemptList, Exemptions};
 pub use identity::{Identities, IdentityKind};
@@ -678,6 +680,8 @@ pub struct Engine {
     identities: Identities,
     /// New records per client identity this minute (`--max-new-per-client`).
     new_counts: NewCounts,
+    /// Records deleted by an administrator, here or on a peer (`admin.rs`).
+    tombstones: admin::Tombstones,
 }
 
 /// log2 of the number of shards counting new records per client.
@@ -928,6 +932,7 @@ impl Engine {
             traps: Greytraps::default(),
             identities: Identities::default(),
             new_counts: NewCounts::default(),
+            tombstones: admin::Tombstones::default(),
             clock,
         }
     }
@@ -1517,6 +1522,7 @@ impl Engine {
         in_turn(&self.triplets, now, p, &mut stats);
         in_turn(&self.clients, now, p, &mut stats);
         self.traps.expire(now);
+        self.tombstones.expire(now, self.tombstone_keep());
         stats
     }
 

@@ -11,6 +11,7 @@
 
 use std::sync::Mutex;
 
+use super::admin::{Deletable, Tombstone, Tombstones};
 use super::clock::Secs;
 use super::key::Key;
 use super::policy::Policy;
@@ -62,6 +63,9 @@ pub struct Changes {
     pub triplets: Vec<TripletRecord>,
     /// Auto-whitelist records, likewise.
     pub clients: Vec<AwlRecord>,
+    /// Records deleted by an administrator here (`greyhound admin delete`): applied by a peer
+    /// before the records of the same batch.
+    pub tombstones: Vec<Tombstone>,
     /// Shards whose outbox had filled up and that were rescanned instead.
     pub rescanned_shards: usize,
 }
@@ -71,12 +75,13 @@ impl Changes {
     pub fn clear(&mut self) {
         self.triplets.clear();
         self.clients.clear();
+        self.tombstones.clear();
         self.rescanned_shards = 0;
     }
 
     /// Whether there is nothing to publish.
     pub fn is_empty(&self) -> bool {
-        self.triplets.is_empty() && self.clients.is_empty()
+        self.triplets.is_empty() && self.clients.is_empty() && self.tombstones.is_empty()
     }
 }
 
@@ -89,6 +94,8 @@ pub struct MergeStats {
     pub dead: usize,
     /// Records that were not in the table (or only dead there) and were added.
     pub added: usize,
+    /// Records older than a delete this node knows of (ignored: a delete wins).
+    pub deleted: usize,
 }
 
 /// A summary of the live table that two nodes holding the same records agree on: counts plus
@@ -130,7 +137,7 @@ fn mix_key(k: Key, tag: u64, state: u64) -> u64 {
 
 /// How two copies of one record combine. Commutative, associative and idempotent, so the
 /// order in which a node hears of changes, and how often, never matters.
-pub(super) trait Merge: Expiring {
+pub(super) trait Merge: Expiring + Deletable + PartialEq {
     fn merge(&self, other: &Self) -> Self;
     /// The part of the state the [`Digest`] covers.
     fn digest_state(&self) -> u64;
@@ -155,20 +162,35 @@ impl Merge for AwlRecord {
 }
 
 impl<R: Merge> Shard<R> {
-    /// Merges a peer's copy of a record at `now`. A copy already dead changes nothing (it is
-    /// a replay or a late arrival of a life that is over); a live copy is merged into a live
-    /// local record and replaces a dead one outright, so a triplet that expired and started
-    /// over never inherits its old life (first seen, whitelisted flag) from a peer.
-    fn merge_in(&mut self, r: R, now: Secs, p: &Policy, stats: &mut MergeStats) {
+    /// Merges a copy of a record at `now`: a peer's, or an imported one (`publish`: then it
+    /// is a change of this node, recorded in the outbox). A copy already dead changes nothing
+    /// (it is a replay or a late arrival of a life that is over), nor does one older than a
+    /// delete this node knows of (a delete wins over older state, whenever it arrives); a live
+    /// copy is merged into a live local record and replaces a dead one outright, so a triplet
+    /// that expired and started over never inherits its old life (first seen, whitelisted
+    /// flag) from a peer.
+    fn merge_in(
+        &mut self,
+        r: R,
+        now: Secs,
+        p: &Policy,
+        tombs: &Tombstones,
+        publish: bool,
+        stats: &mut MergeStats,
+    ) {
         stats.received += 1;
         let dead = |x: &R| x.alive_until_at(p) < u64::from(now);
         if r.key().is_vacant() || dead(&r) {
             stats.dead += 1;
             return;
         }
+        if tombs.get(R::KIND, r.key()).is_some_and(|d| r.deleted_by(d)) {
+            stats.deleted += 1;
+            return;
+        }
         // A peer's flood is bounded like a local one (`--max-triplets`).
         self.room_for(r.key(), now, p);
-        match self.table.entry(r.key()) {
+        let changed = match self.table.entry(r.key()) {
             Slot::Occupied(i) => {
                 let old = *self.table.at_mut(i);
                 let new = if dead(&old) {
@@ -184,11 +206,16 @@ impl<R: Merge> Shard<R> {
                     self.wheel
                         .insert(new.key(), super::wheel_time(new.alive_until_at(p)));
                 }
+                new != old
             }
             Slot::Vacant(i) => {
                 stats.added += 1;
                 self.insert_new(i, r, p);
+                true
             }
+        };
+        if publish && changed {
+            self.outbox.push(r.key());
         }
     }
 
@@ -221,17 +248,21 @@ fn changed_since<R: Expiring>(r: &R, since: Secs) -> bool {
     r.last_seen_at() >= since
 }
 
-fn merge_into<R: Merge>(
+/// Merges `records` into their shards (see [`Shard::merge_in`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn merge_into<R: Merge>(
     shards: &[Mutex<Shard<R>>],
     hints: &[SlotHint<R>],
     bits: u32,
     records: impl IntoIterator<Item = R>,
     now: Secs,
     p: &Policy,
+    tombs: &Tombstones,
+    publish: bool,
 ) -> MergeStats {
     let mut stats = MergeStats::default();
     by_shard(shards, hints, bits, records, |sh, r| {
-        sh.merge_in(r, now, p, &mut stats)
+        sh.merge_in(r, now, p, tombs, publish, &mut stats)
     });
     stats
 }
@@ -293,6 +324,7 @@ impl Engine {
         for shard in self.clients.iter() {
             out.rescanned_shards += usize::from(lock(shard).collect(now, p, &mut out.clients));
         }
+        self.tombstones.take_outbox(&mut out.tombstones);
     }
 
     /// Appends to `out` every live record whose `last_seen` is at or after `since` — whatever
@@ -313,6 +345,10 @@ impl Engine {
             changed_since(r, since) && r.alive_until_at(p) >= u64::from(now)
         }
         let p = &self.policy;
+        if shard == 0 {
+            // The few tombstones travel with the first shard.
+            self.tombstones.since(since, &mut out.tombstones);
+        }
         if let Some(sh) = self.triplets.get(shard) {
             let sh = lock(sh);
             out.triplets
@@ -339,6 +375,8 @@ impl Engine {
             records,
             now,
             &self.policy,
+            &self.tombstones,
+            false,
         )
     }
 
@@ -355,6 +393,8 @@ impl Engine {
             records,
             now,
             &self.policy,
+            &self.tombstones,
+            false,
         )
     }
 
@@ -424,6 +464,8 @@ mod tests {
     }
 
     fn apply(e: &Engine, c: &Changes) {
+        // As the replicator does: a batch's deletes before its records.
+        e.merge_tombstones(c.tombstones.iter().copied());
         e.merge_triplets(c.triplets.iter().copied(), e.now());
         e.merge_clients(c.clients.iter().copied(), e.now());
     }
@@ -513,6 +555,131 @@ mod tests {
             // Merges are never published back.
             prop_assert!(take(&nodes[0]).is_empty() && take(&nodes[1]).is_empty());
         }
+    }
+
+    fn query(client: u8, n: u32) -> (IpAddr, String, String) {
+        (
+            IpAddr::V4(Ipv4Addr::new(192, 0, client, 1)),
+            format!("s{n}@example.org"),
+            format!("r{n}@example.net"),
+        )
+    }
+
+    proptest! {
+        /// As [`any_interleaving_converges`], with administrators deleting triplets and
+        /// clients' auto-whitelist entries on either node meanwhile: once every batch has
+        /// arrived both nodes hold the same table, and no node holds a copy of a deleted
+        /// triplet's life that had begun by its delete, whatever arrived when.
+        #[test]
+        fn deletes_converge_and_are_never_resurrected(
+            ops in proptest::collection::vec(
+                (any::<bool>(), 0u8..3, 0u32..4, 0u32..200, 0u8..4, 0u8..8), 1..60),
+        ) {
+            let clock = Arc::new(ManualClock::new(T0));
+            let nodes = [node(&clock, 4), node(&clock, 4)];
+            let mut inbox: [Vec<(Secs, Changes)>; 2] = [Vec::new(), Vec::new()];
+            let mut deleted: Vec<(Key, Secs)> = Vec::new();
+            for (on_b, client, n, advance, deliver, action) in ops {
+                let then = clock.now() + advance;
+                for to in 0..2 {
+                    for (_, c) in inbox[to].extract_if(.., |(made, _)| then - *made > MAX_LAG) {
+                        apply(&nodes[to], &c);
+                    }
+                }
+                clock.advance(advance);
+                let me = usize::from(on_b);
+                let (ip, from, to_addr) = query(client, n);
+                let q = Query::new(ip, &from, &to_addr);
+                match action {
+                    0 => {
+                        nodes[me].delete(&q);
+                        let key = nodes[me].explain(&q).identities[0].key;
+                        deleted.push((key, clock.now()));
+                    }
+                    1 => {
+                        nodes[me].delete_client(ip);
+                    }
+                    _ => {
+                        nodes[me].check(&q, Mode::Record);
+                    }
+                }
+                let c = take(&nodes[me]);
+                inbox[1 - me].push((clock.now(), c));
+                let to = usize::from(deliver % 2 == 0);
+                match deliver {
+                    0 | 1 => {
+                        for (_, c) in inbox[to].drain(..) {
+                            apply(&nodes[to], &c);
+                        }
+                    }
+                    2 => {
+                        if let Some((_, c)) = inbox[to].first() {
+                            apply(&nodes[to], c);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for to in 0..2 {
+                for (_, c) in std::mem::take(&mut inbox[to]) {
+                    apply(&nodes[to], &c);
+                }
+            }
+            let now = clock.now();
+            prop_assert_eq!(nodes[0].digest(now), nodes[1].digest(now));
+            for e in &nodes {
+                let mut held = Vec::new();
+                e.for_each_triplet_shard(|it| held.extend(it.copied()));
+                for r in held {
+                    for &(key, at) in &deleted {
+                        prop_assert!(
+                            r.key != key || r.first_seen() >= at,
+                            "a life begun by its delete came back: {:?} deleted at {}", r, at
+                        );
+                    }
+                }
+            }
+            prop_assert!(take(&nodes[0]).is_empty() && take(&nodes[1]).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_peers_older_copy_never_comes_back_after_a_delete() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let (a, b) = (node(&clock, 64), node(&clock, 64));
+        let (ip, from, to) = query(1, 1);
+        let q = Query::new(ip, &from, &to);
+        a.check(&q, Mode::Record);
+        apply(&b, &take(&a));
+        clock.advance(61);
+        // B passes it (whitelisted) and publishes that; A deletes meanwhile.
+        assert!(matches!(
+            b.check(&q, Mode::Record),
+            Decision::Pass(Pass::Retried { .. })
+        ));
+        let from_b = take(&b);
+        assert!(a.delete(&q));
+        let from_a = take(&a);
+        assert_eq!(from_a.tombstones.len(), 1);
+        // B's older, whitelisted copy reaches A after the delete: refused.
+        apply(&a, &from_b);
+        assert_eq!(a.stats().triplets, 0);
+        // The delete reaches B: its copy goes too.
+        apply(&b, &from_a);
+        assert_eq!(b.stats().triplets, 0);
+        // Replayed later (a restart, a republish): still refused, both ways.
+        apply(&a, &from_b);
+        apply(&b, &from_b);
+        assert_eq!((a.stats().triplets, b.stats().triplets), (0, 0));
+        // A new first attempt after the delete is a new life, and travels, even in the very
+        // second of the delete.
+        assert_eq!(
+            a.check(&q, Mode::Record),
+            Decision::Defer { seconds_left: 60 }
+        );
+        apply(&b, &take(&a));
+        assert_eq!(b.digest(clock.now()), a.digest(clock.now()));
+        assert_eq!(b.stats().triplets, 1);
     }
 
     #[test]

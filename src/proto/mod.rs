@@ -3,7 +3,9 @@
 //!
 //! - [`native`]: Greyhound's line protocol (`CHECK`/`PEEK`/`PING`), TCP and UDP.
 //! - [`policy`]: Postfix's SMTPD policy delegation protocol.
+//! - [`admin`]: `greyhound admin`'s requests on the admin Unix socket.
 
+pub mod admin;
 pub mod native;
 pub mod policy;
 

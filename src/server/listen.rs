@@ -36,6 +36,13 @@ impl SocketFile {
         Ok((m.dev(), m.ino()))
     }
 
+    /// The socket file just bound at `path` (call right after `bind`).
+    pub fn bound(path: &std::path::Path) -> io::Result<Self> {
+        let path = path.to_path_buf();
+        let id = Self::identity(&path)?;
+        Ok(Self { path, id })
+    }
+
     /// Removes the path if it is still the socket this server bound. Another instance that
     /// started on the same path since (after removing ours) keeps its socket: unlinking it
     /// would leave that instance listening on a socket nobody can reach.
@@ -46,7 +53,7 @@ impl SocketFile {
             }
             Ok(_) => tracing::info!(
                 path = %self.path.display(),
-                "the policy socket path now names another file; left in place"
+                "the socket path now names another file; left in place"
             ),
             Err(_) => {}
         }

@@ -8,12 +8,14 @@
 //!   policy.rs      Postfix policy blocks (TCP or Unix socket)
 //!   http.rs        GET /metrics                      metrics.rs  counters, per-thread shards
 //!   snapshots.rs   the snapshot thread
+//!   admin.rs       the admin Unix socket (`greyhound admin`)
 //! ```
 //!
 //! Requests are answered inline on their connection or socket, never one task per request:
 //! the complete requests of a read are decided as one engine batch and answered with one
 //! write. Line framing and the codecs are sans-IO, in [`crate::proto`].
 
+pub mod admin;
 mod conn;
 mod http;
 pub mod listen;

@@ -13,11 +13,37 @@ use tracing::{error, info};
 use super::Shared;
 use crate::snapshot::{DirStore, SnapshotError, Writer, Written};
 
+/// What the writer thread is asked to do besides its periodic snapshots.
+#[derive(Debug)]
+enum Cmd {
+    /// Stop (the final snapshot is written by [`Snapshots::finish`]).
+    Stop,
+    /// Write one now (`greyhound admin snapshot`) and send back how it went.
+    Now(mpsc::SyncSender<Result<Written, String>>),
+}
+
 /// The running writer thread.
 #[derive(Debug)]
 pub struct Snapshots {
-    stop: mpsc::Sender<()>,
+    stop: mpsc::Sender<Cmd>,
     thread: JoinHandle<Writer<DirStore>>,
+}
+
+/// Asks the writer thread for a snapshot now: the one writer, so an admin's snapshot and a
+/// periodic one never run at once.
+#[derive(Debug, Clone)]
+pub struct SnapshotTrigger(mpsc::Sender<Cmd>);
+
+impl SnapshotTrigger {
+    /// Writes a snapshot now and waits for it (blocking: call off the async workers).
+    pub fn write_now(&self) -> Result<Written, String> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.0
+            .send(Cmd::Now(tx))
+            .map_err(|_| "the snapshot thread has stopped".to_string())?;
+        rx.recv()
+            .map_err(|_| "the snapshot thread has stopped".to_string())?
+    }
 }
 
 impl Snapshots {
@@ -36,8 +62,13 @@ impl Snapshots {
                 loop {
                     match stopped.recv_timeout(next.saturating_duration_since(Instant::now())) {
                         Err(RecvTimeoutError::Timeout) => {}
+                        Ok(Cmd::Now(reply)) => {
+                            let w = write_one(&mut writer, &shared, "requested");
+                            let _ = reply.send(w.map_err(|e| e.to_string()));
+                            continue;
+                        }
                         // Asked to stop, or the owner is gone.
-                        _ => return writer,
+                        Ok(Cmd::Stop) | Err(RecvTimeoutError::Disconnected) => return writer,
                     }
                     // Failures are counted and logged inside; the next attempt is on time.
                     let _ = write_one(&mut writer, &shared, "periodic");
@@ -50,9 +81,14 @@ impl Snapshots {
         Ok(Self { stop, thread })
     }
 
+    /// A handle that asks for a snapshot now.
+    pub fn trigger(&self) -> SnapshotTrigger {
+        SnapshotTrigger(self.stop.clone())
+    }
+
     /// Stops the thread (waiting for a write in progress) and writes the final snapshot.
     pub fn finish(self, shared: &Shared) -> Result<Written, SnapshotError> {
-        let _ = self.stop.send(());
+        let _ = self.stop.send(Cmd::Stop);
         let mut writer = self.thread.join().map_err(|_| SnapshotError::Io {
             op: "write",
             file: "(snapshot thread)".into(),

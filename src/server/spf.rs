@@ -93,6 +93,18 @@ pub(crate) fn identity<'a>(pass: bool, sender: &'a str, helo: &'a str) -> Option
     }
 }
 
+/// The domain a request passed SPF for, from the cache only (no DNS, not counted): what
+/// `greyhound admin lookup` shows.
+pub(crate) fn passed<'a>(
+    spf: &Spf,
+    client: IpAddr,
+    sender: &'a str,
+    helo: &'a str,
+) -> Option<&'a str> {
+    let d = spf_domain(sender, helo)?;
+    (spf.probe(client, d) == Some(true)).then_some(d)
+}
+
 /// The triplet of a CHECK or PEEK line.
 pub(crate) fn triplet<'r, 'a>(r: &'r Parsed<'a>) -> Option<&'r Triplet<'a>> {
     match r {
