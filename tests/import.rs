@@ -566,3 +566,263 @@ fn greylistd_states_and_triplets_import() {
     );
     assert_eq!(summary.skipped_total(), 1, "{summary}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Postfix mail log
+
+/// Where Debian installs the `postfix` command.
+const POSTFIX: &str = "/usr/sbin/postfix";
+
+/// A private Postfix (configuration, queue, mailbox and `maillog_file` in a temp dir; the
+/// configuration of `tests/postfix/` without the policy service), SMTP on a free loopback
+/// port, stopped when dropped. The machine's `/etc/postfix` is never read.
+struct Postfix {
+    root: PathBuf,
+    peer: Peer,
+    smtp: SocketAddr,
+}
+
+impl Postfix {
+    fn postfix(&self, command: &str) -> bool {
+        Command::new(POSTFIX)
+            .arg("-c")
+            .arg(self.root.join("etc"))
+            .arg(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn start(root: &Path) -> Self {
+        for d in ["etc", "spool", "data", "mail"] {
+            std::fs::create_dir_all(root.join(d)).expect("create Postfix directory");
+        }
+        chown("postfix", &root.join("data"));
+        chown("postfix", &root.join("mail"));
+        let id = |flag: &str| {
+            let out = Command::new("id")
+                .args([flag, "postfix"])
+                .output()
+                .expect("run id");
+            String::from_utf8(out.stdout)
+                .expect("id output")
+                .trim()
+                .to_owned()
+        };
+        let main_cf = include_str!("postfix/main.cf.private")
+            .replace("@DIR@", &root.display().to_string())
+            .replace("@UID@", &id("-u"))
+            .replace("@GID@", &id("-g"))
+            + "smtpd_recipient_restrictions = reject_unauth_destination\n";
+        std::fs::write(root.join("etc/main.cf"), main_cf).expect("write main.cf");
+        let port = free_port();
+        let master = include_str!("postfix/master.cf")
+            .replace("@SMTP_PORT@", &port.to_string())
+            .replace("@FAIL_CLOSED_PORT@", &free_port().to_string());
+        std::fs::write(root.join("etc/master.cf"), master).expect("write master.cf");
+        let mut peer = Peer::spawn(
+            "postfix",
+            Command::new(POSTFIX)
+                .arg("-c")
+                .arg(root.join("etc"))
+                .arg("start-fg"),
+            root.join("postfix.out"),
+        );
+        let smtp = SocketAddr::from(([127, 0, 0, 1], port));
+        peer.wait_for("listened", || listening(port));
+        Self {
+            root: root.to_path_buf(),
+            peer,
+            smtp,
+        }
+    }
+
+    fn maillog(&self) -> String {
+        std::fs::read_to_string(self.root.join("maillog")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        self.postfix("stop");
+        let _ = poll(IO_TIMEOUT, || self.peer.child.try_wait().ok().flatten());
+    }
+}
+
+/// A minimal SMTP client: each command's reply code.
+struct Smtp {
+    r: std::io::BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Smtp {
+    fn open(addr: SocketAddr) -> Self {
+        let w = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect to Postfix");
+        w.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let r = std::io::BufReader::new(w.try_clone().expect("clone stream"));
+        let mut s = Self { r, w };
+        assert_eq!(s.reply(), 220, "greeting");
+        s
+    }
+
+    fn reply(&mut self) -> u16 {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            self.r.read_line(&mut line).expect("read SMTP reply");
+            assert!(line.len() >= 4, "SMTP reply {line:?}");
+            if line.as_bytes()[3] != b'-' {
+                return line[..3].parse().expect("reply code");
+            }
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> u16 {
+        self.w
+            .write_all(format!("{line}\r\n").as_bytes())
+            .expect("write SMTP command");
+        self.reply()
+    }
+}
+
+/// One SMTP session from `client` (Postfix's XCLIENT): each RCPT's reply code; the message
+/// is sent when `data` and a recipient was accepted.
+fn smtp(pf: &Postfix, client: &str, sender: &str, rcpts: &[&str], data: bool) -> Vec<u16> {
+    let mut s = Smtp::open(pf.smtp);
+    assert_eq!(s.cmd("EHLO client.example"), 250);
+    let xclient = format!("XCLIENT ADDR={client} NAME=mail.sender.test");
+    assert_eq!(s.cmd(&xclient), 220, "{xclient}");
+    assert_eq!(s.cmd("EHLO client.example"), 250);
+    assert_eq!(s.cmd(&format!("MAIL FROM:<{sender}>")), 250);
+    let codes = rcpts
+        .iter()
+        .map(|r| s.cmd(&format!("RCPT TO:<{r}>")))
+        .collect::<Vec<_>>();
+    if data && codes.contains(&250) {
+        assert_eq!(s.cmd("DATA"), 354);
+        assert_eq!(s.cmd("Subject: import test\r\n\r\nhello\r\n."), 250);
+    }
+    let _ = s.cmd("QUIT");
+    codes
+}
+
+/// Waits until the log shows `n` deliveries.
+fn wait_delivered(pf: &Postfix, n: usize) {
+    let done = poll(IO_TIMEOUT, || {
+        (pf.maillog().matches("status=sent").count() >= n).then_some(())
+    });
+    assert!(done.is_some(), "not {n} deliveries:\n{}", pf.maillog());
+}
+
+#[test]
+fn postfix_log_deliveries_import_as_passed_triplets() {
+    let tmp = TempDir::new("import-postfix");
+    let pf = Postfix::start(&tmp.join("pf"));
+    assert_eq!(
+        smtp(
+            &pf,
+            "192.0.2.10",
+            "alice@example.org",
+            &["bob@example.net", "carol@example.net"],
+            true
+        ),
+        [250, 250]
+    );
+    assert_eq!(
+        smtp(&pf, "198.51.100.7", "", &["postmaster@example.net"], true),
+        [250]
+    );
+    // Refused (relay) and never sent (no DATA): no delivery, counted.
+    assert_eq!(
+        smtp(
+            &pf,
+            "203.0.113.5",
+            "spam@example.com",
+            &["x@elsewhere.test"],
+            true
+        ),
+        [454]
+    );
+    assert_eq!(
+        smtp(
+            &pf,
+            "203.0.113.6",
+            "ann@example.com",
+            &["bob@example.net"],
+            false
+        ),
+        [250]
+    );
+    wait_delivered(&pf, 3);
+    // Postfix's own rotation: maillog -> maillog.YYYYMMDD-HHMMSS.gz.
+    assert!(pf.postfix("logrotate"), "postfix logrotate failed");
+    let rotated = poll(IO_TIMEOUT, || {
+        std::fs::read_dir(&pf.root)
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find(|n| n.starts_with("maillog.") && n.ends_with(".gz"))
+    })
+    .unwrap_or_else(|| panic!("no rotated log in {}", pf.root.display()));
+    assert_eq!(
+        smtp(
+            &pf,
+            "192.0.2.77",
+            "dave@example.com",
+            &["erin@example.net"],
+            true
+        ),
+        [250]
+    );
+    wait_delivered(&pf, 1);
+    drop(pf);
+    let root = tmp.join("pf");
+    keep_fixture(&root.join("maillog"), "postfix/maillog");
+    keep_fixture(&root.join(&rotated), "postfix/maillog.1.gz");
+
+    let (all, summary) = read_all(
+        Source::PostfixLog,
+        &root.join("maillog"),
+        &ReadOptions::default(),
+    );
+    assert_eq!(
+        shape(&triplets(&all)),
+        vec![
+            (
+                ip("192.0.2.10"),
+                "alice@example.org",
+                "bob@example.net",
+                true
+            ),
+            (
+                ip("192.0.2.10"),
+                "alice@example.org",
+                "carol@example.net",
+                true
+            ),
+            (
+                ip("192.0.2.77"),
+                "dave@example.com",
+                "erin@example.net",
+                true
+            ),
+            (ip("198.51.100.7"), "", "postmaster@example.net", true),
+        ],
+        "{summary}"
+    );
+    let now = ReadOptions::default().now;
+    for t in triplets(&all) {
+        assert!(
+            t.last_seen <= now + 1 && t.last_seen + 3600 > now,
+            "{t:?} at {now}"
+        );
+    }
+    assert_eq!(summary.skipped.get(&Skip::Unparsable), None, "{summary}");
+    assert!(summary.skipped[&Skip::NotDelivered] > 0, "{summary}");
+    // The message that never got DATA is among them, as a dropped queue id.
+    assert!(
+        all.iter().any(|r| matches!(r, Err((Skip::NotDelivered, m)) if m.contains("removed") || m.contains("no delivery"))),
+        "{summary}"
+    );
+}
