@@ -779,7 +779,7 @@ fn postfix_log_deliveries_import_as_passed_triplets() {
     drop(pf);
     let root = tmp.join("pf");
     keep_fixture(&root.join("maillog"), "postfix/maillog");
-    keep_fixture(&root.join(&rotated), "postfix/maillog.1.gz");
+    keep_fixture(&root.join(&rotated), &format!("postfix/{rotated}"));
 
     let (all, summary) = read_all(
         Source::PostfixLog,

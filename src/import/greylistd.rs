@@ -294,3 +294,109 @@ impl ImportReader for Reader {
         self.failure.as_ref()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/import/greylistd")
+    }
+
+    fn all(states: &Path) -> Vec<ReadResult> {
+        let mut r = read(states, &ReadOptions::default()).expect("open");
+        let v = r.by_ref().collect();
+        assert!(r.failure().is_none());
+        assert_eq!(r.bytes_read(), r.total_bytes());
+        v
+    }
+
+    #[test]
+    fn real_greylistd_files() {
+        let v = all(&fixture_dir().join("states"));
+        let t = |ip: &str, s: &str, r: &str, first, last, passed| {
+            Ok(Item::Triplet(TripletItem {
+                client: ip.parse().unwrap(),
+                sender: s.into(),
+                recipient: r.into(),
+                first_seen: first,
+                last_seen: last,
+                passed,
+            }))
+        };
+        assert_eq!(v.len(), 4, "{v:?}");
+        assert_eq!(
+            v[0],
+            t(
+                "192.0.2.10",
+                "alice@example.org",
+                "bob@example.net",
+                1796184463,
+                1796184463,
+                true
+            )
+        );
+        assert_eq!(
+            v[1],
+            t(
+                "198.51.100.7",
+                "",
+                "bounces@example.net",
+                1796184461,
+                1796184461,
+                false
+            )
+        );
+        assert_eq!(v[2].as_ref().unwrap_err().0, Skip::NoEquivalent);
+        assert_eq!(
+            v[3],
+            Ok(Item::Client(ClientItem {
+                client: "2001:db8::5".parse().unwrap(),
+                count: 1,
+                last_seen: 1796184461,
+            }))
+        );
+    }
+
+    #[test]
+    fn states_without_triplets_and_triplets_without_states() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("states"),
+            "[white]\n5 = 20 10 3\n-7 = 30 10 1\nbroken line\n[grey]\n9 = 1 2\n[statistics]\nwhite = 2\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("triplets"),
+            "5 = 192.0.2.0/24 <> b@example.net\n11 = 192.0.2.1 a@example.org b@example.net\n\
+             x = y\n",
+        )
+        .unwrap();
+        let v = all(&dir.path().join("states"));
+        let skips = v
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.0))
+            .collect::<Vec<_>>();
+        use Skip::*;
+        // Two unparsable states, then the join: expired triplet, unparsable line, then
+        // the state left without text.
+        assert_eq!(skips, [Unparsable, Unparsable, Expired, Unparsable, Hashed]);
+        assert!(matches!(&v[2], Ok(Item::Triplet(t)) if t.sender.is_empty()
+            && t.client == "192.0.2.0".parse::<std::net::IpAddr>().unwrap()
+            && t.first_seen == 10 && t.last_seen == 20 && t.passed));
+    }
+
+    #[test]
+    fn missing_triplets_file_and_wrong_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("states"), "[white]\n").unwrap();
+        let err = read(&dir.path().join("states"), &ReadOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("triplets"), "{err}");
+        std::fs::write(dir.path().join("states"), "hello\n").unwrap();
+        let err = read(&dir.path().join("states"), &ReadOptions::default()).unwrap_err();
+        assert!(
+            err.to_string().contains(":1: not a greylistd states file"),
+            "{err}"
+        );
+    }
+}

@@ -284,3 +284,221 @@ fn record(key: &str, value: &str, peer_delay: u64) -> Result<Item, (Skip, &'stat
         last_seen: b,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/import")
+            .join(name)
+    }
+
+    fn all(path: &Path, peer_delay: u64) -> Vec<ReadResult> {
+        let opts = ReadOptions {
+            peer_delay,
+            ..ReadOptions::default()
+        };
+        let mut r = read(path, &opts).expect("open");
+        let v = r.by_ref().collect();
+        assert!(r.failure().is_none());
+        assert_eq!(r.bytes_read(), r.total_bytes());
+        v
+    }
+
+    fn triplet(client: &str, s: &str, r: &str, first: u64, last: u64, passed: bool) -> ReadResult {
+        Ok(Item::Triplet(TripletItem {
+            client: client.parse().unwrap(),
+            sender: s.into(),
+            recipient: r.into(),
+            first_seen: first,
+            last_seen: last,
+            passed,
+        }))
+    }
+
+    #[test]
+    fn real_postgrey_db_dump() {
+        // postgrey ran with --delay=1; the two retried triplets waited 2 s.
+        assert_eq!(
+            all(&fixture("postgrey.dump"), 1),
+            vec![
+                triplet(
+                    "192.0.2.0",
+                    "alice@example.org",
+                    "bob@example.net",
+                    1796184464,
+                    1796184466,
+                    true
+                ),
+                triplet(
+                    "198.51.100.0",
+                    "",
+                    "bounces@example.net",
+                    1796184464,
+                    1796184464,
+                    false
+                ),
+                triplet(
+                    "2001:db8::",
+                    "carol@example.com",
+                    "dave@example.net",
+                    1796184464,
+                    1796184466,
+                    true
+                ),
+                triplet(
+                    "203.0.113.0",
+                    "list-#@example.org",
+                    "josé@example.net",
+                    1796184464,
+                    1796184464,
+                    false
+                ),
+            ]
+        );
+        // With postgrey's default delay a 2 s wait had not passed: passed is last - first
+        // >= peer_delay, tested just below, at and above.
+        let passed = |d| {
+            all(&fixture("postgrey.dump"), d)
+                .iter()
+                .filter(|r| matches!(r, Ok(Item::Triplet(t)) if t.passed))
+                .count()
+        };
+        assert_eq!((passed(1), passed(2), passed(3), passed(300)), (2, 2, 0, 0));
+    }
+
+    #[test]
+    fn real_postgrey_clients_db_dump() {
+        let client = |ip: &str| {
+            Ok(Item::Client(ClientItem {
+                client: ip.parse().unwrap(),
+                count: 1,
+                last_seen: 1796184466,
+            }))
+        };
+        // The clients database writes IPv6 upper-case (`2001:DB8:0:0:0:0:0:5`).
+        assert_eq!(
+            all(&fixture("postgrey_clients.dump"), 300),
+            vec![client("192.0.2.10"), client("2001:db8::5")]
+        );
+    }
+
+    #[test]
+    fn real_privacy_dumps_are_hashed() {
+        for (name, n) in [
+            ("postgrey-privacy.dump", 4),
+            ("postgrey_clients-privacy.dump", 2),
+        ] {
+            let v = all(&fixture(name), 300);
+            assert_eq!(v.len(), n, "{name}");
+            for r in v {
+                let (skip, why) = r.expect_err("hashed");
+                assert_eq!(skip, Skip::Hashed);
+                assert!(why.contains("--privacy"), "{why}");
+            }
+        }
+    }
+
+    fn dump_of(body: &str) -> (tempfile::NamedTempFile, Vec<ReadResult>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        write!(f, "VERSION=3\nformat=print\ntype=btree\nHEADER=END\n{body}").unwrap();
+        let v = read(f.path(), &ReadOptions::default())
+            .expect("open")
+            .collect();
+        (f, v)
+    }
+
+    #[test]
+    fn old_three_octet_keys_and_bad_records() {
+        let (_f, v) = dump_of(
+            " 192.0.2/a@example.org/b@example.net\n 100,500,mx.example.org\n\
+             \x20mail.example.org/a@example.org/b@example.net\n 1,2\n\
+             \x20192.0.2.0/a@example.org/b@example.net\n 500,100\n\
+             \x20192.0.2.0/no-recipient\n 1,2\n\
+             \x20192.0.2.9\n many,2\n\
+             \x20bad\\zzescape\n 1,2\n\
+             DATA=END\n",
+        );
+        assert_eq!(
+            v[0],
+            triplet(
+                "192.0.2.0",
+                "a@example.org",
+                "b@example.net",
+                100,
+                500,
+                true
+            )
+        );
+        let skips = v[1..]
+            .iter()
+            .map(|r| r.as_ref().unwrap_err().0)
+            .collect::<Vec<_>>();
+        use Skip::*;
+        assert_eq!(
+            skips,
+            [BadClient, Unparsable, Unparsable, Unparsable, Unparsable]
+        );
+    }
+
+    #[test]
+    fn several_sections_in_one_file() {
+        let (_f, v) = dump_of(
+            " 192.0.2.0//b@example.net\n 1,2\nDATA=END\n\
+             VERSION=3\nformat=print\nHEADER=END\n 192.0.2.1\n 3,4\nDATA=END\n",
+        );
+        assert_eq!(v.len(), 2);
+        assert!(matches!(
+            v[1],
+            Ok(Item::Client(ClientItem {
+                count: 3,
+                last_seen: 4,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn truncated_dump_fails_loudly() {
+        let text = std::fs::read_to_string(fixture("postgrey.dump")).unwrap();
+        let cut = &text[..text.find("DATA=END").unwrap()];
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(cut.as_bytes()).unwrap();
+        let mut r = read(f.path(), &ReadOptions::default()).unwrap();
+        let v = r.by_ref().collect::<Vec<_>>();
+        assert_eq!(v.iter().filter(|r| r.is_ok()).count(), 4);
+        let (skip, why) = v.last().unwrap().clone().unwrap_err();
+        assert_eq!(skip, Skip::Unparsable);
+        assert!(why.contains("truncated"), "{why}");
+        let err = r.failure().expect("failure recorded").to_string();
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn not_a_dump_is_an_error_naming_the_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"192.0.2.0/a/b 1,2\n").unwrap();
+        let err = read(f.path(), &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":1: not a `db_dump -p` dump"), "{err}");
+        let err = read(
+            Path::new("/nonexistent/postgrey.dump"),
+            &ReadOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("/nonexistent/postgrey.dump: "), "{err}");
+    }
+
+    #[test]
+    fn unescapes_db_dump_bytes() {
+        assert_eq!(unescape(br"jos\c3\a9").as_deref(), Some("josé"));
+        assert_eq!(unescape(br"a\\b").as_deref(), Some(r"a\b"));
+        assert_eq!(unescape(br"a\c"), None);
+        assert_eq!(unescape(br"\ff"), None);
+    }
+}

@@ -320,3 +320,145 @@ impl ImportReader for Reader {
         self.failure.as_ref()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(path: &Path) -> Vec<ReadResult> {
+        let mut r = read(path, &ReadOptions::default()).expect("open");
+        let v = r.by_ref().collect();
+        assert!(r.failure().is_none());
+        assert_eq!(r.bytes_read(), r.total_bytes());
+        v
+    }
+
+    #[test]
+    fn real_sqlgrey_database() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/import/sqlgrey.db");
+        let v = all(&path);
+        let t = |ip: &str, s: &str, first| {
+            Ok(Item::Triplet(TripletItem {
+                client: ip.parse().unwrap(),
+                sender: s.into(),
+                recipient: if s.is_empty() {
+                    "bounces@example.net"
+                } else {
+                    "bob@example.net"
+                }
+                .into(),
+                first_seen: first,
+                last_seen: first,
+                passed: false,
+            }))
+        };
+        let c = |ip: &str| {
+            Ok(Item::Client(ClientItem {
+                client: ip.parse().unwrap(),
+                count: 1,
+                last_seen: 1796184469,
+            }))
+        };
+        assert_eq!(v.len(), 6, "{v:?}");
+        assert_eq!(v[0], t("198.51.100.7", "", 1796184467));
+        assert_eq!(v[1], t("203.0.113.9", "eve@example.com", 1796184469));
+        let (skip, why) = v[2].clone().unwrap_err();
+        assert_eq!(skip, Skip::NoEquivalent);
+        assert!(
+            why.contains("from_awl: carol@example.com from 2001:db8::5"),
+            "{why}"
+        );
+        let (skip, why) = v[3].clone().unwrap_err();
+        assert_eq!(skip, Skip::NoEquivalent);
+        assert!(
+            why.contains("domain_awl: domain example.org from 192.0.2 "),
+            "{why}"
+        );
+        // sqlgrey's class C `192.0.2` is the network 192.0.2.0.
+        assert_eq!(v[4..], [c("192.0.2.0"), c("2001:db8::5")]);
+    }
+
+    #[test]
+    fn paging_covers_every_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.db");
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch(
+            "CREATE TABLE connect (sender_name, sender_domain, src, rcpt, first_seen);
+             CREATE TABLE from_awl (sender_name, sender_domain, src, first_seen, last_seen);
+             CREATE TABLE domain_awl (sender_domain, src, first_seen, last_seen);",
+        )
+        .unwrap();
+        let n = PAGE * 2 + 1;
+        db.execute_batch("BEGIN").unwrap();
+        for i in 0..n {
+            db.execute(
+                "INSERT INTO connect VALUES ('a', 'example.org', ?1, 'b@example.net', 5)",
+                [format!("10.0.{}.{}", i / 256, i % 256)],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO from_awl VALUES ('a', 'example.org', ?1, 5, ?2)",
+                (
+                    format!("10.1.{}.{}", i % (PAGE + 7) / 256, i % (PAGE + 7) % 256),
+                    i,
+                ),
+            )
+            .unwrap();
+        }
+        db.execute(
+            "INSERT INTO connect VALUES ('a', 'b', 'host.example', 'c', 1)",
+            [],
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO connect VALUES ('a', 'b', '10.9.9.9', 'c', 'soon')",
+            [],
+        )
+        .unwrap();
+        db.execute_batch("COMMIT").unwrap();
+        drop(db);
+        let v = all(&path);
+        let triplets = v
+            .iter()
+            .filter(|r| matches!(r, Ok(Item::Triplet(_))))
+            .count();
+        let clients = v
+            .iter()
+            .filter_map(|r| match r {
+                Ok(Item::Client(c)) => Some(c.count),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(triplets as i64, n);
+        assert_eq!(clients.len() as i64, PAGE + 7);
+        assert_eq!(clients.iter().map(|&c| i64::from(c)).sum::<i64>(), n);
+        let skips = |s| {
+            v.iter()
+                .filter(|r| matches!(r, Err((k, _)) if *k == s))
+                .count()
+        };
+        assert_eq!(skips(Skip::NoEquivalent) as i64, n);
+        assert_eq!((skips(Skip::BadClient), skips(Skip::Unparsable)), (1, 1));
+    }
+
+    #[test]
+    fn not_a_sqlgrey_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let err = read(&path, &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("table connect") && err.contains("sqlgrey"),
+            "{err}"
+        );
+        let text = dir.path().join("text");
+        std::fs::write(&text, "hello, this is no database\n".repeat(100)).unwrap();
+        assert!(read(&text, &ReadOptions::default()).is_err());
+    }
+}
