@@ -268,11 +268,13 @@ fn timestamp(line: &str, now: u64) -> Option<(u64, &str)> {
     let (time, rest) = rest.split_once(' ')?;
     let secs = hms(time)?;
     let at = |year: i64| days_from_civil(year, month, day) * 86_400 + secs;
+    // The latest of next year, this year and last year that is not in the future (a day of
+    // clock skew allowed): a log read just after New Year still has December's lines.
     let year = year_of(now);
-    let mut t = at(year);
-    if t > now as i64 + 86_400 {
-        t = at(year - 1);
-    }
+    let t = (year - 1..=year + 1)
+        .rev()
+        .map(at)
+        .find(|&t| t <= now as i64 + 86_400)?;
     Some((u64::try_from(t).ok()?, rest))
 }
 
@@ -534,6 +536,8 @@ impl Iterator for Reader {
             };
             self.line += 1;
             self.seq += 1;
+            // Drop what aged out before this line can join it.
+            self.evict();
             let buf = std::mem::take(&mut self.buf);
             let result = if whole {
                 let text = String::from_utf8_lossy(&buf);
@@ -566,5 +570,305 @@ impl ImportReader for Reader {
     }
     fn failure(&self) -> Option<&ImportError> {
         self.failure.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2 December 2026 04:10 UTC: just after the fixtures were written.
+    const NOW: u64 = 1_796_184_600;
+
+    fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/import/postfix")
+    }
+
+    fn opts() -> ReadOptions {
+        ReadOptions {
+            now: NOW,
+            ..ReadOptions::default()
+        }
+    }
+
+    fn all(path: &Path, opts: &ReadOptions) -> Vec<ReadResult> {
+        let mut r = read(path, opts).expect("open");
+        let v = r.by_ref().collect();
+        assert!(r.failure().is_none(), "{:?}", r.failure());
+        assert_eq!(r.bytes_read(), r.total_bytes());
+        v
+    }
+
+    fn items(v: &[ReadResult]) -> Vec<(String, String, String, u64)> {
+        v.iter()
+            .filter_map(|r| match r {
+                Ok(Item::Triplet(t)) => {
+                    assert!(t.passed && t.first_seen == t.last_seen);
+                    Some((
+                        t.client.to_string(),
+                        t.sender.clone(),
+                        t.recipient.clone(),
+                        t.last_seen,
+                    ))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn expected() -> Vec<(String, String, String, u64)> {
+        // 04:08:01 and 04:08:02 on 2 December 2026 (`date -u -d … +%s`).
+        let row = |c: &str, s: &str, r: &str, t| (c.into(), s.into(), r.into(), t);
+        vec![
+            row(
+                "192.0.2.10",
+                "alice@example.org",
+                "bob@example.net",
+                1_796_184_481,
+            ),
+            row(
+                "192.0.2.10",
+                "alice@example.org",
+                "carol@example.net",
+                1_796_184_481,
+            ),
+            row("198.51.100.7", "", "postmaster@example.net", 1_796_184_481),
+            row(
+                "192.0.2.77",
+                "dave@example.com",
+                "erin@example.net",
+                1_796_184_482,
+            ),
+        ]
+    }
+
+    #[test]
+    fn real_postfix_log_with_its_gzipped_rotation() {
+        let v = all(&fixture_dir().join("maillog"), &opts());
+        // The rotated (older) file is read first.
+        assert_eq!(items(&v), expected());
+        let skips = |s| {
+            v.iter()
+                .filter(|r| matches!(r, Err((k, _)) if *k == s))
+                .count()
+        };
+        assert_eq!(skips(Skip::Unparsable), 0);
+        assert!(skips(Skip::NotDelivered) > 10);
+        // The session that never sent DATA left a queue id that was never delivered.
+        assert!(v.iter().any(|r| matches!(r, Err((Skip::NotDelivered, m))
+            if m.contains("60EFF98E1D9") && m.contains("no delivery"))));
+        // Deterministic.
+        assert_eq!(all(&fixture_dir().join("maillog"), &opts()), v);
+    }
+
+    /// Rewrites `Dec 02 04:08:01` into RFC 3339 with the given zone, as rsyslog's
+    /// high-precision template would have written the same lines.
+    fn to_rfc3339(line: &str, zone: &str, hours: i64) -> String {
+        let (t, rest) = timestamp(line, NOW).expect("classic stamp");
+        let local = t as i64 + hours * 3600;
+        let days = local.div_euclid(86_400);
+        let secs = local.rem_euclid(86_400);
+        assert_eq!(days, days_from_civil(2026, 12, 2), "fixture day");
+        format!(
+            "2026-12-02T{:02}:{:02}:{:02}.123456{zone} {rest}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        )
+    }
+
+    #[test]
+    fn rfc3339_time_stamps_give_the_same_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::new();
+        let mut gz = flate2::read::MultiGzDecoder::new(
+            File::open(
+                std::fs::read_dir(fixture_dir())
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .find(|p| p.extension().is_some_and(|e| e == "gz"))
+                    .unwrap(),
+            )
+            .unwrap(),
+        );
+        gz.read_to_string(&mut text).unwrap();
+        text += &std::fs::read_to_string(fixture_dir().join("maillog")).unwrap();
+        // Half-hour zones are checked by the boundary test below.
+        for (zone, hours) in [("+00:00", 0), ("Z", 0), ("+02:00", 2), ("+05:00", 5)] {
+            let out = text
+                .lines()
+                .map(|l| to_rfc3339(l, zone, hours) + "\n")
+                .collect::<String>();
+            let path = dir.path().join("mail.log");
+            std::fs::write(&path, out).unwrap();
+            assert_eq!(items(&all(&path, &opts())), expected(), "zone {zone}");
+        }
+    }
+
+    #[test]
+    fn time_stamps_at_their_boundaries() {
+        let new_year = 1_767_225_600; // 2026-01-01T00:00:00Z
+        let t = |s: &str, now| timestamp(s, now).map(|(t, _)| t);
+        // Classic: the year that puts the stamp at or before now (plus a day).
+        assert_eq!(
+            t("Dec 31 23:59:59 h p/q[1]: m", new_year + 10),
+            Some(new_year - 1)
+        );
+        assert_eq!(
+            t("Jan  1 00:00:00 h p/q[1]: m", new_year + 10),
+            Some(new_year)
+        );
+        assert_eq!(
+            t("Jan 01 00:00:00 h p/q[1]: m", new_year - 10),
+            Some(new_year)
+        );
+        assert_eq!(
+            t("Jan  2 00:00:01 h p/q[1]: m", new_year - 10),
+            Some(1_735_776_001)
+        );
+        assert_eq!(t("Dec 32 00:00:00 h", NOW), None);
+        assert_eq!(t("Dec  2 24:00:00 h", NOW), None);
+        assert_eq!(t("Foo  2 03:04:05 h", NOW), None);
+        // RFC 3339, with and without fraction, with zones.
+        assert_eq!(t("2026-01-01T00:00:00Z h", NOW), Some(new_year));
+        assert_eq!(t("2026-01-01T01:00:00+01:00 h", NOW), Some(new_year));
+        assert_eq!(t("2025-12-31T18:30:00.5-05:30 h", NOW), Some(new_year));
+        assert_eq!(t("2026-13-01T00:00:00Z h", NOW), None);
+        assert_eq!(t("2026-01-01 00:00:00 h", NOW), None);
+        assert_eq!(year_of(new_year - 1), 2025);
+        assert_eq!(year_of(new_year), 2026);
+    }
+
+    fn log(lines: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("maillog");
+        std::fs::write(&path, lines).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn join_state_is_bounded_and_evictions_are_counted() {
+        let mut text = String::new();
+        for i in 0..5 {
+            text +=
+                &format!("Dec  2 03:00:00 mx postfix/smtpd[1]: AAAA{i}: client=a[192.0.2.{i}]\n");
+        }
+        // The oldest ids were dropped: their late deliveries are not joined.
+        for i in 0..5 {
+            text += &format!("Dec  2 03:00:01 mx postfix/qmgr[2]: AAAA{i}: from=<s@example.org>, size=1, nrcpt=1 (queue active)\n");
+            text += &format!("Dec  2 03:00:02 mx postfix/smtp[3]: AAAA{i}: to=<r@example.net>, relay=x[192.0.2.99]:25, delay=1, dsn=2.0.0, status=sent (250 ok)\n");
+        }
+        let (_d, path) = log(&text);
+        let o = ReadOptions {
+            max_pending: 2,
+            ..opts()
+        };
+        let v = all(&path, &o);
+        let clients = items(&v).into_iter().map(|i| i.0).collect::<Vec<_>>();
+        assert_eq!(clients, ["192.0.2.3", "192.0.2.4"]);
+        let dropped = v
+            .iter()
+            .filter(|r| matches!(r, Err((Skip::NotDelivered, m)) if m.contains("dropped")))
+            .count();
+        assert_eq!(dropped, 3);
+
+        // By age: a delivery more than pending_lines lines after its client= is not joined.
+        let o = ReadOptions {
+            pending_lines: 2,
+            ..opts()
+        };
+        let text = "Dec  2 03:00:00 mx postfix/smtpd[1]: BBBB1: client=a[192.0.2.1]\n\
+                    Dec  2 03:00:01 mx postfix/qmgr[2]: BBBB1: from=<>, size=1, nrcpt=1 (queue active)\n\
+                    Dec  2 03:00:01 mx postfix/smtpd[1]: disconnect from a[192.0.2.1]\n\
+                    Dec  2 03:00:02 mx postfix/local[3]: BBBB1: to=<r@example.net>, relay=local, status=sent (delivered)\n";
+        let (_d, path) = log(text);
+        assert!(items(&all(&path, &o)).is_empty());
+        let o = ReadOptions {
+            pending_lines: 3,
+            ..opts()
+        };
+        assert_eq!(items(&all(&path, &o)).len(), 1);
+    }
+
+    #[test]
+    fn lines_it_does_not_understand_are_counted_not_fatal() {
+        let text = "garbage\n\
+                    \n\
+                    Dec  2 03:00:00 mx kernel: something\n\
+                    Dec  2 03:00:00 mx postfix/smtpd[1]: CCCC1: client=a[192.0.2.1]:2525, sasl_method=PLAIN\n\
+                    Dec  2 03:00:00 mx postfix/smtpd[1]: CCCC9: client=unknown[unknown]\n\
+                    Dec  2 03:00:01 mx postfix-out/qmgr[2]: CCCC1: from=<a>b@example.org>, size=1, nrcpt=2 (queue active)\n\
+                    Dec  2 03:00:02 mx postfix/smtp[3]: CCCC1: to=<x@example.net>, relay=none, delay=1, dsn=4.4.1, status=deferred (connect refused)\n\
+                    Dec  2 03:00:02 mx postfix/local[3]: CCCC1: to=<u@mx.example>, orig_to=<Alias@example.net>, relay=local, delay=1, dsn=2.0.0, status=sent (delivered)\n\
+                    Dec  2 03:00:03 mx postfix/qmgr[2]: CCCC1: removed\n\
+                    Dec  2 03:00:03 mx postfix/qmgr[2]: DDDD1: removed\n";
+        let (_d, path) = log(text);
+        let v = all(&path, &opts());
+        let kinds = v
+            .iter()
+            .map(|r| match r {
+                Ok(_) => "item",
+                Err((s, _)) => s.name(),
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(
+            kinds,
+            [
+                "unparsable",
+                "unparsable",
+                "unparsable",
+                "bad-client",
+                "not-delivered",
+                "item",
+                "not-delivered"
+            ]
+        );
+        // orig_to is what the SMTP client gave; a `>` inside the sender is kept.
+        assert_eq!(
+            items(&v),
+            [(
+                "192.0.2.1".into(),
+                "a>b@example.org".into(),
+                "Alias@example.net".into(),
+                1_796_180_402
+            )]
+        );
+    }
+
+    #[test]
+    fn rotations_are_found_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [
+            "maillog",
+            "maillog.1",
+            "maillog.2.gz",
+            "maillog.10",
+            "maillog.20261201-000000.gz",
+            "maillog.old",
+            "other.1",
+        ] {
+            std::fs::write(dir.path().join(n), "").unwrap();
+        }
+        let files = with_rotations(&dir.path().join("maillog")).unwrap();
+        let names = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect::<Vec<_>>();
+        assert_eq!(
+            names,
+            [
+                "maillog.20261201-000000.gz",
+                "maillog.10",
+                "maillog.2.gz",
+                "maillog.1",
+                "maillog"
+            ]
+        );
+        assert_eq!(
+            with_rotations(&dir.path().join("maillog.2.gz"))
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }
