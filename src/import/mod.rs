@@ -249,7 +249,7 @@ impl Skip {
             Skip::BadClient => "records keyed by host name cannot be matched to an address",
             Skip::NoEquivalent => {
                 "Greyhound keeps triplets and per-client counts only: list such senders or \
-                 domains in the exemption files (DESIGN §4) if they must pass at once"
+                 domains in the exemption lists (OPERATIONS.md section 6) if they must pass at once"
             }
             Skip::Expired => "nothing to do: Greyhound would have expired these already",
             Skip::NotDelivered => "nothing to do: only delivered messages are whitelisted",
