@@ -201,7 +201,9 @@ impl fmt::Display for Source {
 
 /// What the admin client needs from any reader besides its items: progress, and whether it
 /// stopped early.
-pub trait ImportReader: Iterator<Item = ReadResult> {
+///
+/// Readers are `Send`, so the client may read on a blocking thread while it sends batches.
+pub trait ImportReader: Iterator<Item = ReadResult> + Send {
     /// Bytes of input consumed so far (for a progress bar).
     fn bytes_read(&self) -> u64;
     /// Bytes the input holds in all (its files' sizes; compressed sizes for `.gz`).
@@ -297,6 +299,32 @@ impl Summary {
     /// Records skipped, all reasons together.
     pub fn skipped_total(&self) -> u64 {
         self.skipped.values().sum()
+    }
+
+    /// The summary for `--json`: totals, and per skip reason (by [`Skip::name`]) its count,
+    /// first example and suggestion.
+    pub fn to_json(&self) -> serde_json::Value {
+        let skipped = self
+            .skipped
+            .iter()
+            .map(|(skip, n)| {
+                let example = self.first_skip.get(skip).cloned().unwrap_or_default();
+                let value = serde_json::json!({
+                    "count": n,
+                    "example": example,
+                    "suggestion": skip.suggestion(),
+                });
+                (skip.name().to_owned(), value)
+            })
+            .collect::<serde_json::Map<_, _>>();
+        serde_json::json!({
+            "imported": self.imported(),
+            "triplets": self.triplets,
+            "passed": self.passed,
+            "clients": self.clients,
+            "skipped_total": self.skipped_total(),
+            "skipped": skipped,
+        })
     }
 }
 
@@ -453,5 +481,9 @@ mod tests {
         );
         assert_eq!(s.first_skip[&Skip::Hashed], "first");
         assert!(s.to_string().contains("skipped 2 hashed: e.g. first"));
+        let j = s.to_json();
+        assert_eq!(j["imported"], 1);
+        assert_eq!(j["skipped"]["hashed"]["count"], 2);
+        assert_eq!(j["skipped"]["hashed"]["example"], "first");
     }
 }

@@ -801,7 +801,10 @@ mod tests {
                     Dec  2 03:00:02 mx postfix/smtp[3]: CCCC1: to=<x@example.net>, relay=none, delay=1, dsn=4.4.1, status=deferred (connect refused)\n\
                     Dec  2 03:00:02 mx postfix/local[3]: CCCC1: to=<u@mx.example>, orig_to=<Alias@example.net>, relay=local, delay=1, dsn=2.0.0, status=sent (delivered)\n\
                     Dec  2 03:00:03 mx postfix/qmgr[2]: CCCC1: removed\n\
-                    Dec  2 03:00:03 mx postfix/qmgr[2]: DDDD1: removed\n";
+                    Dec  2 03:00:03 mx postfix/qmgr[2]: DDDD1: removed\n\
+                    Dec  2 03:00:04 mx postfix/smtpd[1]: EEEE1: client=v6.example[2001:db8::25]\n\
+                    Dec  2 03:00:04 mx postfix/qmgr[2]: EEEE1: from=<>, size=1, nrcpt=1 (queue active)\n\
+                    Dec  2 03:00:05 mx postfix/lmtp[4]: EEEE1: to=<v@example.net>, relay=x, dsn=2.0.0, status=sent (250 ok)\n";
         let (_d, path) = log(text);
         let v = all(&path, &opts());
         let kinds = v
@@ -820,18 +823,23 @@ mod tests {
                 "bad-client",
                 "not-delivered",
                 "item",
-                "not-delivered"
+                "not-delivered",
+                "item",
             ]
         );
         // orig_to is what the SMTP client gave; a `>` inside the sender is kept.
+        let row = |c: &str, s: &str, r: &str, t| (c.into(), s.into(), r.into(), t);
         assert_eq!(
             items(&v),
-            [(
-                "192.0.2.1".into(),
-                "a>b@example.org".into(),
-                "Alias@example.net".into(),
-                1_796_180_402
-            )]
+            [
+                row(
+                    "192.0.2.1",
+                    "a>b@example.org",
+                    "Alias@example.net",
+                    1_796_180_402
+                ),
+                row("2001:db8::25", "", "v@example.net", 1_796_180_405),
+            ]
         );
     }
 

@@ -138,8 +138,8 @@ impl Iterator for Reader {
 
     fn next(&mut self) -> Option<ReadResult> {
         while !self.done {
-            let line = match self.next_line() {
-                Ok(true) => self.buf.clone(),
+            match self.next_line() {
+                Ok(true) => {}
                 Ok(false) if self.in_data => {
                     let err = ImportError::Format {
                         path: self.path.clone(),
@@ -153,14 +153,14 @@ impl Iterator for Reader {
             };
             if !self.in_data {
                 // Between sections: another dump may follow (several databases in one file).
-                if line.starts_with(b"VERSION=") {
+                if self.buf.starts_with(b"VERSION=") {
                     if let Err(e) = self.skip_header() {
                         return self.fail(e);
                     }
                 }
                 continue;
             }
-            if line == b"DATA=END" {
+            if self.buf == b"DATA=END" {
                 self.in_data = false;
                 continue;
             }
