@@ -17,7 +17,7 @@
 //! of rows there (last seen: the latest), and the server's `awl-clients` threshold decides
 //! whether that is enough. `src` is an address or sqlgrey's class-C network (`192.0.2`).
 //!
-//! Rows are read in pages of [`PAGE`] by rowid (or by `src` for the client counts), so
+//! Rows are read in pages of [`PAGE`] by rowid, so
 //! memory stays bounded on any table; the order is the database's, so a re-run yields the
 //! same items.
 
@@ -55,9 +55,10 @@ pub struct Reader {
     path: PathBuf,
     db: Connection,
     phase: Phase,
-    /// The last rowid (or, for the client counts, `src`) read in this phase.
+    /// The last rowid read in this phase.
     after_rowid: i64,
-    after_src: Option<String>,
+    /// Whether the client counts' temporary table exists.
+    clients_made: bool,
     page: VecDeque<ReadResult>,
     /// Rows in all tables read (counted up front) and rows read so far, for progress.
     rows_total: u64,
@@ -98,7 +99,7 @@ pub fn read(path: &Path, _opts: &ReadOptions) -> Result<Reader, ImportError> {
         db,
         phase: Phase::Connect,
         after_rowid: i64::MIN,
-        after_src: None,
+        clients_made: false,
         page: VecDeque::new(),
         rows_total,
         rows_done: 0,
@@ -191,33 +192,41 @@ impl Reader {
     }
 
     /// One page of client counts: the rows of both auto-whitelist tables per `src`.
+    ///
+    /// The counts are made once into a temporary table (SQLite's temp database, on disk
+    /// beside the read-only main one), then paged by rowid: paging the `GROUP BY` itself
+    /// would sort what is left of both tables again for every page.
     fn clients(&mut self) -> rusqlite::Result<usize> {
+        if !self.clients_made {
+            self.db.execute_batch(
+                "CREATE TEMP TABLE greyhound_import_clients AS \
+                 SELECT src, count(*) AS n, max(last_seen) AS last FROM \
+                 (SELECT src, last_seen FROM from_awl UNION ALL SELECT src, last_seen FROM domain_awl) \
+                 GROUP BY src ORDER BY src",
+            )?;
+            self.clients_made = true;
+        }
         let mut stmt = self.db.prepare_cached(
-            "SELECT src, count(*), max(last_seen) FROM \
-             (SELECT src, last_seen FROM from_awl UNION ALL SELECT src, last_seen FROM domain_awl) \
-             WHERE ?1 IS NULL OR src > ?1 GROUP BY src ORDER BY src LIMIT ?2",
+            "SELECT rowid, src, n, last FROM temp.greyhound_import_clients \
+             WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
         )?;
-        let mut rows = stmt.query((self.after_src.as_deref(), PAGE))?;
+        let mut rows = stmt.query((self.after_rowid, PAGE))?;
         let mut n = 0;
         while let Some(row) = rows.next()? {
-            let src: Value = row.get(0)?;
-            let count: i64 = row.get(1)?;
-            let last: Value = row.get(2)?;
-            let src_text = text(&src).unwrap_or_default().to_owned();
-            let item = match (parse_client(&src_text), seconds(&last)) {
-                (Some(client), Some(last_seen)) => Ok(Item::Client(ClientItem {
+            self.after_rowid = row.get(0)?;
+            let src: Value = row.get(1)?;
+            let count: i64 = row.get(2)?;
+            let last: Value = row.get(3)?;
+            let src = text(&src).unwrap_or_default();
+            // A bad src or time was reported as its table was read; its aggregate adds
+            // nothing to report.
+            if let (Some(client), Some(last_seen)) = (parse_client(src), seconds(&last)) {
+                self.page.push_back(Ok(Item::Client(ClientItem {
                     client,
                     count: u32::try_from(count).unwrap_or(u32::MAX),
                     last_seen,
-                })),
-                // Each such row was already reported (bad client or bad time) as its table
-                // was read; the aggregate adds nothing to report.
-                _ => Err((Skip::BadClient, format!("auto-whitelist src {src_text:?}"))),
-            };
-            if item.is_ok() {
-                self.page.push_back(item);
+                })));
             }
-            self.after_src = Some(src_text);
             n += 1;
         }
         Ok(n)
