@@ -5,6 +5,30 @@
 //!
 //! The types here are the contract between the readers (one module per source) and the admin
 //! protocol.
+//!
+//! How the admin client drives a reader:
+//! ```no_run
+//! use greyhound::import::{open, ImportReader, ReadOptions, Source, Summary};
+//! # fn send(_batch: &[greyhound::import::Item]) {}
+//! let mut reader = open(Source::Postgrey, "postgrey.dump".as_ref(), &ReadOptions::default())?;
+//! let (mut summary, mut batch) = (Summary::default(), Vec::new());
+//! for result in reader.by_ref() {
+//!     summary.record(&result);
+//!     if let Ok(item) = result {
+//!         batch.push(item);
+//!     }
+//!     if batch.len() == 1000 {
+//!         send(&batch); // progress: reader.bytes_read() of reader.total_bytes()
+//!         batch.clear();
+//!     }
+//! }
+//! send(&batch);
+//! println!("{summary}");
+//! if let Some(err) = reader.failure() {
+//!     eprintln!("greyhound: import stopped: {err}"); // a partial import: exit 2
+//! }
+//! # Ok::<(), greyhound::import::ImportError>(())
+//! ```
 
 use std::net::IpAddr;
 

@@ -844,6 +844,29 @@ mod tests {
     }
 
     #[test]
+    fn a_corrupt_gz_rotation_stops_the_import_loudly() {
+        let dir = tempfile::tempdir().unwrap();
+        let gz = std::fs::read_dir(fixture_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "gz"))
+            .unwrap();
+        let bytes = std::fs::read(gz).unwrap();
+        // Cut in the middle of the compressed stream.
+        std::fs::write(dir.path().join("maillog.1.gz"), &bytes[..bytes.len() / 2]).unwrap();
+        std::fs::copy(fixture_dir().join("maillog"), dir.path().join("maillog")).unwrap();
+        let mut r = read(&dir.path().join("maillog"), &opts()).unwrap();
+        let v = r.by_ref().collect::<Vec<_>>();
+        let (skip, why) = v.last().unwrap().clone().unwrap_err();
+        assert_eq!(skip, Skip::Unparsable);
+        assert!(why.contains("maillog.1.gz:"), "{why}");
+        let err = r.failure().expect("failure recorded").to_string();
+        assert!(err.contains("maillog.1.gz:"), "{err}");
+        // Nothing of the next file was read after the failure.
+        assert!(!items(&v).iter().any(|i| i.2 == "erin@example.net"));
+    }
+
+    #[test]
     fn rotations_are_found_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         for n in [
