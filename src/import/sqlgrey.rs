@@ -195,7 +195,9 @@ impl Reader {
     ///
     /// The counts are made once into a temporary table (SQLite's temp database, on disk
     /// beside the read-only main one), then paged by rowid: paging the `GROUP BY` itself
-    /// would sort what is left of both tables again for every page.
+    /// sorts what is left of both tables again for every page. Measured on 200 000
+    /// `from_awl` and 50 000 `domain_awl` rows (100 000 clients): 0.29 s this way, 8.6 s
+    /// paging the `GROUP BY` (system SQLite 3.40, the same machine).
     fn clients(&mut self) -> rusqlite::Result<usize> {
         if !self.clients_made {
             self.db.execute_batch(
