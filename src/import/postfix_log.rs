@@ -333,7 +333,15 @@ fn event(msg: &str) -> Option<(&str, Event<'_>)> {
 }
 
 /// The address in `client=NAME[ADDR]` (with `:PORT` or `, sasl_…` after it perhaps).
+///
+/// A message a content filter re-injected (amavis and the like, after the queue) arrives
+/// from loopback; with XFORWARD Postfix logs the real client as `orig_client=NAME[ADDR]`,
+/// which is used instead.
 fn client_addr(c: &str) -> Option<IpAddr> {
+    let c = match c.find(", orig_client=") {
+        Some(i) => &c[i + ", orig_client=".len()..],
+        None => c,
+    };
     let open = c.find('[')?;
     let close = open + c[open..].find(']')?;
     let addr = &c[open + 1..close];
@@ -436,6 +444,11 @@ impl Reader {
                         format!("{}: {}", here(), excerpt(msg)),
                     )));
                 };
+                if client.is_loopback() {
+                    // Local submission, or a content filter's re-injection without
+                    // XFORWARD: not a client from outside, nothing to whitelist.
+                    return Some(not_delivered());
+                }
                 // A queue id is unique while queued; a new client= for one starts a new
                 // message (Postfix reuses ids once a message is removed).
                 self.pending.insert(
@@ -802,7 +815,8 @@ mod tests {
                     Dec  2 03:00:02 mx postfix/local[3]: CCCC1: to=<u@mx.example>, orig_to=<Alias@example.net>, relay=local, delay=1, dsn=2.0.0, status=sent (delivered)\n\
                     Dec  2 03:00:03 mx postfix/qmgr[2]: CCCC1: removed\n\
                     Dec  2 03:00:03 mx postfix/qmgr[2]: DDDD1: removed\n\
-                    Dec  2 03:00:04 mx postfix/smtpd[1]: EEEE1: client=v6.example[2001:db8::25]\n\
+                    Dec  2 03:00:04 mx postfix/smtpd[1]: EEEE1: client=localhost[127.0.0.1], orig_queue_id=X, orig_client=v6.example[2001:db8::25]\n\
+                    Dec  2 03:00:04 mx postfix/smtpd[1]: FFFF1: client=localhost[127.0.0.1]\n\
                     Dec  2 03:00:04 mx postfix/qmgr[2]: EEEE1: from=<>, size=1, nrcpt=1 (queue active)\n\
                     Dec  2 03:00:05 mx postfix/lmtp[4]: EEEE1: to=<v@example.net>, relay=x, dsn=2.0.0, status=sent (250 ok)\n";
         let (_d, path) = log(text);
@@ -823,6 +837,7 @@ mod tests {
                 "bad-client",
                 "not-delivered",
                 "item",
+                "not-delivered",
                 "not-delivered",
                 "item",
             ]
