@@ -10,8 +10,9 @@
 //! Dec  2 03:58:30 mx postfix/qmgr[730]: 5808398E08D: removed
 //! ```
 //! Each `status=sent` line yields the triplet (client, sender, recipient), with `orig_to=`
-//! as the recipient when present (the address the SMTP client gave, before aliasing), at
-//! that line's time. Time stamps are the classic syslog form (`Dec  2 03:04:05`, or
+//! as the recipient when present (the address the SMTP client gave, before aliasing), and
+//! `orig_client=` as the client when present (a content filter's re-injection), at that
+//! line's time; loopback clients (local submissions) are not whitelisted. Time stamps are the classic syslog form (`Dec  2 03:04:05`, or
 //! `Dec 02 …` as Postfix's own `maillog_file` writes it; no year: the one that puts it at or
 //! before now, plus a day) or RFC 3339 (`2026-12-02T03:04:05.123456+01:00`, rsyslog's and
 //! journald's high-precision form). Classic times have no zone and are read as UTC: hours
