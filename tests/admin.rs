@@ -543,3 +543,65 @@ fn a_delete_wins_over_a_peers_older_record_across_a_cluster() {
     let r = expect(&a, &["status"], 0);
     assert!(r.out.contains("peer b"), "{}", r.out);
 }
+
+/// The importers end to end: a dump written by the real postgrey (tests/fixtures/import, see
+/// its README) imported into a running server answers as postgrey would have; its `--privacy`
+/// dump is reported as not importable; a truncated file is an error, not a silent success.
+#[test]
+fn admin_import_loads_a_real_postgrey_dump_into_the_running_server() {
+    let s = Server::start(&["--delay", "2s"]);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/import");
+    let dump = fixtures.join("postgrey.dump");
+    let triplet = "192.0.2.10 alice@example.org bob@example.net";
+    assert_eq!(peek(&s, triplet), "DEFER 2");
+    // postgrey let alice → bob through 2 s after its first attempt (it ran with --delay 1).
+    let r = expect(
+        &s,
+        &[
+            "import",
+            "--from",
+            "postgrey",
+            "--peer-delay",
+            "1s",
+            dump.to_str().unwrap(),
+        ],
+        0,
+    );
+    assert!(r.out.contains("imported 4 triplets"), "{}", r.out);
+    assert_eq!(peek(&s, triplet), "PASS known");
+    // Running it again is harmless.
+    expect(
+        &s,
+        &[
+            "import",
+            "--from",
+            "postgrey",
+            "--peer-delay",
+            "1s",
+            dump.to_str().unwrap(),
+        ],
+        0,
+    );
+    assert_eq!(peek(&s, triplet), "PASS known");
+
+    let privacy = fixtures.join("postgrey-privacy.dump");
+    let r = expect(
+        &s,
+        &["import", "--from", "postgrey", privacy.to_str().unwrap()],
+        0,
+    );
+    assert!(r.out.contains("hashed"), "{}", r.out);
+    assert!(r.out.contains("imported 0 triplets"), "{}", r.out);
+
+    // A dump cut in the middle of a record: named error, exit 2.
+    let dir = common::TempDir::new("import");
+    let cut = dir.join("cut.dump");
+    let text = std::fs::read_to_string(&dump).unwrap();
+    std::fs::write(&cut, &text[..text.len() / 2]).unwrap();
+    let r = expect(
+        &s,
+        &["import", "--from", "postgrey", cut.to_str().unwrap()],
+        2,
+    );
+    assert!(r.err.contains("cut.dump"), "{}", r.err);
+}

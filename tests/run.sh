@@ -12,8 +12,14 @@ cd "$(dirname "$0")/.."
 #   redis-server  tests/cluster.rs starts private Redis servers (own port and temp dir each).
 #   openssl  tests/cluster.rs makes a private CA and certificate for Redis over TLS.
 #   dnsmasq-base  tests/spf.rs starts private DNS servers (own port, records on the command line).
+#   postgrey db5.3-util sqlgrey libdbd-sqlite3-perl greylistd  tests/import.rs runs the real
+#            peers privately (own port or socket, data in a temp dir) and reads back their
+#            files; db5.3-util's db5.3_dump prints postgrey's databases.
+#   libsqlite3-dev  rusqlite (the sqlgrey importer) links the system SQLite.
+# --no-install-recommends matters: greylistd recommends exim4, which would replace Postfix.
 need_pkgs=()
-for pkg in postfix systemd redis-server openssl dnsmasq-base; do
+for pkg in postfix systemd redis-server openssl dnsmasq-base \
+    postgrey db5.3-util sqlgrey libdbd-sqlite3-perl greylistd libsqlite3-dev; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' \
         || need_pkgs+=("$pkg")
 done
@@ -42,6 +48,18 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
             $sudo update-rc.d redis-server disable >/dev/null 2>&1 || true
         fi
     fi
+    # Likewise the greylisting peers' own services: the import tests run their own.
+    for svc in postgrey sqlgrey greylistd; do
+        [[ " ${need_pkgs[*]} " == *" $svc "* ]] || continue
+        if [ -d /run/systemd/system ]; then
+            $sudo systemctl disable --now "$svc.service" >/dev/null 2>&1 || true
+            # greylistd is socket-activated too.
+            $sudo systemctl disable --now "$svc.socket" >/dev/null 2>&1 || true
+        else
+            $sudo service "$svc" stop >/dev/null 2>&1 || true
+            $sudo update-rc.d "$svc" disable >/dev/null 2>&1 || true
+        fi
+    done
 fi
 
 cargo test --workspace --locked "$@"

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{AdminArgs, AdminCommand, ImportSource};
-use crate::import::{Item, Skip};
+use crate::import::{ImportReader, Item, Skip};
 use crate::proto::admin::{
     self as proto, Body, ImportItem, ImportReport, LookupReport, Outcome, Request, Response,
     StatusReport,
@@ -392,26 +392,49 @@ fn skip_name(s: Skip) -> &'static str {
 }
 
 /// The items of a file, as a reader yields them.
-type Items = Box<dyn Iterator<Item = Result<Item, (Skip, String)>>>;
+type Items = Box<dyn Iterator<Item = Result<Item, (Skip, String)>> + Send>;
 
-/// Opens the reader of `source`.
-fn open_reader(source: ImportSource, file: &Path, peer_delay: u32) -> Result<Items, String> {
-    // The readers are built in parallel (src/import/<source>.rs), each with this signature:
-    //   crate::import::<source>::read(path: &Path, opts: &ReadOptions)
-    //       -> Result<Reader, ImportError>
-    // NOT BUILT YET: until a reader lands, its arm says so. Each becomes
-    //   Ok(Box::new(crate::import::postgrey::read(file, &opts).map_err(|e| e.to_string())?))
-    let _ = peer_delay;
-    let name = match source {
-        ImportSource::Jsonl => return jsonl(file),
-        ImportSource::Postgrey => "postgrey",
-        ImportSource::Sqlgrey => "sqlgrey",
-        ImportSource::Greylistd => "greylistd",
-        ImportSource::PostfixLog => "postfix-log",
+/// `--from jsonl` as an [`ImportReader`]: no progress figures, and a line that does not parse
+/// is a counted skip, never a failure.
+struct JsonlReader(Items);
+
+impl Iterator for JsonlReader {
+    type Item = Result<Item, (Skip, String)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next()
+    }
+}
+
+impl ImportReader for JsonlReader {
+    fn bytes_read(&self) -> u64 {
+        0
+    }
+    fn total_bytes(&self) -> u64 {
+        0
+    }
+    fn failure(&self) -> Option<&crate::import::ImportError> {
+        None
+    }
+}
+
+/// Opens the reader of `source` (src/import/), or of `--from jsonl`.
+fn open_reader(
+    source: ImportSource,
+    file: &Path,
+    peer_delay: u32,
+) -> Result<Box<dyn ImportReader>, String> {
+    let opts = crate::import::ReadOptions {
+        peer_delay: u64::from(peer_delay),
+        ..Default::default()
     };
-    Err(format!(
-        "the {name} importer is not built yet in this version"
-    ))
+    let source = match source {
+        ImportSource::Jsonl => return Ok(Box::new(JsonlReader(jsonl(file)?))),
+        ImportSource::Postgrey => crate::import::Source::Postgrey,
+        ImportSource::Sqlgrey => crate::import::Source::Sqlgrey,
+        ImportSource::Greylistd => crate::import::Source::Greylistd,
+        ImportSource::PostfixLog => crate::import::Source::PostfixLog,
+    };
+    crate::import::open(source, file, &opts).map_err(|e| e.to_string())
 }
 
 /// `--from jsonl`: one import item per line, as the admin protocol writes them
@@ -515,13 +538,13 @@ fn import(args: &AdminArgs) -> u8 {
         ..Default::default()
     };
     let result = (|| {
-        let items = open_reader(*from, file, peer_delay)?;
+        let mut items = open_reader(*from, file, peer_delay)?;
         let mut c = Client::connect(&args.socket)?;
         let progress = std::io::stderr().is_terminal() && !args.json;
         let mut shown = Instant::now();
         let mut report = ImportReport::default();
         let mut batch = Vec::with_capacity(proto::MAX_IMPORT_ITEMS);
-        for item in items {
+        while let Some(item) = items.next() {
             match item {
                 Ok(i) => {
                     summary.read += 1;
@@ -542,8 +565,17 @@ fn import(args: &AdminArgs) -> u8 {
                 send_batch(&mut c, std::mem::take(&mut batch), &mut report)?;
                 if progress && shown.elapsed() >= Duration::from_secs(1) {
                     shown = Instant::now();
+                    let total = items.total_bytes();
+                    let done = if total > 0 {
+                        format!(
+                            "{:.0} % of the input, ",
+                            items.bytes_read() as f64 * 100.0 / total as f64
+                        )
+                    } else {
+                        String::new()
+                    };
                     eprint!(
-                        "\rread {}, imported {}, skipped {} ",
+                        "\r{done}read {}, imported {}, skipped {} ",
                         summary.read,
                         report.triplets + report.clients,
                         summary.skipped.values().map(|s| s.count).sum::<u64>()
@@ -556,6 +588,14 @@ fn import(args: &AdminArgs) -> u8 {
         }
         if progress {
             eprintln!();
+        }
+        // A reader that broke off (read error, truncated file) yielded a partial import: it is
+        // an error, never a silent success.
+        if let Some(e) = items.failure() {
+            return Err(format!(
+                "{e} (imported so far: {} triplets, {} client counts)",
+                report.triplets, report.clients
+            ));
         }
         Ok::<_, String>(report)
     })();
