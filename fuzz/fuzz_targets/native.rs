@@ -194,6 +194,10 @@ fuzz_target!(|data: &[u8]| {
             check_request_round_trip(raw, parsed);
         }
 
+        if max_line != MAX_LINE {
+            // The replies do not depend on the line limit: checked once, at the default.
+            continue;
+        }
         // The replies, each encoded once as the UDP server does.
         let mut texts: Vec<Vec<u8>> = vec![Vec::new(); lines.len()];
         let replies: Vec<(Option<&str>, Reply<'_>)> = lines

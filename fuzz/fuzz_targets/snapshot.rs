@@ -7,7 +7,7 @@
 //! - a file the loader accepts has a header checksum and a body checksum that verify (by a
 //!   bit-by-bit CRC-32C written here, not the library's), and the length its counts imply;
 //! - an accepted file's records are all accounted for (loaded or expired); for one input in
-//!   32, writing the loaded table and loading that gives the same table again;
+//!   512, writing the loaded table and loading that gives the same table again;
 //! - a refused file leaves the engine untouched and is set aside (`*.bad`);
 //! - a decoded header or cluster section encodes back to the same bytes;
 //! - `snapshot inspect` agrees with the loader on whether the file is usable.
@@ -181,19 +181,23 @@ fn untouched() -> &'static Engine {
 /// Accepted files are loaded into one engine, replaced after this many loads: dropping an
 /// engine (320 shards and their timer wheels) cost 90% of this target's time when each input
 /// had its own (callgrind; 276 inputs/s).
-const LOADS_PER_ENGINE: usize = 256;
+const LOADS_PER_ENGINE: usize = 4096;
 
 thread_local! {
     static SHARED: std::cell::RefCell<(Engine, usize)> = std::cell::RefCell::new((engine().0, 0));
 }
 
 /// Whether this input also goes through a write and a second load on engines of its own: one
-/// in 32, picked by the input's bytes so a crash reproduces.
+/// in 512, picked by the input's bytes so a crash reproduces (each costs two engines, whose
+/// drop alone costs as much as ~1,000 inputs).
 fn round_trip_this(file: &[u8]) -> bool {
+    hash(file) % 512 == 0
+}
+
+/// A cheap hash of the input, to pick the inputs that get the costly checks.
+fn hash(file: &[u8]) -> u16 {
     file.iter()
-        .fold(0u8, |a, &b| a.wrapping_mul(31).wrapping_add(b))
-        % 32
-        == 0
+        .fold(0u16, |a, &b| a.wrapping_mul(31).wrapping_add(u16::from(b)))
 }
 
 fn check(file: &[u8]) {
@@ -232,12 +236,15 @@ fn check(file: &[u8]) {
         assert!(loaded.name.is_none(), "accepted a file `verify` refuses");
         assert_eq!(loaded.skipped.len(), 1, "the file was set aside");
         assert!(store.0.lock().unwrap().contains_key(&format!("{NAME}.bad")));
-        let s = e.stats();
-        assert_eq!(
-            (s.triplets, s.awl_clients),
-            (0, 0),
-            "a refused file loads nothing"
-        );
+        if hash(file) % 64 == 0 {
+            // One input in 64: counting takes every shard's lock.
+            let s = e.stats();
+            assert_eq!(
+                (s.triplets, s.awl_clients),
+                (0, 0),
+                "a refused file loads nothing"
+            );
+        }
         return;
     }
     SHARED.with(|shared| {
