@@ -212,10 +212,15 @@ impl Normalizer {
         let (local, domain) = bytes.split_at(at);
         // BATV and SRS prefixes start with 'p', 'm', 'b' or 's': one look at the first byte
         // spares most senders five prefix comparisons (~100 instructions per sender).
-        let local = match local.first().map(u8::to_ascii_lowercase) {
-            Some(b'p' | b'm' | b'b') => &local[batv_original_start(local).unwrap_or(0)..],
-            _ => local,
-        };
+        // A tag inside a tag (a signed bounce address signed again) goes too, so that the
+        // result is a fixed point: normalising it again changes nothing.
+        let mut local = local;
+        while let Some(b'p' | b'm' | b'b') = local.first().map(u8::to_ascii_lowercase) {
+            match batv_original_start(local) {
+                Some(start) => local = &local[start..],
+                None => break,
+            }
+        }
         let srs = match local.first() {
             Some(b's' | b'S') => srs_kind(local),
             _ => None,
@@ -226,6 +231,11 @@ impl Normalizer {
         };
         let w = put_lower(dst, w, domain);
         out.truncate(start + w);
+        // What normalises to "<>" ("<>+x") would be the null sender on a second pass: it is
+        // one now, so that normalising twice equals once (found by the `normalize` fuzz target).
+        if out[start..] == *b"<>" {
+            out.truncate(start);
+        }
     }
 
     /// Appends the recipient, ASCII-lower-cased, to `out` (which is not
@@ -313,15 +323,18 @@ fn srs_field(s: &[u8]) -> Option<(&[u8], &[u8])> {
 /// Parses `HASH=TT=domain=local` and returns the `domain=local` tail. Case plays no part:
 /// fields end at `=`, and the timestamp test accepts letters of either case.
 fn srs0_tail(body: &[u8]) -> Option<&[u8]> {
-    let (_hash, rest) = srs_field(body)?;
+    let (hash, rest) = srs_field(body)?;
     let (timestamp, tail) = srs_field(rest)?;
     // SRS timestamps are two base32 characters; insisting on that keeps a
     // local part that merely starts with "srs0=" from being cut up.
     if timestamp.len() != 2 || !timestamp.iter().all(u8::is_ascii_alphanumeric) {
         return None;
     }
-    let (_domain, orig_local) = srs_field(tail)?;
-    if orig_local.is_empty() {
+    let (domain, orig_local) = srs_field(tail)?;
+    // A hash is base64 (no '.'), a domain has a '.': the rewritten `srs0=domain=local` then
+    // never parses as SRS again, so normalising twice equals normalising once (the fuzz
+    // target `normalize` found `srs0=h=TT=a=xy=b=c` rewritten twice, to `srs0=b=c`).
+    if orig_local.is_empty() || hash.contains(&b'.') || !domain.contains(&b'.') {
         return None;
     }
     Some(tail)
@@ -345,8 +358,12 @@ fn write_srs(local: &[u8], kind: SrsKind, dst: &mut [u8]) -> usize {
     let parsed = match kind {
         SrsKind::Srs0 => srs0_tail(body).map(|tail| (None, tail)),
         SrsKind::Srs1 => (|| {
-            let (_hash, rest) = srs_field(body)?;
+            let (hash, rest) = srs_field(body)?;
             let (hop, rest) = srs_field(rest)?;
+            // As in `srs0_tail`: the rewritten `srs1=hop=…` must not parse as SRS again.
+            if hash.contains(&b'.') || !hop.contains(&b'.') {
+                return None;
+            }
             // The byte after "hop=" is the separator the first hop used
             // after its own "srs0", hence the "==" (or "=+", "=-").
             let (&sep, rest) = rest.split_first()?;
@@ -968,6 +985,41 @@ mod tests {
         assert_eq!(
             sender("SRS1=Abcd=forwarder.example=x7Kq=2E=example.com=john@pobox.com"),
             "srs1=abcd=forwarder.example=x7kq=2e=example.com=john@pobox.com"
+        );
+    }
+
+    /// Found by the `normalize` fuzz target: a second pass rewrote what the first had written
+    /// (a BATV tag inside a BATV tag; an SRS original local part that itself looked like
+    /// `TT=domain=local`). Normalising twice must equal normalising once.
+    #[test]
+    fn normalising_twice_equals_once() {
+        for input in [
+            "prvs=1234abcd=prvs=5678ef01=bounce@lists.example",
+            "btv1==05a==msprvs1=17aaa=x@y.example",
+            "SRS0=hh=TT=ab.example=xy=q=r.s=t@fwd.example",
+            "SRS0=hh=TT=exa.mple=tt=@x.y=z@fwd.example",
+            "SRS1=HHH=fwd1.example==hh=TT=ab.example=xy=q=r.s=t@fwd2.example",
+            "SRS0=x7Kq=2E=example.com=john@pobox.com",
+            "<>+BbaoT",
+        ] {
+            let once = sender(input);
+            assert_eq!(sender(&once), once, "{input}");
+        }
+        // Still rewritten as before: real SRS and BATV.
+        assert_eq!(
+            sender("prvs=1234abcd=prvs=5678ef01=bounce@lists.example"),
+            "bounce@lists.example"
+        );
+        assert_eq!(
+            sender("SRS0=hh=TT=ab.example=xy=q=r.s=t@fwd.example"),
+            "srs0=ab.example=xy=q=r.s=t@fwd.example"
+        );
+        // What normalises to "<>" is the null sender.
+        assert_eq!(sender("<>+BbaoT"), "");
+        // A "hash" with a dot or a "domain" without one is not SRS: left as it is.
+        assert_eq!(
+            sender("SRS0=a.b=TT=example=john@fwd.example"),
+            "srs0=a.b=tt=example=john@fwd.example"
         );
     }
 

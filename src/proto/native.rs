@@ -215,10 +215,7 @@ pub fn parse(buf: &[u8], max_line: usize) -> Frame<'_> {
     if let Some(end) = memchr::memchr(b'\n', window) {
         let line = strip_cr(&buf[..end]);
         let parsed = if line.len() > max_line {
-            Err(LineError {
-                id: leading_id(line),
-                kind: ErrorKind::TooLong,
-            })
+            Err(too_long(&line[..max_line + 1]))
         } else {
             parse_line(line)
         };
@@ -292,7 +289,9 @@ impl LineFramer {
             Frame::Line { consumed, parsed } => (consumed, Framed::Line(parsed)),
             Frame::TooLong { consumed } => {
                 self.skipping = true;
-                (consumed, Framed::Line(Err(too_long(&buf[..consumed]))))
+                // `parse` saw at least `max_line + 1` bytes, as it does for a line whose end is
+                // buffered: both refuse with what those bytes say.
+                (consumed, Framed::Line(Err(too_long(&buf[..max_line + 1]))))
             }
         }
     }
@@ -305,7 +304,7 @@ pub fn datagram_lines(data: &[u8], max_line: usize) -> impl Iterator<Item = Pars
     body.split(|&b| b == b'\n').map(move |line| {
         let line = strip_cr(line);
         if line.len() > max_line {
-            Err(too_long(line))
+            Err(too_long(&line[..max_line + 1]))
         } else {
             parse_line(line)
         }
@@ -323,13 +322,17 @@ pub fn skip_line(buf: &[u8]) -> (usize, bool) {
     }
 }
 
-/// The refusal of a line longer than the limit, given its first bytes (as much of the line
-/// as is at hand): the ID is echoed when the line starts with a valid one, so a UDP client can
-/// still match the answer.
+/// The refusal of a line longer than the limit, given its first bytes (the transports pass
+/// the first `max_line + 1`, which a stream always has at hand when it gives up on a line): the
+/// ID is echoed when the line starts with a valid one, so a UDP client can still match the
+/// answer. Only an ID seen whole counts, one followed by a blank within `start`: digits running
+/// to its end may go on beyond it, and a stream that echoed them would name another request
+/// than the datagram carrying the same line.
 #[must_use]
 pub fn too_long(start: &[u8]) -> LineError<'_> {
+    let last_blank = start.iter().rposition(|&b| b == b' ' || b == b'\t');
     LineError {
-        id: leading_id(start),
+        id: last_blank.and_then(|at| leading_id(&start[..at])),
         kind: ErrorKind::TooLong,
     }
 }
@@ -1627,6 +1630,43 @@ mod bound_tests {
         assert_eq!(too_long(b"7 PING     ").id, Some("7"));
         assert_eq!(too_long(b"PING 7").id, None);
         assert_eq!(too_long(b"7 PING").kind, ErrorKind::TooLong);
+        // Digits cut off by the end of what is at hand are not an ID: they may go on.
+        assert_eq!(too_long(b"  123").id, None);
+        assert_eq!(too_long(b"123").id, None);
+        assert_eq!(too_long(b"123 ").id, Some("123"));
+    }
+
+    /// Found by the `native` fuzz target: a line longer than the limit whose ID starts past
+    /// the first `max_line + 2` bytes (or straddles them) was answered with an ID over UDP and
+    /// without one, or with the ID's first digits only, over TCP.
+    #[test]
+    fn an_over_long_line_is_answered_alike_on_both_transports() {
+        let max_line = 17;
+        for blanks in [0, 10, 14, 15, 16, 17, 18, 19, 42] {
+            let line = format!(
+                "{}12345 CHECK 192.0.2.1 <a@b.example> <c@d.example>",
+                "\t".repeat(blanks)
+            );
+            let datagram: Vec<_> = datagram_lines(line.as_bytes(), max_line).collect();
+            for chunk in 1..line.len() {
+                let mut framer = LineFramer::default();
+                let mut buf = Vec::new();
+                let mut got = None;
+                for piece in line.as_bytes().chunks(chunk) {
+                    buf.extend_from_slice(piece);
+                    let (n, f) = framer.next(&buf, max_line, false);
+                    if let Framed::Line(r) = f {
+                        got = Some(r.map(|_| ()).map_err(|e| (e.id.map(str::to_owned), e.kind)));
+                        break;
+                    }
+                    buf.drain(..n);
+                }
+                let want = datagram[0]
+                    .map(|_| ())
+                    .map_err(|e| (e.id.map(str::to_owned), e.kind));
+                assert_eq!(got, Some(want), "{blanks} blanks, reads of {chunk}");
+            }
+        }
     }
 }
 

@@ -41,9 +41,12 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::{Cluster, ClusterStatus};
 pub use crate::config::Limits;
+// For the fuzz targets (fuzz/), which check that a UDP reply is never larger than its request.
 use crate::engine::Engine;
 pub use listen::{BindError, Listeners, PolicyListener, SocketFile};
 use metrics::{Metrics, Proto};
+#[doc(hidden)]
+pub use native::fit_replies;
 pub use spf::SpfPath;
 
 /// What the connection loops need besides the engine.

@@ -123,7 +123,7 @@ pub(crate) fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
 /// texts in order (a text is cut at a character boundary when it does not fit whole);
 /// otherwise replies are taken in order, in their shortest form, as long as they fit, and the
 /// client matches them by ID. Returns how many replies were left out.
-pub(crate) fn fit_replies<'a>(
+pub fn fit_replies<'a>(
     lines: impl Iterator<Item = (&'a [u8], usize)> + Clone,
     budget: usize,
     out: &mut Vec<u8>,
