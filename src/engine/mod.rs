@@ -1129,25 +1129,16 @@ impl Engine {
         let mut awl = None;
         let mut who = None;
         for &kind in self.identities.kinds() {
-            let key = match kind {
-                IdentityKind::Prefix => prefix_key,
-                IdentityKind::Spf => {
-                    let Some(domain) = q.spf.filter(|d| !d.is_empty()) else {
-                        continue;
-                    };
-                    let domain = lower_into(domain.trim_end_matches('.'), &mut s.ident_name);
-                    let (key, client) = self.identity_key(
-                        kind,
-                        domain.as_bytes(),
-                        &s.message,
-                        &mut s.ident_message,
-                    );
-                    awl = Some(client);
-                    if n == 0 && self.new_counts.limit > 0 {
-                        who = awl;
-                    }
-                    key
+            let domain = match kind {
+                IdentityKind::Prefix => {
+                    keys[n] = prefix_key;
+                    n += 1;
+                    continue;
                 }
+                IdentityKind::Spf => match q.spf.filter(|d| !d.is_empty()) {
+                    Some(d) => lower_into(d.trim_end_matches('.'), &mut s.ident_name),
+                    None => continue,
+                },
                 IdentityKind::Name => {
                     let Some(name) = q.client_name else {
                         continue;
@@ -1156,18 +1147,18 @@ impl Engine {
                     let Some(domain) = identity::name_identity(name, q.client) else {
                         continue;
                     };
-                    let (key, client) = self.identity_key(
-                        kind,
-                        domain.as_bytes(),
-                        &s.message,
-                        &mut s.ident_message,
-                    );
-                    if n == 0 && self.new_counts.limit > 0 {
-                        who = Some(client);
-                    }
-                    key
+                    domain
                 }
             };
+            let (key, id) =
+                self.identity_key(kind, domain.as_bytes(), &s.message, &mut s.ident_message);
+            // The auto-whitelist follows an `spf` identity, never a `name` one.
+            if kind == IdentityKind::Spf {
+                awl = Some(id);
+            }
+            if n == 0 && self.new_counts.limit > 0 {
+                who = Some(id);
+            }
             keys[n] = key;
             n += 1;
         }
@@ -1250,39 +1241,24 @@ impl Engine {
                 return Self::deferred_by(p, p.delay);
             }
         }
-        let s = shard_of(k.key, TRIPLET_SHARD_BITS);
-        let shard = &self.triplets[s];
         // Fast path: a known triplet costs one lookup and never touches the AWL table.
-        let primary_live = {
-            let mut sh = lock(shard);
-            match sh.table.get_mut(k.key) {
-                Some(r) => match TripletRecord::judge(Some(r), now, p) {
-                    Judgement::Known => {
-                        if mode == Mode::Record {
-                            let before = r.last_seen();
-                            r.touch(now);
-                            if replica::refresh_due(before, now) {
-                                sh.outbox.push(k.key);
-                            }
-                        }
-                        return Decision::Pass(Pass::Known);
-                    }
-                    Judgement::New => false,
-                    Judgement::Early(_) | Judgement::Retried(_) => true,
-                },
-                None => false,
-            }
-        };
+        let primary = self.look_up(k.key, now, p, mode);
+        if primary == Some(Judgement::Known) {
+            return Decision::Pass(Pass::Known);
+        }
+        let live =
+            |j: Option<Judgement>| matches!(j, Some(Judgement::Early(_) | Judgement::Retried(_)));
+        let primary_live = live(primary);
         // The client's other identities: a record under any of them counts (one more lookup
         // each for a triplet not known under the first).
         let mut live_alt = None;
         for &alt in k.alternates() {
-            match self.lookup_alternate(alt, now, p, mode) {
-                Some(Judgement::Known) => return Decision::Pass(Pass::Known),
-                Some(Judgement::Early(_) | Judgement::Retried(_)) if live_alt.is_none() => {
-                    live_alt = Some(alt)
-                }
-                _ => {}
+            let j = self.look_up(alt, now, p, mode);
+            if j == Some(Judgement::Known) {
+                return Decision::Pass(Pass::Known);
+            }
+            if live(j) && live_alt.is_none() {
+                live_alt = Some(alt);
             }
         }
         let client_key =
@@ -1442,9 +1418,9 @@ impl Engine {
         }
     }
 
-    /// Looks `key` (a triplet under another identity) up and judges it; a known record is
-    /// touched as the fast path touches one. `None` when there is no record.
-    fn lookup_alternate(&self, key: Key, now: Secs, p: &Policy, mode: Mode) -> Option<Judgement> {
+    /// Looks the triplet `key` up and judges it; a known record is touched (its refresh
+    /// published at most hourly) when recording. `None` when there is no record.
+    fn look_up(&self, key: Key, now: Secs, p: &Policy, mode: Mode) -> Option<Judgement> {
         let mut sh = lock(&self.triplets[shard_of(key, TRIPLET_SHARD_BITS)]);
         let r = sh.table.get_mut(key)?;
         let j = TripletRecord::judge(Some(r), now, p);

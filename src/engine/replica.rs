@@ -470,6 +470,53 @@ mod tests {
         e.merge_clients(c.clients.iter().copied(), e.now());
     }
 
+    /// Batches on their way between two nodes: those waiting for each node, with the time
+    /// they were made.
+    #[derive(Default)]
+    struct Mail([Vec<(Secs, Changes)>; 2]);
+
+    impl Mail {
+        /// Delivers first whatever would be older than [`MAX_LAG`] at `then`.
+        fn deliver_overdue(&mut self, nodes: &[Engine; 2], then: Secs) {
+            for (to, inbox) in self.0.iter_mut().enumerate() {
+                for (_, c) in inbox.extract_if(.., |(made, _)| then - *made > MAX_LAG) {
+                    apply(&nodes[to], &c);
+                }
+            }
+        }
+
+        /// Sends node `from`'s changes, made at `now`, to the other node, then delivers by
+        /// `how`: 0, everything waiting for node 1; 1, everything waiting for node 0; 2, the
+        /// first batch waiting for node 1, which stays queued (so it arrives twice); else
+        /// nothing.
+        fn exchange(&mut self, nodes: &[Engine; 2], from: usize, now: Secs, how: u8) {
+            self.0[1 - from].push((now, take(&nodes[from])));
+            let to = usize::from(how % 2 == 0);
+            match how {
+                0 | 1 => {
+                    for (_, c) in self.0[to].drain(..) {
+                        apply(&nodes[to], &c);
+                    }
+                }
+                2 => {
+                    if let Some((_, c)) = self.0[to].first() {
+                        apply(&nodes[to], c);
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        /// Delivers everything still on its way.
+        fn deliver_all(&mut self, nodes: &[Engine; 2]) {
+            for (to, inbox) in self.0.iter_mut().enumerate() {
+                for (_, c) in inbox.drain(..) {
+                    apply(&nodes[to], &c);
+                }
+            }
+        }
+    }
+
     fn triplet() -> impl Strategy<Value = TripletRecord> {
         (T0..T0 + 100, 0u32..100, any::<bool>()).prop_map(|(first, d, wl)| {
             TripletRecord::from_parts(Key { lo: 1, hi: 7 }, first, first + d, wl)
@@ -514,42 +561,16 @@ mod tests {
         ) {
             let clock = Arc::new(ManualClock::new(T0));
             let nodes = [node(&clock, 4), node(&clock, 4)];
-            // Batches waiting for each node, with the time they were made.
-            let mut inbox: [Vec<(Secs, Changes)>; 2] = [Vec::new(), Vec::new()];
+            let mut mail = Mail::default();
             for (on_b, client, n, advance, deliver) in ops {
                 // Whatever would be older than the lag bound after this step arrives first.
-                let then = clock.now() + advance;
-                for to in 0..2 {
-                    for (_, c) in inbox[to].extract_if(.., |(made, _)| then - *made > MAX_LAG) {
-                        apply(&nodes[to], &c);
-                    }
-                }
+                mail.deliver_overdue(&nodes, clock.now() + advance);
                 clock.advance(advance);
                 let me = usize::from(on_b);
                 ask(&nodes[me], client, n);
-                let c = take(&nodes[me]);
-                inbox[1 - me].push((clock.now(), c));
-                // Deliver some of what is waiting for a node, oldest first or replayed.
-                let to = usize::from(deliver % 2 == 0);
-                match deliver {
-                    0 | 1 => {
-                        for (_, c) in inbox[to].drain(..) {
-                            apply(&nodes[to], &c);
-                        }
-                    }
-                    2 => {
-                        if let Some((_, c)) = inbox[to].first() {
-                            apply(&nodes[to], c); // a duplicate: delivered again later
-                        }
-                    }
-                    _ => {}
-                }
+                mail.exchange(&nodes, me, clock.now(), deliver);
             }
-            for to in 0..2 {
-                for (_, c) in std::mem::take(&mut inbox[to]) {
-                    apply(&nodes[to], &c);
-                }
-            }
+            mail.deliver_all(&nodes);
             let now = clock.now();
             prop_assert_eq!(nodes[0].digest(now), nodes[1].digest(now));
             // Merges are never published back.
@@ -577,15 +598,10 @@ mod tests {
         ) {
             let clock = Arc::new(ManualClock::new(T0));
             let nodes = [node(&clock, 4), node(&clock, 4)];
-            let mut inbox: [Vec<(Secs, Changes)>; 2] = [Vec::new(), Vec::new()];
+            let mut mail = Mail::default();
             let mut deleted: Vec<(Key, Secs)> = Vec::new();
             for (on_b, client, n, advance, deliver, action) in ops {
-                let then = clock.now() + advance;
-                for to in 0..2 {
-                    for (_, c) in inbox[to].extract_if(.., |(made, _)| then - *made > MAX_LAG) {
-                        apply(&nodes[to], &c);
-                    }
-                }
+                mail.deliver_overdue(&nodes, clock.now() + advance);
                 clock.advance(advance);
                 let me = usize::from(on_b);
                 let (ip, from, to_addr) = query(client, n);
@@ -603,28 +619,9 @@ mod tests {
                         nodes[me].check(&q, Mode::Record);
                     }
                 }
-                let c = take(&nodes[me]);
-                inbox[1 - me].push((clock.now(), c));
-                let to = usize::from(deliver % 2 == 0);
-                match deliver {
-                    0 | 1 => {
-                        for (_, c) in inbox[to].drain(..) {
-                            apply(&nodes[to], &c);
-                        }
-                    }
-                    2 => {
-                        if let Some((_, c)) = inbox[to].first() {
-                            apply(&nodes[to], c);
-                        }
-                    }
-                    _ => {}
-                }
+                mail.exchange(&nodes, me, clock.now(), deliver);
             }
-            for to in 0..2 {
-                for (_, c) in std::mem::take(&mut inbox[to]) {
-                    apply(&nodes[to], &c);
-                }
-            }
+            mail.deliver_all(&nodes);
             let now = clock.now();
             prop_assert_eq!(nodes[0].digest(now), nodes[1].digest(now));
             for e in &nodes {

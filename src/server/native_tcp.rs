@@ -19,7 +19,7 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
     let mut framer = LineFramer::default();
     let mut reqs: Vec<Parsed<'static>> = Vec::new();
     // Whether each request of a batch passed SPF (empty when SPF lookups are off).
-    let mut spf_passes: Vec<bool> = Vec::new();
+    let mut spf = super::spf::SpfBatch::default();
     let mut eof = false;
     // Whether the buffer may still hold complete lines (the last batch stopped at the limit).
     let mut more = false;
@@ -51,12 +51,12 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
         }
         if let Some(s) = &shared.spf {
             // Only this connection waits, at most the timeout.
-            super::spf::resolve_native(&s.spf, &batch, &mut spf_passes, true).await;
+            spf.resolve(&s.spf, &batch, true).await;
         }
         answer(
             shared,
             &batch,
-            &spf_passes,
+            &spf.passes,
             &mut texts,
             &mut tally,
             |id, reply| wire::encode(id, reply, &mut out),

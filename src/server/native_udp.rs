@@ -41,18 +41,18 @@ pub(crate) fn worker(
     let mut texts = TextBuf::default();
     let mut tally = Tally::new(Proto::NativeUdp);
     let mut out: Vec<u8> = Vec::new();
-    // Every reply's line in `full`, as (start, end, head length); the head and a newline are
-    // its shortest form (see `fit_replies`).
-    let mut full: Vec<u8> = Vec::new();
-    let mut forms: Vec<(usize, usize, usize)> = Vec::new();
+    // Every reply of the batch, in its full and shortest forms.
+    let mut forms = Forms::default();
     // (datagram, number of its lines) for each datagram answered, in order.
     let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (datagram, start, end) in `out`
-                                                            // Kept empty between batches (their items borrow the batch's buffers), for their allocations.
+    // (datagram, start, end) in `out`.
+    let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+    // Kept empty between batches (their items borrow the batch's buffers), for their
+    // allocations.
     let mut reqs_kept: Vec<Parsed<'static>> = Vec::new();
     let mut sends_kept: Vec<(SocketAddr, &'static [u8])> = Vec::new();
     // Whether each request of `reqs` passed SPF (empty when SPF lookups are off).
-    let mut spf_passes: Vec<bool> = Vec::new();
+    let mut spf = super::spf::SpfBatch::default();
     while !stop.load(Ordering::Relaxed) {
         let n = match bs.recv() {
             Ok(0) => continue,
@@ -66,12 +66,11 @@ pub(crate) fn worker(
         out.clear();
         spans.clear();
         runs.clear();
-        full.clear();
         forms.clear();
         {
             // The lines of all datagrams, in datagram order.
             let mut reqs: Vec<Parsed<'_>> = recycle(std::mem::take(&mut reqs_kept));
-            spf_passes.clear();
+            spf.passes.clear();
             for d in 0..n {
                 let (data, from) = bs.datagram(d);
                 if !shared.allow.allows(from.ip()) {
@@ -85,14 +84,13 @@ pub(crate) fn worker(
                 let before = reqs.len();
                 reqs.extend(datagram_lines(data, limits.max_line));
                 if let Some(s) = &shared.spf {
-                    let missed =
-                        super::spf::cached_passes(&s.spf, &reqs[before..], &mut spf_passes);
+                    let missed = spf.append_cached(&s.spf, &reqs[before..]);
                     // A datagram with a request whose SPF result is not cached waits on a task
                     // of its own; this thread goes on with the others.
                     if missed {
                         if let Some(reply_sock) = reply_sock.as_ref().filter(|_| s.hold()) {
                             reqs.truncate(before);
-                            spf_passes.truncate(before);
+                            spf.passes.truncate(before);
                             hold(shared, rt, reply_sock, data.to_vec(), from);
                             continue;
                         }
@@ -106,22 +104,16 @@ pub(crate) fn worker(
             answer(
                 shared,
                 &reqs,
-                &spf_passes,
+                &spf.passes,
                 &mut texts,
                 &mut tally,
-                |id, reply| {
-                    let start = full.len();
-                    let head = wire::encode_split(id, reply, &mut full);
-                    forms.push((start, full.len(), head));
-                },
+                |id, reply| forms.push(id, reply),
             );
             reqs_kept = recycle(reqs);
         }
         let mut first = 0;
         for &(d, count) in &runs {
-            let lines = forms[first..first + count]
-                .iter()
-                .map(|&(start, end, head)| (&full[start..end], head));
+            let lines = forms.lines(first..first + count);
             let begin = out.len();
             let dropped = fit_replies(lines, bs.datagram(d).0.len(), &mut out);
             tally.udp_dropped(dropped);
@@ -161,26 +153,19 @@ fn hold(
         let limits = &shared.settings.limits;
         let reqs: Vec<Parsed<'_>> = datagram_lines(&data, limits.max_line).collect();
         // Counted by the worker already.
-        let mut passes = Vec::new();
-        super::spf::resolve_native(&s.spf, &reqs, &mut passes, false).await;
+        let mut spf = super::spf::SpfBatch::default();
+        spf.resolve(&s.spf, &reqs, false).await;
         let mut tally = Tally::new(Proto::NativeUdp);
-        let mut full: Vec<u8> = Vec::new();
-        let mut forms: Vec<(usize, usize, usize)> = Vec::new();
+        let mut forms = Forms::default();
         answer(
             &shared,
             &reqs,
-            &passes,
+            &spf.passes,
             &mut TextBuf::default(),
             &mut tally,
-            |id, reply| {
-                let start = full.len();
-                let head = wire::encode_split(id, reply, &mut full);
-                forms.push((start, full.len(), head));
-            },
+            |id, reply| forms.push(id, reply),
         );
-        let lines = forms
-            .iter()
-            .map(|&(start, end, head)| (&full[start..end], head));
+        let lines = forms.lines(0..forms.len());
         let mut out = Vec::new();
         tally.udp_dropped(fit_replies(lines, data.len(), &mut out));
         shared.metrics.flush(&mut tally);
@@ -191,4 +176,39 @@ fn hold(
         }
         s.release();
     });
+}
+
+/// Replies encoded for `fit_replies`: every reply's line in one buffer, with where each starts
+/// and ends and the length of its head (the head and a newline are its shortest form).
+#[derive(Default)]
+struct Forms {
+    full: Vec<u8>,
+    spans: Vec<(usize, usize, usize)>,
+}
+
+impl Forms {
+    fn clear(&mut self) {
+        self.full.clear();
+        self.spans.clear();
+    }
+
+    fn push(&mut self, id: Option<&str>, reply: &wire::Reply<'_>) {
+        let start = self.full.len();
+        let head = wire::encode_split(id, reply, &mut self.full);
+        self.spans.push((start, self.full.len(), head));
+    }
+
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// The replies `range`, as `fit_replies` takes them.
+    fn lines(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (&[u8], usize)> + Clone + '_ {
+        self.spans[range]
+            .iter()
+            .map(|&(start, end, head)| (&self.full[start..end], head))
+    }
 }

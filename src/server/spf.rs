@@ -8,9 +8,9 @@
 //!    connections wait in their own task; a UDP worker thread cannot wait, so it hands a
 //!    datagram with a miss to a task of the runtime, which answers it when its lookups are
 //!    done (see `native_udp.rs`), and goes on with the others;
-//! 2. while deciding, a request reads its result from the cache ([`Spf::probe`]): a pass gives
-//!    it the `spf:<domain>` identity; anything else, a timeout included, falls back to the
-//!    next identity.
+//! 2. while deciding, a request uses the result found in step 1 (`SpfBatch::passes`; the cache
+//!    is read once per request): a pass gives it the `spf:<domain>` identity; anything else, a
+//!    timeout included, falls back to the next identity.
 //!
 //! Each request counts once as a cache hit or a miss, in step 1.
 
@@ -127,74 +127,79 @@ enum Probe {
     Key(SpfKey),
 }
 
-/// The probes of a batch, each key's cache set prefetched: computed all first, so the cache
-/// misses of a batch overlap instead of following one another.
-fn probes(spf: &Spf, reqs: &[Parsed<'_>], out: &mut Vec<Probe>) {
-    out.clear();
-    out.extend(reqs.iter().map(|r| {
-        let Some(t) = triplet(r) else {
-            return Probe::None;
-        };
-        let Some(d) = spf_domain(t.sender, t.helo.unwrap_or("")) else {
-            return Probe::None;
-        };
-        match spf.key(t.client, d) {
-            Some(k) => {
-                spf.prefetch(k);
-                Probe::Key(k)
-            }
-            None => Probe::Invalid,
-        }
-    }));
+/// The SPF results of a batch of native requests, with the buffers that find them; kept by a
+/// connection or a UDP worker from one batch to the next, so no batch allocates.
+#[derive(Default)]
+pub(crate) struct SpfBatch {
+    /// One per request of the batch: its cache key, computed (and its cache set prefetched)
+    /// for all the requests before any is read, so the batch's cache misses overlap.
+    probes: Vec<Probe>,
+    /// One per request of the batch: whether it passed SPF.
+    pub(crate) passes: Vec<bool>,
 }
 
-/// Appends to `passes` whether each request of `reqs` passes SPF, from the cache (each
-/// counted as a hit or a miss); `false` when the result is not cached. Returns whether any was
-/// not: such a datagram waits for its lookups on a task ([`resolve_native`]).
-pub(crate) fn cached_passes(spf: &Spf, reqs: &[Parsed<'_>], passes: &mut Vec<bool>) -> bool {
-    let mut keys = Vec::with_capacity(reqs.len());
-    probes(spf, reqs, &mut keys);
-    let mut missed = false;
-    passes.extend(keys.iter().map(|p| match *p {
-        Probe::None | Probe::Invalid => false,
-        Probe::Key(k) => spf.cached_key(k, true).unwrap_or_else(|| {
-            missed = true;
-            false
-        }),
-    }));
-    missed
-}
-
-/// Sets `passes` (one per request of `reqs`) to whether each passes SPF: from the cache, or
-/// by a lookup (started, or joined if one is in flight) that the batch waits for together with
-/// the others, at most the timeout; a request whose lookup did not finish in time does not
-/// pass (it falls back). `count`: count each request as a cache hit or miss (not when it was
-/// counted already, by [`cached_passes`]).
-pub(crate) async fn resolve_native(
-    spf: &Arc<Spf>,
-    reqs: &[Parsed<'_>],
-    passes: &mut Vec<bool>,
-    count: bool,
-) {
-    let mut keys = Vec::with_capacity(reqs.len());
-    probes(spf, reqs, &mut keys);
-    passes.clear();
-    let mut waits = Vec::new();
-    for (i, (r, p)) in reqs.iter().zip(&keys).enumerate() {
-        let pass = match *p {
-            Probe::None | Probe::Invalid => false,
-            Probe::Key(k) => spf.cached_key(k, count).unwrap_or_else(|| {
-                if let Some(t) = triplet(r) {
-                    waits.push((i, start(spf, t.client, t.sender, t.helo.unwrap_or(""))));
+impl SpfBatch {
+    /// Fills `probes` with those of `reqs`, prefetching each key's cache set.
+    fn probe(&mut self, spf: &Spf, reqs: &[Parsed<'_>]) {
+        self.probes.clear();
+        self.probes.extend(reqs.iter().map(|r| {
+            let Some(t) = triplet(r) else {
+                return Probe::None;
+            };
+            let Some(d) = spf_domain(t.sender, t.helo.unwrap_or("")) else {
+                return Probe::None;
+            };
+            match spf.key(t.client, d) {
+                Some(k) => {
+                    spf.prefetch(k);
+                    Probe::Key(k)
                 }
+                None => Probe::Invalid,
+            }
+        }));
+    }
+
+    /// Appends to `passes` whether each request of `reqs` passes SPF, from the cache (each
+    /// counted as a hit or a miss); `false` when the result is not cached. Returns whether
+    /// any was not: such a datagram waits for its lookups on a task ([`SpfBatch::resolve`]).
+    pub(crate) fn append_cached(&mut self, spf: &Spf, reqs: &[Parsed<'_>]) -> bool {
+        self.probe(spf, reqs);
+        let mut missed = false;
+        self.passes.extend(self.probes.iter().map(|p| match *p {
+            Probe::None | Probe::Invalid => false,
+            Probe::Key(k) => spf.cached_key(k, true).unwrap_or_else(|| {
+                missed = true;
                 false
             }),
-        };
-        passes.push(pass);
+        }));
+        missed
     }
-    for (i, w) in waits {
-        // A waiter that panicked is a request without a result: it falls back.
-        passes[i] = matches!(w.await, Ok(Some(true)));
+
+    /// Sets `passes` (one per request of `reqs`) to whether each passes SPF: from the cache,
+    /// or by a lookup (started, or joined if one is in flight) that the batch waits for
+    /// together with the others, at most the timeout; a request whose lookup did not finish in
+    /// time does not pass (it falls back). `count`: count each request as a cache hit or miss
+    /// (not when it was counted already, by [`SpfBatch::append_cached`]).
+    pub(crate) async fn resolve(&mut self, spf: &Arc<Spf>, reqs: &[Parsed<'_>], count: bool) {
+        self.probe(spf, reqs);
+        self.passes.clear();
+        let mut waits = Vec::new();
+        for (i, (r, p)) in reqs.iter().zip(&self.probes).enumerate() {
+            let pass = match *p {
+                Probe::None | Probe::Invalid => false,
+                Probe::Key(k) => spf.cached_key(k, count).unwrap_or_else(|| {
+                    if let Some(t) = triplet(r) {
+                        waits.push((i, start(spf, t.client, t.sender, t.helo.unwrap_or(""))));
+                    }
+                    false
+                }),
+            };
+            self.passes.push(pass);
+        }
+        for (i, w) in waits {
+            // A waiter that panicked is a request without a result: it falls back.
+            self.passes[i] = matches!(w.await, Ok(Some(true)));
+        }
     }
 }
 
