@@ -78,7 +78,10 @@ impl HashSecret {
 /// Turns normalised triplets and client networks into [`Key`]s.
 #[derive(Clone)]
 pub struct KeyHasher {
-    secret: [u8; 16],
+    /// Keyed once: every key is one call to its one-shot `hash`, which reads the message
+    /// eight bytes at a time with no tail buffering (callgrind: a triplet's key cost ~550
+    /// instructions through `write` + `finish128`, ~280 this way; same function, same keys).
+    sip: SipHasher13,
 }
 
 impl std::fmt::Debug for KeyHasher {
@@ -139,6 +142,9 @@ pub fn rekey_identity(message: &[u8], tag: u8, identity: Key, buf: &mut Vec<u8>)
     buf[10..18].copy_from_slice(&identity.hi.to_le_bytes());
 }
 
+/// The longest identity name hashed: a DNS name's limit (RFC 1035).
+const MAX_IDENTITY_NAME: usize = 253;
+
 // Domain-separation tags: a client key and a triplet key can never be the same input, nor a
 // recipient triplet and a DATA-stage one.
 const TAG_TRIPLET: u8 = b'T';
@@ -148,7 +154,9 @@ const TAG_DATA: u8 = b'D';
 impl KeyHasher {
     /// A hasher keyed with `secret`.
     pub fn new(secret: &HashSecret) -> Self {
-        Self { secret: secret.0 }
+        Self {
+            sip: SipHasher13::new_with_key(&secret.0),
+        }
     }
 
     /// Key of a normalised triplet. Sender and recipient are length-prefixed so that no two
@@ -173,20 +181,29 @@ impl KeyHasher {
     /// then recipient).
     #[inline]
     pub fn finish_triplet(&self, message: &[u8]) -> Key {
-        let mut h = SipHasher13::new_with_key(&self.secret);
-        h.write(message);
-        Key::from_u128(h.finish128().as_u128())
+        Key::from_u128(self.sip.hash(message).as_u128())
     }
 
     /// Key of a client identity (`tag` and name, see [`rekey_identity`]) for the
     /// auto-whitelist table.
     #[inline]
     pub fn identity_client(&self, tag: u8, name: &[u8]) -> Key {
-        let mut h = SipHasher13::new_with_key(&self.secret);
-        h.write(&[TAG_CLIENT, tag]);
-        h.write(&(name.len() as u32).to_le_bytes());
-        h.write(name);
-        Key::from_u128(h.finish128().as_u128())
+        let head = [TAG_CLIENT, tag];
+        let len = (name.len() as u32).to_le_bytes();
+        // On the stack for any DNS name (at most 253 bytes), hashed in one call; a longer
+        // name (no caller passes one) is fed in pieces, which gives the same key.
+        if name.len() > MAX_IDENTITY_NAME {
+            let mut h = self.sip;
+            h.write(&head);
+            h.write(&len);
+            h.write(name);
+            return Key::from_u128(h.finish128().as_u128());
+        }
+        let mut msg = [0u8; 6 + MAX_IDENTITY_NAME];
+        msg[..2].copy_from_slice(&head);
+        msg[2..6].copy_from_slice(&len);
+        msg[6..6 + name.len()].copy_from_slice(name);
+        Key::from_u128(self.sip.hash(&msg[..6 + name.len()]).as_u128())
     }
 
     /// Key of a client network, for the auto-whitelist table.
@@ -195,9 +212,7 @@ impl KeyHasher {
         let mut msg = [0u8; 18];
         msg[0] = TAG_CLIENT;
         msg[1..].copy_from_slice(&client.encode());
-        let mut h = SipHasher13::new_with_key(&self.secret);
-        h.write(&msg);
-        Key::from_u128(h.finish128().as_u128())
+        Key::from_u128(self.sip.hash(&msg).as_u128())
     }
 }
 
@@ -224,10 +239,32 @@ mod tests {
         );
         assert_eq!(k.as_u128(), PINNED_TRIPLET);
         assert_eq!(h.client(&c).as_u128(), PINNED_CLIENT);
+        // Records keyed under an `spf:` or `name:` identity, and the identity's own key.
+        let id = h.identity_client(b'S', b"example.org");
+        assert_eq!(id.as_u128(), PINNED_IDENTITY);
+        // A name past the stack buffer takes the other path to the same function.
+        let long = [b'a'; 300];
+        let mut streamed = SipHasher13::new_with_key(b"0123456789abcdef");
+        streamed.write(b"CN");
+        streamed.write(&300u32.to_le_bytes());
+        streamed.write(&long);
+        assert_eq!(
+            h.identity_client(b'N', &long).as_u128(),
+            streamed.finish128().as_u128()
+        );
+        let mut message = Vec::new();
+        begin_triplet(&c, &mut message);
+        push_field(&mut message, |b| b.extend_from_slice(b"alice@example.org"));
+        push_field(&mut message, |b| b.extend_from_slice(b"bob@example.net"));
+        let mut buf = Vec::new();
+        rekey_identity(&message, b'S', id, &mut buf);
+        assert_eq!(h.finish_triplet(&buf).as_u128(), PINNED_IDENTITY_TRIPLET);
     }
 
     const PINNED_TRIPLET: u128 = 0x7f82_5b41_b6d6_1532_4aa0_9b83_8926_ccfb;
     const PINNED_CLIENT: u128 = 0xa1c1_3f44_1bff_7ca7_f3ea_428d_0749_7007;
+    const PINNED_IDENTITY: u128 = 0xcb98_589d_1401_301e_b082_5019_f4dc_b552;
+    const PINNED_IDENTITY_TRIPLET: u128 = 0x8b80_b48d_ad65_d553_36f3_37e8_ee2e_6624;
 
     #[test]
     fn different_secret_different_key() {
