@@ -75,13 +75,17 @@ impl SpfPath {
 /// The domain whose SPF pool a request may belong to: the sender's domain, or the HELO name
 /// for the null sender (RFC 7208 §2.4). `None` for a sender without a domain.
 pub(crate) fn spf_domain<'a>(sender: &'a str, helo: &'a str) -> Option<&'a str> {
+    // On bytes: `rsplit_once('@')` and `trim_end_matches('.')` went through the generic
+    // pattern searchers, 3 % of a server's CPU with the `spf` identity on (perf).
     let d = if sender.is_empty() || sender == "<>" {
         helo
     } else {
-        sender.rsplit_once('@')?.1
+        let at = memchr::memrchr(b'@', sender.as_bytes())?;
+        &sender[at + 1..]
     };
-    let d = d.trim_end_matches('.');
-    (!d.is_empty()).then_some(d)
+    let end = d.bytes().rposition(|b| b != b'.')? + 1;
+    // `end` follows an ASCII byte, so it is a character boundary.
+    Some(&d[..end])
 }
 
 /// The `spf` identity of a request found to pass ([`crate::engine::Query::spf`]).
@@ -105,6 +109,13 @@ pub(crate) fn passed<'a>(
     (spf.probe(client, d) == Some(true)).then_some(d)
 }
 
+/// The SPF domain of a CHECK or PEEK line ("" for none).
+fn domain<'r>(r: &'r Parsed<'_>) -> &'r str {
+    triplet(r)
+        .and_then(|t| spf_domain(t.sender, t.helo.unwrap_or("")))
+        .unwrap_or("")
+}
+
 /// The triplet of a CHECK or PEEK line.
 pub(crate) fn triplet<'r, 'a>(r: &'r Parsed<'a>) -> Option<&'r Triplet<'a>> {
     match r {
@@ -121,7 +132,8 @@ pub(crate) fn triplet<'r, 'a>(r: &'r Parsed<'a>) -> Option<&'r Triplet<'a>> {
 enum Probe {
     /// No CHECK or PEEK, or no domain to check: no SPF identity.
     None,
-    /// A domain that is not a valid DNS name: does not pass, no lookup.
+    /// A domain too long for DNS: does not pass, no lookup. (Other invalid names are found
+    /// on a cache miss: none is ever cached.)
     Invalid,
     /// Look this key up.
     Key(SpfKey),
@@ -165,13 +177,15 @@ impl SpfBatch {
     pub(crate) fn append_cached(&mut self, spf: &Spf, reqs: &[Parsed<'_>]) -> bool {
         self.probe(spf, reqs);
         let mut missed = false;
-        self.passes.extend(self.probes.iter().map(|p| match *p {
-            Probe::None | Probe::Invalid => false,
-            Probe::Key(k) => spf.cached_key(k, true).unwrap_or_else(|| {
-                missed = true;
-                false
-            }),
-        }));
+        let mut cache = spf.reader(true);
+        self.passes
+            .extend(self.probes.iter().zip(reqs).map(|(p, r)| match *p {
+                Probe::None | Probe::Invalid => false,
+                Probe::Key(k) => cache.get(k, || domain(r)).unwrap_or_else(|| {
+                    missed = true;
+                    false
+                }),
+            }));
         missed
     }
 
@@ -184,10 +198,11 @@ impl SpfBatch {
         self.probe(spf, reqs);
         self.passes.clear();
         let mut waits = Vec::new();
+        let mut cache = spf.reader(count);
         for (i, (r, p)) in reqs.iter().zip(&self.probes).enumerate() {
             let pass = match *p {
                 Probe::None | Probe::Invalid => false,
-                Probe::Key(k) => spf.cached_key(k, count).unwrap_or_else(|| {
+                Probe::Key(k) => cache.get(k, || domain(r)).unwrap_or_else(|| {
                     if let Some(t) = triplet(r) {
                         waits.push((i, start(spf, t.client, t.sender, t.helo.unwrap_or(""))));
                     }
@@ -196,6 +211,8 @@ impl SpfBatch {
             };
             self.passes.push(pass);
         }
+        // Counted before the wait: the reader is not held across an await.
+        drop(cache);
         for (i, w) in waits {
             // A waiter that panicked is a request without a result: it falls back.
             self.passes[i] = matches!(w.await, Ok(Some(true)));
