@@ -279,7 +279,7 @@ impl Engine {
     /// record even of a triplet a list lets through).
     fn identity_keys(&self, q: &Query<'_>) -> Vec<(IdentityKind, String, Key)> {
         let mut scratch = Scratch::default();
-        let keyed = match self.prepare_with(q, &Exemptions::default(), &mut scratch) {
+        let keyed = match self.prepare_with(q, &Exemptions::default(), &mut scratch, false) {
             Ok(k) => k,
             // Without lists, auth or certificates nothing is decided while preparing.
             Err(_) => unreachable!("a query without auth or lists is always keyed"),

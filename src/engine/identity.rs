@@ -18,6 +18,8 @@
 
 use std::net::IpAddr;
 
+use super::key::Key;
+
 /// One kind of client identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentityKind {
@@ -323,6 +325,102 @@ fn match_from(s: &[u8], at: usize, octets: &[u8]) -> bool {
     false
 }
 
+/// Identity keys computed lately on this thread ([`crate::engine::key::KeyHasher::identity_client`]),
+/// by the identity's name as the request spelled it: a pool's requests repeat a few names, and
+/// the keyed hash of one cost ~200 instructions per request (callgrind, `examples/identity_cost
+/// spf,prefix`), the lower-casing before it some more. A two-way set-associative table of
+/// [`MEMO_SETS`] sets (16 KiB) of names up to [`MEMO_NAME`] bytes (longer ones are not kept):
+/// a hit compares the whole name, so a collision only costs a recomputation. Kept for one hash
+/// secret at a time (`owner`, the secret's id): a thread that serves another engine starts
+/// it afresh.
+pub(super) struct IdentityMemo {
+    owner: u64,
+    /// Two ways per set, the one used last first.
+    slots: Box<[[MemoSlot; 2]]>,
+}
+
+/// Sets of an [`IdentityMemo`].
+const MEMO_SETS: usize = 128;
+
+/// The longest name an [`IdentityMemo`] keeps, in bytes: a slot is one 64-byte cache line.
+const MEMO_NAME: usize = 46;
+
+#[derive(Clone, Copy)]
+#[repr(align(64))]
+struct MemoSlot {
+    key: Key,
+    tag: u8,
+    /// 0: empty (an identity name is never empty).
+    len: u8,
+    name: [u8; MEMO_NAME],
+}
+
+impl MemoSlot {
+    const EMPTY: MemoSlot = MemoSlot {
+        key: Key::VACANT,
+        tag: 0,
+        len: 0,
+        name: [0; MEMO_NAME],
+    };
+
+    fn holds(&self, tag: u8, name: &[u8]) -> bool {
+        self.tag == tag && usize::from(self.len) == name.len() && self.name[..name.len()] == *name
+    }
+}
+
+impl Default for IdentityMemo {
+    fn default() -> Self {
+        Self {
+            owner: 0,
+            slots: vec![[MemoSlot::EMPTY; 2]; MEMO_SETS].into_boxed_slice(),
+        }
+    }
+}
+
+impl IdentityMemo {
+    /// The key of identity `tag:name` under the secret `owner`: kept, or `compute`d and kept.
+    /// `compute` must depend on nothing but those three (it may lower-case `name`: the memo is
+    /// by the spelling asked).
+    pub(super) fn get_or(
+        &mut self,
+        owner: u64,
+        tag: u8,
+        name: &[u8],
+        compute: impl FnOnce() -> Key,
+    ) -> Key {
+        if name.is_empty() || name.len() > MEMO_NAME {
+            return compute();
+        }
+        if owner != self.owner {
+            self.slots.fill([MemoSlot::EMPTY; 2]);
+            self.owner = owner;
+        }
+        // A cheap mix of the name's 8-byte words: it only picks a set.
+        let mut h = (name.len() as u64) ^ (u64::from(tag) << 8);
+        for chunk in name.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        let set = &mut self.slots[(h >> 57) as usize % MEMO_SETS];
+        if set[0].holds(tag, name) {
+            return set[0].key;
+        }
+        if set[1].holds(tag, name) {
+            set.swap(0, 1);
+            return set[0].key;
+        }
+        let key = compute();
+        set[1] = set[0];
+        let slot = &mut set[0];
+        slot.tag = tag;
+        slot.len = name.len() as u8;
+        slot.name[..name.len()].copy_from_slice(name);
+        slot.key = key;
+        key
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,6 +587,38 @@ mod tests {
             &"a.".repeat(130),
         ] {
             assert_eq!(name_identity(name, a), None, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn memo_keeps_keys_by_owner_tag_and_spelling() {
+        let mut m = IdentityMemo::default();
+        let k = |n: u64| Key { lo: n, hi: 1 };
+        let calls = std::cell::Cell::new(0);
+        let get = |m: &mut IdentityMemo, owner, tag, name: &[u8], v| {
+            m.get_or(owner, tag, name, || {
+                calls.set(calls.get() + 1);
+                k(v)
+            })
+        };
+        assert_eq!(get(&mut m, 1, b'S', b"example.org", 10), k(10));
+        assert_eq!(get(&mut m, 1, b'S', b"example.org", 99), k(10), "kept");
+        // Another spelling, tag, owner or name is computed, not taken from the slot.
+        assert_eq!(get(&mut m, 1, b'S', b"Example.org", 11), k(11));
+        assert_eq!(get(&mut m, 1, b'N', b"example.org", 12), k(12));
+        assert_eq!(get(&mut m, 2, b'S', b"example.org", 13), k(13));
+        assert_eq!(get(&mut m, 1, b'S', b"example.net", 14), k(14));
+        // Names too long to keep are computed every time.
+        let long = [b'a'; MEMO_NAME + 1];
+        assert_eq!(get(&mut m, 1, b'S', &long, 15), k(15));
+        assert_eq!(get(&mut m, 1, b'S', &long, 16), k(16));
+        assert_eq!(calls.get(), 7);
+        // Many names: every answer is still the name's own.
+        for i in 0..1000u64 {
+            let name = format!("d{i}.example");
+            let got = m.get_or(1, b'S', name.as_bytes(), || k(i));
+            assert_eq!(got, k(i), "{name}");
+            assert_eq!(m.get_or(1, b'S', name.as_bytes(), || k(u64::MAX)), k(i));
         }
     }
 }

@@ -882,6 +882,62 @@ fn spf<'a>(client: IpAddr, domain: &'a str, from: &'a str, to: &'a str) -> Query
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+    /// Under client identities the grouped path (which hashes the key under the client's
+    /// network only when the keys before it find no known record) gives the answers of
+    /// one-by-one checks, with records made under the prefix alone mixed in, pools that
+    /// retry from other networks, and names and SPF domains in any case.
+    #[test]
+    fn batch_matches_one_by_one_under_identities(
+        before in prop::collection::vec(0usize..40, 0..20),
+        batches in prop::collection::vec((prop::collection::vec(0usize..40, 1..64), 0u32..4000), 1..10)
+    ) {
+        let p = Policy { awl_clients: 2, awl_interval: 0, ..Policy::default() };
+        let list = Identities::parse("spf,name,prefix").unwrap();
+        let (a, clock_a) = engine_with(p);
+        let (b, clock_b) = engine_with(p);
+        let (a, b) = (a.with_identities(list), b.with_identities(list));
+        let domains = ["pool.example", "POOL.example.", "other.example"];
+        let names = ["mx1.pool.example", "MX2.Pool.Example", "203-0-113-7.dyn.example.net"];
+        let rcpts: Vec<String> = (0..4).map(|i| format!("r{i}@example.net")).collect();
+        // Request `t`: one of 5 networks, with or without an SPF domain and a name.
+        let query = |t: usize| {
+            let q = Query::new(ip(203, 0, (t % 5) as u8, 7), "s@pool.example", &rcpts[t / 10 % 4]);
+            Query {
+                spf: (t % 3 != 0).then_some(domains[t % 3]),
+                client_name: (t % 4 != 0).then_some(names[t % 3]),
+                ..q
+            }
+        };
+        // Records made before the identities were turned on: keyed by the prefix only.
+        let (old, _) = engine_with(p);
+        let old = old.with_identities(Identities::PREFIX_ONLY);
+        for &t in &before {
+            old.check(&query(t), Mode::Record);
+        }
+        let records: Vec<TripletRecord> = (0..old.shard_counts().0)
+            .flat_map(|s| {
+                let mut v = Vec::new();
+                old.copy_triplets(s, T0, &mut v);
+                v
+            })
+            .collect();
+        a.load_triplets(records.clone(), T0);
+        b.load_triplets(records, T0);
+        let mut out = Vec::new();
+        for (batch, advance) in batches {
+            let queries: Vec<Query> = batch.iter().map(|&t| query(t)).collect();
+            a.check_batch(&queries, Mode::Record, &mut out);
+            let one_by_one: Vec<Decision> = queries.iter().map(|q| b.check(q, Mode::Record)).collect();
+            prop_assert_eq!(&out, &one_by_one);
+            clock_a.advance(advance);
+            clock_b.advance(advance);
+        }
+        prop_assert_eq!(a.stats().triplets, b.stats().triplets);
+    }
+}
+
 fn with_identities(list: &str) -> (Engine, Arc<ManualClock>) {
     let (e, clock) = engine();
     (e.with_identities(Identities::parse(list).unwrap()), clock)
