@@ -395,13 +395,20 @@ impl IdentityMemo {
             self.slots.fill([MemoSlot::EMPTY; 2]);
             self.owner = owner;
         }
-        // A cheap mix of the name's 8-byte words: it only picks a set.
-        let mut h = (name.len() as u64) ^ (u64::from(tag) << 8);
-        for chunk in name.chunks(8) {
+        // A cheap mix of the name's first and last eight bytes (two loads; copying partial
+        // words to the stack stalled on store forwarding): it only picks a set.
+        let word = |b: &[u8]| {
             let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
+            w[..b.len()].copy_from_slice(b);
+            u64::from_le_bytes(w)
+        };
+        let n = name.len();
+        let (first, last) = match name.first_chunk::<8>().zip(name.last_chunk::<8>()) {
+            Some((a, b)) => (u64::from_le_bytes(*a), u64::from_le_bytes(*b)),
+            None => (word(name), 0),
+        };
+        let h = (first ^ last.rotate_left(29) ^ ((n as u64) << 56) ^ u64::from(tag))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let set = &mut self.slots[(h >> 57) as usize % MEMO_SETS];
         if set[0].holds(tag, name) {
             return set[0].key;

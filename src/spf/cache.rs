@@ -141,7 +141,7 @@ impl Shard {
 /// The table. Time is passed in as whole seconds since an epoch the owner keeps, so tests and
 /// the owner agree on it without a clock here.
 pub struct Cache {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Lock]>,
     /// The most sets a shard grows to, as a shift.
     max_shift: u32,
     /// Each shard's [`Shard::hint`], for prefetching without its lock: a prefetch is a hint,
@@ -156,8 +156,9 @@ impl Cache {
         let sets = entries.div_ceil(WAYS * SHARDS).next_power_of_two();
         let max_shift = sets.max(FIRST_SETS).trailing_zeros();
         let first = FIRST_SETS.trailing_zeros();
-        let shards: Box<[Mutex<Shard>]> =
-            (0..SHARDS).map(|_| Mutex::new(Shard::new(first))).collect();
+        let shards: Box<[Lock]> = (0..SHARDS)
+            .map(|_| Lock(Mutex::new(Shard::new(first))))
+            .collect();
         let hints = shards
             .iter()
             .map(|s| AtomicUsize::new(lock(s).hint()))
@@ -278,9 +279,14 @@ pub fn shard_of(hash: u64) -> usize {
 
 /// A poisoned shard only means another thread panicked between two plain stores to slots; the
 /// slots are still well-formed, so the lock is taken anyway.
-fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+fn lock(m: &Lock) -> std::sync::MutexGuard<'_, Shard> {
+    m.0.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A shard's lock on a cache line of its own: two worker threads taking neighbouring shards'
+/// locks would otherwise pass one line back and forth.
+#[repr(align(64))]
+struct Lock(Mutex<Shard>);
 
 #[cfg(test)]
 mod tests {

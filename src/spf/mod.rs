@@ -50,7 +50,7 @@
 pub mod cache;
 pub mod hooks;
 
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -548,32 +548,45 @@ impl Inner {
     /// The keyed 64-bit hash of (canonical address, lower-cased domain without its root dot);
     /// `None` for a name over 253 bytes.
     fn key(&self, ip: IpAddr, domain: &str) -> Option<u64> {
-        // One stack buffer, a copy lower-cased in place (vectorised) and one hash write. The
-        // name's syntax is checked only on a miss ([`CacheReader::get`]): a hit of a
-        // 12-byte name cost ~150 instructions more when every byte was checked here.
+        // The name is lower-cased eight bytes at a time into the hasher, with no copy: a
+        // stack buffer zeroed, filled and lower-cased per request was a third of a hit's cost
+        // (perf, `loadtest/bench-spf.sh`). The name's syntax is checked only on a miss
+        // ([`CacheReader::get`]): a hit of a 12-byte name cost ~150 instructions more when
+        // every byte was checked here.
         let name = trim_root(domain).as_bytes();
         if name.len() > MAX_NAME {
             return None;
-        }
-        let mut buf = [0u8; KEY_BUF];
-        let lower = &mut buf[17..17 + name.len()];
-        lower.copy_from_slice(name);
-        lower.make_ascii_lowercase();
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => {
-                buf[0] = 4;
-                buf[1..5].copy_from_slice(&v4.octets());
-            }
-            IpAddr::V6(v6) => {
-                buf[0] = 6;
-                buf[1..17].copy_from_slice(&v6.octets());
-            }
         }
         // aHash with per-process random seeds: keyed (entries cannot be aimed at one set), and
         // 4× cheaper than SipHash-1-3-128 here (a hit: 787 → 340 instructions, callgrind over
         // `spf_bench 500 10`), which matters because every request with an SPF domain asks.
         // 64 bits are enough: a wrong answer needs another key with the same 64-bit hash.
-        Some(self.secret.hash_one(&buf[..17 + name.len()]))
+        let mut h = self.secret.build_hasher();
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => h.write_u64(u64::from(v4.to_bits()) | 4 << 32),
+            IpAddr::V6(v6) => {
+                h.write_u128(v6.to_bits());
+                h.write_u8(6);
+            }
+        }
+        // The length, then the name's 8-byte words, the last one overlapping the one before
+        // when the length is not a multiple of 8: with the length known, the words give the
+        // name back, so two names never feed the same input.
+        h.write_usize(name.len());
+        if name.len() < 8 {
+            let w = name.iter().rev().fold(0u64, |w, &b| w << 8 | u64::from(b));
+            h.write_u64(lower_word(w));
+        } else {
+            for w in name.chunks_exact(8) {
+                let w = w.try_into().expect("chunks of 8");
+                h.write_u64(lower_word(u64::from_le_bytes(w)));
+            }
+            if name.len() % 8 != 0 {
+                let last = name.last_chunk::<8>().expect("8 bytes or more");
+                h.write_u64(lower_word(u64::from_le_bytes(*last)));
+            }
+        }
+        Some(h.finish())
     }
 
     /// Seconds since the epoch at which a result read at `now` from answers expiring at
@@ -671,8 +684,20 @@ fn trim_root(domain: &str) -> &str {
 /// The longest DNS name, in bytes without the root dot (RFC 1035 §2.3.4).
 const MAX_NAME: usize = 253;
 
-/// Family byte, 16 address bytes, up to 253 name bytes.
-const KEY_BUF: usize = 1 + 16 + MAX_NAME;
+/// Eight bytes with ASCII `A`-`Z` lower-cased and every other byte (non-ASCII ones included)
+/// unchanged, without a branch: what `make_ascii_lowercase` does to them.
+fn lower_word(w: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let each = |b: u8| u64::from_le_bytes([b; 8]);
+    // Per byte, on its low seven bits (no carry crosses bytes): the high bit of `x + (0x80 -
+    // c)` is set exactly when the byte is >= c.
+    let low = w & LOW7;
+    let from_a = low + each(0x80 - b'A');
+    let past_z = low + each(0x80 - b'Z' - 1);
+    let upper = (from_a & !past_z) & !w & HIGH;
+    w | (upper >> 2)
+}
 
 /// A name worth a DNS lookup: 1..=253 bytes of 2+ labels of 1..=63 letters, digits, `-` (not
 /// at either end) or `_`, and a top-level label that is not all digits (so not an IPv4
@@ -777,6 +802,23 @@ mod tests {
     }
 
     #[test]
+    fn lower_word_is_make_ascii_lowercase_on_every_byte() {
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut w = *b"aZ@[`{\xff0";
+                w[at] = b;
+                let mut want = w;
+                want.make_ascii_lowercase();
+                assert_eq!(
+                    lower_word(u64::from_le_bytes(w)).to_le_bytes(),
+                    want,
+                    "{b} at {at}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn key_ignores_case_root_dot_and_v4_mapping() {
         let s = spf();
         let k = |ip: &str, d: &str| s.inner.key(ip.parse().unwrap(), d).unwrap();
@@ -786,6 +828,19 @@ mod tests {
         assert_ne!(k("192.0.2.2", "example.com"), base);
         assert_ne!(k("192.0.2.1", "example.org"), base);
         assert_ne!(k("::192.0.2.1", "example.com"), base);
+        // Every length around the 8-byte words, and names that differ in one byte only.
+        for len in 1..=40 {
+            let name: String = (0..len).map(|i| (b'a' + i as u8 % 26) as char).collect();
+            let upper = name.to_ascii_uppercase();
+            assert_eq!(k("192.0.2.1", &name), k("192.0.2.1", &upper), "{name}");
+            for at in 0..len {
+                let mut other = name.clone().into_bytes();
+                other[at] = b'0';
+                let other = String::from_utf8(other).unwrap();
+                assert_ne!(k("192.0.2.1", &name), k("192.0.2.1", &other), "{other}");
+            }
+            assert_ne!(k("192.0.2.1", &name), k("192.0.2.1", &format!("{name}a")));
+        }
     }
 
     #[test]
