@@ -3,7 +3,8 @@
 //! sender pool, `spf:<domain>`, and a retry from another address of the pool finds its triplet.
 //!
 //! ```text
-//!   cached(ip, domain) ──► check + lower-case ─► keyed hash ─► shard lock ─► set of 8 slots ─► Some / None
+//!   cached(ip, domain) ──► lower-case + keyed hash ─► shard lock ─► home set (one line) ─► Some
+//!                                                                   └ miss: name checked ─► None / false
 //!
 //!   check(ip, domain, …)   miss ─► in flight for this key? ── yes ─► wait on it ─┐
 //!                                         │ no                                  ├─► ≤ timeout
@@ -16,8 +17,9 @@
 //! address of a pool), but a `check_host` result costs up to a dozen of its lookups, each an
 //! `await`, and the request path needs the *result* for (address, domain) synchronously and
 //! cheaply, within a bounded memory the operator chooses. [`Spf::cached`] is one keyed hash and
-//! one shard lock, no `await`; see [`cache`] for the table (16 bytes per entry, evicts the
-//! soonest-to-expire entry of a full set, never grows).
+//! one shard lock, no `await`; see [`cache`] for the table (16 bytes per entry, grows with its
+//! contents up to its bound, then evicts the soonest-to-expire entry). A batch of requests reads
+//! it through one [`CacheReader`]: one clock read and one counter update per batch.
 //!
 //! **TTL.** A result lives as long as the shortest TTL among the DNS answers it read (the TXT
 //! records, and the A/AAAA/MX records of `a`, `mx`, `include`…), clamped to
@@ -66,8 +68,8 @@ use tokio::sync::watch;
 use cache::{Cache, Inserted};
 use hooks::Tracker;
 
-/// Default bound on cached results: 1 Mi entries × 16 bytes = 16 MiB (allocated zeroed, so
-/// resident only as entries are written).
+/// Default bound on cached results: 1 Mi entries × 16 bytes = 16 MiB at most; the table starts
+/// at 64 KiB and grows with its contents ([`cache`]).
 pub const DEFAULT_CACHE_ENTRIES: usize = 1 << 20;
 
 /// Default `--spf-timeout`.
@@ -107,7 +109,7 @@ pub struct SpfConfig {
     /// `--spf-timeout` (default 500 ms): the longest a request waits for a result.
     pub timeout: Duration,
     /// Bound on cached (address, domain) results (default [`DEFAULT_CACHE_ENTRIES`]; 16 bytes
-    /// each, rounded up to whole sets of 8 in 64 shards).
+    /// each, rounded up to a power of two of sets of 4 per shard, in 64 shards).
     pub cache_entries: usize,
 }
 
@@ -202,10 +204,10 @@ pub struct SpfResults {
 pub struct SpfStats {
     /// Lookups (SPF evaluations) started.
     pub lookups: u64,
-    /// Answers from the cache (by [`Spf::cached`] only).
+    /// Answers from the cache (by [`Spf::cached`] and counting [`CacheReader`]s only).
     pub hits: u64,
-    /// Cache misses (by [`Spf::cached`] only: the server asks it once per request, then
-    /// [`Spf::check`] for a miss and [`Spf::probe`] while deciding, neither counted).
+    /// Cache misses (by [`Spf::cached`] and counting [`CacheReader`]s only: the server reads
+    /// once per request, then calls [`Spf::check`] for a miss, which does not count).
     pub misses: u64,
     /// `check` calls that gave up waiting after the timeout (`greyhound_spf_timeouts_total`).
     pub timeouts: u64,
