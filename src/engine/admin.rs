@@ -290,9 +290,8 @@ impl Engine {
             match kind {
                 IdentityKind::Prefix => names.push((kind, net.clone())),
                 IdentityKind::Spf => {
-                    if let Some(d) = q.spf.filter(|d| !d.is_empty()) {
-                        let d = d.trim_end_matches('.').to_ascii_lowercase();
-                        names.push((kind, format!("spf:{d}")));
+                    if let Some(d) = identity::spf_name(q.spf) {
+                        names.push((kind, format!("spf:{}", d.to_ascii_lowercase())));
                     }
                 }
                 IdentityKind::Name => {
@@ -318,8 +317,8 @@ impl Engine {
     fn awl_key(&self, q: &Query<'_>) -> (String, Key) {
         let net = self.normalizer.client(q.client);
         if self.identities.uses(IdentityKind::Spf) {
-            if let Some(d) = q.spf.filter(|d| !d.is_empty()) {
-                let d = d.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(d) = identity::spf_name(q.spf) {
+                let d = d.to_ascii_lowercase();
                 let key = self
                     .hasher
                     .identity_client(IdentityKind::Spf.tag(), d.as_bytes());

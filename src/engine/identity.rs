@@ -156,6 +156,17 @@ impl std::fmt::Display for Identities {
 
 /// Words that mark a host name as one line of an access provider's dynamic pool, as a whole
 /// label or a label's prefix (DESIGN §11).
+/// The name of the `spf` identity of a request that passed SPF for `domain`
+/// ([`crate::engine::Query::spf`]): the domain without trailing root dots, in the request's
+/// case; `None` when nothing is left. The one rule for the triplet's keys and for what
+/// `greyhound admin` shows.
+pub(super) fn spf_name(domain: Option<&str>) -> Option<&str> {
+    let d = domain?;
+    let end = d.bytes().rposition(|b| b != b'.')?;
+    // `end` is an ASCII byte, so `end + 1` is a character boundary.
+    Some(&d[..=end])
+}
+
 const POOL_WORDS: [&str; 16] = [
     "dyn",
     "dynamic",

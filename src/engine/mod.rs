@@ -649,7 +649,7 @@ fn shard_of(key: Key, bits: u32) -> usize {
 struct Scratch {
     /// The messages of a group of [`Batch::decide_each`], one per request, kept until the
     /// request is decided.
-    group: Vec<Vec<u8>>,
+    group: [Vec<u8>; DECIDE_GROUP],
     lower_sender: Vec<u8>,
     lower_name: Vec<u8>,
     message: Vec<u8>,
@@ -897,11 +897,8 @@ impl Batch<'_, '_> {
         // On the stack: no allocation per batch.
         let mut keyed: [Option<(Result<Keyed, Decision>, Mode)>; DECIDE_GROUP] =
             [None; DECIDE_GROUP];
-        // Each request's message is kept until it is decided, for a key under the client's
-        // network that is only hashed if needed (`Keyed::prefix_pending`).
-        if self.scratch.group.len() < DECIDE_GROUP {
-            self.scratch.group.resize_with(DECIDE_GROUP, Vec::new);
-        }
+        // Each request's message is kept until it is decided (`Scratch::group`), for a key
+        // under the client's network that is only hashed if needed (`Keyed::prefix_pending`).
         for (g, group) in items.chunks(DECIDE_GROUP).enumerate() {
             for (j, (slot, item)) in keyed.iter_mut().zip(group).enumerate() {
                 *slot = query(g * DECIDE_GROUP + j, item).map(|(q, mode)| {
@@ -1178,11 +1175,10 @@ impl Engine {
                     continue;
                 }
                 IdentityKind::Spf => {
-                    let d = q.spf.unwrap_or("").as_bytes();
-                    let Some(end) = d.iter().rposition(|&b| b != b'.') else {
+                    let Some(d) = identity::spf_name(q.spf) else {
                         continue;
                     };
-                    let d = &d[..=end];
+                    let d = d.as_bytes();
                     let name = &mut s.ident_name;
                     s.ident_memo.get_or(self.key_id, kind.tag(), d, || {
                         name.clear();

@@ -916,13 +916,7 @@ proptest! {
         for &t in &before {
             old.check(&query(t), Mode::Record);
         }
-        let records: Vec<TripletRecord> = (0..old.shard_counts().0)
-            .flat_map(|s| {
-                let mut v = Vec::new();
-                old.copy_triplets(s, T0, &mut v);
-                v
-            })
-            .collect();
+        let records = all_triplets(&old);
         a.load_triplets(records.clone(), T0);
         b.load_triplets(records, T0);
         let mut out = Vec::new();
@@ -936,6 +930,17 @@ proptest! {
         }
         prop_assert_eq!(a.stats().triplets, b.stats().triplets);
     }
+}
+
+/// Every triplet record `e` holds, as a snapshot would copy them at `T0`.
+fn all_triplets(e: &Engine) -> Vec<TripletRecord> {
+    (0..e.shard_counts().0)
+        .flat_map(|s| {
+            let mut v = Vec::new();
+            e.copy_triplets(s, T0, &mut v);
+            v
+        })
+        .collect()
 }
 
 fn with_identities(list: &str) -> (Engine, Arc<ManualClock>) {
@@ -1015,13 +1020,7 @@ fn records_made_before_an_identity_was_turned_on_still_count() {
     // Greylisted and then whitelisted under the prefix only.
     let before = Engine::new(cfg(), clock.clone()).with_identities(Identities::PREFIX_ONLY);
     assert_eq!(before.check(&q, Mode::Record), defer(300));
-    let all: Vec<TripletRecord> = (0..before.shard_counts().0)
-        .flat_map(|s| {
-            let mut v = Vec::new();
-            before.copy_triplets(s, T0, &mut v);
-            v
-        })
-        .collect();
+    let all = all_triplets(&before);
     assert_eq!(all.len(), 1);
 
     // The same records under `name,prefix`: the first attempt is found under the prefix, so

@@ -524,10 +524,12 @@ impl CacheReader<'_> {
 
 impl Drop for CacheReader<'_> {
     fn drop(&mut self) {
-        if self.count {
-            let c = &self.inner.counters;
-            c.hits.fetch_add(self.hits, Ordering::Relaxed);
-            c.misses.fetch_add(self.misses, Ordering::Relaxed);
+        // Only what there is to add: a policy request reads one result per reader.
+        let c = &self.inner.counters;
+        for (n, counter) in [(self.hits, &c.hits), (self.misses, &c.misses)] {
+            if self.count && n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 }
