@@ -149,7 +149,7 @@ fn main() {
     let _ = dnsmasq.wait();
 
     let rss0 = rss();
-    let cache = Cache::new(1 << 20);
+    let cache = Cache::new(1 << 20).expect("address space for the cache");
     let mut x = 0x243f_6a88_85a3_08d3_u64;
     let mut next = || {
         // splitmix64

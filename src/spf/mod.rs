@@ -3,8 +3,8 @@
 //! sender pool, `spf:<domain>`, and a retry from another address of the pool finds its triplet.
 //!
 //! ```text
-//!   cached(ip, domain) ──► lower-case + keyed hash ─► shard lock ─► home set (one line) ─► Some
-//!                                                                   └ miss: name checked ─► None / false
+//!   cached(ip, domain) ──► lower-case + keyed hash ─► home set (one line, no lock) ─► Some
+//!                                                     └ miss: name checked ─► None / false
 //!
 //!   check(ip, domain, …)   miss ─► in flight for this key? ── yes ─► wait on it ─┐
 //!                                         │ no                                  ├─► ≤ timeout
@@ -17,8 +17,9 @@
 //! address of a pool), but a `check_host` result costs up to a dozen of its lookups, each an
 //! `await`, and the request path needs the *result* for (address, domain) synchronously and
 //! cheaply, within a bounded memory the operator chooses. [`Spf::cached`] is one keyed hash and
-//! one shard lock, no `await`; see [`cache`] for the table (16 bytes per entry, grows with its
-//! contents up to its bound, then evicts the soonest-to-expire entry). A batch of requests reads
+//! one read of a sequence-locked set, no lock taken and no `await`; see [`cache`] for the table
+//! (16 bytes per entry, grows with its contents up to its bound, then evicts the
+//! soonest-to-expire entry). A batch of requests reads
 //! it through one [`CacheReader`]: one clock read and one counter update per batch.
 //!
 //! **TTL.** A result lives as long as the shortest TTL among the DNS answers it read (the TXT
@@ -69,7 +70,8 @@ use cache::{Cache, Inserted};
 use hooks::Tracker;
 
 /// Default bound on cached results: 1 Mi entries × 16 bytes = 16 MiB at most; the table starts
-/// at 64 KiB and grows with its contents ([`cache`]).
+/// at 64 KiB in use (one 2 MiB huge page where the kernel grants them) and grows with its
+/// contents ([`cache`]).
 pub const DEFAULT_CACHE_ENTRIES: usize = 1 << 20;
 
 /// Default `--spf-timeout`.
@@ -135,6 +137,9 @@ pub enum SpfError {
     /// A `--dns-server` value that is not `ADDR`, `ADDR:PORT`, `[V6]` or `[V6]:PORT`.
     #[error("bad DNS server {0:?}: expected an IP address with an optional :PORT (default 53)")]
     BadServer(String),
+    /// The result cache's memory could not be reserved.
+    #[error("cannot reserve memory for the SPF result cache: {0}")]
+    Cache(String),
 }
 
 /// Parses `--dns-server ADDR[:PORT]` (IPv6 as `::1`, `[::1]` or `[::1]:5353`); port 53 if
@@ -321,7 +326,7 @@ impl Spf {
         Ok(Spf {
             inner: Arc::new(Inner {
                 auth,
-                cache: Cache::new(cache_entries),
+                cache: Cache::new(cache_entries).map_err(|e| SpfError::Cache(e.to_string()))?,
                 in_flight: (0..cache::SHARDS).map(|_| InFlight::default()).collect(),
                 running: AtomicUsize::new(0),
                 counters: Counters::default(),
@@ -350,7 +355,7 @@ impl Spf {
 
     /// The cached result for (ip, domain) if still fresh: `Some(true)` = the address passes SPF
     /// for the domain, `Some(false)` = any other result (or an invalid domain); `None` = not
-    /// cached or expired. No DNS, no `await`: one keyed hash and one shard lock.
+    /// cached or expired. No DNS, no `await`, no lock: one keyed hash and one set read.
     pub fn cached(&self, ip: IpAddr, domain: &str) -> Option<bool> {
         let mut reader = self.reader(true);
         match self.key(ip, domain) {
