@@ -340,7 +340,7 @@ fn match_from(s: &[u8], at: usize, octets: &[u8]) -> bool {
 /// by the identity's name as the request spelled it: a pool's requests repeat a few names, and
 /// the keyed hash of one cost ~200 instructions per request (callgrind, `examples/identity_cost
 /// spf,prefix`), the lower-casing before it some more. A two-way set-associative table of
-/// [`MEMO_SETS`] sets (16 KiB) of names up to [`MEMO_NAME`] bytes (longer ones are not kept):
+/// [`MEMO_SETS`] sets (64 KiB) of names up to [`MEMO_NAME`] bytes (longer ones are not kept):
 /// a hit compares the whole name, so a collision only costs a recomputation. Kept for one hash
 /// secret at a time (`owner`, the secret's id): a thread that serves another engine starts
 /// it afresh.
@@ -351,7 +351,7 @@ pub(super) struct IdentityMemo {
 }
 
 /// Sets of an [`IdentityMemo`].
-const MEMO_SETS: usize = 128;
+const MEMO_SETS: usize = 512;
 
 /// The longest name an [`IdentityMemo`] keeps, in bytes: a slot is one 64-byte cache line.
 const MEMO_NAME: usize = 46;
@@ -375,8 +375,23 @@ impl MemoSlot {
     };
 
     fn holds(&self, tag: u8, name: &[u8]) -> bool {
-        self.tag == tag && usize::from(self.len) == name.len() && self.name[..name.len()] == *name
+        self.tag == tag && usize::from(self.len) == name.len() && same(&self.name, name)
     }
+}
+
+/// Whether `stored` begins with `name`, compared eight bytes at a time (the last word
+/// overlapping): names are short, and a `memcmp` call cost more than the comparison.
+fn same(stored: &[u8; MEMO_NAME], name: &[u8]) -> bool {
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let n = name.len();
+    if n < 8 {
+        return stored[..n] == *name;
+    }
+    let whole = name
+        .chunks_exact(8)
+        .zip(stored.chunks_exact(8))
+        .all(|(a, b)| word(a) == word(b));
+    whole && word(&name[n - 8..]) == word(&stored[n - 8..n])
 }
 
 impl Default for IdentityMemo {
@@ -420,7 +435,7 @@ impl IdentityMemo {
         };
         let h = (first ^ last.rotate_left(29) ^ ((n as u64) << 56) ^ u64::from(tag))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let set = &mut self.slots[(h >> 57) as usize % MEMO_SETS];
+        let set = &mut self.slots[(h >> (64 - MEMO_SETS.trailing_zeros())) as usize];
         if set[0].holds(tag, name) {
             return set[0].key;
         }

@@ -655,8 +655,7 @@ struct Scratch {
     message: Vec<u8>,
     /// The normalised recipient of a DATA-stage query, which is not part of `message`.
     rcpt: Vec<u8>,
-    /// A message keyed under a client identity, and the lower-cased names it is made of.
-    ident_message: Vec<u8>,
+    /// The lower-cased name of a client identity.
     ident_name: Vec<u8>,
     ident_memo: identity::IdentityMemo,
 }
@@ -1201,8 +1200,9 @@ impl Engine {
                         })
                 }
             };
-            key::rekey_identity(&s.message, kind.tag(), id, &mut s.ident_message);
-            let key = self.hasher.finish_triplet(&s.ident_message);
+            let key = key::with_identity(&mut s.message, kind.tag(), id, |m| {
+                self.hasher.finish_triplet(m)
+            });
             // The auto-whitelist follows an `spf` identity, never a `name` one.
             if kind == IdentityKind::Spf {
                 awl = Some(id);
