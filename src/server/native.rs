@@ -8,6 +8,7 @@ use crate::proto::native::{Command, Parsed, Reply, Request, Triplet};
 use crate::proto::policy::{expand_template, TemplateVars};
 
 use super::metrics::{Answer, RequestError, Tally};
+use super::spf::Passed;
 use super::Shared;
 
 fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
@@ -28,8 +29,8 @@ fn query<'a>(t: &Triplet<'a>) -> Query<'a> {
 }
 
 /// The query of a CHECK or PEEK line, and how to decide it; `None` for other lines. `spf`
-/// says whether it passed SPF (the transport found out before deciding).
-fn to_decide<'q>(r: &'q Parsed<'_>, spf: bool) -> Option<(Query<'q>, Mode)> {
+/// says whether, and for which domain, it passed SPF (the transport found out before deciding).
+fn to_decide<'q>(r: &'q Parsed<'_>, spf: Passed) -> Option<(Query<'q>, Mode)> {
     let (t, mode) = match r {
         Ok(Request {
             command: Command::Check(t),
@@ -42,17 +43,18 @@ fn to_decide<'q>(r: &'q Parsed<'_>, spf: bool) -> Option<(Query<'q>, Mode)> {
         _ => return None,
     };
     let mut q = query(t);
-    q.spf = super::spf::identity(spf, t.sender, t.helo.unwrap_or(""));
+    q.spf = spf.identity(t.sender, t.helo.unwrap_or(""));
     Some((q, mode))
 }
 
 /// Decides every request in `reqs`, in order, through one engine batch (one exemption-list
 /// load, one clock read; see `Batch::decide_each`), and calls `emit(id, reply)` for each.
-/// `spf` holds, when SPF lookups are on, whether each request passed SPF (empty otherwise).
+/// `spf` holds, when SPF lookups are on, whether each request passed SPF and for which domain
+/// (empty otherwise).
 pub(crate) fn answer(
     shared: &Shared,
     reqs: &[Parsed<'_>],
-    spf: &[bool],
+    spf: &[Passed],
     texts: &mut TextBuf,
     tally: &mut Tally,
     mut emit: impl FnMut(Option<&str>, &Reply<'_>),
@@ -60,7 +62,7 @@ pub(crate) fn answer(
     shared.engine.batch(|batch| {
         batch.decide_each(
             reqs,
-            |i, r| to_decide(r, spf.get(i).copied().unwrap_or(false)),
+            |i, r| to_decide(r, spf.get(i).copied().unwrap_or(Passed::NO)),
             |r, d| match (r, d) {
             (Ok(req), Some(d)) => {
                 let t = match &req.command {
