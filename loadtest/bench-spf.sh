@@ -14,6 +14,10 @@ cd "$(dirname "$0")/.."
 secs=${1:-8}
 rounds=${2:-3}
 senders=${3:-200}
+[ -x /usr/sbin/dnsmasq ] || {
+    echo "bench-spf.sh needs /usr/sbin/dnsmasq: apt-get install -y dnsmasq-base" >&2
+    exit 1
+}
 cargo build --release --locked -q -p greyhound -p greyhound-loadtest
 cargo build --release --locked -q -p greyhound-loadtest --example sender_domains
 bin=$PWD/target/release
