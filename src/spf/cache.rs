@@ -24,10 +24,9 @@
 //! in use, the first `2^shift` of each shard, are the front of the region, whatever the shard,
 //! and the region asks for huge pages: a cache of fifty thousand results is one or two huge
 //! pages, two TLB entries instead of hundreds (the prefetch of a batch's sets waited on page
-//! walks, perf). A shard starts with [`FIRST_SETS`] sets and doubles in place when seven
-//! eighths of its slots are in use (four-way sets with probing stay short that full; at three
-//! quarters, fifty thousand results took 2 MiB instead of 1), or when [`PROBE`] sets in a
-//! row are full, until it reaches the bound. Because the home set comes from the tag alone, doubling rehashes without
+//! walks, perf). A shard starts with [`FIRST_SETS`] sets and doubles in place when three
+//! quarters of its slots are in use, or when [`PROBE`] sets in a row are full, until it
+//! reaches the bound. Because the home set comes from the tag alone, doubling rehashes without
 //! the keys; expired entries are dropped then.
 //!
 //! At the bound, inserting takes an empty or expired slot of the key's sets first, otherwise
@@ -205,7 +204,7 @@ impl Cache {
             loop {
                 let shift = self.shards[s].shift.load(Ordering::Relaxed);
                 let free = self.free(s, shift, mixed, now);
-                let crowded = *len >= (WAYS << shift) / 8 * 7;
+                let crowded = *len >= (WAYS << shift) / 4 * 3;
                 if (crowded || free.is_none()) && shift < self.max_shift {
                     *len = self.grow(s, shift, now);
                     continue;
@@ -524,7 +523,7 @@ mod tests {
         }
         assert_eq!(c.len(), keys.len());
         assert!(keys.iter().all(|&h| c.get(h, 0) == Some(1)), "all kept");
-        // Between 7/16 and 7/8 full: a megabyte or two, not the bound's 16 MiB.
+        // A quarter to three quarters full: a few megabytes, not the bound's 16 MiB.
         let slots = c.allocated();
         assert!(
             slots <= 4 * keys.len() && slots > keys.len(),
