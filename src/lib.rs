@@ -23,8 +23,9 @@
 //! cluster of MX hosts, [`cluster`] carries each node's changes to the others through Redis
 //! Streams, beside the request path, and merges theirs into the engine.
 
-// `unsafe` is denied everywhere but `snapshot::mmap`, which maps snapshot files read-only, and
-// `engine::prefetch`, which issues cache prefetch hints; each explains why that is sound.
+// `unsafe` is denied everywhere but `snapshot::mmap`, which maps snapshot files read-only and
+// the SPF cache's zeroed memory as atomic words, and `engine::prefetch`, which issues cache
+// prefetch hints; each explains why that is sound.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
