@@ -112,6 +112,10 @@ import statistics, sys
 on = [float(x) for x in sys.argv[1].split()]
 off = [float(x) for x in sys.argv[2].split()]
 print(f"| median | {statistics.median(on)/1e3:,.0f} k/s | {statistics.median(off)/1e3:,.0f} k/s | {statistics.median(on)/statistics.median(off):.0%} | | |")
+# The rounds are pairs run back to back, so the median of the pairs' ratios is the steadier
+# figure when the machine's speed drifts over the run; both are printed.
+pairs = statistics.median(a / b for a, b in zip(on, off))
+print(f"\nMedian of the rounds' own ratios (on / off of each round): {pairs:.0%}.")
 PY
 echo
 echo "SPF results at the end: $(curl -sf "http://${metrics[on]}/metrics" | grep '^greyhound_spf_results_total' | tr '\n' ' ')"
