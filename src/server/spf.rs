@@ -85,6 +85,7 @@ pub(crate) fn spf_domain<'a>(sender: &'a str, helo: &'a str) -> Option<&'a str> 
         let at = rfind_at(sender.as_bytes())?;
         &sender[at + 1..]
     };
+    // `d` is a slice of `source(sender, helo)`: `Passed` keeps where.
     let end = d.bytes().rposition(|b| b != b'.')? + 1;
     // `end` follows an ASCII byte, so it is a character boundary.
     Some(&d[..end])
@@ -188,14 +189,23 @@ impl Passed {
         if self.end == 0 {
             return None;
         }
-        let within = if null_sender(sender) { helo } else { sender };
-        within.get(self.start as usize..self.end as usize)
+        source(sender, helo).get(self.start as usize..self.end as usize)
     }
 }
 
 /// The null sender, whose SPF domain is the HELO name.
 fn null_sender(sender: &str) -> bool {
     sender.is_empty() || sender == "<>"
+}
+
+/// The string a request's SPF domain is taken from: its sender, or its HELO name for the
+/// null sender.
+fn source<'a>(sender: &'a str, helo: &'a str) -> &'a str {
+    if null_sender(sender) {
+        helo
+    } else {
+        sender
+    }
 }
 
 /// The SPF results of a batch of native requests, with the buffers that find them; kept by a
@@ -224,12 +234,7 @@ impl SpfBatch {
             match spf.key(t.client, d) {
                 Some(k) => {
                     spf.prefetch(k);
-                    let within = if null_sender(t.sender) {
-                        helo
-                    } else {
-                        t.sender
-                    };
-                    Probe::Key(k, Passed::at(d, within))
+                    Probe::Key(k, Passed::at(d, source(t.sender, helo)))
                 }
                 None => Probe::Invalid,
             }
@@ -427,8 +432,7 @@ mod tests {
             ("<>", "mx.example.net", "mx.example.net"),
         ] {
             let d = spf_domain(sender, helo).unwrap();
-            let within = if null_sender(sender) { helo } else { sender };
-            let passed = Passed::at(d, within);
+            let passed = Passed::at(d, source(sender, helo));
             assert_eq!(passed.identity(sender, helo), Some(domain));
         }
         assert_eq!(Passed::NO.identity("a@example.com", "mx.x"), None);
