@@ -271,10 +271,8 @@ impl Cache {
     #[inline]
     fn find(&self, s: usize, shift: u32, mixed: u64, tag: u64) -> Option<(usize, u64)> {
         let words = self.table.words();
-        let (mut j, mask) = (index(mixed, shift), (1 << shift) - 1);
-        for _ in 0..PROBE.min(1 << shift) {
+        for set in self.chain(s, shift, mixed) {
             // One bounds check per set, and the ways unrolled: every request reads here.
-            let set = self.set(s, j);
             let slots: &[AtomicU64; SET_WORDS] = words[set..set + SET_WORDS]
                 .try_into()
                 .expect("a set's words");
@@ -289,7 +287,6 @@ impl Cache {
             if room {
                 break;
             }
-            j = (j + 1) & mask;
         }
         None
     }
