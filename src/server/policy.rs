@@ -11,6 +11,7 @@ use crate::proto::policy::{self as wire, Block, BlockLimits, PolicyRequest};
 use super::conn::{Conn, Read, Stream};
 use super::metrics::{Answer, Proto, RequestError, Tally};
 use super::native::{DeferFor, TextBuf};
+use super::spf::Passed;
 use super::Shared;
 
 /// Serves one connection until the peer closes it, it idles out, it sends a malformed block
@@ -34,7 +35,7 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
                 Ok(Block::Complete { consumed, request }) => {
                     let spf = match &shared.spf {
                         Some(s) => wait_for_spf(&s.spf, &request).await,
-                        None => false,
+                        None => Passed::NO,
                     };
                     if let Err(e) =
                         answer(shared, &request, spf, &mut out, &mut scratch, &mut tally)
@@ -75,15 +76,15 @@ pub(crate) async fn serve<S: Stream>(mut conn: Conn<S>, peer: &str, shared: &Sha
     conn.shutdown();
 }
 
-/// Whether a RCPT-stage request passes SPF: from the cache, or waiting (at most the timeout)
-/// for its lookup.
-async fn wait_for_spf(spf: &std::sync::Arc<crate::spf::Spf>, req: &PolicyRequest<'_>) -> bool {
+/// Whether a RCPT-stage request passes SPF, and for which domain: from the cache, or waiting
+/// (at most the timeout) for its lookup.
+async fn wait_for_spf(spf: &std::sync::Arc<crate::spf::Spf>, req: &PolicyRequest<'_>) -> Passed {
     if !req.protocol_state.eq_ignore_ascii_case("RCPT") || req.recipient.is_empty() {
-        return false;
+        return Passed::NO;
     }
     match req.client_address.parse::<IpAddr>() {
         Ok(client) => super::spf::resolve_one(spf, client, req.sender, req.helo_name).await,
-        Err(_) => false,
+        Err(_) => Passed::NO,
     }
 }
 
@@ -94,11 +95,11 @@ struct Scratch {
 }
 
 /// Appends the reply to one block; `Err` is a malformed request (close without reply). `spf`:
-/// the client passed SPF for the request's domain.
+/// whether, and for which domain, the client passed SPF.
 fn answer(
     shared: &Shared,
     req: &PolicyRequest<'_>,
-    spf: bool,
+    spf: Passed,
     out: &mut Vec<u8>,
     s: &mut Scratch,
     tally: &mut Tally,
@@ -129,7 +130,7 @@ fn answer(
             subject: req.ccert_subject,
         },
         body: None,
-        spf: super::spf::identity(spf, req.sender, req.helo_name),
+        spf: spf.identity(req.sender, req.helo_name),
     };
     let d = shared.engine.check(&q, Mode::Record);
     tally.answer(Answer::Decided(d));

@@ -109,15 +109,6 @@ fn rfind_at(s: &[u8]) -> Option<usize> {
     s[..end].iter().rposition(|&b| b == b'@')
 }
 
-/// The `spf` identity of a request found to pass ([`crate::engine::Query::spf`]).
-pub(crate) fn identity<'a>(pass: bool, sender: &'a str, helo: &'a str) -> Option<&'a str> {
-    if pass {
-        spf_domain(sender, helo)
-    } else {
-        None
-    }
-}
-
 /// The domain a request passed SPF for, from the cache only (no DNS, not counted): what
 /// `greyhound admin lookup` shows.
 pub(crate) fn passed<'a>(
@@ -301,15 +292,25 @@ impl SpfBatch {
     }
 }
 
-/// Whether one request (Postfix policy) passes SPF: from the cache, or waiting for its lookup
-/// at most the timeout.
-pub(crate) async fn resolve_one(spf: &Arc<Spf>, client: IpAddr, sender: &str, helo: &str) -> bool {
+/// Whether one request (Postfix policy) passes SPF, and for which domain: from the cache, or
+/// waiting for its lookup at most the timeout.
+pub(crate) async fn resolve_one(
+    spf: &Arc<Spf>,
+    client: IpAddr,
+    sender: &str,
+    helo: &str,
+) -> Passed {
     let Some(d) = spf_domain(sender, helo) else {
-        return false;
+        return Passed::NO;
     };
-    match spf.cached(client, d) {
+    let pass = match spf.cached(client, d) {
         Some(pass) => pass,
         None => matches!(start(spf, client, sender, helo).await, Ok(Some(true))),
+    };
+    if pass {
+        Passed::at(d, source(sender, helo))
+    } else {
+        Passed::NO
     }
 }
 

@@ -136,7 +136,7 @@ impl Cache {
         let s = shard_of_mixed(mixed);
         // A shift read while the shard grows only prefetches another set of it.
         let shift = self.shards[s].shift.load(Ordering::Relaxed);
-        let at = (index(mixed, shift) * SHARDS + s) * SET_WORDS;
+        let at = self.set(s, index(mixed, shift));
         crate::engine::prefetch::read(self.table.words()[at..].as_ptr());
     }
 
@@ -191,10 +191,7 @@ impl Cache {
         let new = entry(expires, kind);
         self.write(s, |len| {
             let words = self.table.words();
-            let put = |slot: usize, e: u64| {
-                words[slot].store(hash, Ordering::Relaxed);
-                words[slot + 1].store(e, Ordering::Relaxed);
-            };
+            let put = |slot: usize, e: u64| self.put(slot, hash, e);
             let shift = self.shards[s].shift.load(Ordering::Relaxed);
             // The same key, wherever it is, is replaced: one key never holds two slots.
             if let Some((slot, _)) = self.find(s, shift, mixed, hash) {
@@ -251,6 +248,13 @@ impl Cache {
         }
         let _even = Even(&shard.seq, seq.wrapping_add(2));
         change(&mut len)
+    }
+
+    /// Stores an entry in the slot whose first word is `slot`. Only under [`Cache::write`].
+    fn put(&self, slot: usize, tag: u64, entry: u64) {
+        let words = self.table.words();
+        words[slot].store(tag, Ordering::Relaxed);
+        words[slot + 1].store(entry, Ordering::Relaxed);
     }
 
     /// The first word of set `j` of shard `s`.
@@ -321,8 +325,7 @@ impl Cache {
             // Half as full as before: PROBE full sets in a row are unheard of there, and an
             // entry that found none would only be looked up again.
             if let Some(slot) = self.free(s, shift + 1, mix(tag), now) {
-                words[slot].store(tag, Ordering::Relaxed);
-                words[slot + 1].store(e, Ordering::Relaxed);
+                self.put(slot, tag, e);
                 len += 1;
             }
         }
