@@ -160,9 +160,13 @@ fn a_dns_server_that_stops_answering_never_stalls_decisions() {
     assert!(c
         .ask("CHECK 192.0.2.10 news@pool.test r1@rcpt.example")
         .starts_with("DEFER 2 "));
-    assert!(c
-        .ask("PEEK 198.51.100.9 news@pool.test r1@rcpt.example")
-        .starts_with("DEFER 2 "));
+    // The pool's pending record, peeked from its other /24: 2 seconds left, or 1 when the
+    // lookup before it crossed a second (the clock counts whole seconds; CI saw it once).
+    let r = c.ask("PEEK 198.51.100.9 news@pool.test r1@rcpt.example");
+    assert!(
+        r.starts_with("DEFER 2 ") || r.starts_with("DEFER 1 "),
+        "{r}"
+    );
     dns.pause();
     // Not cached: each request waits at most the timeout, then falls back to the prefix and is
     // counted; TCP, UDP and policy alike, and other connections are answered meanwhile.
